@@ -1,0 +1,78 @@
+"""txrpc — transactional RPC for trio: CBOR framing, deadlines, cancellation, and
+(in the packages built on it) idempotency keys, sharding and two-phase commit.
+
+The public API is re-exported here; modules starting with ``_`` are private.
+"""
+
+from ._client import BoundClient, CallOptions, Client, MethodProxy, connect
+from ._connection import PROTOCOL_VERSIONS
+from ._errors import (
+    AlreadyExists,
+    Aborted,
+    Cancelled,
+    Code,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    IdempotencyKeyMismatch,
+    Internal,
+    InvalidArgument,
+    MethodNotFound,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ProtocolError,
+    RequestInProgress,
+    ResourceExhausted,
+    RpcError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    UnknownError,
+    WrongEpoch,
+)
+from ._limits import Limits
+from ._server import Server, serve
+from ._service import CallContext, MethodSpec, Service, current_call
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROTOCOL_VERSIONS",
+    "Aborted",
+    "AlreadyExists",
+    "BoundClient",
+    "CallContext",
+    "CallOptions",
+    "Cancelled",
+    "Client",
+    "Code",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "IdempotencyKeyMismatch",
+    "Internal",
+    "InvalidArgument",
+    "Limits",
+    "MethodNotFound",
+    "MethodProxy",
+    "MethodSpec",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ProtocolError",
+    "RequestInProgress",
+    "ResourceExhausted",
+    "RpcError",
+    "Server",
+    "Service",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "UnknownError",
+    "WrongEpoch",
+    "__version__",
+    "connect",
+    "current_call",
+    "serve",
+]

@@ -1,0 +1,454 @@
+"""The trio client: one multiplexed connection, deadlines from cancel scopes, cancel
+propagation, reconnect with backoff and retries only where they are safe."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import outcome
+import trio
+
+from . import _connection as wire
+from ._errors import Code, DeadlineExceeded, ProtocolError, RpcError, Unavailable
+from ._limits import Limits
+from ._outbox import Outbox
+from ._service import _current_call
+
+log = logging.getLogger("txrpc.client")
+
+StreamOpener = Callable[[], Awaitable[trio.abc.Stream]]
+RECEIVE_BYTES = 65536
+
+# Errors after which a call carrying an idempotency key may be sent again: the server
+# either did not run it, or will answer a repeat from its request log.
+RETRYABLE_WITH_KEY = frozenset({Code.UNAVAILABLE, Code.REQUEST_IN_PROGRESS})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallOptions:
+    """Per-call settings; build them with ``client.options(...)``."""
+
+    timeout_s: float | None = None
+    metadata: tuple[tuple[str, Any], ...] = ()
+    idempotency_key: str | None = None
+    retries_max: int | None = None  # None: the client's Limits.retries_max
+
+    def merged(self, **changes: Any) -> CallOptions:
+        metadata = dict(self.metadata)
+        if "metadata" in changes:
+            metadata.update(changes.pop("metadata") or {})
+        if "timeout" in changes:
+            changes["timeout_s"] = changes.pop("timeout")
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown call options: {sorted(unknown)}")
+        return dataclasses.replace(self, metadata=tuple(metadata.items()), **changes)
+
+
+class _Channel:
+    """One connection of a client: the sans-IO state, the outbox and the waiting calls."""
+
+    def __init__(self, client: Client, stream: trio.abc.Stream) -> None:
+        self.client = client
+        self.stream = stream
+        self.conn = wire.Connection(wire.Role.CLIENT, client.limits)
+        self.outbox = Outbox(stream, client.limits.write_buffer_bytes_max)
+        self.waiters: dict[int, trio.lowlevel.Task] = {}
+        self.slots = trio.lowlevel.ParkingLot()
+        self.inflight_max = client.limits.calls_inflight_max
+        self.failure: str | None = None
+        self.last_receive_time = trio.current_time()
+        self.done = trio.Event()
+        self.scope = trio.CancelScope()
+
+    @property
+    def usable(self) -> bool:
+        return self.failure is None and self.conn.accepts_calls
+
+    async def handshake(self, auth: Any) -> None:
+        await self.stream.send_all(self.conn.send_hello(auth=auth))
+        while not self.conn.is_open:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+            for event in self.conn.receive_data(bytes(data)):
+                if isinstance(event, wire.GoAway):
+                    raise Unavailable(f"server refused the connection: {event.message}", {"not_started": True})
+                if isinstance(event, wire.ConnectionClosed):
+                    raise Unavailable("server closed the connection during hello", {"not_started": True})
+        peer_max = self.conn.peer_limits.get("calls_inflight_max")
+        if peer_max:
+            self.inflight_max = min(self.inflight_max, peer_max)
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write)
+                    nursery.start_soon(self._keepalive)
+                    await self._read()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._fail_all(self.failure or "connection closed")
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self.stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            self.done.set()
+
+    async def _write(self) -> None:
+        await self.outbox.run()
+        if self.outbox.broken is not None and self.failure is None:
+            self.failure = f"send failed: {self.outbox.broken!r}"
+            self.kill()
+
+    def kill(self) -> None:
+        """End the connection now: waiting calls fail with ``Unavailable``."""
+        self.outbox.close_after_flush()
+        self.scope.cancel()
+
+    async def _read(self) -> None:
+        conn = self.conn
+        waiters = self.waiters
+        reschedule = trio.lowlevel.reschedule
+        while True:
+            try:
+                data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.failure = self.failure or f"connection lost: {exc!r}"
+                return
+            self.last_receive_time = trio.current_time()
+            try:
+                events = conn.receive_data(data)
+            except wire.RemoteProtocolError as exc:
+                self.failure = f"server broke the protocol: {exc.message}"
+                return
+            for event in events:
+                kind = type(event)
+                if kind is wire.Result:
+                    task = waiters.pop(event.id, None)  # type: ignore[union-attr]
+                    if task is not None:
+                        reschedule(task, outcome.Value(event.value))  # type: ignore[union-attr]
+                        if self.slots:
+                            self.slots.unpark()
+                elif kind is wire.Error:
+                    task = waiters.pop(event.id, None)  # type: ignore[union-attr]
+                    if task is not None:
+                        error = RpcError.from_wire(event.code, event.message, event.details)  # type: ignore[union-attr]
+                        reschedule(task, outcome.Error(error))
+                        if self.slots:
+                            self.slots.unpark()
+                elif kind is wire.Ping:
+                    self.outbox.put_nowait(conn.send_pong(event.nonce))  # type: ignore[union-attr]
+                elif kind is wire.GoAway:
+                    self._on_goaway(event)  # type: ignore[arg-type]
+                elif kind is wire.ConnectionClosed:
+                    self.failure = self.failure or "server closed the connection"
+                    return
+            if conn.remote_goaway is not None and not waiters:
+                self.failure = self.failure or "server said goaway"
+                return
+
+    def _on_goaway(self, goaway: wire.GoAway) -> None:
+        reason = goaway.message or "server said goaway"
+        if goaway.code == Code.PROTOCOL_ERROR:
+            log.warning("server reported a protocol error: %s", reason)
+        for call_id in sorted(self.waiters):
+            if call_id > goaway.last_id:
+                task = self.waiters.pop(call_id)
+                self.conn.forget_call(call_id)
+                trio.lowlevel.reschedule(task, outcome.Error(Unavailable(reason, {"not_started": True})))
+
+    def _fail_all(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        for call_id, task in list(self.waiters.items()):
+            self.conn.forget_call(call_id)
+            error = Unavailable(f"{reason}; the call may or may not have run", {"not_started": False})
+            trio.lowlevel.reschedule(task, outcome.Error(error))
+        self.waiters.clear()
+        self.slots.unpark_all()
+
+    async def _keepalive(self) -> None:
+        limits = self.client.limits
+        nonce = 0
+        while True:
+            await trio.sleep(limits.keepalive_interval_s)
+            if trio.current_time() - self.last_receive_time < limits.keepalive_interval_s:
+                continue
+            nonce += 1
+            sent_at = trio.current_time()
+            self.outbox.put_nowait(self.conn.send_ping(nonce))
+            await trio.sleep(limits.keepalive_timeout_s)
+            if self.last_receive_time < sent_at:
+                self.failure = f"no answer to a keepalive ping within {limits.keepalive_timeout_s} s"
+                self.kill()
+                return
+
+    async def call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        metadata: dict[str, Any] | None,
+    ) -> Any:
+        while len(self.waiters) >= self.inflight_max and self.failure is None:
+            await self.slots.park()
+        if not self.usable:
+            raise Unavailable(self.failure or "connection is going away", {"not_started": True})
+        conn = self.conn
+        deadline = trio.current_effective_deadline()
+        remaining = None if deadline == math.inf else deadline - trio.current_time()
+        call_id = conn.next_call_id()
+        try:
+            data = conn.send_call(call_id, method, args, kwargs, remaining, metadata)
+        except TypeError as exc:
+            raise TypeError(f"arguments of {method!r} cannot be sent: {exc}") from None
+        except wire.LocalProtocolError as exc:
+            raise ProtocolError(f"call to {method!r} not sent: {exc}", {"not_started": True}) from None
+        waiters = self.waiters
+        task = trio.lowlevel.current_task()
+        waiters[call_id] = task
+        self.outbox.put_nowait(data)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if waiters.pop(call_id, None) is not None and self.failure is None:
+                self.outbox.put_nowait(conn.send_cancel(call_id))
+                if self.slots:
+                    self.slots.unpark()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class Client:
+    """An RPC client over one multiplexed connection (reopened when it breaks).
+
+    Use it as ``async with txrpc.connect(host, port) as client:``. Calls:
+    ``await client.call("calc.add", 1, 2)`` or ``await client.calc.add(1, 2)``.
+
+    Deadlines come from trio: inside ``with trio.fail_after(0.5):`` the remaining time
+    travels with the call and the server runs the handler under it; a call made from
+    inside a handler inherits the deadline of the call being served. Cancelling the
+    caller sends ``cancel`` and the server cancels the handler.
+    """
+
+    def __init__(
+        self,
+        open_stream: StreamOpener,
+        *,
+        target: str = "",
+        limits: Limits | None = None,
+        auth: Any = None,
+        metadata: dict[str, Any] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._open_stream = open_stream
+        self.target = target or "server"
+        self.limits = limits or Limits()
+        self._auth = auth
+        self._rng = rng or random.Random(0)
+        self._default = CallOptions(metadata=tuple((metadata or {}).items()))
+        self._channel: _Channel | None = None
+        self._connect_lock = trio.Lock()
+        self._connect_failures = 0
+        self._nursery: trio.Nursery | None = None
+        self._nursery_manager: Any = None
+        self._closed = False
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        try:
+            await self._get_channel()
+        except BaseException as exc:
+            self._nursery.cancel_scope.cancel()
+            await self._nursery_manager.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        return await self._nursery_manager.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still waiting fail with ``Unavailable``."""
+        self._closed = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # --- calls ----------------------------------------------------------------------
+
+    def options(self, **options: Any) -> BoundClient:
+        """A view of this client whose calls use ``options``: ``timeout`` (seconds),
+        ``metadata`` (map), ``idempotency_key``, ``retries_max``."""
+        return BoundClient(self, self._default.merged(**options))
+
+    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` with ``args``/``kwargs`` and return its result.
+
+        Raises an :class:`RpcError` subclass for errors (``DeadlineExceeded``,
+        ``Unavailable``, ``InvalidArgument``, ``Unimplemented``, ...); on cancel the
+        server is told to cancel the handler.
+        """
+        return await self._invoke(method, args, kwargs, self._default)
+
+    def __getattr__(self, name: str) -> MethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return MethodProxy(self, name, self._default)
+
+    async def _invoke(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions
+    ) -> Any:
+        if options.timeout_s is None:
+            return await self._invoke_with_retries(method, args, kwargs, options)
+        with trio.move_on_after(options.timeout_s) as scope:
+            return await self._invoke_with_retries(method, args, kwargs, options)
+        assert scope.cancelled_caught
+        raise DeadlineExceeded(f"{method}: no answer within timeout of {options.timeout_s} s")
+
+    async def _invoke_with_retries(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions
+    ) -> Any:
+        metadata = dict(options.metadata) if options.metadata else None
+        if options.idempotency_key is not None:
+            metadata = metadata or {}
+            metadata["idempotency_key"] = options.idempotency_key
+        serving = _current_call.get()
+        if serving is not None and "trace_id" in serving.metadata:
+            metadata = metadata or {}
+            metadata.setdefault("trace_id", serving.metadata["trace_id"])
+        retries_max = self.limits.retries_max if options.retries_max is None else options.retries_max
+        attempt = 0
+        while True:
+            try:
+                channel = self._channel
+                if channel is None or not channel.usable:
+                    channel = await self._get_channel()
+                return await channel.call(method, args, kwargs, metadata)
+            except RpcError as exc:
+                safe = exc.nothing_ran or (
+                    options.idempotency_key is not None and exc.code in RETRYABLE_WITH_KEY
+                )
+                if not safe or attempt >= retries_max or self._closed:
+                    raise
+                attempt += 1
+                await trio.sleep(self._backoff_s(attempt))
+
+    def _backoff_s(self, attempt: int) -> float:
+        base = min(self.limits.reconnect_backoff_s * 2 ** (attempt - 1), self.limits.reconnect_backoff_max_s)
+        return base * self._rng.uniform(0.5, 1.0)
+
+    async def _get_channel(self) -> _Channel:
+        if self._closed or self._nursery is None:
+            raise Unavailable("client is closed (use it inside `async with`)", {"not_started": True})
+        async with self._connect_lock:
+            channel = self._channel
+            if channel is not None and channel.usable:
+                return channel
+            if self._connect_failures:
+                await trio.sleep(self._backoff_s(self._connect_failures))
+            try:
+                with trio.fail_after(self.limits.connect_timeout_s):
+                    stream = await self._open_stream()
+                    channel = _Channel(self, stream)
+                    try:
+                        await channel.handshake(self._auth)
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            await trio.aclose_forcefully(stream)
+                        raise
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                self._connect_failures += 1
+                raise Unavailable(f"cannot connect to {self.target}: {exc}", {"not_started": True}) from None
+            except wire.RemoteProtocolError as exc:
+                self._connect_failures += 1
+                raise ProtocolError(f"hello with {self.target} failed: {exc.message}", {"not_started": True}) from None
+            except Unavailable:
+                self._connect_failures += 1
+                raise
+            self._connect_failures = 0
+            self._channel = channel
+            self._nursery.start_soon(channel.run)
+            return channel
+
+
+class BoundClient:
+    """A client view with fixed :class:`CallOptions` (from ``client.options(...)``)."""
+
+    def __init__(self, client: Client, options: CallOptions) -> None:
+        self._client = client
+        self._options = options
+
+    def options(self, **options: Any) -> BoundClient:
+        return BoundClient(self._client, self._options.merged(**options))
+
+    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        return await self._client._invoke(method, args, kwargs, self._options)
+
+    def __getattr__(self, name: str) -> MethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return MethodProxy(self._client, name, self._options)
+
+
+class MethodProxy:
+    """``client.calc.add`` → a callable for the method ``calc.add``."""
+
+    __slots__ = ("_client", "_name", "_options")
+
+    def __init__(self, client: Client, name: str, options: CallOptions) -> None:
+        self._client = client
+        self._name = name
+        self._options = options
+
+    def __getattr__(self, name: str) -> MethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return MethodProxy(self._client, f"{self._name}.{name}", self._options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return self._client._invoke(self._name, args, kwargs, self._options)
+
+    def __repr__(self) -> str:
+        return f"<txrpc method {self._name!r} of {self._client.target}>"
+
+
+def connect(
+    host: str,
+    port: int,
+    *,
+    limits: Limits | None = None,
+    ssl_context: Any = None,
+    auth: Any = None,
+    metadata: dict[str, Any] | None = None,
+    rng: random.Random | None = None,
+) -> Client:
+    """A :class:`Client` for ``host:port`` over TCP (TLS when ``ssl_context`` is given).
+
+    Use it as ``async with txrpc.connect("127.0.0.1", 12345) as client: ...``.
+    """
+
+    async def open_stream() -> trio.abc.Stream:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if ssl_context is not None:
+            ssl_stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
+            await ssl_stream.do_handshake()
+            stream = ssl_stream
+        return stream
+
+    return Client(open_stream, target=f"{host}:{port}", limits=limits, auth=auth, metadata=metadata, rng=rng)
+

@@ -1,0 +1,77 @@
+"""Write coalescing for one stream: many producers, one writer, one ``send_all`` per batch."""
+
+from __future__ import annotations
+
+import trio
+
+
+class Outbox:
+    """Frames queued by any task, written by :meth:`run` in batches.
+
+    ``put_nowait`` never blocks (use it for small control frames and when the caller
+    cannot await); ``put`` waits while more than ``buffer_bytes_max`` are queued, so a
+    slow reader applies backpressure instead of growing memory without bound.
+    """
+
+    def __init__(self, stream: trio.abc.SendStream, buffer_bytes_max: int) -> None:
+        self._stream = stream
+        self._chunks: list[bytes] = []
+        self._queued_bytes = 0
+        self._buffer_bytes_max = buffer_bytes_max
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._space_lot = trio.lowlevel.ParkingLot()
+        self._closing = False
+        self.broken: BaseException | None = None
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    def put_nowait(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._chunks.append(data)
+        self._queued_bytes += len(data)
+        if self._writer_lot:
+            self._writer_lot.unpark()
+
+    async def wait_for_space(self) -> None:
+        """Wait until at most ``buffer_bytes_max`` are queued (returns at once if so)."""
+        while self._queued_bytes > self._buffer_bytes_max and not self._closing:
+            await self._space_lot.park()
+
+    async def put(self, data: bytes) -> None:
+        await self.wait_for_space()
+        self.put_nowait(data)
+
+    def close_after_flush(self) -> None:
+        """Write what is queued, then stop; later puts are dropped."""
+        self._closing = True
+        self._space_lot.unpark_all()
+        if self._writer_lot:
+            self._writer_lot.unpark()
+
+    async def run(self) -> None:
+        """The writer task: returns after :meth:`close_after_flush` once all is written.
+
+        A broken stream is recorded in ``broken`` and ends the task quietly; the reader
+        side sees the same failure.
+        """
+        chunks = self._chunks
+        try:
+            while True:
+                if not chunks:
+                    if self._closing:
+                        return
+                    await self._writer_lot.park()
+                    continue
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._queued_bytes = 0
+                if self._space_lot:
+                    self._space_lot.unpark_all()
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.broken = exc
+            self._closing = True
+            self._space_lot.unpark_all()

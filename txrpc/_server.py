@@ -1,0 +1,384 @@
+"""The trio server driver: accepts streams, runs the sans-IO connection, dispatches calls."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from . import _connection as wire
+from ._errors import Code, RpcError
+from ._limits import Limits
+from ._outbox import Outbox
+from ._service import CallContext, MethodSpec, Service, _current_call
+
+log = logging.getLogger("txrpc.server")
+
+RECEIVE_BYTES = 65536
+CLOSE_FLUSH_TIMEOUT_S = 5.0  # bound on writing queued frames once a connection is ending
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        inner = getattr(stream, "transport_stream", None)
+        sock = getattr(inner, "socket", None)
+    if sock is not None:
+        try:
+            address = sock.getpeername()
+        except OSError:
+            return "unknown"
+        if isinstance(address, tuple):
+            return f"{address[0]}:{address[1]}"
+        return str(address) or "unix"
+    return type(stream).__name__
+
+
+class Server:
+    """Serves one or more :class:`Service` objects on any number of streams.
+
+    ``await server.serve_tcp(host, port)`` listens until :meth:`shutdown`;
+    ``await server.serve_stream(stream)`` serves one already-open stream (TLS, Unix
+    socket, in-memory pair). Use ``nursery.start(server.serve_tcp, host, port)`` to
+    get the server back once it is listening; ``server.port`` is the bound port.
+    """
+
+    def __init__(self, *services: Service, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.methods: dict[str, MethodSpec] = {}
+        for service in services:
+            self.add_service(service)
+        self.listeners: list[trio.SocketListener] = []
+        self._connections: set[_ServerConnection] = set()
+        self._accepting = trio.CancelScope()
+        self._connections_scope = trio.CancelScope()
+        self._shutting_down = False
+        self._drained = trio.Event()
+        self._stopped = trio.Event()
+        self.calls_started = 0
+
+    def add_service(self, service: Service) -> None:
+        for name, spec in service.methods.items():
+            if name in self.methods:
+                raise ValueError(f"method {name!r} is provided by two services")
+            self.methods[name] = spec
+
+    @property
+    def port(self) -> int:
+        """The TCP port of the first listener (useful with ``port=0``)."""
+        if not self.listeners:
+            raise RuntimeError("server is not listening")
+        return int(self.listeners[0].socket.getsockname()[1])
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def serve_tcp(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` and serve until :meth:`shutdown` completes."""
+        self.listeners = await trio.open_tcp_listeners(port, host=host)
+        await self.serve_listeners(self.listeners, task_status=task_status)
+
+    async def serve_listeners(
+        self,
+        listeners: Iterable[trio.abc.Listener[Any]],
+        *,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = list(listeners)
+        try:
+            with self._connections_scope:
+                async with trio.open_nursery() as connections:
+                    with self._accepting:
+                        async with trio.open_nursery() as accept:
+                            for listener in listeners:
+                                accept.start_soon(self._accept_loop, listener, connections)
+                            task_status.started(self)
+                    # Accepting stopped (shutdown): the nursery waits for connections to end.
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+            self._stopped.set()
+
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    log.error("accept failed (%s); pausing 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self.serve_stream, stream)
+
+    async def serve_stream(self, stream: trio.abc.Stream, peer: str | None = None) -> None:
+        """Serve one connection until it closes; never raises for the peer's faults."""
+        connection = _ServerConnection(self, stream, peer or _peer_name(stream))
+        if len(self._connections) >= self.limits.connections_max or self._shutting_down:
+            await connection.refuse(
+                Code.RESOURCE_EXHAUSTED if not self._shutting_down else Code.UNAVAILABLE,
+                f"server holds connections_max ({self.limits.connections_max}) connections"
+                if not self._shutting_down
+                else "server is shutting down",
+            )
+            return
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+            if self._shutting_down and not self._connections:
+                self._drained.set()
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting, tell every connection goaway, let in-flight calls finish for
+        up to ``grace_s`` (default ``limits.shutdown_grace_s``), then cancel the rest."""
+        grace_s = self.limits.shutdown_grace_s if grace_s is None else grace_s
+        self._shutting_down = True
+        self._accepting.cancel()
+        for connection in list(self._connections):
+            connection.begin_goaway(Code.UNAVAILABLE, "server is shutting down")
+        if self._connections:
+            with trio.move_on_after(grace_s):
+                await self._drained.wait()
+        self._connections_scope.cancel()
+        if self.listeners:
+            await self._stopped.wait()
+
+
+class _ServerConnection:
+    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.limits = server.limits
+        self.conn = wire.Connection(wire.Role.SERVER, self.limits)
+        self.outbox = Outbox(stream, self.limits.write_buffer_bytes_max)
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.cancelled_by_peer: set[int] = set()
+        self.identity = "anonymous"
+        self._draining = False
+        self._nursery: trio.Nursery | None = None
+
+    async def refuse(self, code: Code, message: str) -> None:
+        try:
+            with trio.move_on_after(self.limits.handshake_timeout_s):
+                await self.stream.send_all(self.conn.send_goaway(code, message))
+                await self.stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    def begin_goaway(self, code: Code, message: str) -> None:
+        """Graceful: no new calls; the connection closes once in-flight calls finish."""
+        if self._draining:
+            return
+        self._draining = True
+        if self.conn.is_open:
+            self.outbox.put_nowait(self.conn.send_goaway(code, message))
+        if not self.conn.inflight or not self.conn.is_open:
+            self._close_soon()
+
+    def _close_soon(self) -> None:
+        self.outbox.close_after_flush()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_then_close)
+                try:
+                    await self._read_loop(nursery)
+                except wire.RemoteProtocolError as exc:
+                    log.info("protocol error from %s: %s", self.peer, exc.message)
+                    self.outbox.put_nowait(self.conn.send_goaway(exc.code, exc.message))
+                # Reader done: the peer closed, broke the protocol or the stream broke.
+                self.conn.close()
+                # Bound the flush of what is queued; handlers are cancelled (their caller is gone).
+                nursery.cancel_scope.deadline = trio.current_time() + CLOSE_FLUSH_TIMEOUT_S
+                for scope in self.scopes.values():
+                    scope.cancel()
+                self._close_soon()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    try:
+                        await self.stream.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+
+    async def _write_then_close(self) -> None:
+        await self.outbox.run()
+        # All queued frames are out (or the stream broke): end the connection.
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        conn = self.conn
+        stream = self.stream
+        limits = self.limits
+        # Handshake: the hello must arrive within handshake_timeout_s.
+        with trio.move_on_after(limits.handshake_timeout_s) as handshake:
+            while not conn.is_open:
+                data = await self._receive(stream)
+                for event in conn.receive_data(data):
+                    if isinstance(event, wire.ConnectionClosed):
+                        return
+                    if isinstance(event, wire.Hello):
+                        self.outbox.put_nowait(conn.send_hello(agent="txrpc-py"))
+        if handshake.cancelled_caught:
+            raise wire.RemoteProtocolError(
+                f"no hello within handshake_timeout_s ({limits.handshake_timeout_s} s)",
+                Code.DEADLINE_EXCEEDED,
+            )
+        methods = self.server.methods
+        idle = trio.CancelScope()
+        with idle:
+            while True:
+                idle.deadline = trio.current_time() + limits.idle_timeout_s
+                data = await self._receive(stream)
+                for event in conn.receive_data(data):
+                    if type(event) is wire.Call:
+                        spec = methods.get(event.method)
+                        if spec is None:
+                            self._reply_error(event.id, Code.UNIMPLEMENTED, f"unknown method {event.method!r}")
+                        elif spec.is_async:
+                            nursery.start_soon(self._run_async, spec, event)
+                        else:
+                            self._run_inline(spec, event)
+                    elif type(event) is wire.Cancel:
+                        scope = self.scopes.get(event.id)
+                        if scope is not None:
+                            self.cancelled_by_peer.add(event.id)
+                            scope.cancel()
+                    elif type(event) is wire.Ping:
+                        self.outbox.put_nowait(conn.send_pong(event.nonce))
+                    elif type(event) is wire.CallRefused:
+                        details = {"not_started": True}
+                        self.outbox.put_nowait(conn.send_error(event.id, event.code, event.message, details))
+                    elif type(event) is wire.ConnectionClosed:
+                        return
+                    elif type(event) is wire.GoAway:
+                        pass  # the client starts nothing new here; in-flight calls finish
+                    # Pong, Hello (rejected by the state machine) need nothing.
+        if idle.cancelled_caught:
+            raise wire.RemoteProtocolError(
+                f"idle for idle_timeout_s ({limits.idle_timeout_s} s)", Code.UNAVAILABLE
+            )
+
+    async def _receive(self, stream: trio.abc.Stream) -> bytes:
+        try:
+            return bytes(await stream.receive_some(RECEIVE_BYTES))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return b""
+
+    def _context(self, call: wire.Call, deadline: float) -> CallContext:
+        return CallContext(call.method, call.id, deadline, call.metadata, self.peer, self.identity)
+
+    def _run_inline(self, spec: MethodSpec, call: wire.Call) -> None:
+        self.server.calls_started += 1
+        token = _current_call.set(self._context(call, math.inf))
+        try:
+            value = spec.fn(*call.args, **call.kwargs)
+        except RpcError as exc:
+            self._reply_error(call.id, exc.code, exc.message, exc.details)
+        except TypeError as exc:
+            self._reply_type_error(spec, call, exc)
+        except Exception as exc:
+            self._reply_internal(spec, call, exc)
+        else:
+            self._reply_result(call.id, value)
+        finally:
+            _current_call.reset(token)
+
+    async def _run_async(self, spec: MethodSpec, call: wire.Call) -> None:
+        self.server.calls_started += 1
+        now = trio.current_time()
+        deadline = math.inf if call.deadline_s is None else now + call.deadline_s
+        _current_call.set(self._context(call, deadline))
+        scope = trio.CancelScope(deadline=deadline)
+        self.scopes[call.id] = scope
+        try:
+            with scope:
+                try:
+                    value = await spec.fn(*call.args, **call.kwargs)
+                except RpcError as exc:
+                    self._reply_error(call.id, exc.code, exc.message, exc.details)
+                    return
+                except TypeError as exc:
+                    self._reply_type_error(spec, call, exc)
+                    return
+                except Exception as exc:
+                    self._reply_internal(spec, call, exc)
+                    return
+                if self.outbox.queued_bytes > self.limits.write_buffer_bytes_max:
+                    await self.outbox.wait_for_space()  # backpressure from a slow reader
+                self._reply_result(call.id, value)
+                return
+            # Only reached when the scope caught the cancellation.
+            if call.id in self.cancelled_by_peer:
+                self.conn.abandon_call(call.id)  # the caller is gone: nothing to send
+            else:
+                self._reply_error(
+                    call.id, Code.DEADLINE_EXCEEDED, f"deadline of {call.deadline_s:.3f} s expired on the server"
+                )
+        finally:
+            self.scopes.pop(call.id, None)
+            self.cancelled_by_peer.discard(call.id)
+            self.conn.abandon_call(call.id)  # no-op unless cancelled from outside
+            if self._draining and not self.conn.inflight:
+                self._close_soon()
+
+    def _reply_result(self, call_id: int, value: Any) -> None:
+        try:
+            data = self.conn.send_result(call_id, value)
+        except TypeError as exc:
+            self._reply_error(call_id, Code.INTERNAL, f"handler returned a value CBOR cannot carry: {exc}")
+            return
+        except wire.LocalProtocolError as exc:
+            self._reply_error(call_id, Code.RESOURCE_EXHAUSTED, f"result too large: {exc}")
+            return
+        self.outbox.put_nowait(data)
+
+    def _reply_error(self, call_id: int, code: int, message: str, details: dict[str, Any] | None = None) -> None:
+        try:
+            data = self.conn.send_error(call_id, code, message, details)
+        except (TypeError, wire.LocalProtocolError) as exc:
+            data = self.conn.send_error(call_id, Code.INTERNAL, f"error could not be encoded: {exc}")
+        self.outbox.put_nowait(data)
+
+    def _reply_type_error(self, spec: MethodSpec, call: wire.Call, exc: TypeError) -> None:
+        problem = spec.arguments_fit(call.args, call.kwargs)
+        if problem is not None:
+            self._reply_error(call.id, Code.INVALID_ARGUMENT, f"{spec.name}: {problem}")
+        else:
+            self._reply_internal(spec, call, exc)
+
+    def _reply_internal(self, spec: MethodSpec, call: wire.Call, exc: BaseException) -> None:
+        log.error("handler %s raised (call %d from %s)", spec.name, call.id, self.peer, exc_info=exc)
+        self._reply_error(call.id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+async def serve(
+    *services: Service,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: Limits | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``services`` on ``host:port`` until cancelled (see :class:`Server`)."""
+    server = Server(*services, limits=limits)
+    await server.serve_tcp(host, port, task_status=task_status)

@@ -1,0 +1,157 @@
+"""Services, method registration and the per-call context."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
+
+import trio
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclasses.dataclass(slots=True)
+class CallContext:
+    """What a handler knows about the call it is serving (``txrpc.current_call()``).
+
+    ``deadline`` is in ``trio.current_time()`` units (``math.inf`` if none); the handler
+    already runs inside a cancel scope with that deadline, so calls it makes to other
+    services inherit what remains.
+    """
+
+    method: str
+    call_id: int
+    deadline: float
+    metadata: dict[str, Any]
+    peer: str
+    identity: str = "anonymous"
+
+    def remaining_s(self) -> float:
+        """Seconds left before the deadline (``math.inf`` if none)."""
+        return self.deadline - trio.current_time() if math.isfinite(self.deadline) else math.inf
+
+
+_current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "txrpc_current_call", default=None
+)
+
+
+def current_call() -> CallContext:
+    """The :class:`CallContext` of the call being served; raises ``RuntimeError`` outside one."""
+    context = _current_call.get()
+    if context is None:
+        raise RuntimeError("txrpc.current_call() is only available inside a handler")
+    return context
+
+
+def _current_call_or_none() -> CallContext | None:
+    return _current_call.get()
+
+
+@dataclasses.dataclass(slots=True)
+class MethodSpec:
+    """A registered handler and how to run it."""
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    idempotent: bool = False
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _signature: inspect.Signature | None = None
+
+    def arguments_fit(self, args: Iterable[Any], kwargs: dict[str, Any]) -> str | None:
+        """None when ``args``/``kwargs`` bind to the handler, else why they do not."""
+        if self._signature is None:
+            try:
+                self._signature = inspect.signature(self.fn)
+            except (TypeError, ValueError):
+                return None
+        try:
+            self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            return str(exc)
+        return None
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)
+    )
+
+
+class Service:
+    """A named group of methods.
+
+    ``Service("calc")`` with a method ``add`` answers ``calc.add``; ``Service()`` (no
+    name) answers ``add``. Handlers may be ``async def`` (each call runs in its own
+    task) or plain functions (run inline on the event loop: they must not block).
+    """
+
+    def __init__(self, name: str = "") -> None:
+        if name and (not name.replace("_", "a").replace(".", "a").isalnum() or name.startswith(".")):
+            raise ValueError(f"service name {name!r} must be dotted identifiers")
+        self.name = name
+        self.methods: dict[str, MethodSpec] = {}
+
+    def qualified(self, method: str) -> str:
+        return f"{self.name}.{method}" if self.name else method
+
+    @overload
+    def method(self, fn: F, /) -> F: ...
+
+    @overload
+    def method(
+        self, *, name: str | None = None, idempotent: bool = False, **options: Any
+    ) -> Callable[[F], F]: ...
+
+    def method(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        idempotent: bool = False,
+        **options: Any,
+    ) -> F | Callable[[F], F]:
+        """Register a handler: ``@service.method`` or ``@service.method(name=..., idempotent=True)``.
+
+        ``idempotent=True`` makes an idempotency key mandatory for the method (the
+        server needs a request log for that; see ``specs/guarantees.md``).
+        """
+
+        def register(function: F) -> F:
+            self.add_method(function, name=name, idempotent=idempotent, **options)
+            return function
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def add_method(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        idempotent: bool = False,
+        **options: Any,
+    ) -> MethodSpec:
+        method_name = name or getattr(fn, "__name__", None)
+        if not method_name or method_name == "<lambda>":
+            raise ValueError("a method needs a name: pass name=...")
+        qualified = self.qualified(method_name)
+        if qualified in self.methods:
+            raise ValueError(f"method {qualified!r} is registered twice")
+        spec = MethodSpec(qualified, fn, _is_async(fn), idempotent, dict(options))
+        self.methods[qualified] = spec
+        return spec
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r}, methods={sorted(self.methods)})"
