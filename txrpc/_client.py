@@ -175,20 +175,20 @@ class _Channel:
         self.slots.unpark_all()
 
     async def _keepalive(self) -> None:
+        """Ping when nothing has arrived for ``keepalive_interval_s``; give up when
+        nothing (not even a pong) has arrived for interval + ``keepalive_timeout_s``."""
         limits = self.client.limits
         nonce = 0
         while True:
             await trio.sleep(limits.keepalive_interval_s)
-            if trio.current_time() - self.last_receive_time < limits.keepalive_interval_s:
-                continue
-            nonce += 1
-            sent_at = trio.current_time()
-            self.outbox.put_nowait(self.conn.send_ping(nonce))
-            await trio.sleep(limits.keepalive_timeout_s)
-            if self.last_receive_time < sent_at:
-                self.failure = f"no answer to a keepalive ping within {limits.keepalive_timeout_s} s"
+            silent_s = trio.current_time() - self.last_receive_time
+            if silent_s >= limits.keepalive_interval_s + limits.keepalive_timeout_s:
+                self.failure = f"no answer to keepalive pings for {silent_s:.1f} s"
                 self.kill()
                 return
+            if silent_s >= limits.keepalive_interval_s:
+                nonce += 1
+                self.outbox.put_nowait(self.conn.send_ping(nonce))
 
     async def call(
         self,
@@ -268,9 +268,9 @@ class Client:
         self._nursery = await self._nursery_manager.__aenter__()
         try:
             await self._get_channel()
-        except BaseException as exc:
+        except BaseException:
             self._nursery.cancel_scope.cancel()
-            await self._nursery_manager.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._nursery_manager.__aexit__(None, None, None)
             raise
         return self
 
@@ -280,8 +280,11 @@ class Client:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        # The body's exception is not the nursery's business: the client's own tasks
+        # never raise, so the caller sees its exception unwrapped (no ExceptionGroup).
         await self.aclose()
-        return await self._nursery_manager.__aexit__(exc_type, exc, tb)  # type: ignore[no-any-return]
+        await self._nursery_manager.__aexit__(None, None, None)
+        return None
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail with ``Unavailable``."""

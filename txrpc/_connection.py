@@ -373,7 +373,9 @@ class Connection:
         extra = message.keys() - _KNOWN_KEYS[kind]
         if extra:
             raise RemoteProtocolError(f"{Kind(kind).name.lower()}: unknown fields {sorted(map(str, extra))}")
-        if self.state is State.AWAIT_HELLO and kind != Kind.HELLO:
+        # Before hello only hello is legal, except a goaway: a server refusing the
+        # connection (connections_max, shutting down) says why before it closes.
+        if self.state is State.AWAIT_HELLO and kind != Kind.HELLO and kind != Kind.GOAWAY:
             raise RemoteProtocolError(f"expected hello first, got {Kind(kind).name.lower()}")
         if kind == Kind.CALL:
             return self._on_call(message)

@@ -1,0 +1,445 @@
+"""The RPC core end to end over real TCP on loopback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+
+import txrpc
+from txrpc import _connection as wire
+
+
+def make_service() -> tuple[txrpc.Service, dict[str, Any]]:
+    calc = txrpc.Service()
+    seen: dict[str, Any] = {"cancelled": trio.Event(), "running": 0, "running_max": 0, "deadlines": []}
+
+    @calc.method
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @calc.method
+    def mul(a: int, b: int) -> int:  # plain function: runs inline
+        return a * b
+
+    @calc.method
+    async def greet(name: str, *, punctuation: str = "!") -> str:
+        return f"hello {name}{punctuation}"
+
+    @calc.method
+    async def sleep(seconds: float) -> str:
+        seen["running"] += 1
+        seen["running_max"] = max(seen["running_max"], seen["running"])
+        seen["deadlines"].append(txrpc.current_call().remaining_s())
+        try:
+            await trio.sleep(seconds)
+        except trio.Cancelled:
+            seen["cancelled"].set()
+            raise
+        finally:
+            seen["running"] -= 1
+        return "slept"
+
+    @calc.method
+    async def fail(kind: str) -> None:
+        if kind == "value":
+            raise ValueError("bad value")
+        if kind == "not_found":
+            raise txrpc.NotFound("no such account", details={"account": "alice"})
+        if kind == "type":
+            raise TypeError("a TypeError from inside the handler")
+        raise txrpc.Aborted(kind)
+
+    @calc.method
+    async def unencodable() -> object:
+        return object()
+
+    @calc.method
+    async def whoami() -> dict[str, Any]:
+        ctx = txrpc.current_call()
+        return {"method": ctx.method, "metadata": ctx.metadata, "peer": ctx.peer}
+
+    return calc, seen
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[txrpc.Server, dict[str, Any]]]:
+    service, seen = make_service()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        yield server, seen
+        await server.shutdown(grace_s=1)
+
+
+async def test_basic_calls(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    server, _ = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        assert await client.add(1, 2) == 3
+        assert await client.call("add", 40, 2) == 42
+        assert await client.mul(6, 7) == 42
+        assert await client.greet("ann") == "hello ann!"
+        assert await client.greet("bob", punctuation="?") == "hello bob?"
+        assert await client.add([1], [2]) == [1, 2]
+        assert await client.add(b"ab", b"cd") == b"abcd"
+        assert await client.add(2**70, 1) == 2**70 + 1
+
+
+async def test_dotted_service_names() -> None:
+    bank = txrpc.Service("bank.accounts")
+
+    @bank.method
+    async def balance(name: str) -> int:
+        return len(name)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(bank).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            assert await client.bank.accounts.balance("alice") == 5
+            assert await client.call("bank.accounts.balance", "bo") == 2
+            with pytest.raises(txrpc.Unimplemented):
+                await client.balance("alice")
+        await server.shutdown()
+
+
+async def test_thousand_concurrent_calls_on_one_connection(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    server, _ = served
+    results: dict[int, int] = {}
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+
+        async def one(i: int) -> None:
+            results[i] = await client.add(i, i * 1000)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(1000):
+                    nursery.start_soon(one, i)
+        assert server.connection_count == 1
+    assert results == {i: i + i * 1000 for i in range(1000)}
+
+
+async def test_client_deadline_cancels_the_handler(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    server, seen = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        started = trio.current_time()
+        with pytest.raises(trio.TooSlowError):
+            with trio.fail_after(0.3):
+                await client.sleep(30)
+        assert trio.current_time() - started < 2
+        with trio.fail_after(5):
+            await seen["cancelled"].wait()  # the server-side handler saw the cancellation
+        # The deadline travelled with the call: the handler saw at most 0.3 s remaining.
+        assert 0 < seen["deadlines"][-1] <= 0.3
+        assert await client.add(1, 1) == 2  # the connection is still fine
+
+
+async def test_timeout_option_raises_deadline_exceeded(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    server, seen = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        with pytest.raises(txrpc.DeadlineExceeded):
+            await client.options(timeout=0.2).sleep(30)
+        with trio.fail_after(5):
+            await seen["cancelled"].wait()
+        assert await client.options(timeout=5).sleep(0) == "slept"
+
+
+async def test_cancelled_caller_cancels_handler(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    server, seen = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.sleep, 30)
+                await trio.sleep(0.1)
+                scope.cancel()
+        assert math.isinf(seen["deadlines"][-1])  # no deadline was set: cancel, not timeout
+        with trio.fail_after(5):
+            await seen["cancelled"].wait()
+        assert seen["running"] == 0
+
+
+async def test_server_side_deadline_expiry_answers_deadline_exceeded(
+    served: tuple[txrpc.Server, dict[str, Any]],
+) -> None:
+    """A raw peer that does not cancel still gets DEADLINE_EXCEEDED when its time is up."""
+    server, seen = served
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    conn = wire.Connection(wire.Role.CLIENT)
+    await stream.send_all(conn.send_hello())
+    while not conn.is_open:
+        conn.receive_data(await stream.receive_some(65536))
+    await stream.send_all(conn.send_call(conn.next_call_id(), "sleep", [30], deadline_s=0.2))
+    events: list[Any] = []
+    with trio.fail_after(5):
+        while not any(isinstance(e, wire.Error) for e in events):
+            events += conn.receive_data(await stream.receive_some(65536))
+    error = next(e for e in events if isinstance(e, wire.Error))
+    assert error.code == txrpc.Code.DEADLINE_EXCEEDED
+    assert seen["cancelled"].is_set()
+    await stream.aclose()
+
+
+async def test_deadline_propagates_across_three_hops() -> None:
+    leaf_seen: list[float] = []
+    leaf = txrpc.Service("leaf")
+
+    @leaf.method
+    async def work() -> float:
+        remaining = txrpc.current_call().remaining_s()
+        leaf_seen.append(remaining)
+        return remaining
+
+    async with trio.open_nursery() as nursery:
+        leaf_server = await nursery.start(txrpc.Server(leaf).serve_tcp, "127.0.0.1", 0)
+        middle = txrpc.Service("middle")
+
+        @middle.method
+        async def work() -> float:  # noqa: F811 - a different service's method
+            async with txrpc.connect("127.0.0.1", leaf_server.port) as downstream:
+                return float(await downstream.leaf.work())
+
+        middle_server = await nursery.start(txrpc.Server(middle).serve_tcp, "127.0.0.1", 0)
+        front = txrpc.Service("front")
+
+        @front.method
+        async def work() -> float:  # noqa: F811
+            async with txrpc.connect("127.0.0.1", middle_server.port) as downstream:
+                return float(await downstream.middle.work())
+
+        front_server = await nursery.start(txrpc.Server(front).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", front_server.port) as client:
+            with trio.fail_after(3):
+                remaining = await client.front.work()
+            # Without a deadline the leaf would see inf; it saw what remained of our 3 s.
+            assert 1.0 < remaining < 3.0
+            assert leaf_seen == [remaining]
+        for server in (front_server, middle_server, leaf_server):
+            await server.shutdown()
+
+
+async def test_error_codes_and_handler_exceptions(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    server, _ = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        with pytest.raises(txrpc.Internal, match="ValueError: bad value") as internal:
+            await client.fail("value")
+        assert internal.value.code == txrpc.Code.INTERNAL
+        with pytest.raises(txrpc.NotFound) as not_found:
+            await client.fail("not_found")
+        assert not_found.value.details == {"account": "alice"}
+        assert not_found.value.message == "no such account"
+        with pytest.raises(txrpc.Aborted, match="conflict"):
+            await client.fail("conflict")
+        # A TypeError raised inside a handler with the right arity is INTERNAL, not INVALID_ARGUMENT.
+        with pytest.raises(txrpc.Internal, match="TypeError"):
+            await client.fail("type")
+        with pytest.raises(txrpc.Unimplemented, match="nope"):
+            await client.nope()
+        with pytest.raises(txrpc.InvalidArgument, match="missing a required argument"):
+            await client.add(1)
+        with pytest.raises(txrpc.InvalidArgument, match="too many positional"):
+            await client.add(1, 2, 3)
+        with pytest.raises(txrpc.InvalidArgument, match="unexpected keyword"):
+            await client.greet("x", colour="red")
+        with pytest.raises(txrpc.InvalidArgument):
+            await client.mul(1)  # the inline (plain function) path checks arity too
+        with pytest.raises(txrpc.Internal, match="CBOR"):
+            await client.unencodable()
+        with pytest.raises(TypeError, match="cannot be sent"):
+            await client.add(object(), 1)
+        assert await client.add(2, 2) == 4  # the connection survived all of it
+
+
+async def test_every_error_code_round_trips() -> None:
+    svc = txrpc.Service()
+    classes = {cls.code: cls for cls in txrpc.RpcError._by_code.values()}
+
+    @svc.method
+    async def raise_code(code: int) -> None:
+        raise classes[txrpc.Code(code)](f"raised {code}", details={"n": code})
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(svc).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            for code, cls in sorted(classes.items()):
+                with pytest.raises(cls) as info:
+                    await client.options(retries_max=0).raise_code(int(code))
+                assert info.value.code == code
+                assert info.value.details == {"n": int(code)}
+        await server.shutdown()
+
+
+async def test_metadata_and_call_context(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    server, _ = served
+    async with txrpc.connect("127.0.0.1", server.port, metadata={"tenant": "t1"}) as client:
+        info = await client.options(metadata={"trace_id": "abc"}).whoami()
+        assert info["method"] == "whoami"
+        assert info["metadata"] == {"tenant": "t1", "trace_id": "abc"}
+        assert info["peer"].startswith("127.0.0.1:")
+
+
+async def test_graceful_shutdown_drains_in_flight_calls() -> None:
+    service, _ = make_service()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        port = server.port
+        async with txrpc.connect("127.0.0.1", port) as client:
+            results: list[str] = []
+
+            async def slow() -> None:
+                results.append(await client.sleep(0.3))
+
+            async with trio.open_nursery() as calls:
+                for _ in range(5):
+                    calls.start_soon(slow)
+                await trio.sleep(0.1)
+                with trio.fail_after(5):
+                    await server.shutdown(grace_s=5)
+            assert results == ["slept"] * 5
+        # Not listening any more.
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_shutdown_grace_expiry_cancels_and_reports_unavailable() -> None:
+    service, seen = make_service()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            outcome: list[BaseException] = []
+
+            async def stuck() -> None:
+                try:
+                    await client.options(retries_max=0).sleep(60)
+                except txrpc.RpcError as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as calls:
+                calls.start_soon(stuck)
+                await trio.sleep(0.1)
+                started = trio.current_time()
+                await server.shutdown(grace_s=0.3)
+                assert trio.current_time() - started < 3
+            assert seen["cancelled"].is_set()
+            assert len(outcome) == 1 and isinstance(outcome[0], txrpc.Unavailable)
+
+
+async def test_client_respects_calls_inflight_max() -> None:
+    service, seen = make_service()
+    limits = txrpc.Limits(calls_inflight_max=4)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service, limits=limits).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as calls:
+                    for _ in range(20):
+                        calls.start_soon(client.sleep, 0.05)
+        assert seen["running_max"] == 4  # queued at the client, never refused, never above the bound
+        await server.shutdown()
+
+
+async def test_connections_max_refuses_with_a_clear_error() -> None:
+    service, _ = make_service()
+    limits = txrpc.Limits(connections_max=2)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service, limits=limits).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as a, txrpc.connect("127.0.0.1", server.port) as b:
+            assert await a.add(1, 1) == 2 and await b.add(2, 2) == 4
+            third = txrpc.connect("127.0.0.1", server.port, limits=txrpc.Limits(retries_max=0))
+            with pytest.raises(txrpc.Unavailable, match="connections_max"):
+                async with third:
+                    pass
+            assert await a.add(3, 3) == 6
+        await server.shutdown()
+
+
+async def test_idle_connections_are_closed_and_clients_reconnect() -> None:
+    service, _ = make_service()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            txrpc.Server(service, limits=txrpc.Limits(idle_timeout_s=0.3)).serve_tcp, "127.0.0.1", 0
+        )
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            assert await client.add(1, 2) == 3
+            with trio.fail_after(5):
+                while server.connection_count:
+                    await trio.sleep(0.05)
+            assert await client.add(2, 3) == 5  # a new connection, transparently
+        await server.shutdown()
+
+
+async def test_keepalive_pings_keep_an_idle_connection_open() -> None:
+    service, _ = make_service()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            txrpc.Server(service, limits=txrpc.Limits(idle_timeout_s=0.4)).serve_tcp, "127.0.0.1", 0
+        )
+        limits = txrpc.Limits(keepalive_interval_s=0.1, keepalive_timeout_s=1)
+        async with txrpc.connect("127.0.0.1", server.port, limits=limits) as client:
+            assert await client.add(1, 2) == 3
+            await trio.sleep(1.0)
+            assert server.connection_count == 1
+            assert await client.add(2, 3) == 5
+        await server.shutdown()
+
+
+async def test_reconnects_after_the_server_restarts() -> None:
+    service, _ = make_service()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        port = server.port
+        async with txrpc.connect("127.0.0.1", port) as client:
+            assert await client.add(1, 2) == 3
+            failed: list[BaseException] = []
+
+            async def in_flight() -> None:
+                try:
+                    await client.options(retries_max=0).sleep(30)
+                except txrpc.Unavailable as exc:
+                    failed.append(exc)
+
+            async with trio.open_nursery() as calls:
+                calls.start_soon(in_flight)
+                await trio.sleep(0.1)
+                await server.shutdown(grace_s=0)
+            assert len(failed) == 1  # an in-flight call fails with Unavailable, never hangs
+            server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", port)
+            with trio.fail_after(10):
+                assert await client.add(5, 5) == 10
+        await server.shutdown()
+
+
+async def test_connect_failure_is_unavailable_with_a_clear_message() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connection refused
+        with pytest.raises(txrpc.Unavailable, match=f"cannot connect to 127.0.0.1:{port}"):
+            async with txrpc.connect("127.0.0.1", port, limits=txrpc.Limits(retries_max=0)):
+                pass
+
+
+async def test_oversized_argument_is_refused_before_sending(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    server, _ = served
+    limits = txrpc.Limits(frame_bytes_max=1024)
+    async with txrpc.connect("127.0.0.1", server.port, limits=limits) as client:
+        with pytest.raises(txrpc.ProtocolError, match="frame_bytes_max"):
+            await client.add(b"x" * 2000, b"")
+        assert await client.add(b"x" * 100, b"") == b"x" * 100
+
+
+async def test_oversized_result_is_resource_exhausted() -> None:
+    svc = txrpc.Service()
+
+    @svc.method
+    async def big(n: int) -> bytes:
+        return b"x" * n
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            txrpc.Server(svc, limits=txrpc.Limits(frame_bytes_max=4096)).serve_tcp, "127.0.0.1", 0
+        )
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            with pytest.raises(txrpc.ResourceExhausted, match="too large"):
+                await client.big(10_000)
+            assert await client.big(10) == b"x" * 10
+        await server.shutdown()

@@ -1,0 +1,233 @@
+"""The ``txrpc`` command line."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from ._errors import RpcError
+
+console = Console()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="txrpc")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """txrpc — transactional RPC for trio.
+
+    Serve a service, call it, run the demo or the benchmarks. Every command has --help.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def load_object(spec: str) -> Any:
+    """Import ``MODULE:NAME`` or ``path/to/file.py:NAME`` and return the attribute."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not attribute:
+        raise click.BadParameter(f"{spec!r}: expected MODULE:NAME, e.g. examples/calculator/service.py:calc")
+    if module_name.endswith(".py") or "/" in module_name:
+        path = Path(module_name)
+        if not path.exists():
+            raise click.BadParameter(f"{spec!r}: file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise click.BadParameter(f"{spec!r}: cannot import {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        module_spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise click.BadParameter(f"{spec!r}: cannot import {module_name}: {exc}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise click.BadParameter(f"{spec!r}: module {module_name} has no attribute {attribute!r}") from None
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{address!r}: expected HOST:PORT, e.g. 127.0.0.1:12345")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@cli.command()
+@click.argument("service_spec", metavar="MODULE:SERVICE", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=12345, show_default=True, help="TCP port (0 picks a free one).")
+def serve(service_spec: tuple[str, ...], host: str, port: int) -> None:
+    """Serve one or more services, e.g. `txrpc serve examples/calculator/service.py:calc`."""
+    from ._server import Server
+    from ._service import Service
+
+    services: list[Service] = []
+    for spec in service_spec:
+        obj = load_object(spec)
+        if isinstance(obj, Service):
+            services.append(obj)
+        elif isinstance(obj, (list, tuple)) and all(isinstance(s, Service) for s in obj):
+            services.extend(obj)
+        else:
+            raise click.BadParameter(f"{spec!r} is a {type(obj).__name__}, not a txrpc.Service")
+    server = Server(*services)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_tcp, host, port)
+            names = ", ".join(sorted(server.methods))
+            console.print(f"[green]serving[/] {names} on {host}:{server.port} (Ctrl-C to stop)")
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
+@cli.command()
+@click.argument("address", metavar="HOST:PORT")
+@click.argument("method")
+@click.argument("args", nargs=-1)
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Deadline in seconds.")
+@click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Call metadata (repeatable).")
+@click.option("--idempotency-key", default=None, help="Attach an idempotency key.")
+def call(
+    address: str,
+    method: str,
+    args: tuple[str, ...],
+    timeout: float,
+    metadata: tuple[str, ...],
+    idempotency_key: str | None,
+) -> None:
+    """Call METHOD on HOST:PORT and print the result as JSON.
+
+    Each ARG is parsed as JSON (`1`, `"text"`, `[1,2]`, `{"a":1}`); an ARG that is not
+    valid JSON is passed as a string. Exit status 1 on an RPC error.
+    """
+    from ._client import connect
+
+    host, port = parse_address(address)
+    values = [_parse_json_arg(a) for a in args]
+    meta: dict[str, Any] = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--metadata")
+        meta[key] = value
+
+    async def main() -> Any:
+        async with connect(host, port) as client:
+            options: dict[str, Any] = {"timeout": timeout, "metadata": meta}
+            if idempotency_key:
+                options["idempotency_key"] = idempotency_key
+            return await client.options(**options).call(method, *values)
+
+    try:
+        result = trio.run(main)
+    except RpcError as exc:
+        click.echo(f"error: {exc.code.name} ({int(exc.code)}): {exc.message}", err=True)
+        if exc.details:
+            click.echo(f"details: {json.dumps(exc.details, default=repr)}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(result, default=_json_default, indent=None))
+
+
+def _parse_json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes_hex": bytes(value).hex()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return repr(value)
+
+
+@cli.command()
+@click.option("--calls", default=2000, show_default=True, help="Calls in the throughput part.")
+def demo(calls: int) -> None:
+    """Start the calculator service on loopback, call it, and show what txrpc does."""
+    from ._demo import run_calculator_demo
+
+    run_calculator_demo(console, calls)
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks, each beside its peer in one run, reported as medians and ratios."""
+
+
+@bench.command("rpc")
+@click.option("--seconds", default=3.0, show_default=True, help="Duration of each measurement.")
+@click.option("--rounds", default=3, show_default=True, help="Interleaved repetitions; medians are kept.")
+@click.option("--callers", default="1,16,64", show_default=True, help="Concurrent callers for `add`.")
+@click.option("--echo-callers", default="1,8", show_default=True, help="Concurrent callers for the 1 MiB echo.")
+@click.option("--no-grpc", is_flag=True, help="Measure txrpc only (no grpcio needed).")
+def bench_rpc(seconds: float, rounds: int, callers: str, echo_callers: str, no_grpc: bool) -> None:
+    """Unary `add` and a 1 MiB `echo` on one connection: txrpc vs grpcio grpc.aio."""
+    from rich.progress import Progress
+
+    from ._bench_rpc import run
+
+    add_callers = [int(c) for c in callers.split(",") if c]
+    big_callers = [int(c) for c in echo_callers.split(",") if c]
+    steps = (len(add_callers) + len(big_callers)) * rounds * (1 if no_grpc else 2)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("measuring", total=steps)
+        results = run(add_callers, big_callers, seconds, rounds, not no_grpc, progress=lambda: progress.advance(task))
+    table = Table(title=f"txrpc bench rpc — medians of {rounds} × {seconds:g} s, one connection, loopback")
+    for column in ("workload", "callers", "stack", "calls/s", "p50 ms", "p99 ms", "MB/s", "ratio", "target"):
+        table.add_column(column, justify="right" if column not in ("workload", "stack") else "left")
+    by_key = {(m.workload, m.callers, m.stack): m for m in results}
+    for m in results:
+        peer = by_key.get((m.workload, m.callers, "grpc.aio"))
+        ratio = target = ""
+        if m.stack == "txrpc" and peer is not None:
+            if m.workload == "add":
+                value = m.calls_per_s / peer.calls_per_s
+                goal = 8.0 if m.callers >= 64 else 2.0 if m.callers == 1 else None
+            else:
+                value = m.mb_per_s / peer.mb_per_s
+                goal = 1.5
+            ratio = f"{value:.2f}×"
+            if goal is not None:
+                target = f"{'[green]met' if value >= goal else '[red]missed'}[/] (≥{goal:g}×)"
+        table.add_row(
+            m.workload,
+            str(m.callers),
+            m.stack,
+            f"{m.calls_per_s:,.0f}",
+            f"{m.p50_ms:.2f}",
+            f"{m.p99_ms:.2f}",
+            f"{m.mb_per_s:,.0f}" if m.mb_per_s else "",
+            ratio,
+            target,
+        )
+    console.print(table)
+
+
+def main() -> None:
+    cli(prog_name="txrpc")
+
+
+if __name__ == "__main__":
+    main()
