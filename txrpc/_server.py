@@ -20,6 +20,10 @@ log = logging.getLogger("txrpc.server")
 
 RECEIVE_BYTES = 65536
 CLOSE_FLUSH_TIMEOUT_S = 5.0  # bound on writing queued frames once a connection is ending
+# Checkpoint after this many events of one read, so answers (server) and new calls
+# (client) stream out while the rest is dispatched: the two processes then work in
+# parallel instead of in lockstep (measured: ~1.6x calls/s at 64 callers).
+DISPATCH_BATCH_EVENTS = 16
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
@@ -250,7 +254,11 @@ class _ServerConnection:
             while True:
                 idle.deadline = trio.current_time() + limits.idle_timeout_s
                 data = await self._receive(stream)
-                for event in conn.receive_data(data):
+                for index, event in enumerate(conn.receive_data(data), 1):
+                    if index % DISPATCH_BATCH_EVENTS == 0:
+                        # Let handlers and the writer run so answers stream out while
+                        # the rest of a large read is dispatched (pipelining with the peer).
+                        await trio.lowlevel.checkpoint()
                     if type(event) is wire.Call:
                         spec = methods.get(event.method)
                         if spec is None:
