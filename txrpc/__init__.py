@@ -7,6 +7,7 @@ The public API is re-exported here; modules starting with ``_`` are private.
 from ._client import BoundClient, CallOptions, Client, MethodProxy, connect
 from ._connection import PROTOCOL_VERSIONS
 from ._errors import (
+    Abort,
     AlreadyExists,
     Aborted,
     Cancelled,
@@ -18,6 +19,7 @@ from ._errors import (
     Internal,
     InvalidArgument,
     MethodNotFound,
+    OutcomeUnknown,
     NotFound,
     OutOfRange,
     PermissionDenied,
@@ -25,6 +27,7 @@ from ._errors import (
     RequestInProgress,
     ResourceExhausted,
     RpcError,
+    TransactionAborted,
     Unauthenticated,
     Unavailable,
     Unimplemented,
@@ -38,6 +41,9 @@ from ._service import CallContext, MethodSpec, Service, current_call
 __version__ = "0.1.0"
 
 __all__ = [
+    "Abort",
+    "OutcomeUnknown",
+    "TransactionAborted",
     "PROTOCOL_VERSIONS",
     "Aborted",
     "AlreadyExists",

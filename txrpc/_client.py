@@ -253,7 +253,9 @@ class Client:
         auth: Any = None,
         metadata: dict[str, Any] | None = None,
         rng: random.Random | None = None,
+        connect_now: bool = True,
     ) -> None:
+        self._connect_now = connect_now
         self._open_stream = open_stream
         self.target = target or "server"
         self.limits = limits or Limits()
@@ -272,6 +274,8 @@ class Client:
     async def __aenter__(self) -> Client:
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
+        if not self._connect_now:
+            return self  # the first call connects
         try:
             await self._get_channel()
         except BaseException:
@@ -445,10 +449,13 @@ def connect(
     auth: Any = None,
     metadata: dict[str, Any] | None = None,
     rng: random.Random | None = None,
+    connect_now: bool = True,
 ) -> Client:
     """A :class:`Client` for ``host:port`` over TCP (TLS when ``ssl_context`` is given).
 
-    Use it as ``async with txrpc.connect("127.0.0.1", 12345) as client: ...``.
+    Use it as ``async with txrpc.connect("127.0.0.1", 12345) as client: ...``. Entering
+    connects at once (and raises ``Unavailable`` if it cannot) unless
+    ``connect_now=False``, in which case the first call connects.
     """
 
     async def open_stream() -> trio.abc.Stream:
@@ -459,5 +466,13 @@ def connect(
             stream = ssl_stream
         return stream
 
-    return Client(open_stream, target=f"{host}:{port}", limits=limits, auth=auth, metadata=metadata, rng=rng)
+    return Client(
+        open_stream,
+        target=f"{host}:{port}",
+        limits=limits,
+        auth=auth,
+        metadata=metadata,
+        rng=rng,
+        connect_now=connect_now,
+    )
 

@@ -177,3 +177,43 @@ class RequestInProgress(RpcError):
     """A request with this idempotency key is still running."""
 
     code = Code.REQUEST_IN_PROGRESS
+
+
+class Abort(Aborted):
+    """Raise inside a ``@service.transactional`` method to abort the transaction
+    (the shard votes no); the caller gets :class:`TransactionAborted` with the reason."""
+
+
+class TransactionAborted(Aborted):
+    """The transaction did not commit; nothing it wrote is visible anywhere.
+
+    ``reason`` says why (conflict, a vote no, the user's ``Abort``, timeout);
+    ``retryable`` is true when running the transaction again may succeed (conflicts,
+    timeouts), false for a user ``Abort``; ``txid`` identifies it.
+    """
+
+    @property
+    def reason(self) -> str:
+        return self.message
+
+    @property
+    def retryable(self) -> bool:
+        return bool(self.details.get("retryable"))
+
+    @property
+    def txid(self) -> int | None:
+        value = self.details.get("txid")
+        return int(value) if value is not None else None
+
+
+class OutcomeUnknown(RpcError):
+    """The client could not learn whether the transaction committed (e.g. the
+    coordinator was unreachable during commit). It is NOT a failure: the outcome is
+    decided and durable; ask later with ``cluster.outcome(txid)`` / ``txrpc tx show``."""
+
+    code = Code.UNKNOWN
+
+    @property
+    def txid(self) -> int | None:
+        value = self.details.get("txid")
+        return int(value) if value is not None else None

@@ -135,6 +135,28 @@ class Service:
             return register(fn)
         return register
 
+    def transactional(
+        self, fn: F | None = None, /, *, name: str | None = None, **options: Any
+    ) -> F | Callable[[F], F]:
+        """Register a transactional method: ``async def m(tx, *args)``.
+
+        Served by a shard (``txrpc shard``): ``tx`` is the transaction handle
+        (``await tx.get(key)``, ``await tx.put(key, value)``, ``await tx.delete(key)``,
+        ``tx.scan(prefix)``) bound to the caller's transaction; raise ``txrpc.Abort``
+        to vote no. Called outside a transaction, the method runs as its own
+        single-shard transaction.
+        """
+
+        def register(function: F) -> F:
+            if not _is_async(function):
+                raise TypeError(f"transactional method {function.__name__} must be async def")
+            self.add_method(function, name=name, transactional=True, **options)
+            return function
+
+        if fn is not None:
+            return register(fn)
+        return register
+
     def add_method(
         self,
         fn: Callable[..., Any],

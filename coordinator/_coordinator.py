@@ -1,0 +1,306 @@
+"""The coordinator service: begin, commit (two-phase with presumed abort), abort,
+decision queries from participants, and admin. Decisions come from
+:class:`CoordinatorCore`; durability from :class:`storage.CoordinatorLog`."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+import txrpc
+from storage import CoordinatorLog, DecisionExists
+
+from ._coordinator_core import CoordinatorCore, CoordTx, Decision, Phase
+
+log = logging.getLogger("txrpc.coordinator")
+
+
+class Coordinator:
+    """Serve :meth:`service` with a ``txrpc.Server`` and run :meth:`run` beside it.
+
+    ``nodes`` maps participant (node) names to ``(host, port)``.
+    """
+
+    def __init__(
+        self,
+        coordinator_log: CoordinatorLog,
+        nodes: Mapping[str, tuple[str, int]],
+        *,
+        tx_timeout_s: float = 30.0,
+        phase_timeout_s: float = 5.0,
+        retry_backoff_s: float = 0.05,
+        retry_backoff_max_s: float = 2.0,
+        txid_block_size: int = 1000,
+        rng: random.Random | None = None,
+        limits: txrpc.Limits | None = None,
+    ) -> None:
+        self.log = coordinator_log
+        self.nodes = dict(nodes)
+        self.core = CoordinatorCore(txid_block_size, tx_timeout_s)
+        self.phase_timeout_s = phase_timeout_s
+        self.retry_backoff_s = retry_backoff_s
+        self.retry_backoff_max_s = retry_backoff_max_s
+        self.rng = rng or random.Random(0)
+        self.limits = limits or txrpc.Limits(retries_max=1)
+        self._clients: dict[str, txrpc.Client] = {}
+        self._nursery: trio.Nursery | None = None
+        self._block_lock = trio.Lock()
+        self._done: dict[int, trio.Event] = {}
+        self.ready = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Recover from the log, then drive phase 2 and expire abandoned transactions."""
+        block_end, undone = await self.log.load()
+        redo = self.core.recover(block_end, undone)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for name, (host, port) in sorted(self.nodes.items()):
+                client = txrpc.connect(host, port, limits=self.limits, connect_now=False, rng=random.Random(self.rng.random()))
+                self._clients[name] = await nursery.start(_hold_client, client)
+            for txid in redo:
+                log.info("coordinator: re-driving phase 2 of %d", txid)
+                nursery.start_soon(self._phase_two, self.core.txs[txid])
+            self.ready = True
+            task_status.started()
+            while True:
+                await trio.sleep(0.5)
+                for tx in self.core.expired(trio.current_time()):
+                    self.core.abort(tx, "transaction timed out (tx_timeout_s)")
+                    self.core.finish_abort(tx)
+
+    def service(self) -> txrpc.Service:
+        svc = txrpc.Service("coord")
+        for name in ("begin", "commit", "abort", "decision", "transactions", "show", "resolve"):
+            svc.add_method(getattr(self, name), name=name)
+        return svc
+
+    # --- client-facing -----------------------------------------------------------------------
+
+    async def begin(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """A new transaction: ``{"txid": int, "timeout_s": float}``."""
+        if timeout_s is not None and not (0 < timeout_s <= 3600):
+            raise txrpc.InvalidArgument("timeout_s must be in (0, 3600]")
+        async with self._block_lock:
+            block_end = self.core.needs_block()
+            if block_end is not None:
+                await self.log.write_block(block_end)
+                self.core.block_written(block_end)
+        tx = self.core.begin(trio.current_time(), timeout_s)
+        return {"txid": tx.txid, "timeout_s": tx.deadline - trio.current_time()}
+
+    async def commit(self, txid: int, participants: list[str]) -> dict[str, Any]:
+        """Commit ``txid`` on ``participants`` (node names). Returns ``{"outcome": "committed"}``;
+        raises ``TransactionAborted`` with the reason otherwise. Idempotent by txid."""
+        unknown = [p for p in participants if p not in self.nodes]
+        if unknown:
+            raise txrpc.InvalidArgument(f"unknown participants {unknown}; known: {sorted(self.nodes)}")
+        kind, tx = self.core.start_commit(txid, tuple(participants), trio.current_time())
+        if kind == "unknown":
+            record = await self.log.get(txid)
+            if record is not None and record["outcome"] == "commit":
+                return {"outcome": "committed", "txid": txid}
+            raise txrpc.TransactionAborted(
+                f"transaction {txid} is unknown to the coordinator (expired, aborted, or from before a restart)",
+                {"txid": txid, "retryable": True},
+            )
+        assert tx is not None
+        if kind == "wait":
+            event = self._done.setdefault(txid, trio.Event())
+            if tx.decision is None:
+                await event.wait()
+        elif kind == "one_phase":
+            await self._one_phase(tx)
+        elif kind == "prepare":
+            await self._two_phase(tx)
+        return self._outcome(tx)
+
+    def _outcome(self, tx: CoordTx) -> dict[str, Any]:
+        if tx.decision is Decision.COMMIT:
+            return {"outcome": "committed", "txid": tx.txid}
+        raise txrpc.TransactionAborted(tx.reason or "aborted", {"txid": tx.txid, "retryable": not tx.reason.startswith("user:")})
+
+    async def abort(self, txid: int) -> str:
+        """The client gives up on ``txid`` (idempotent)."""
+        tx = self.core.txs.get(txid)
+        if tx is None or tx.decision is not None:
+            return "ok"
+        if tx.phase is Phase.PREPARING:
+            return "ok"  # the commit in progress decides
+        self.core.abort(tx, "aborted by the client")
+        self.core.finish_abort(tx)
+        return "ok"
+
+    async def decision(self, txid: int) -> str | None:
+        """For participants in doubt: ``"commit"``, ``"abort"``, or None (ask again)."""
+        tx = self.core.get(txid)
+        if tx is not None:
+            d = self.core.decision(txid)
+            return None if d is None else d.value
+        record = await self.log.get(txid)
+        if record is not None:
+            return "commit" if record["outcome"] == "commit" else "abort"
+        return "abort"  # presumed abort
+
+    # --- admin -----------------------------------------------------------------------------------
+
+    async def transactions(self, in_doubt: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        live = [self._describe(tx) for tx in (self.core.in_doubt() if in_doubt else list(self.core.txs.values()))]
+        if not in_doubt:
+            recorded = await self.log.list(limit=limit)
+            seen = {t["txid"] for t in live}
+            live += [dict(r, phase="recorded") for r in recorded if r["txid"] not in seen]
+        return sorted(live, key=lambda t: -t["txid"])[:limit]
+
+    async def show(self, txid: int) -> dict[str, Any]:
+        tx = self.core.get(txid)
+        record = await self.log.get(txid)
+        if tx is None and record is None:
+            raise txrpc.NotFound(f"transaction {txid} is not known (presumed aborted)")
+        out = self._describe(tx) if tx is not None else {"txid": txid}
+        if record is not None:
+            out["record"] = record
+        return out
+
+    async def resolve(self, txid: int, outcome: str) -> str:
+        """Heuristic decision by an operator; refused if a decision exists."""
+        if outcome not in ("commit", "abort"):
+            raise txrpc.InvalidArgument("outcome must be 'commit' or 'abort'")
+        tx = self.core.get(txid)
+        if tx is not None and (tx.decision is not None or tx.phase is Phase.PREPARING):
+            raise txrpc.FailedPrecondition(f"transaction {txid} is {tx.phase.value}: the coordinator decides it")
+        try:
+            await self.log.write_decision(txid, outcome, (), heuristic=True, reason="operator", done=True)
+        except DecisionExists as exc:
+            raise txrpc.FailedPrecondition(str(exc)) from None
+        if tx is not None and tx.phase is Phase.ACTIVE:
+            if outcome == "abort":
+                self.core.abort(tx, "heuristic abort by an operator")
+                self.core.finish_abort(tx)
+        return outcome
+
+    def _describe(self, tx: CoordTx) -> dict[str, Any]:
+        return {
+            "txid": tx.txid,
+            "phase": tx.phase.value,
+            "participants": list(tx.participants),
+            "votes": dict(tx.votes),
+            "acked": sorted(tx.acked),
+            "reason": tx.reason,
+        }
+
+    # --- the protocol ------------------------------------------------------------------------------
+
+    async def _participant_call(self, participant: str, method: str, *args: Any) -> Any:
+        client = self._clients[participant]
+        with trio.fail_after(self.phase_timeout_s):
+            return await client.call(method, *args)
+
+    async def _one_phase(self, tx: CoordTx) -> None:
+        (participant,) = tx.participants
+        deadline = max(tx.deadline, trio.current_time() + self.phase_timeout_s)
+        attempt = 0
+        while True:
+            try:
+                with trio.fail_at(deadline):
+                    result = await self._participant_call(participant, "tx.commit_one_phase", tx.txid)
+                self.core.one_phase_result(tx, result["outcome"] == "committed", result.get("reason", ""))
+                break
+            except (txrpc.RpcError, trio.TooSlowError) as exc:
+                if isinstance(exc, trio.TooSlowError) or trio.current_time() >= deadline:
+                    # The participant may have committed: the outcome is not ours to guess.
+                    raise txrpc.Unavailable(
+                        f"one-phase commit of {tx.txid} on {participant}: no answer ({exc}); outcome unknown",
+                        {"txid": tx.txid, "outcome_unknown": True},
+                    ) from None
+                attempt += 1
+                await trio.sleep(self._backoff(attempt))
+        self._signal(tx)
+
+    async def _two_phase(self, tx: CoordTx) -> None:
+        votes: dict[str, tuple[str, str]] = {}
+
+        async def ask(participant: str) -> None:
+            try:
+                with trio.fail_at(max(tx.deadline, trio.current_time() + 0.001)):
+                    answer = await self._participant_call(participant, "tx.prepare", tx.txid)
+                votes[participant] = (answer["vote"], answer.get("reason", ""))
+            except (txrpc.RpcError, trio.TooSlowError) as exc:
+                votes[participant] = ("unreachable", f"{type(exc).__name__}: {exc}")
+
+        async with trio.open_nursery() as nursery:
+            for participant in tx.participants:
+                nursery.start_soon(ask, participant)
+        decision = None
+        for participant in tx.participants:
+            vote, reason = votes[participant]
+            if vote == "unreachable":
+                self.core.prepare_failed(tx, participant, reason)
+                decision = Decision.ABORT
+                break
+            decision = self.core.vote(tx, participant, vote, f"{participant} voted no: {reason}" if reason else "")
+            if decision is Decision.ABORT:
+                break
+        if decision is Decision.COMMIT:
+            try:
+                await self.log.write_decision(tx.txid, "commit", tx.writers)
+            except Exception as exc:
+                # Not durable: we may not commit. Nothing was told to anyone yet.
+                log.error("coordinator: decision record for %d failed: %s", tx.txid, exc)
+                self.core.abort(tx, f"decision record not durable: {exc}")
+            else:
+                self.core.commit_decided(tx)
+        assert self._nursery is not None
+        if tx.phase in (Phase.COMMITTING, Phase.ABORTING):
+            self._nursery.start_soon(self._phase_two, tx)
+        self._signal(tx)
+
+    async def _phase_two(self, tx: CoordTx) -> None:
+        """Tell every writing participant the decision, retrying until acknowledged
+        (commit) or for a bounded time (abort: participants may also ask; presumed abort)."""
+        commit = tx.decision is Decision.COMMIT
+        targets = tx.writers if commit else self.core.abort_targets(tx)
+        method = "tx.commit" if commit else "tx.abort"
+
+        async def tell(participant: str) -> None:
+            attempt = 0
+            while True:
+                try:
+                    await self._participant_call(participant, method, tx.txid)
+                    return
+                except (txrpc.RpcError, trio.TooSlowError) as exc:
+                    attempt += 1
+                    if not commit and attempt > 5:
+                        return  # the participant will ask, or abort an unprepared transaction by timeout
+                    log.info("coordinator: %s(%d) to %s failed (%s); retrying", method, tx.txid, participant, exc)
+                    await trio.sleep(self._backoff(attempt))
+
+        async with trio.open_nursery() as nursery:
+            for participant in targets:
+                nursery.start_soon(tell, participant)
+        for participant in targets:
+            self.core.acked(tx, participant)
+        if tx.phase not in (Phase.COMMITTED, Phase.ABORTED):
+            self.core.finish_abort(tx) if not commit else None
+        if commit:
+            await self.log.mark_done(tx.txid, set(targets))
+
+    def _signal(self, tx: CoordTx) -> None:
+        event = self._done.pop(tx.txid, None)
+        if event is not None:
+            event.set()
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.retry_backoff_s * 2 ** (attempt - 1), self.retry_backoff_max_s)
+        return base * self.rng.uniform(0.5, 1.0)
+
+
+async def _hold_client(client: txrpc.Client, *, task_status: trio.TaskStatus[txrpc.Client] = trio.TASK_STATUS_IGNORED) -> None:
+    async with client:
+        task_status.started(client)
+        await trio.sleep_forever()

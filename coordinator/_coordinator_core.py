@@ -1,0 +1,236 @@
+"""The coordinator's side of two-phase commit with presumed abort, without I/O.
+
+:class:`CoordinatorCore` hands out transaction ids, tracks each transaction and says
+what must happen next; the trio driver (``_coordinator.py``) sends the messages and
+writes the durable records it is told to. See ``specs/commit-protocol.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import OrderedDict
+
+
+class Phase(enum.Enum):
+    ACTIVE = "active"
+    PREPARING = "preparing"
+    COMMITTING = "committing"  # commit decision durable; phase 2 running
+    ABORTING = "aborting"
+    COMMITTED = "committed"  # every writing participant acknowledged
+    ABORTED = "aborted"
+
+
+class Decision(enum.Enum):
+    COMMIT = "commit"
+    ABORT = "abort"
+
+
+@dataclasses.dataclass(slots=True)
+class CoordTx:
+    txid: int
+    phase: Phase
+    deadline: float
+    participants: tuple[str, ...] = ()
+    votes: dict[str, str] = dataclasses.field(default_factory=dict)
+    acked: set[str] = dataclasses.field(default_factory=set)
+    reason: str = ""
+    heuristic: bool = False
+
+    @property
+    def decision(self) -> Decision | None:
+        if self.phase in (Phase.COMMITTING, Phase.COMMITTED):
+            return Decision.COMMIT
+        if self.phase in (Phase.ABORTING, Phase.ABORTED):
+            return Decision.ABORT
+        return None
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """Participants that must hear phase 2 (read-only voters left after phase 1)."""
+        return tuple(p for p in self.participants if self.votes.get(p) != "read_only")
+
+
+FINISHED_REMEMBERED_MAX = 100_000
+
+
+class CoordinatorCore:
+    """All transactions of one coordinator.
+
+    Transaction ids come from a durable high-water mark written in blocks: ``begin``
+    says when a new block must be made durable before the id may be handed out. After a
+    restart :meth:`recover` starts at the next block, so any txid below ``first_txid``
+    without a commit record can never commit (presumed abort is then safe).
+    """
+
+    def __init__(self, txid_block_size: int = 1000, tx_timeout_s: float = 30.0) -> None:
+        self.txid_block_size = txid_block_size
+        self.tx_timeout_s = tx_timeout_s
+        self.next_txid = 1
+        self.block_end = 0  # ids < block_end are covered by a durable block record
+        self.first_txid = 1  # ids below this belong to an earlier incarnation
+        self.txs: dict[int, CoordTx] = {}
+        self.finished: OrderedDict[int, CoordTx] = OrderedDict()
+
+    # --- ids -------------------------------------------------------------------------------
+
+    def recover(self, durable_block_end: int, commit_records: list[tuple[int, tuple[str, ...], set[str]]]) -> list[int]:
+        """Restart from the durable state: the id high-water mark and the commit
+        records whose phase 2 is incomplete. Returns the txids to re-drive."""
+        self.next_txid = self.first_txid = max(durable_block_end, 1)
+        self.block_end = durable_block_end
+        redo = []
+        for txid, participants, acked in commit_records:
+            tx = CoordTx(txid, Phase.COMMITTING, float("inf"), participants, {p: "yes" for p in participants}, set(acked))
+            self.txs[txid] = tx
+            redo.append(txid)
+        return redo
+
+    def needs_block(self) -> int | None:
+        """If the next id is not covered by a durable block, the new block end to write."""
+        if self.next_txid >= self.block_end:
+            return self.next_txid + self.txid_block_size
+        return None
+
+    def block_written(self, block_end: int) -> None:
+        self.block_end = max(self.block_end, block_end)
+
+    def begin(self, now: float, timeout_s: float | None = None) -> CoordTx:
+        assert self.next_txid < self.block_end, "write the id block first (needs_block)"
+        txid = self.next_txid
+        self.next_txid += 1
+        tx = CoordTx(txid, Phase.ACTIVE, now + (timeout_s or self.tx_timeout_s))
+        self.txs[txid] = tx
+        return tx
+
+    # --- lookups -----------------------------------------------------------------------------
+
+    def get(self, txid: int) -> CoordTx | None:
+        return self.txs.get(txid) or self.finished.get(txid)
+
+    def decision(self, txid: int) -> Decision | None:
+        """What a participant asking about ``txid`` is told: COMMIT, ABORT, or None
+        (still undecided: ask again). Unknown txids are aborted (presumed abort)."""
+        tx = self.get(txid)
+        if tx is None:
+            if txid >= self.next_txid:
+                return Decision.ABORT  # never handed out by this coordinator
+            return Decision.ABORT  # no commit record: presumed abort
+        if tx.phase is Phase.ACTIVE:
+            # A prepared participant asks while the client has not committed: the
+            # transaction may still commit; it is not ours to abort unless it expired.
+            return None
+        return tx.decision
+
+    # --- commit ------------------------------------------------------------------------------
+
+    def start_commit(self, txid: int, participants: tuple[str, ...], now: float) -> tuple[str, CoordTx | None]:
+        """Client asks to commit. Returns:
+        ``("unknown", None)`` → answer aborted (presumed abort);
+        ``("done", tx)`` → answer the recorded outcome;
+        ``("wait", tx)`` → a commit of this txid is in progress: wait for it;
+        ``("prepare", tx)`` → run phase 1 on ``tx.participants`` (several);
+        ``("one_phase", tx)`` → send commit_one_phase to the only participant;
+        ``("commit_empty", tx)`` → no participants: committed at once.
+        """
+        tx = self.txs.get(txid)
+        if tx is None:
+            done = self.finished.get(txid)
+            return ("done", done) if done is not None else ("unknown", None)
+        if tx.phase is not Phase.ACTIVE:
+            return "wait", tx
+        if now >= tx.deadline:
+            self.abort(tx, "transaction timed out before commit")
+            return "done", tx
+        tx.participants = tuple(sorted(set(participants)))
+        if not tx.participants:
+            tx.phase = Phase.COMMITTED
+            self._finish(tx)
+            return "commit_empty", tx
+        tx.phase = Phase.PREPARING
+        if len(tx.participants) == 1:
+            return "one_phase", tx
+        return "prepare", tx
+
+    def vote(self, tx: CoordTx, participant: str, vote: str, reason: str = "") -> Decision | None:
+        """Record a vote; returns the decision once it is determined (COMMIT must then
+        be made durable before phase 2; ABORT needs no record)."""
+        if tx.phase is not Phase.PREPARING:
+            return tx.decision
+        assert participant in tx.participants, participant
+        tx.votes[participant] = vote
+        if vote == "no":
+            self.abort(tx, reason or f"{participant} voted no")
+            return Decision.ABORT
+        if all(p in tx.votes for p in tx.participants):
+            return Decision.COMMIT
+        return None
+
+    def prepare_failed(self, tx: CoordTx, participant: str, reason: str) -> None:
+        """A prepare could not be delivered in time: abort (no commit record exists)."""
+        if tx.phase is Phase.PREPARING:
+            self.abort(tx, f"{participant} unreachable during prepare: {reason}")
+
+    def commit_decided(self, tx: CoordTx) -> None:
+        """The commit record is durable: phase 2 may start."""
+        assert tx.phase is Phase.PREPARING and all(v != "no" for v in tx.votes.values())
+        assert set(tx.votes) == set(tx.participants), "commit without every vote"
+        tx.phase = Phase.COMMITTING
+        if not tx.writers:
+            tx.phase = Phase.COMMITTED
+            self._finish(tx)
+
+    def one_phase_result(self, tx: CoordTx, committed: bool, reason: str = "") -> None:
+        if committed:
+            tx.phase = Phase.COMMITTED
+            tx.votes = {p: "yes" for p in tx.participants}
+            tx.acked = set(tx.participants)
+            self._finish(tx)
+        else:
+            self.abort(tx, reason or "participant aborted the one-phase commit")
+            tx.acked = set(tx.participants)
+            self._finish(tx)
+
+    def abort(self, tx: CoordTx, reason: str) -> None:
+        if tx.decision is Decision.COMMIT:
+            raise AssertionError(f"abort of transaction {tx.txid} after the commit decision")
+        if tx.phase in (Phase.ABORTING, Phase.ABORTED):
+            return
+        tx.reason = tx.reason or reason
+        tx.phase = Phase.ABORTING
+
+    def acked(self, tx: CoordTx, participant: str) -> bool:
+        """A phase-2 acknowledgement; True when the transaction is now complete."""
+        tx.acked.add(participant)
+        if tx.phase is Phase.COMMITTING and set(tx.writers) <= tx.acked:
+            tx.phase = Phase.COMMITTED
+            self._finish(tx)
+            return True
+        if tx.phase is Phase.ABORTING and set(tx.participants) <= tx.acked:
+            tx.phase = Phase.ABORTED
+            self._finish(tx)
+            return True
+        return False
+
+    def abort_targets(self, tx: CoordTx) -> tuple[str, ...]:
+        return tuple(p for p in tx.participants if p not in tx.acked and tx.votes.get(p) != "read_only")
+
+    def finish_abort(self, tx: CoordTx) -> None:
+        """Abort with nobody left to tell (no participants, or all acked)."""
+        tx.phase = Phase.ABORTED
+        self._finish(tx)
+
+    def _finish(self, tx: CoordTx) -> None:
+        self.txs.pop(tx.txid, None)
+        self.finished[tx.txid] = tx
+        while len(self.finished) > FINISHED_REMEMBERED_MAX:
+            self.finished.popitem(last=False)
+
+    # --- timeouts ----------------------------------------------------------------------------
+
+    def expired(self, now: float) -> list[CoordTx]:
+        """ACTIVE transactions past their deadline (to be aborted)."""
+        return [tx for tx in self.txs.values() if tx.phase is Phase.ACTIVE and now >= tx.deadline]
+
+    def in_doubt(self) -> list[CoordTx]:
+        return [tx for tx in self.txs.values() if tx.phase in (Phase.PREPARING, Phase.COMMITTING, Phase.ABORTING)]

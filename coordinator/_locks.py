@@ -1,0 +1,193 @@
+"""Strict two-phase locking with wait-die, without I/O.
+
+A :class:`LockTable` answers a lock request at once with :data:`GRANTED`,
+:data:`WAIT` or :data:`DIE`, and :meth:`LockTable.release_all` returns the waiting
+requests that became granted. The trio driver parks waiters and wakes the granted ones.
+
+Wait-die: transaction ids are ordered (smaller = older). A request that conflicts waits
+only if its transaction is older than every conflicting holder and every conflicting
+request queued ahead of it -- or the younger holder is *prepared*; otherwise it dies.
+Waits go from older to younger, or to a prepared transaction, which never waits again;
+so the waits-for graph has no cycle: no deadlock, ever.
+
+Modes: ``S`` (shared) and ``X`` (exclusive) on keys; the shard-wide ``SCAN`` resource
+is locked ``S`` by prefix scans and ``IX`` (intention-exclusive) by every writer, so a
+scan and a concurrent writer on the same shard conflict (phantom protection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+from typing import Any
+
+
+class Mode(enum.Enum):
+    S = "S"
+    X = "X"
+    IX = "IX"
+
+
+# compatible[(held, requested)]
+_COMPATIBLE = {
+    (Mode.S, Mode.S): True,
+    (Mode.S, Mode.X): False,
+    (Mode.S, Mode.IX): False,
+    (Mode.X, Mode.S): False,
+    (Mode.X, Mode.X): False,
+    (Mode.X, Mode.IX): False,
+    (Mode.IX, Mode.S): False,
+    (Mode.IX, Mode.X): False,
+    (Mode.IX, Mode.IX): True,
+}
+
+# The stronger of two modes a transaction holds on one resource.
+_STRENGTH = {Mode.S: 1, Mode.IX: 1, Mode.X: 2}
+
+SCAN_RESOURCE: tuple[str, Any] = ("scan", None)
+
+
+class Outcome(enum.Enum):
+    GRANTED = "granted"
+    WAIT = "wait"
+    DIE = "die"
+
+
+GRANTED = Outcome.GRANTED
+WAIT = Outcome.WAIT
+DIE = Outcome.DIE
+
+
+@dataclasses.dataclass(slots=True)
+class Request:
+    txid: int
+    resource: Any
+    mode: Mode
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    holders: dict[int, Mode] = dataclasses.field(default_factory=dict)
+    queue: deque[Request] = dataclasses.field(default_factory=deque)
+
+
+def _combined(a: Mode, b: Mode) -> Mode:
+    if a == b:
+        return a
+    if Mode.X in (a, b) or {a, b} == {Mode.S, Mode.IX}:
+        return Mode.X  # S + IX on one resource is as strong as X for our purposes
+    return a if _STRENGTH[a] >= _STRENGTH[b] else b
+
+
+class LockTable:
+    """Locks of one shard. Not thread-safe; one event loop owns it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, _Entry] = {}
+        self._held: dict[int, dict[Any, Mode]] = {}
+        self._prepared: set[int] = set()
+
+    def mark_prepared(self, txid: int) -> None:
+        """``txid`` is prepared: it will never wait for a lock again, so anyone may
+        wait for it (no cycle can pass through it) instead of dying."""
+        self._prepared.add(txid)
+
+    def held_by(self, txid: int) -> dict[Any, Mode]:
+        """The locks ``txid`` holds (resource → mode)."""
+        return dict(self._held.get(txid, {}))
+
+    def holders(self, resource: Any) -> dict[int, Mode]:
+        entry = self._entries.get(resource)
+        return dict(entry.holders) if entry else {}
+
+    def waiting(self) -> int:
+        return sum(len(e.queue) for e in self._entries.values())
+
+    def acquire(self, txid: int, resource: Any, mode: Mode) -> Outcome:
+        """Ask for ``mode`` on ``resource``. WAIT means the request is queued: the
+        driver waits until :meth:`release_all` returns it (or gives up with
+        :meth:`cancel`)."""
+        entry = self._entries.get(resource)
+        if entry is None:
+            entry = self._entries[resource] = _Entry()
+        held = entry.holders.get(txid)
+        wanted = mode if held is None else _combined(held, mode)
+        if held is not None and wanted == held:
+            return GRANTED  # already strong enough
+        conflicts = [
+            other for other, other_mode in entry.holders.items() if other != txid and not _COMPATIBLE[(other_mode, wanted)]
+        ]
+        # Requests queued ahead that conflict with us (FIFO fairness: no overtaking),
+        # except upgrades, which go first (they already hold the resource).
+        if held is None:
+            conflicts += [r.txid for r in entry.queue if r.txid != txid and not _COMPATIBLE[(r.mode, wanted)]]
+        if not conflicts:
+            self._grant(entry, txid, resource, wanted)
+            return GRANTED
+        if all(txid < other or other in self._prepared for other in conflicts):
+            request = Request(txid, resource, wanted)
+            if held is not None:
+                entry.queue.appendleft(request)
+            else:
+                entry.queue.append(request)
+            return WAIT
+        if not entry.holders and not entry.queue:
+            del self._entries[resource]
+        return DIE
+
+    def _grant(self, entry: _Entry, txid: int, resource: Any, mode: Mode) -> None:
+        entry.holders[txid] = mode
+        self._held.setdefault(txid, {})[resource] = mode
+
+    def cancel(self, txid: int, resource: Any) -> list[Request]:
+        """Withdraw a queued request of ``txid`` (timeout, cancel). Returns newly granted requests."""
+        entry = self._entries.get(resource)
+        if entry is None:
+            return []
+        entry.queue = deque(r for r in entry.queue if r.txid != txid)
+        return self._drain(resource, entry)
+
+    def release_all(self, txid: int) -> list[Request]:
+        """Release every lock and queued request of ``txid``; return the requests
+        (of other transactions) granted as a result, in grant order."""
+        granted: list[Request] = []
+        self._prepared.discard(txid)
+        resources = list(self._held.pop(txid, {}))
+        for resource, entry in list(self._entries.items()):
+            if any(r.txid == txid for r in entry.queue):
+                entry.queue = deque(r for r in entry.queue if r.txid != txid)
+                if resource not in resources:
+                    resources.append(resource)
+        for resource in resources:
+            entry = self._entries.get(resource)
+            if entry is None:
+                continue
+            entry.holders.pop(txid, None)
+            granted += self._drain(resource, entry)
+        return granted
+
+    def _drain(self, resource: Any, entry: _Entry) -> list[Request]:
+        granted: list[Request] = []
+        while entry.queue:
+            request = entry.queue[0]
+            if any(
+                other != request.txid and not _COMPATIBLE[(mode, request.mode)]
+                for other, mode in entry.holders.items()
+            ):
+                break
+            entry.queue.popleft()
+            self._grant(entry, request.txid, resource, request.mode)
+            granted.append(request)
+        if not entry.holders and not entry.queue:
+            del self._entries[resource]
+        return granted
+
+    def check_invariants(self) -> None:
+        """Assert the table is consistent (used by tests and the simulator)."""
+        for resource, entry in self._entries.items():
+            modes = list(entry.holders.items())
+            for i, (a, ma) in enumerate(modes):
+                for b, mb in modes[i + 1 :]:
+                    assert _COMPATIBLE[(ma, mb)], f"{resource}: {a}:{ma} and {b}:{mb} both held"
+                assert self._held[a][resource] == ma

@@ -1,0 +1,126 @@
+"""Wait-die lock table: compatibility, FIFO, upgrades, and no deadlock under any schedule."""
+
+from __future__ import annotations
+
+import networkx as nx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator._locks import DIE, GRANTED, WAIT, LockTable, Mode
+
+
+def test_shared_locks_are_shared_exclusive_are_not() -> None:
+    t = LockTable()
+    assert t.acquire(1, "a", Mode.S) is GRANTED
+    assert t.acquire(2, "a", Mode.S) is GRANTED
+    assert t.acquire(3, "a", Mode.X) is DIE  # younger than holders: dies
+    assert t.holders("a") == {1: Mode.S, 2: Mode.S}
+
+
+def test_older_waits_younger_dies() -> None:
+    t = LockTable()
+    assert t.acquire(5, "k", Mode.X) is GRANTED
+    assert t.acquire(3, "k", Mode.X) is WAIT  # older than the holder
+    assert t.acquire(7, "k", Mode.S) is DIE  # younger than the holder
+    granted = t.release_all(5)
+    assert [(r.txid, r.mode) for r in granted] == [(3, Mode.X)]
+    assert t.holders("k") == {3: Mode.X}
+
+
+def test_upgrade_from_shared_to_exclusive() -> None:
+    t = LockTable()
+    assert t.acquire(1, "k", Mode.S) is GRANTED
+    assert t.acquire(1, "k", Mode.X) is GRANTED  # sole holder upgrades at once
+    assert t.holders("k") == {1: Mode.X}
+    assert t.acquire(1, "k", Mode.S) is GRANTED  # already stronger
+    t2 = LockTable()
+    t2.acquire(1, "k", Mode.S)
+    t2.acquire(2, "k", Mode.S)
+    assert t2.acquire(2, "k", Mode.X) is DIE  # younger upgrader dies
+    assert t2.acquire(1, "k", Mode.X) is WAIT  # older upgrader waits for 2
+    assert [(r.txid, r.mode) for r in t2.release_all(2)] == [(1, Mode.X)]
+
+
+def test_no_overtaking_queued_conflicting_requests() -> None:
+    t = LockTable()
+    t.acquire(9, "k", Mode.S)
+    assert t.acquire(2, "k", Mode.X) is WAIT  # queued behind holder 9
+    assert t.acquire(5, "k", Mode.S) is DIE  # compatible with holder, but 2 (older) waits ahead
+    assert t.acquire(1, "k", Mode.S) is WAIT  # older than everyone ahead: waits in line
+    granted = t.release_all(9)
+    assert [r.txid for r in granted] == [2]
+    assert [r.txid for r in t.release_all(2)] == [1]
+
+
+def test_scan_lock_conflicts_with_writers_intention_lock() -> None:
+    t = LockTable()
+    assert t.acquire(1, ("scan", None), Mode.IX) is GRANTED
+    assert t.acquire(2, ("scan", None), Mode.IX) is GRANTED  # writers coexist
+    assert t.acquire(3, ("scan", None), Mode.S) is DIE  # a younger scan dies
+    assert t.acquire(0, ("scan", None), Mode.S) is WAIT  # an older scan waits for the writers
+    t.release_all(1)
+    assert [r.txid for r in t.release_all(2)] == [0]
+
+
+def test_cancel_withdraws_a_waiter() -> None:
+    t = LockTable()
+    t.acquire(5, "k", Mode.X)
+    assert t.acquire(1, "k", Mode.X) is WAIT
+    assert t.cancel(1, "k") == []
+    assert t.release_all(5) == []
+    assert t.holders("k") == {}
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["acquire", "release"]),
+        st.integers(1, 6),  # txid
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from([Mode.S, Mode.X]),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops)
+def test_random_schedules_never_deadlock_and_stay_consistent(schedule: list[tuple[str, int, str, Mode]]) -> None:
+    t = LockTable()
+    waiting: dict[int, str] = {}  # txid -> resource it waits for (a tx waits on one at a time)
+    dead: set[int] = set()
+    for op, txid, resource, mode in schedule:
+        if txid in dead:
+            continue
+        if op == "release":
+            if txid in waiting:
+                continue
+            for request in t.release_all(txid):
+                waiting.pop(request.txid, None)
+            continue
+        if txid in waiting:
+            continue  # blocked transactions issue nothing
+        outcome = t.acquire(txid, resource, mode)
+        if outcome is WAIT:
+            waiting[txid] = resource
+        elif outcome is DIE:
+            for request in t.release_all(txid):
+                waiting.pop(request.txid, None)
+            dead.add(txid)
+        t.check_invariants()
+        # Every waits-for edge goes from an older to a younger transaction: no cycles.
+        graph = nx.DiGraph()
+        for waiter, res in waiting.items():
+            for holder in t.holders(res):
+                if holder != waiter:
+                    assert waiter < holder, (waiter, holder)
+                    graph.add_edge(waiter, holder)
+        assert nx.is_directed_acyclic_graph(graph)
+
+
+def test_anyone_may_wait_for_a_prepared_holder() -> None:
+    t = LockTable()
+    assert t.acquire(1, "k", Mode.X) is GRANTED
+    assert t.acquire(2, "k", Mode.X) is DIE  # younger than an active holder
+    t.mark_prepared(1)
+    assert t.acquire(2, "k", Mode.X) is WAIT  # a prepared holder never waits: safe to wait for it
+    assert [r.txid for r in t.release_all(1)] == [2]
