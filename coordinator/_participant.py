@@ -19,6 +19,7 @@ import trio
 
 import txrpc
 from storage import ShardStore
+from txrpc._routing import EpochGuard
 from txrpc._service import MethodSpec
 
 from ._locks import DIE, GRANTED, SCAN_RESOURCE, Mode, Request
@@ -107,6 +108,7 @@ class Participant:
         *,
         shard: str,
         coordinator: txrpc.Client | None = None,
+        epoch_guard: EpochGuard | None = None,
         tx_idle_timeout_s: float = 10.0,
         decision_wait_s: float = 2.0,
         resolve_interval_s: float = 0.5,
@@ -117,6 +119,7 @@ class Participant:
         self.store = store
         self.core = ParticipantCore(tx_idle_timeout_s)
         self.coordinator = coordinator
+        self.epoch_guard = epoch_guard
         self.decision_wait_s = decision_wait_s
         self.resolve_interval_s = resolve_interval_s
         self.phase_timeout_s = phase_timeout_s
@@ -227,6 +230,8 @@ class Participant:
         @functools.wraps(spec.fn)
         async def handler(*args: Any, **kwargs: Any) -> Any:
             ctx = txrpc.current_call()
+            if self.epoch_guard is not None and "epoch" in ctx.metadata and args:
+                self.epoch_guard.check(key=args[0])  # WRONG_EPOCH / not the primary: nothing ran
             txid = ctx.metadata.get("txid")
             if txid is None:
                 return await self._autocommit(spec, args, kwargs, ctx.deadline)

@@ -34,13 +34,36 @@ from ._errors import (
     UnknownError,
     WrongEpoch,
 )
+from ._cluster import Cluster, Transaction, cluster
 from ._limits import Limits
+from ._ring import HashRing, RangeMove, RebalancePlan, RingNode, key_hash, partition_of
+from ._routing import EPOCH_METADATA_KEY, ClusterClient, EpochGuard, check_epoch
+from ._shardmap import ClusterConfig, ConfigError, CoordinatorSpec, NodeSpec, ShardMap, load_cluster_config
 from ._server import Server, serve
 from ._service import CallContext, MethodSpec, Service, current_call
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EPOCH_METADATA_KEY",
+    "Cluster",
+    "ClusterClient",
+    "ClusterConfig",
+    "ConfigError",
+    "CoordinatorSpec",
+    "EpochGuard",
+    "HashRing",
+    "NodeSpec",
+    "RangeMove",
+    "RebalancePlan",
+    "RingNode",
+    "ShardMap",
+    "Transaction",
+    "check_epoch",
+    "cluster",
+    "key_hash",
+    "load_cluster_config",
+    "partition_of",
     "Abort",
     "OutcomeUnknown",
     "TransactionAborted",

@@ -225,6 +225,17 @@ def bench_rpc(seconds: float, rounds: int, callers: str, echo_callers: str, no_g
     console.print(table)
 
 
+def _mount_subcommands() -> None:
+    from ._bench_ring import ring as bench_ring
+    from ._ring_cli import ring as ring_group
+
+    cli.add_command(ring_group)
+    bench.add_command(bench_ring)
+
+
+_mount_subcommands()
+
+
 def main() -> None:
     cli(prog_name="txrpc")
 

@@ -1,0 +1,101 @@
+"""Running the pieces as processes (or tasks): a coordinator, a shard node."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import txrpc
+from storage import CoordinatorLog, ShardStore, open_storage
+from txrpc._routing import EpochGuard
+from txrpc._shardmap import ClusterConfig
+
+from ._coordinator import Coordinator
+from ._participant import Participant
+
+log = logging.getLogger("txrpc.runtime")
+
+
+def _storage_target(data_dir: Path, db_url: str | None) -> str | Path:
+    if db_url:
+        return db_url
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return data_dir
+
+
+async def run_coordinator(
+    config: ClusterConfig,
+    *,
+    db_url: str | None = None,
+    tx_timeout_s: float = 30.0,
+    phase_timeout_s: float = 5.0,
+    rng_seed: int = 0,
+    task_status: trio.TaskStatus[Coordinator] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the coordinator of ``config`` until cancelled."""
+    if config.coordinator is None:
+        raise ValueError(f"{config.source}: no [coordinator] table")
+    spec = config.coordinator
+    nodes = {node.name: node.address for node in config.shard_map.nodes}
+    async with open_storage(_storage_target(spec.data_dir, db_url)) as storage:
+        coordinator = Coordinator(
+            CoordinatorLog(storage.database, storage.appender),
+            nodes,
+            tx_timeout_s=tx_timeout_s,
+            phase_timeout_s=phase_timeout_s,
+            rng=random.Random(rng_seed),
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.run)
+            server = txrpc.Server(coordinator.service())
+            await nursery.start(server.serve_tcp, spec.host, spec.port)
+            log.info("coordinator serving on %s:%d", spec.host, server.port)
+            task_status.started(coordinator)
+
+
+async def run_shard(
+    config: ClusterConfig,
+    node: str,
+    services: list[txrpc.Service],
+    *,
+    db_url: str | None = None,
+    tx_idle_timeout_s: float = 10.0,
+    rng_seed: int = 0,
+    task_status: trio.TaskStatus[Participant] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``services`` as node ``node`` of ``config`` until cancelled. Prepared
+    transactions are recovered (their locks re-taken) before anything is served."""
+    spec = config.shard_map.node(node)
+    coordinator_spec = config.coordinator
+    async with open_storage(_storage_target(config.data_dir_for(node), db_url)) as storage:
+        store = ShardStore(storage.database, storage.appender, node)
+        async with trio.open_nursery() as nursery:
+            coordinator_client: txrpc.Client | None = None
+            if coordinator_spec is not None:
+                client = txrpc.connect(coordinator_spec.host, coordinator_spec.port, connect_now=False)
+                coordinator_client = await nursery.start(_hold, client)
+            participant = Participant(
+                services,
+                store,
+                shard=node,
+                coordinator=coordinator_client,
+                epoch_guard=EpochGuard(config.shard_map, node=node),
+                tx_idle_timeout_s=tx_idle_timeout_s,
+                rng=random.Random(rng_seed),
+            )
+            await participant.recover()
+            await nursery.start(participant.run)
+            server = txrpc.Server(*participant.services())
+            await nursery.start(server.serve_tcp, spec.host, spec.port)
+            log.info("shard %s serving on %s:%d", node, spec.host, server.port)
+            task_status.started(participant)
+
+
+async def _hold(client: txrpc.Client, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async with client:
+        task_status.started(client)
+        await trio.sleep_forever()

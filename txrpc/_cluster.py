@@ -1,0 +1,246 @@
+"""Transactions across shards, from the client's side: ``txrpc.cluster("cluster.toml")``.
+
+    async with txrpc.cluster("cluster.toml") as cluster:
+        async with cluster.transaction() as t:      # commits on exit, aborts on exception
+            await t.bank.withdraw("alice", 10)      # routed by the first argument
+            await t.bank.deposit("bob", 10)
+
+A transaction begins at the coordinator (which hands out an ordered txid), sends each
+operation straight to the primary of its key's shard carrying ``txid`` + ``op_seq`` +
+the shard-map epoch, and asks the coordinator to commit on the shards it touched.
+Outcomes: a normal exit means committed; :class:`~txrpc.TransactionAborted` (with the
+reason and whether a retry may succeed); :class:`~txrpc.OutcomeUnknown` with the txid
+when the client cannot learn the outcome in time — never reported as a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import trio
+
+from ._client import Client, connect
+from ._errors import Aborted, OutcomeUnknown, RpcError, TransactionAborted, Unavailable, WrongEpoch
+from ._limits import Limits
+from ._routing import EPOCH_METADATA_KEY, ClusterClient
+from ._shardmap import ClusterConfig, load_cluster_config
+
+log = logging.getLogger("txrpc.cluster")
+
+T = TypeVar("T")
+
+COMMIT_GRACE_S = 10.0  # after the transaction deadline, how long commit keeps asking for the outcome
+ABORT_TIMEOUT_S = 2.0  # bound on telling the coordinator we gave up
+
+
+class Cluster:
+    """A client of a whole cluster: routed calls, and transactions via the coordinator."""
+
+    def __init__(self, config: ClusterConfig, *, limits: Limits | None = None, rng: random.Random | None = None) -> None:
+        if config.coordinator is None:
+            raise ValueError(f"{config.source}: transactions need a [coordinator] table")
+        self.config = config
+        self.limits = limits or Limits()
+        self.rng = rng or random.Random(0)
+        self.router = ClusterClient(config.shard_map, rng=random.Random(self.rng.random()))
+        coordinator = config.coordinator
+        self.coordinator: Client = connect(
+            coordinator.host, coordinator.port, limits=self.limits, connect_now=False, rng=random.Random(self.rng.random())
+        )
+        self.stats = {"committed": 0, "aborted": 0, "unknown": 0}
+
+    async def __aenter__(self) -> Cluster:
+        await self.router.__aenter__()
+        try:
+            await self.coordinator.__aenter__()
+        except BaseException:
+            await self.router.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.coordinator.__aexit__(None, None, None)
+        finally:
+            await self.router.__aexit__(None, None, None)
+
+    def transaction(self, timeout_s: float | None = None) -> Transaction:
+        """A new transaction (``async with``): commits when the block ends normally,
+        aborts when it raises. ``timeout_s`` bounds it (the coordinator's default otherwise)."""
+        return Transaction(self, timeout_s)
+
+    async def run_transaction(
+        self,
+        fn: Callable[[Transaction], Awaitable[T]],
+        *,
+        attempts: int = 5,
+        timeout_s: float | None = None,
+    ) -> T:
+        """Run ``fn(t)`` in a transaction and commit; retry (with backoff, up to
+        ``attempts`` times) when it aborts for a retryable reason (conflicts, timeouts).
+        Returns what ``fn`` returned from the attempt that committed."""
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.transaction(timeout_s) as t:
+                    result = await fn(t)
+                return result
+            except TransactionAborted as exc:
+                if not exc.retryable or attempt == attempts:
+                    raise
+                await trio.sleep(min(0.002 * 2**attempt, 0.2) * self.rng.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    async def call(self, key: str, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """A non-transactional call to the primary of ``key``'s shard."""
+        return await self.router.call_for_key(key, method, *args, **kwargs)
+
+    async def outcome(self, txid: int) -> str:
+        """``"committed"`` or ``"aborted"``, from the coordinator's records."""
+        info = await self.coordinator.call("coord.decision", txid)
+        return "committed" if info == "commit" else "aborted" if info == "abort" else "pending"
+
+
+class Transaction:
+    """One transaction; see :meth:`Cluster.transaction`."""
+
+    def __init__(self, cluster: Cluster, timeout_s: float | None) -> None:
+        self._cluster = cluster
+        self._timeout_s = timeout_s
+        self.txid: int | None = None
+        self.participants: set[str] = set()
+        self._op_seq = 0
+        self._deadline = math.inf
+        self._failed: TransactionAborted | None = None
+        self.outcome: str | None = None
+
+    async def __aenter__(self) -> Transaction:
+        info = await self._cluster.coordinator.call("coord.begin", self._timeout_s)
+        self.txid = int(info["txid"])
+        self._deadline = trio.current_time() + float(info["timeout_s"])
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc is not None:
+            await self._abort()
+            self._cluster.stats["aborted"] += 1
+            self.outcome = "aborted"
+            return False  # the caller's exception (TransactionAborted, or its own) propagates
+        await self._commit()
+        return False
+
+    def call(self, key: str, method: str, /, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """Call ``method`` on the primary of ``key``'s shard within this transaction."""
+        return self._operation(key, method, args, kwargs)
+
+    def __getattr__(self, name: str) -> _TxMethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _TxMethodProxy(self, name)
+
+    async def _operation(self, key: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.txid is None:
+            raise RuntimeError("use the transaction inside `async with`")
+        if self._failed is not None:
+            raise self._failed
+        router = self._cluster.router
+        self._op_seq += 1
+        op_seq = self._op_seq
+        retries = 0
+        with trio.move_on_at(self._deadline) as scope:
+            while True:
+                shard_map = router.shard_map
+                node = shard_map.primary_of(key)
+                client = await router._client_for(node)
+                self.participants.add(node.name)  # before the call: it may run even if the reply is lost
+                metadata = {"txid": self.txid, "op_seq": op_seq, EPOCH_METADATA_KEY: shard_map.epoch}
+                try:
+                    return await client.options(metadata=metadata, retries_max=0).call(method, *args, **kwargs)
+                except WrongEpoch as exc:
+                    if retries >= router.epoch_retries_max:
+                        raise
+                    retries += 1
+                    if not await router._learn(exc, shard_map):
+                        await trio.sleep(router._backoff_s(retries))
+                except Aborted as exc:
+                    self._failed = TransactionAborted(exc.message, {"retryable": True, **exc.details, "txid": self.txid})
+                    raise self._failed from None
+        assert scope.cancelled_caught
+        self._failed = TransactionAborted(
+            "transaction deadline passed during an operation", {"txid": self.txid, "retryable": True}
+        )
+        raise self._failed
+
+    async def _abort(self) -> None:
+        with trio.move_on_after(ABORT_TIMEOUT_S) as scope:
+            scope.shield = True
+            try:
+                await self._cluster.coordinator.options(retries_max=1).call("coord.abort", self.txid)
+            except RpcError as exc:
+                log.info("abort of %s not delivered (%s); the coordinator aborts it by timeout", self.txid, exc)
+
+    async def _commit(self) -> None:
+        coordinator = self._cluster.coordinator
+        participants = sorted(self.participants)
+        give_up_at = max(self._deadline, trio.current_time()) + COMMIT_GRACE_S
+        attempt = 0
+        last: BaseException | None = None
+        while trio.current_time() < give_up_at:
+            try:
+                with trio.fail_at(give_up_at):
+                    await coordinator.options(retries_max=0).call("coord.commit", self.txid, participants)
+                self.outcome = "committed"
+                self._cluster.stats["committed"] += 1
+                return
+            except Aborted as exc:
+                self.outcome = "aborted"
+                self._cluster.stats["aborted"] += 1
+                raise TransactionAborted(exc.message, {"retryable": True, **exc.details, "txid": self.txid}) from None
+            except (Unavailable, trio.TooSlowError) as exc:
+                # commit is idempotent by txid: ask again; the decision, once made, stands.
+                last = exc
+                attempt += 1
+                await trio.sleep(min(0.05 * 2**attempt, 1.0) * self._cluster.rng.uniform(0.5, 1.0))
+            except RpcError as exc:
+                last = exc
+                break
+        self.outcome = "unknown"
+        self._cluster.stats["unknown"] += 1
+        raise OutcomeUnknown(
+            f"could not learn the outcome of transaction {self.txid}: {last}; it is decided and durable "
+            "at the coordinator — ask with `txrpc tx show` or cluster.outcome(txid)",
+            {"txid": self.txid},
+        )
+
+
+class _TxMethodProxy:
+    __slots__ = ("_name", "_tx")
+
+    def __init__(self, tx: Transaction, name: str) -> None:
+        self._tx = tx
+        self._name = name
+
+    def __getattr__(self, name: str) -> _TxMethodProxy:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _TxMethodProxy(self._tx, f"{self._name}.{name}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        if not args:
+            raise TypeError(f"{self._name}: a transactional call is routed by its first argument (the key)")
+        return self._tx._operation(args[0], self._name, args, kwargs)
+
+
+def cluster(config: str | Path | ClusterConfig, *, limits: Limits | None = None, rng: random.Random | None = None) -> Cluster:
+    """A :class:`Cluster` from a ``cluster.toml`` path (or a loaded config)."""
+    loaded = config if isinstance(config, ClusterConfig) else load_cluster_config(config)
+    return Cluster(loaded, limits=limits, rng=rng)
