@@ -443,3 +443,16 @@ async def test_oversized_result_is_resource_exhausted() -> None:
                 await client.big(10_000)
             assert await client.big(10) == b"x" * 10
         await server.shutdown()
+
+
+async def test_non_string_map_keys_fail_locally_not_the_connection(
+    served: tuple[txrpc.Server, dict[str, Any]],
+) -> None:
+    """The wire refuses non-string map keys (hash-flooding defence); the sender learns
+    it for its own call and the connection keeps working."""
+    server, _ = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        with pytest.raises(TypeError, match="map keys must be text or byte strings"):
+            await client.add({1: "a"}, {})
+        assert await client.add([{"a": 1}], [{b"b": 2}]) == [{"a": 1}, {b"b": 2}]
+        assert await client.add(1, 2) == 3

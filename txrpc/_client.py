@@ -353,7 +353,8 @@ class Client:
                     channel = await self._get_channel()
                 return await channel.call(method, args, kwargs, metadata)
             except RpcError as exc:
-                safe = exc.nothing_ran or (
+                # A local protocol refusal did not run either, but would fail again.
+                safe = (exc.nothing_ran and exc.code != Code.PROTOCOL_ERROR) or (
                     options.idempotency_key is not None and exc.code in RETRYABLE_WITH_KEY
                 )
                 if not safe or attempt >= retries_max or self._closed:
@@ -362,7 +363,7 @@ class Client:
                 await trio.sleep(self._backoff_s(attempt))
 
     def _backoff_s(self, attempt: int) -> float:
-        base = min(self.limits.reconnect_backoff_s * 2 ** (attempt - 1), self.limits.reconnect_backoff_max_s)
+        base = min(self.limits.reconnect_backoff_s * 2.0 ** (attempt - 1), self.limits.reconnect_backoff_max_s)
         return base * self._rng.uniform(0.5, 1.0)
 
     async def _get_channel(self) -> _Channel:

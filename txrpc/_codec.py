@@ -3,7 +3,8 @@
 Sans-IO: :class:`FrameDecoder` is fed bytes and yields frame bodies; nothing here
 touches a socket. Decoding is hardened against the unsafe defaults of cbor2: the
 length prefix is checked against ``frame_bytes_max`` before any body is buffered,
-shared-reference tags 28/29 are refused, duplicate map keys are refused, nesting
+shared-reference tags 28/29 and string-reference tags 25/256 are refused, duplicate
+map keys are refused, map keys and set elements must be text or byte strings, nesting
 depth is bounded and trailing bytes after the item are an error.
 """
 
@@ -22,11 +23,47 @@ class FrameError(Exception):
     """A frame or its CBOR body is malformed; the message says how."""
 
 
-def _refuse_shared_reference(decoder: Any) -> Any:
+def _refuse_shared_reference(decoder: Any, immutable: bool = False) -> Any:
+    # cbor2 calls semantic decoders as (decoder, immutable).
     raise cbor2.CBORDecodeError("CBOR tags 28/29 (shared references) are not accepted")
 
 
-_REFUSED_TAGS = {28: _refuse_shared_reference, 29: _refuse_shared_reference}
+def _refuse_string_reference(decoder: Any, immutable: bool = False) -> Any:
+    raise cbor2.CBORDecodeError("CBOR tags 25/256 (string references) are not accepted")
+
+
+# Tags 28/29 and 25/256 let a few bytes stand for many copies of a value: a tiny frame
+# would expand when decoded or when a handler sends it back.
+_REFUSED_TAGS = {
+    28: _refuse_shared_reference,
+    29: _refuse_shared_reference,
+    25: _refuse_string_reference,
+    256: _refuse_string_reference,
+}
+
+
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def check_keys(value: Any, depth: int = 0) -> None:
+    """Raise ``TypeError`` if a map key or set element inside ``value`` is not a text or
+    byte string: the peer would refuse the whole frame (see :func:`decode_value`), so a
+    sender finds out here, for its own call, instead of losing the connection."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str and type(key) is not bytes:
+                raise TypeError(f"map keys must be text or byte strings, not {type(key).__name__} ({key!r:.40})")
+            if type(item) in _CONTAINERS:
+                check_keys(item, depth + 1)
+    elif kind is list or kind is tuple:
+        for item in value:
+            if type(item) in _CONTAINERS:
+                check_keys(item, depth + 1)
+    elif kind is set or kind is frozenset:
+        for item in value:
+            if type(item) is not str and type(item) is not bytes:
+                raise TypeError(f"set elements must be text or byte strings, not {type(item).__name__}")
 
 
 def encode_value(value: Any) -> bytes:
@@ -43,12 +80,18 @@ def canonical(value: Any) -> bytes:
 
 
 def decode_value(data: bytes | memoryview, depth_max: int = 64) -> Any:
-    """Decode exactly one CBOR item with safe settings, or raise :class:`FrameError`."""
+    """Decode exactly one CBOR item with safe settings, or raise :class:`FrameError`.
+
+    Map keys and set elements must be text or byte strings (their hashes are seeded):
+    integer, float or array keys can be crafted to share one Python hash, which makes
+    building the map quadratic (a 1 MiB frame would block the event loop for minutes).
+    """
     buffer = io.BytesIO(data)
     decoder = cbor2.CBORDecoder(
         buffer,
         max_depth=depth_max,
         allow_duplicate_keys=False,
+        strict_hashable_types=True,
         semantic_decoders=_REFUSED_TAGS,
     )
     try:

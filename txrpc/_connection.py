@@ -16,7 +16,7 @@ import enum
 import math
 from typing import Any, Union
 
-from ._codec import FrameDecoder, FrameError, decode_value, encode_value, frame
+from ._codec import FrameDecoder, FrameError, check_keys, decode_value, encode_value, frame
 from ._errors import Code
 from ._limits import Limits
 
@@ -25,6 +25,11 @@ PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 
 CALL_ID_MAX = 2**63 - 1
 METHOD_BYTES_MAX = 256
+FRAME_BYTES_MIN = 1024
+"""The smallest ``frame_bytes_max`` a peer may announce: room for any hello, goaway or
+short error this side must be able to send it."""
+GOAWAY_MESSAGE_BYTES_MAX = 512
+"""A goaway's message is cut to this (it may quote the peer's bad input)."""
 
 
 class Kind(enum.IntEnum):
@@ -143,6 +148,24 @@ Event = Union[Hello, Call, Result, Error, Cancel, Ping, Pong, GoAway, Connection
 
 
 # --- parsing helpers ----------------------------------------------------------------
+
+
+def _truncate_utf8(text: str, bytes_max: int) -> str:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= bytes_max:
+        return text
+    return raw[: max(0, bytes_max - 3)].decode("utf-8", "ignore") + "..."
+
+
+def _seconds(value: Any) -> float | None:
+    """``value`` as a finite, non-negative number of seconds, or None if it is not one."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond the float range
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _uint(message: dict[str, Any], key: str, what: str, high: int = CALL_ID_MAX) -> int:
@@ -268,14 +291,27 @@ class Connection:
     ) -> bytes:
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only a client sends calls")
+        # The peer answers a malformed call with a goaway that ends every call on the
+        # connection: refuse it here instead.
+        if type(call_id) is not int or not 0 < call_id <= CALL_ID_MAX:
+            raise LocalProtocolError(f"call id must be an integer in 1..{CALL_ID_MAX}, got {call_id!r}")
+        if type(method) is not str or not 0 < len(method) <= METHOD_BYTES_MAX:
+            raise LocalProtocolError(f"method name must be 1..{METHOD_BYTES_MAX} characters: {method!r:.80}")
+        if metadata and not all(type(k) is str for k in metadata):
+            raise LocalProtocolError("metadata keys must be text strings")
+        if deadline_s is not None and math.isnan(deadline_s):
+            raise LocalProtocolError("deadline_s is NaN")
         if not self.accepts_calls:
             raise LocalProtocolError(f"connection does not accept calls (state {self.state.value})")
         if call_id in self.inflight:
             raise LocalProtocolError(f"call id {call_id} is already in flight")
+        check_keys(args)
+        if kwargs:
+            check_keys(kwargs)
         message: dict[str, Any] = {"t": 1, "i": call_id, "m": method, "a": list(args)}
         if kwargs:
             message["k"] = kwargs
-        if deadline_s is not None:
+        if deadline_s is not None and deadline_s != math.inf:
             message["d"] = max(0.0, float(deadline_s))
         if metadata:
             message["md"] = metadata
@@ -285,6 +321,8 @@ class Connection:
 
     def send_result(self, call_id: int, value: Any, metadata: dict[str, Any] | None = None) -> bytes:
         self._finish(call_id)
+        if type(value) in (dict, list, tuple, set, frozenset):
+            check_keys(value)
         message: dict[str, Any] = {"t": 2, "i": call_id, "r": value}
         if metadata:
             message["md"] = metadata
@@ -331,6 +369,8 @@ class Connection:
     def send_goaway(self, code: int = 0, message: str = "") -> bytes:
         """Say this side takes no new calls (server) or starts none (client)."""
         last_id = self._highest_received_id if self.role is Role.SERVER else 0
+        # Leave room for the other fields (~30 bytes) within the peer's frame limit.
+        message = _truncate_utf8(message, min(GOAWAY_MESSAGE_BYTES_MAX, self._frame_limit_to_peer() - 64))
         self.local_goaway = GoAway(last_id, int(code), message)
         return self._encode({"t": 7, "last": last_id, "c": int(code), "msg": message})
 
@@ -392,7 +432,7 @@ class Connection:
         if kind == Kind.PONG:
             return Pong(_uint(message, "n", "pong"))
         last_id = _uint(message, "last", "goaway")
-        goaway = GoAway(last_id, _uint(message, "c", "goaway", 2**32), _text(message, "msg", "goaway", ""))
+        goaway = GoAway(last_id, _uint(message, "c", "goaway", 2**32), _text(message, "msg", "goaway"))
         self.remote_goaway = goaway
         return goaway
 
@@ -410,6 +450,8 @@ class Connection:
         limits = _text_map(message, "l", "hello")
         if not all(type(v) is int and v > 0 for v in limits.values()):
             raise RemoteProtocolError("hello: limits must be positive integers")
+        if limits.get("frame_bytes_max", FRAME_BYTES_MIN) < FRAME_BYTES_MIN:
+            raise RemoteProtocolError(f"hello: limits.frame_bytes_max must be at least {FRAME_BYTES_MIN}")
         agent = _text(message, "agent", "hello", "")
         hello = Hello(tuple(versions), limits, message.get("auth"), agent)
         common = sorted(set(versions) & set(PROTOCOL_VERSIONS))
@@ -439,14 +481,13 @@ class Connection:
         method = message.get("m")
         if type(method) is not str or not 0 < len(method) <= METHOD_BYTES_MAX:
             raise RemoteProtocolError(f"call: field 'm' must be a method name of 1..{METHOD_BYTES_MAX} characters")
-        args = message.get("a", [])
+        args = message.get("a")
         if type(args) is not list:
             raise RemoteProtocolError("call: field 'a' must be an array")
         kwargs = _text_map(message, "k", "call")
         deadline = message.get("d")
-        if deadline is not None and (
-            type(deadline) not in (int, float) or not math.isfinite(deadline) or deadline < 0
-        ):
+        deadline_s = None if deadline is None else _seconds(deadline)
+        if deadline is not None and deadline_s is None:
             raise RemoteProtocolError("call: field 'd' must be a non-negative number of seconds")
         metadata = _text_map(message, "md", "call")
         if call_id in self.inflight:
@@ -462,7 +503,7 @@ class Connection:
                 f"calls_inflight_max ({self.limits.calls_inflight_max}) calls already running on this connection",
             )
         self.inflight.add(call_id)
-        return Call(call_id, method, args, kwargs, None if deadline is None else float(deadline), metadata)
+        return Call(call_id, method, args, kwargs, deadline_s, metadata)
 
     def _on_answer(self, kind: int, message: dict[str, Any]) -> Result | Error:
         if self.role is not Role.CLIENT:
@@ -476,4 +517,4 @@ class Connection:
                 raise RemoteProtocolError("result: field 'r' is missing")
             return Result(call_id, message["r"], _text_map(message, "md", "result"))
         details = _text_map(message, "x", "error")
-        return Error(call_id, _uint(message, "c", "error", 2**32), _text(message, "msg", "error", ""), details)
+        return Error(call_id, _uint(message, "c", "error", 2**32), _text(message, "msg", "error"), details)

@@ -141,6 +141,9 @@ class Server:
         self._connections.add(connection)
         try:
             await connection.run()
+        except Exception:
+            # A bug must cost one connection, never the server.
+            log.exception("connection from %s failed", connection.peer)
         finally:
             self._connections.discard(connection)
             if self._shutting_down and not self._connections:
@@ -337,7 +340,7 @@ class _ServerConnection:
                 self._reply_result(call.id, value)
                 return
             # Only reached when the scope caught the cancellation.
-            if call.id in self.cancelled_by_peer:
+            if call.id in self.cancelled_by_peer or not self.conn.is_open or call.deadline_s is None:
                 self.conn.abandon_call(call.id)  # the caller is gone: nothing to send
             else:
                 self._reply_error(
