@@ -125,16 +125,34 @@ class Coordinator:
             return {"outcome": "committed", "txid": tx.txid}
         raise txrpc.TransactionAborted(tx.reason or "aborted", {"txid": tx.txid, "retryable": not tx.reason.startswith("user:")})
 
-    async def abort(self, txid: int) -> str:
-        """The client gives up on ``txid`` (idempotent)."""
+    async def abort(self, txid: int, participants: list[str] | None = None) -> str:
+        """The client gives up on ``txid`` (idempotent); the ``participants`` it touched
+        are told to abort (in the background) so their locks are freed at once."""
+        known = [p for p in participants or () if p in self.nodes]
         tx = self.core.txs.get(txid)
-        if tx is None or tx.decision is not None:
-            return "ok"
-        if tx.phase is Phase.PREPARING:
+        if tx is not None and tx.phase is Phase.PREPARING:
             return "ok"  # the commit in progress decides
-        self.core.abort(tx, "aborted by the client")
-        self.core.finish_abort(tx)
+        if tx is not None and tx.decision is None:
+            self.core.abort(tx, "aborted by the client")
+            tx.participants = tuple(sorted(set(tx.participants) | set(known)))
+            if tx.participants:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._phase_two, tx)
+            else:
+                self.core.finish_abort(tx)
+        elif tx is None and known and self.core.decision(txid) is not Decision.COMMIT:
+            record = await self.log.get(txid)
+            if record is None or record["outcome"] != "commit":
+                assert self._nursery is not None
+                for participant in known:
+                    self._nursery.start_soon(self._tell_abort, participant, txid)
         return "ok"
+
+    async def _tell_abort(self, participant: str, txid: int) -> None:
+        try:
+            await self._participant_call(participant, "tx.abort", txid)
+        except (txrpc.RpcError, trio.TooSlowError) as exc:
+            log.info("coordinator: abort(%d) to %s failed (%s); its idle timeout frees it", txid, participant, exc)
 
     async def decision(self, txid: int) -> str | None:
         """For participants in doubt: ``"commit"``, ``"abort"``, or None (ask again)."""

@@ -370,6 +370,9 @@ class Participant:
     async def _apply(self, txid: int) -> None:
         tx = self.core.txs[txid]
         writes = [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in tx.writes.items()]
+        if not writes:  # read-only: nothing to make durable, no commit-log entry
+            self._wake(self.core.committed(txid))
+            return
         self._busy[txid] = done = trio.Event()
         try:
             await self.store.apply_commit(txid, writes)

@@ -184,7 +184,9 @@ class Transaction:
         with trio.move_on_after(ABORT_TIMEOUT_S) as scope:
             scope.shield = True
             try:
-                await self._cluster.coordinator.options(retries_max=1).call("coord.abort", self.txid)
+                await self._cluster.coordinator.options(retries_max=1).call(
+                    "coord.abort", self.txid, sorted(self.participants)
+                )
             except RpcError as exc:
                 log.info("abort of %s not delivered (%s); the coordinator aborts it by timeout", self.txid, exc)
 

@@ -1,0 +1,371 @@
+"""Group commit: many trio tasks' durable records ride on one transaction and one fsync.
+
+Writers call :meth:`GroupCommitAppender.append` with a :class:`RecordKind` and a
+record. Records queue in memory (at most ``queue_records_max``); one flusher task takes
+up to ``batch_records_max`` of them, writes them in **one** transaction on the writer
+thread and wakes each writer when its record is durable, handing it that record's own
+result (an assigned log position, a row, ...). Records queued while a batch is being
+written form the next batch, so batches grow exactly when the disk is the bottleneck
+and no timer delays a lone writer.
+
+A :class:`RecordKind` is "a function that writes a batch in one transaction":
+``write_batch(conn, records) -> results``, one result per record, in order. Kinds
+let each repository (request log, prepare log, decision log, commit log) insert its
+records with one multi-row statement while still sharing the batch's transaction and
+fsync with every other kind. Consecutive records of the same kind in the queue go to
+one ``write_batch`` call; queue order is kept.
+
+Failure semantics:
+
+- a ``write_batch`` may return :class:`Rejected` for a record it refuses (a failed
+  guard, a conflict). Only that record's writer gets the error; the writer function
+  must leave no trace of the record (use a savepoint, see :func:`apply_each`);
+- if a ``write_batch`` raises, or the transaction or its commit fails, the whole batch
+  is rolled back and **every** writer of the batch gets a :class:`BatchFailed`
+  (``outcome_unknown`` when the failure struck during ``COMMIT`` itself).
+
+With ``batching=False`` every record gets its own transaction (the benchmark's
+baseline); everything else is the same.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar, cast
+
+import trio
+from sqlalchemy.engine import Connection
+
+from ._database import Database
+from ._engine import WRITE_OPTION
+from ._errors import AppendQueueFull, BatchFailed, StorageClosed
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+BATCH_RECORDS_MAX_DEFAULT = 256
+QUEUE_RECORDS_MAX_DEFAULT = 4096
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rejected:
+    """A per-record failure returned by a batch writer instead of a result.
+
+    The record's writer gets ``error`` raised; the rest of the batch commits. The
+    batch writer must have undone everything the record wrote.
+    """
+
+    error: Exception
+
+
+class RecordKind(Generic[R, T]):
+    """A named way of writing records of type ``R`` that yields results of type ``T``.
+
+    ``write_batch(conn, records)`` runs inside the batch's transaction (never commits
+    or rolls it back itself) and returns exactly one ``T`` or :class:`Rejected` per
+    record, in order. Define kinds once, at module level: records are grouped by
+    kind identity.
+    """
+
+    __slots__ = ("name", "write_batch")
+
+    def __init__(
+        self, name: str, write_batch: Callable[[Connection, Sequence[R]], Sequence[T | Rejected]]
+    ) -> None:
+        self.name = name
+        self.write_batch = write_batch
+
+    def __repr__(self) -> str:
+        return f"RecordKind({self.name!r})"
+
+
+def apply_each(conn: Connection, functions: Sequence[Callable[[Connection], Any]]) -> list[Any]:
+    """Batch writer for records that are functions of a connection.
+
+    Each function runs in its own savepoint: one that raises is rolled back alone and
+    its writer gets the exception (as :class:`Rejected`); the others commit.
+    """
+    results: list[Any] = []
+    for function in functions:
+        savepoint = conn.begin_nested()
+        try:
+            value = function(conn)
+        except Exception as exc:
+            savepoint.rollback()
+            results.append(Rejected(exc))
+        else:
+            savepoint.commit()
+            results.append(value)
+    return results
+
+
+#: Records are ``Callable[[Connection], T]``; see :meth:`GroupCommitAppender.transact`.
+TRANSACT: RecordKind[Callable[[Connection], Any], Any] = RecordKind("transact", apply_each)
+
+
+class _State(enum.Enum):
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+    WITHDRAWN = "withdrawn"
+
+
+class _Pending:
+    __slots__ = ("done", "error", "kind", "record", "state", "value")
+
+    def __init__(self, kind: RecordKind[Any, Any], record: Any) -> None:
+        self.kind = kind
+        self.record = record
+        self.state = _State.QUEUED
+        self.done = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class _CommitFailed(Exception):
+    """Internal: the failure happened in COMMIT (the outcome is unknown)."""
+
+
+@dataclasses.dataclass(slots=True)
+class AppenderStats:
+    """Counters since the appender was created (a batch = one transaction)."""
+
+    batches_committed: int = 0
+    records_committed: int = 0
+    records_rejected: int = 0
+    batches_failed: int = 0
+    records_failed: int = 0
+    largest_batch: int = 0
+
+
+class GroupCommitAppender:
+    """Queues durable records from many tasks and commits them in batches.
+
+    ``batch_records_max`` bounds the records in one transaction;
+    ``queue_records_max`` bounds records waiting for a batch (beyond it
+    :meth:`append` raises :class:`AppendQueueFull` at once: never an unbounded
+    buffer, never a hidden wait). ``batching=False`` commits one record per
+    transaction.
+
+    The flusher is :meth:`run`, which must run in a nursery while the appender is
+    used; :func:`open_appender` does that.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT,
+        queue_records_max: int = QUEUE_RECORDS_MAX_DEFAULT,
+        batching: bool = True,
+    ) -> None:
+        if batch_records_max < 1 or queue_records_max < 1:
+            raise ValueError("batch_records_max and queue_records_max must be >= 1")
+        self.database = database
+        self.batch_records_max = batch_records_max if batching else 1
+        self.queue_records_max = queue_records_max
+        self.batching = batching
+        self.stats = AppenderStats()
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup = trio.Event()
+        self._closing = False
+        self._running = False
+        self._stopped = trio.Event()
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for a batch (not counting the batch being written)."""
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    async def append(self, kind: RecordKind[R, T], record: R) -> T:
+        """Queue ``record`` and return its result once the batch carrying it is durable.
+
+        Raises :class:`AppendQueueFull` (queue at ``queue_records_max``),
+        :class:`StorageClosed` (appender closed) or ``RuntimeError`` (flusher never
+        started) without queueing; :class:`BatchFailed`
+        if its batch failed; or the record's own error if its kind rejected it.
+
+        Cancellation: a record still waiting in the queue is withdrawn (it will not be
+        written); once its batch is being written the record may still become durable
+        after the caller stopped waiting — a caller that must know reads it back.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closing:
+            raise StorageClosed(f"the appender for {self.database.url} is closed")
+        if not self._running:
+            raise RuntimeError("the appender's flusher is not running: use open_appender() or start run()")
+        if len(self._queue) >= self.queue_records_max:
+            raise AppendQueueFull(
+                f"{len(self._queue)} records already wait for a group commit on {self.database.url} "
+                f"(queue_records_max={self.queue_records_max}); retry later"
+            )
+        pending = _Pending(kind, record)
+        self._queue.append(pending)
+        self._wakeup.set()
+        try:
+            await pending.done.wait()
+        finally:
+            if pending.state is _State.QUEUED:
+                self._queue.remove(pending)
+                pending.state = _State.WITHDRAWN
+        if pending.error is not None:
+            raise pending.error
+        return cast(T, pending.value)
+
+    async def transact(self, function: Callable[[Connection], T]) -> T:
+        """Run ``function(conn)`` inside the next batch's transaction, in its own savepoint.
+
+        Returns its value once durable. If it raises, only its own writes are rolled
+        back and the exception is raised here; the rest of the batch commits.
+        """
+        return cast(T, await self.append(TRANSACT, function))
+
+    def close(self) -> None:
+        """Stop accepting records. The flusher commits what is queued, then :meth:`run` returns."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then wait until the queue is drained and the flusher stopped."""
+        self.close()
+        if self._running:
+            await self._stopped.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher: commit queued records in batches until closed and drained.
+
+        If cancelled, the batch in flight completes and its writers are woken;
+        records still queued get :class:`StorageClosed`.
+        """
+        if self._running:
+            raise RuntimeError("GroupCommitAppender.run is already running")
+        self._running = True
+        task_status.started()
+        try:
+            while True:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                # Records keep queueing while we wait for the lock: a bigger batch.
+                async with self.database.write_lock:
+                    batch = self._take_batch()
+                    if batch:
+                        await self._commit(batch)
+        finally:
+            self._closing = True
+            while self._queue:
+                pending = self._queue.popleft()
+                message = f"the appender for {self.database.url} stopped before this record was written"
+                self._finish(pending, None, StorageClosed(message))
+            self._stopped.set()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while self._queue and len(batch) < self.batch_records_max:
+            pending = self._queue.popleft()
+            pending.state = _State.IN_FLIGHT
+            batch.append(pending)
+        return batch
+
+    def _finish(self, pending: _Pending, value: Any, error: BaseException | None) -> None:
+        pending.value = value
+        pending.error = error
+        pending.state = _State.DONE
+        pending.done.set()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results = await trio.to_thread.run_sync(
+                self._write_batch_sync, batch, limiter=self.database.write_thread_limiter
+            )
+        except BaseException as exc:
+            unknown = isinstance(exc, _CommitFailed)
+            cause = exc.__cause__ if unknown and exc.__cause__ is not None else exc
+            self.stats.batches_failed += 1
+            self.stats.records_failed += len(batch)
+            how = "outcome unknown (failed during COMMIT)" if unknown else "rolled back"
+            for pending in batch:
+                failure = BatchFailed(
+                    f"group commit of {len(batch)} records on {self.database.url} failed, {how}: "
+                    f"{type(cause).__name__}: {cause}",
+                    outcome_unknown=unknown,
+                )
+                failure.__cause__ = cause
+                self._finish(pending, None, failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.stats.batches_committed += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, Rejected):
+                self.stats.records_rejected += 1
+                self._finish(pending, None, result.error)
+            else:
+                self.stats.records_committed += 1
+                self._finish(pending, result, None)
+
+    def _write_batch_sync(self, batch: list[_Pending]) -> list[Any]:
+        """Worker thread: one transaction for the whole batch; raises to fail it."""
+        results: list[Any] = []
+        with self.database.engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: True})
+            transaction = conn.begin()
+            try:
+                for kind, group in itertools.groupby(batch, key=lambda pending: pending.kind):
+                    records = [pending.record for pending in group]
+                    written = kind.write_batch(conn, records)
+                    if len(written) != len(records):
+                        raise AssertionError(
+                            f"{kind!r}.write_batch returned {len(written)} results for {len(records)} records"
+                        )
+                    results.extend(written)
+            except BaseException:
+                transaction.rollback()
+                raise
+            try:
+                transaction.commit()
+            except Exception as exc:
+                raise _CommitFailed() from exc
+        return results
+
+
+@asynccontextmanager
+async def open_appender(
+    database: Database,
+    *,
+    batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT,
+    queue_records_max: int = QUEUE_RECORDS_MAX_DEFAULT,
+    batching: bool = True,
+) -> AsyncIterator[GroupCommitAppender]:
+    """Run a :class:`GroupCommitAppender`'s flusher for the duration of the block.
+
+    On a normal exit the appender is closed and everything queued is committed
+    before the block returns; if the block is cancelled, queued records fail with
+    :class:`StorageClosed`.
+    """
+    appender = GroupCommitAppender(
+        database,
+        batch_records_max=batch_records_max,
+        queue_records_max=queue_records_max,
+        batching=batching,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(appender.run)
+        try:
+            yield appender
+        finally:
+            appender.close()

@@ -1,0 +1,317 @@
+"""GroupCommitAppender on real SQLite files and real PostgreSQL: batching, per-record
+results, failure fan-out, bounds, cancellation and shutdown."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+import sqlalchemy as sa
+import trio
+import trio.testing
+
+import storage
+
+journal_metadata = sa.MetaData()
+journal = sa.Table(
+    "test_journal",
+    journal_metadata,
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("writer", sa.String, nullable=False, unique=True),
+)
+
+
+class JournalKind(storage.RecordKind[str, int]):
+    """Appends one row per record (one multi-row INSERT per batch) and returns its position.
+
+    Records every batch size it was called with: one call = one transaction.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("test.journal", self._write)
+        self.batch_sizes: list[int] = []
+
+    def _write(self, conn: sa.Connection, writers: Sequence[str]) -> list[int | storage.Rejected]:
+        self.batch_sizes.append(len(writers))
+        rows = conn.execute(
+            sa.insert(journal).returning(journal.c.position, sort_by_parameter_order=True),
+            [{"writer": writer} for writer in writers],
+        )
+        return [int(position) for position in rows.scalars()]
+
+
+def _poison(conn: sa.Connection, records: Sequence[str]) -> list[int | storage.Rejected]:
+    raise RuntimeError("poisoned batch")
+
+
+POISON: storage.RecordKind[str, int] = storage.RecordKind("test.poison", _poison)
+
+
+def _insert_without_guard(conn: sa.Connection, rows: Sequence[tuple[int, str]]) -> list[None]:
+    conn.execute(sa.insert(journal), [{"position": p, "writer": w} for p, w in rows])
+    return [None] * len(rows)
+
+
+INSERT_AT: storage.RecordKind[tuple[int, str], None] = storage.RecordKind(
+    "test.insert_at", _insert_without_guard
+)
+
+
+@asynccontextmanager
+async def opened(db_url: str, **options: int | bool) -> AsyncIterator[storage.Storage]:
+    async with storage.open_storage(db_url, **options) as st:  # type: ignore[arg-type]
+        await st.database.write(lambda conn: journal_metadata.create_all(conn))
+        yield st
+
+
+def journal_rows(db_url: str) -> dict[int, str]:
+    """The journal as a fresh engine sees it (what is committed, not what is cached)."""
+    engine = sa.create_engine(db_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            return {int(p): str(w) for p, w in conn.execute(sa.select(journal.c.position, journal.c.writer))}
+    finally:
+        engine.dispose()
+
+
+async def test_concurrent_writers_share_transactions_and_get_their_own_results(db_url: str) -> None:
+    kind = JournalKind()
+    results: dict[str, int] = {}
+    writers = [f"w{i:02d}" for i in range(64)]
+
+    async def write(name: str) -> None:
+        results[name] = await st.appender.append(kind, name)
+
+    async with opened(db_url) as st:
+        async with trio.open_nursery() as nursery:
+            for name in writers:
+                nursery.start_soon(write, name)
+        stats = st.appender.stats
+    assert sorted(results) == writers
+    assert len(set(results.values())) == len(writers)  # one position each
+    committed = journal_rows(db_url)
+    assert {name: position for position, name in committed.items()} == results
+    assert sum(kind.batch_sizes) == len(writers)
+    assert len(kind.batch_sizes) < len(writers), kind.batch_sizes  # fewer transactions than records
+    assert max(kind.batch_sizes) > 1
+    # The journal table's CREATE was one write transaction of its own, not through the appender.
+    assert stats.batches_committed == len(kind.batch_sizes)
+    assert stats.records_committed == len(writers)
+    assert stats.largest_batch == max(kind.batch_sizes)
+
+
+async def _queue_while_paused(st: storage.Storage, nursery: trio.Nursery, jobs: list[object]) -> None:
+    """Start the jobs one by one (each has queued its record before the next starts) while the
+    write lock is held, so they all queue, in list order, before a batch is taken."""
+    async with st.database.write_lock:
+        for job in jobs:
+            nursery.start_soon(job)  # type: ignore[arg-type]
+            await trio.testing.wait_all_tasks_blocked()
+        assert st.appender.queued == len(jobs)
+
+
+@pytest.mark.parametrize(("batching", "expected"), [(True, [4, 4, 2]), (False, [1] * 10)])
+async def test_batch_size_is_bounded_and_batching_can_be_switched_off(
+    db_url: str, batching: bool, expected: list[int]
+) -> None:
+    kind = JournalKind()
+    async with opened(db_url, batch_records_max=4, batching=batching) as st:
+        async with trio.open_nursery() as nursery:
+
+            def job(i: int) -> object:
+                return lambda: st.appender.append(kind, f"w{i}")
+
+            await _queue_while_paused(st, nursery, [job(i) for i in range(10)])
+        assert st.appender.stats.batches_committed == len(expected)
+    assert kind.batch_sizes == expected
+    # Queue order is commit order.
+    committed = journal_rows(db_url)
+    assert [committed[p] for p in sorted(committed)] == [f"w{i}" for i in range(10)]
+
+
+async def test_a_failing_batch_wakes_every_writer_with_the_error(db_url: str) -> None:
+    kind = JournalKind()
+    errors: list[BaseException] = []
+
+    async def write(record_kind: storage.RecordKind[str, int], name: str) -> None:
+        try:
+            await st.appender.append(record_kind, name)
+        except storage.BatchFailed as exc:
+            errors.append(exc)
+
+    async with opened(db_url) as st:
+        async with trio.open_nursery() as nursery:
+            jobs: list[object] = [lambda i=i: write(kind, f"good{i}") for i in range(5)]
+            jobs.insert(2, lambda: write(POISON, "poison"))
+            await _queue_while_paused(st, nursery, jobs)
+        assert len(errors) == 6
+        for error in errors:
+            assert isinstance(error, storage.BatchFailed)
+            assert not error.outcome_unknown
+            assert isinstance(error.__cause__, RuntimeError) and "poisoned batch" in str(error)
+        assert len({id(error) for error in errors}) == 6  # one exception object per writer
+        assert journal_rows(db_url) == {}  # the good records were rolled back with the batch
+        assert st.appender.stats.batches_failed == 1 and st.appender.stats.records_failed == 6
+        # The appender carries on.
+        position = await st.appender.append(kind, "after")
+    assert journal_rows(db_url) == {position: "after"}
+
+
+async def test_a_database_error_fails_the_whole_batch(db_url: str) -> None:
+    failures: list[storage.BatchFailed] = []
+
+    async def write(position: int, name: str) -> None:
+        try:
+            await st.appender.append(INSERT_AT, (position, name))
+        except storage.BatchFailed as exc:
+            failures.append(exc)
+
+    async with opened(db_url) as st:
+        async with trio.open_nursery() as nursery:
+            await _queue_while_paused(
+                st, nursery, [lambda: write(1, "a"), lambda: write(2, "b"), lambda: write(1, "c")]
+            )
+    assert len(failures) == 3
+    assert all(isinstance(f.__cause__, sa.exc.IntegrityError) for f in failures)
+    assert journal_rows(db_url) == {}
+
+
+async def test_a_rejected_record_fails_alone(db_url: str) -> None:
+    kind = JournalKind()
+    outcomes: dict[str, object] = {}
+
+    def bad_write(conn: sa.Connection) -> int:
+        conn.execute(sa.insert(journal).values(writer="bad"))
+        raise ValueError("handler bug")
+
+    async def run(name: str, job: object) -> None:
+        try:
+            outcomes[name] = await job  # type: ignore[misc]
+        except ValueError as exc:
+            outcomes[name] = exc
+
+    async with opened(db_url) as st:
+        before = st.appender.stats.batches_committed
+        async with trio.open_nursery() as nursery:
+            await _queue_while_paused(
+                st,
+                nursery,
+                [
+                    lambda: run("one", st.appender.append(kind, "one")),
+                    lambda: run("bad", st.appender.transact(bad_write)),
+                    lambda: run("two", st.appender.append(kind, "two")),
+                    lambda: run("three", st.appender.transact(lambda conn: 3)),
+                ],
+            )
+        assert st.appender.stats.batches_committed == before + 1  # all in one transaction
+        assert st.appender.stats.records_rejected == 1
+    assert isinstance(outcomes["bad"], ValueError)
+    assert outcomes["three"] == 3
+    assert sorted(journal_rows(db_url).values()) == ["one", "two"]  # "bad"'s insert rolled back alone
+
+
+async def test_queue_bound_is_an_immediate_error(db_url: str) -> None:
+    kind = JournalKind()
+    async with opened(db_url, queue_records_max=5) as st:
+        async with trio.open_nursery() as nursery:
+            async with st.database.write_lock:
+                for i in range(5):
+                    nursery.start_soon(st.appender.append, kind, f"w{i}")
+                await trio.testing.wait_all_tasks_blocked()
+                assert st.appender.queued == 5
+                with trio.fail_after(1):
+                    with pytest.raises(storage.AppendQueueFull, match="queue_records_max=5"):
+                        await st.appender.append(kind, "one too many")
+    assert sorted(journal_rows(db_url).values()) == [f"w{i}" for i in range(5)]
+
+
+async def test_cancelled_while_queued_is_withdrawn(db_url: str) -> None:
+    kind = JournalKind()
+    async with opened(db_url) as st:
+        async with trio.open_nursery() as nursery:
+            async with st.database.write_lock:
+                scope = trio.CancelScope()
+
+                async def cancelled_writer() -> None:
+                    with scope:
+                        await st.appender.append(kind, "withdrawn")
+
+                nursery.start_soon(cancelled_writer)
+                nursery.start_soon(st.appender.append, kind, "kept")
+                await trio.testing.wait_all_tasks_blocked()
+                assert st.appender.queued == 2
+                scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                assert st.appender.queued == 1
+    assert list(journal_rows(db_url).values()) == ["kept"]
+
+
+async def test_close_commits_what_is_queued_and_refuses_more(db_url: str) -> None:
+    kind = JournalKind()
+    async with opened(db_url) as st:
+        async with trio.open_nursery() as nursery:
+            async with st.database.write_lock:
+                for i in range(3):
+                    nursery.start_soon(st.appender.append, kind, f"w{i}")
+                await trio.testing.wait_all_tasks_blocked()
+                st.appender.close()
+                with pytest.raises(storage.StorageClosed):
+                    await st.appender.append(kind, "late")
+        await st.appender.aclose()
+    assert sorted(journal_rows(db_url).values()) == ["w0", "w1", "w2"]
+
+
+async def test_cancelling_the_flusher_fails_queued_records(db_url: str) -> None:
+    kind = JournalKind()
+    failures: list[BaseException] = []
+    engine = storage.open_engine(db_url)
+    database = storage.Database(engine)
+    try:
+        await database.write(lambda conn: journal_metadata.create_all(conn))
+        appender = storage.GroupCommitAppender(database)
+
+        async def write(name: str) -> None:
+            try:
+                await appender.append(kind, name)
+            except storage.StorageClosed as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as flusher_nursery:
+                await flusher_nursery.start(appender.run)
+                async with database.write_lock:
+                    nursery.start_soon(write, "a")
+                    nursery.start_soon(write, "b")
+                    await trio.testing.wait_all_tasks_blocked()
+                    flusher_nursery.cancel_scope.cancel()  # a crash: the flusher dies with records queued
+        assert len(failures) == 2 and appender.closed
+    finally:
+        database.close()
+    assert journal_rows(db_url) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TXRPC_SLOW"), reason="timing comparison; set TXRPC_SLOW=1")
+async def test_group_commit_outpaces_one_transaction_per_record(sqlite_url: str) -> None:
+    async def rate(batching: bool) -> float:
+        kind = JournalKind()
+        async with opened(sqlite_url, batching=batching) as st:
+            await st.database.write(lambda conn: conn.execute(sa.delete(journal)))
+            writers, per_writer = 64, 20
+            started = time.perf_counter()
+
+            async def writer(w: int) -> None:
+                for i in range(per_writer):
+                    await st.appender.append(kind, f"{batching}-{w}-{i}")
+
+            async with trio.open_nursery() as nursery:
+                for w in range(writers):
+                    nursery.start_soon(writer, w)
+            return writers * per_writer / (time.perf_counter() - started)
+
+    single, grouped = await rate(False), await rate(True)
+    assert math.isfinite(single) and grouped > 3 * single, (single, grouped)

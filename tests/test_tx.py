@@ -1,0 +1,247 @@
+"""Transactions across shards, in-process: coordinator + 3 shard nodes on loopback TCP,
+each on its own SQLite file."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+import txrpc
+
+from _cluster_helpers import ROOT, local_cluster
+
+spec = importlib.util.spec_from_file_location("bank_example", ROOT / "examples/bank/service.py")
+assert spec is not None and spec.loader is not None
+bank_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bank_module)
+bank = bank_module.bank
+
+
+def accounts_on_distinct_shards(cfg: txrpc.ClusterConfig, count: int) -> list[str]:
+    """Account names whose primaries cover every node (so transfers cross shards)."""
+    names: list[str] = []
+    by_node: dict[str, list[str]] = {}
+    i = 0
+    while len(names) < count:
+        name = f"acct{i}"
+        i += 1
+        node = cfg.shard_map.primary_of(name).name
+        if len(by_node.setdefault(node, [])) < (count + 2) // 3:
+            by_node[node].append(name)
+            names.append(name)
+    return names
+
+
+async def open_accounts(cluster: txrpc.Cluster, names: list[str], balance: int) -> None:
+    for name in names:
+        async with cluster.transaction() as t:
+            await t.bank.open_account(name, balance)
+
+
+async def total(cluster: txrpc.Cluster, names: list[str]) -> int:
+    return sum([await cluster.call(n, "bank.balance", n) for n in names])
+
+
+async def test_cross_shard_transfer_commits_atomically(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        assert local.config.shard_map.primary_of(alice) != local.config.shard_map.primary_of(bob)
+        await open_accounts(cluster, [alice, bob], 100)
+        async with cluster.transaction() as t:
+            assert await t.bank.withdraw(alice, 30) == 70
+            assert await t.bank.deposit(bob, 30) == 130
+        assert t.outcome == "committed" and len(t.participants) == 2
+        assert await cluster.call(alice, "bank.balance", alice) == 70
+        assert await cluster.call(bob, "bank.balance", bob) == 130
+
+
+async def test_user_abort_rolls_back_every_shard(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 50)
+        with pytest.raises(txrpc.TransactionAborted, match="insufficient funds") as info:
+            async with cluster.transaction() as t:
+                await t.bank.deposit(bob, 80)  # buffered on bob's shard
+                await t.bank.withdraw(alice, 80)  # aborts
+        assert not info.value.retryable
+        assert await cluster.call(alice, "bank.balance", alice) == 50
+        assert await cluster.call(bob, "bank.balance", bob) == 50  # the deposit never became visible
+
+
+async def test_exception_in_the_block_aborts_and_frees_locks(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 10)
+        with pytest.raises(KeyError):
+            async with cluster.transaction() as t:
+                await t.bank.deposit(alice, 5)
+                raise KeyError("the caller's own error")
+        with trio.fail_after(5):  # the lock on alice is free again
+            async with cluster.transaction() as t:
+                await t.bank.withdraw(alice, 10)
+        assert await cluster.call(alice, "bank.balance", alice) == 0
+
+
+async def test_single_shard_transaction_commits_in_one_phase(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        (alice,) = accounts_on_distinct_shards(local.config, 1)
+        await open_accounts(cluster, [alice], 10)
+        node = local.config.shard_map.primary_of(alice).name
+        before = (await local.participants[node].store.digest())[0]
+        async with cluster.transaction() as t:
+            await t.bank.deposit(alice, 5)
+            await t.bank.deposit(alice, 5)
+        assert t.participants == {node}
+        assert await cluster.call(alice, "bank.balance", alice) == 20
+        assert (await local.participants[node].store.digest())[0] == before + 1  # one commit-log entry
+        assert local.coordinator is not None
+        assert await local.coordinator.log.get(t.txid) is None  # one-phase: no coordinator record
+
+
+async def test_concurrent_transfers_conserve_the_total(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 6)
+        await open_accounts(cluster, names, 100)
+        rng = random.Random(7)
+        committed = 0
+
+        async def worker(seed: int) -> None:
+            nonlocal committed
+            r = random.Random(seed)
+            for _ in range(15):
+                src, dst = r.sample(names, 2)
+                amount = r.randint(1, 30)
+
+                async def transfer(t: txrpc.Transaction) -> None:
+                    await t.bank.withdraw(src, amount)
+                    await t.bank.deposit(dst, amount)
+
+                try:
+                    await cluster.run_transaction(transfer, attempts=20)
+                    committed += 1
+                except txrpc.TransactionAborted as exc:
+                    assert "insufficient funds" in exc.reason
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for k in range(8):
+                    nursery.start_soon(worker, rng.randrange(1 << 30))
+        assert committed > 0
+        balances = [await cluster.call(n, "bank.balance", n) for n in names]
+        assert sum(balances) == 600
+        assert min(balances) >= 0
+
+
+async def test_opposite_transfers_do_not_deadlock(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        a, b = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [a, b], 1000)
+
+        async def ping_pong(src: str, dst: str) -> None:
+            for _ in range(20):
+
+                async def transfer(t: txrpc.Transaction) -> None:
+                    await t.bank.withdraw(src, 1)
+                    await t.bank.deposit(dst, 1)
+
+                await cluster.run_transaction(transfer, attempts=100)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(ping_pong, a, b)
+                    nursery.start_soon(ping_pong, b, a)
+        assert await total(cluster, [a, b]) == 2000
+
+
+async def test_vanished_client_locks_are_freed_after_idle_timeout(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank], shard={"tx_idle_timeout_s": 0.5}) as local, txrpc.cluster(local.config) as cluster:
+        (alice,) = accounts_on_distinct_shards(local.config, 1)
+        await open_accounts(cluster, [alice], 10)
+        # A client that begins, writes, and vanishes without commit or abort.
+        info = await cluster.coordinator.call("coord.begin", None)
+        node = local.config.shard_map.primary_of(alice)
+        async with txrpc.connect(*node.address) as raw:
+            meta = {"txid": info["txid"], "op_seq": 1, "epoch": local.config.shard_map.epoch}
+            await raw.options(metadata=meta).call("bank.deposit", alice, 5)
+        # A younger transaction dies on the abandoned lock; retried, it gets through
+        # once the shard's idle timeout aborted the vanished one.
+        with pytest.raises(txrpc.TransactionAborted, match="wait-die"):
+            async with cluster.transaction() as t:
+                await t.bank.withdraw(alice, 10)
+
+        async def withdraw_all(t: txrpc.Transaction) -> None:
+            await t.bank.withdraw(alice, 10)
+
+        with trio.fail_after(10):
+            await cluster.run_transaction(withdraw_all, attempts=100)
+        assert await cluster.call(alice, "bank.balance", alice) == 0  # the vanished deposit never happened
+
+
+async def test_duplicate_and_late_protocol_messages_are_harmless(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 10)
+        info = await cluster.coordinator.call("coord.begin", None)
+        txid = info["txid"]
+        epoch = local.config.shard_map.epoch
+        clients = {}
+        async with trio.open_nursery():
+            for name in (alice, bob):
+                node = local.config.shard_map.primary_of(name)
+                clients[name] = txrpc.connect(*node.address)
+            async with clients[alice] as ca, clients[bob] as cb:
+                meta = {"txid": txid, "op_seq": 1, "epoch": epoch}
+                assert await ca.options(metadata=meta).call("bank.withdraw", alice, 4) == 6
+                # The same operation again (a retried request) replays, it does not run twice.
+                assert await ca.options(metadata=meta).call("bank.withdraw", alice, 4) == 6
+                assert await cb.options(metadata=meta).call("bank.deposit", bob, 4) == 14
+                for _ in range(2):  # duplicated prepare
+                    assert (await ca.call("tx.prepare", txid))["vote"] == "yes"
+                    assert (await cb.call("tx.prepare", txid))["vote"] == "yes"
+                for _ in range(2):  # duplicated commit
+                    assert await ca.call("tx.commit", txid) == "ok"
+                    assert await cb.call("tx.commit", txid) == "ok"
+                # A late prepare after commit, and a prepare for an unknown transaction.
+                assert (await ca.call("tx.prepare", txid))["vote"] == "yes"
+                assert (await ca.call("tx.prepare", 999_999))["vote"] == "no"
+                # Abort then a late prepare: votes no.
+                info2 = await cluster.coordinator.call("coord.begin", None)
+                meta2 = {"txid": info2["txid"], "op_seq": 1, "epoch": epoch}
+                await ca.options(metadata=meta2).call("bank.deposit", alice, 1)
+                assert await ca.call("tx.abort", info2["txid"]) == "ok"
+                assert await ca.call("tx.abort", info2["txid"]) == "ok"
+                assert (await ca.call("tx.prepare", info2["txid"]))["vote"] == "no"
+        assert await cluster.call(alice, "bank.balance", alice) == 6
+        assert await cluster.call(bob, "bank.balance", bob) == 14
+
+
+async def test_commit_is_idempotent_and_unknown_txids_are_aborted(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 10)
+        async with cluster.transaction() as t:
+            await t.bank.withdraw(alice, 1)
+            await t.bank.deposit(bob, 1)
+        again = await cluster.coordinator.call("coord.commit", t.txid, sorted(t.participants))
+        assert again["outcome"] == "committed"
+        with pytest.raises(txrpc.Aborted, match="unknown"):
+            await cluster.coordinator.call("coord.commit", 10**9, [])
+        assert await cluster.outcome(t.txid) == "committed"
+        assert await cluster.outcome(10**9) == "aborted"
+
+
+async def test_wrong_epoch_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        (alice,) = accounts_on_distinct_shards(local.config, 1)
+        await open_accounts(cluster, [alice], 10)
+        node = local.config.shard_map.primary_of(alice)
+        async with txrpc.connect(*node.address) as raw:
+            with pytest.raises(txrpc.WrongEpoch) as info:
+                await raw.options(metadata={"epoch": 99}).call("bank.deposit", alice, 5)
+            assert info.value.details["epoch"] == local.config.shard_map.epoch
+        assert await cluster.call(alice, "bank.balance", alice) == 10
