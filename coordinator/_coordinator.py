@@ -15,6 +15,7 @@ import txrpc
 from storage import CoordinatorLog, DecisionExists
 
 from ._coordinator_core import CoordinatorCore, CoordTx, Decision, Phase
+from ._faults import crash_point
 
 log = logging.getLogger("txrpc.coordinator")
 
@@ -272,6 +273,7 @@ class Coordinator:
                 log.error("coordinator: decision record for %d failed: %s", tx.txid, exc)
                 self.core.abort(tx, f"decision record not durable: {exc}")
             else:
+                crash_point("coordinator.after_decision")
                 self.core.commit_decided(tx)
         assert self._nursery is not None
         if tx.phase in (Phase.COMMITTING, Phase.ABORTING):

@@ -22,6 +22,7 @@ from storage import ShardStore
 from txrpc._routing import EpochGuard
 from txrpc._service import MethodSpec
 
+from ._faults import crash_point
 from ._locks import DIE, GRANTED, SCAN_RESOURCE, Mode, Request
 from ._participant_core import TOMBSTONE, CommitAction, ParticipantCore, ParticipantTx, PrepareAction, TxState, Vote
 
@@ -54,10 +55,17 @@ class TxHandle:
     def shard(self) -> str:
         return self._participant.shard
 
-    async def get(self, key: str, default: Any = None) -> Any:
-        """The value of ``key`` as this transaction sees it (its own writes included)."""
+    async def get(self, key: str, default: Any = None, *, for_update: bool = False) -> Any:
+        """The value of ``key`` as this transaction sees it (its own writes included).
+
+        ``for_update=True`` takes the exclusive lock at once: use it when the transaction
+        will write the key, so two read-then-write transactions do not both hold a
+        shared lock and then conflict on the upgrade (one of them would have to abort).
+        """
         _check_key(key)
-        await self._participant._lock(self._tx, key, Mode.S)
+        if for_update:
+            await self._participant._lock(self._tx, SCAN_RESOURCE, Mode.IX)
+        await self._participant._lock(self._tx, key, Mode.X if for_update else Mode.S)
         if key in self._tx.writes:
             value = self._tx.writes[key]
             return default if value is TOMBSTONE else value
@@ -349,6 +357,7 @@ class Participant:
                 return {"vote": "no", "reason": "aborted during prepare"}
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = trio.current_time()
+            crash_point("participant.after_prepare")
             return {"vote": "yes", "reason": ""}
         finally:
             del self._busy[txid]
@@ -364,6 +373,7 @@ class Participant:
             if await self.store.is_committed(txid):
                 return "ok"
             raise txrpc.FailedPrecondition(f"commit of transaction {txid}, which is not prepared on shard {self.shard}")
+        crash_point("participant.before_commit_apply")
         await self._apply(txid)
         return "ok"
 

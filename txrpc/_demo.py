@@ -1,87 +1,215 @@
-"""`txrpc demo`: the calculator on loopback, called the ways users call it."""
+"""`txrpc demo`: a real local cluster — a coordinator and three shard processes on SQLite
+in a temporary directory — running concurrent cross-shard bank transfers."""
 
 from __future__ import annotations
 
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import trio
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._client import connect
-from ._errors import DeadlineExceeded, InvalidArgument
-from ._server import Server
-from ._service import Service
+from ._cluster import Cluster, Transaction, cluster
+from ._errors import OutcomeUnknown, TransactionAborted
+
+BANK_SERVICE = Path(__file__).resolve().parent.parent / "examples" / "bank" / "service.py"
+START_TIMEOUT_S = 30.0
+INITIAL_BALANCE = 1000
 
 
-def _calculator() -> Service:
-    calc = Service()
-
-    @calc.method
-    async def add(a: float, b: float) -> float:
-        return a + b
-
-    @calc.method
-    async def div(a: float, b: float) -> float:
-        if b == 0:
-            raise InvalidArgument("division by zero")
-        return a / b
-
-    @calc.method
-    async def slow_add(a: float, b: float, delay_s: float = 1.0) -> float:
-        await trio.sleep(delay_s)
-        return a + b
-
-    return calc
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
-def run_calculator_demo(console: Console, calls: int) -> None:
-    async def main() -> None:
-        server = Server(_calculator())
+def write_cluster_file(directory: Path, nodes: int = 3) -> Path:
+    ports = _free_ports(nodes + 1)
+    lines = [
+        "[cluster]",
+        "replication_factor = 1",
+        "partitions = 1024",
+        'data_dir = "data"',
+        f'services = ["{BANK_SERVICE}:bank"]',
+        "",
+        "[coordinator]",
+        'host = "127.0.0.1"',
+        f"port = {ports[0]}",
+        "",
+    ]
+    for index in range(nodes):
+        lines += ["[[nodes]]", f'name = "{"abcdefgh"[index]}"', 'host = "127.0.0.1"', f"port = {ports[index + 1]}", ""]
+    path = directory / "cluster.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Processes:
+    """The cluster's processes; stopped (SIGTERM, then SIGKILL) on exit, Ctrl-C included."""
+
+    def __init__(self, config_path: Path, nodes: list[str]) -> None:
+        self.config_path = config_path
+        self.nodes = nodes
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(self, name: str) -> None:
+        argv = [sys.executable, "-m", "txrpc.cli"]
+        if name == "coordinator":
+            argv += ["coordinator", "--config", str(self.config_path)]
+        else:
+            argv += ["shard", "--config", str(self.config_path), "--node", name]
+        log = open(self.config_path.parent / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def wait_ready(self, name: str) -> None:
+        proc = self.procs[name]
+        assert proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "ready" in line:
+                return
+            if proc.poll() is not None:
+                log = (self.config_path.parent / f"{name}.log").read_text()[-2000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
+        raise RuntimeError(f"{name} did not start within {START_TIMEOUT_S} s")
+
+    def kill9(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_bank_demo(console: Console, transfers: int, concurrency: int, accounts: int, seed: int) -> int:
+    """Returns the process exit status (0 = the conservation check passed)."""
+    if not BANK_SERVICE.exists():
+        console.print(f"[red]txrpc demo needs {BANK_SERVICE} (a source checkout of txrpc)[/]")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="txrpc-demo-") as tmp:
+        config_path = write_cluster_file(Path(tmp))
+        nodes = ["a", "b", "c"]
+        processes = Processes(config_path, nodes)
+        try:
+            with console.status("starting a coordinator and 3 shard processes (SQLite, fsync on commit)…"):
+                for name in ["coordinator", *nodes]:
+                    processes.start(name)
+                for name in ["coordinator", *nodes]:
+                    processes.wait_ready(name)
+            console.print(f"[bold]txrpc demo[/] — cluster up in {tmp}: coordinator + shards {', '.join(nodes)}")
+            return trio.run(_workload, console, config_path, processes, transfers, concurrency, accounts, seed)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: stopping the cluster[/]")
+            return 130
+        finally:
+            processes.stop()
+            console.print("cluster stopped; temporary files removed")
+
+
+async def _workload(
+    console: Console, config_path: Path, processes: Processes, transfers: int, concurrency: int, accounts: int, seed: int
+) -> int:
+    rng = random.Random(seed)
+    async with cluster(config_path, rng=random.Random(seed)) as c:
+        names = [f"acct{i:03d}" for i in range(accounts)]
+        shard_of = {n: c.config.shard_map.primary_of(n).name for n in names}
+
+        async def open_one(name: str) -> None:
+            async with c.transaction() as t:
+                await t.bank.open_account(name, INITIAL_BALANCE)
+
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve_tcp, "127.0.0.1", 0)
-            console.print(f"[bold]txrpc demo[/] — calculator serving on 127.0.0.1:{server.port}")
-            async with connect("127.0.0.1", server.port) as client:
-                table = Table(title="calls")
-                table.add_column("call")
-                table.add_column("outcome")
-                table.add_row("add(1, 2)", repr(await client.add(1, 2)))
-                table.add_row("div(10, 4)", repr(await client.div(10, 4)))
-                try:
-                    await client.div(1, 0)
-                except InvalidArgument as exc:
-                    table.add_row("div(1, 0)", f"InvalidArgument: {exc.message}")
-                started = trio.current_time()
-                try:
-                    await client.options(timeout=0.2).slow_add(1, 2, delay_s=5)
-                except DeadlineExceeded:
-                    spent = trio.current_time() - started
-                    table.add_row("slow_add(delay 5 s) with timeout 0.2 s", f"DeadlineExceeded after {spent:.2f} s")
-                console.print(table)
+            for name in names:
+                nursery.start_soon(open_one, name)
+        spread = {node: sum(1 for n in names if shard_of[n] == node) for node in sorted(set(shard_of.values()))}
+        console.print(f"opened {accounts} accounts × {INITIAL_BALANCE} (per shard: {spread})")
 
-                concurrency = 64
-                done = 0
-                with Progress(console=console, transient=True) as progress:
-                    task = progress.add_task(f"{calls} calls, {concurrency} concurrent", total=calls)
+        latencies: list[float] = []
+        attempts = {"attempts": 0, "committed": 0, "insufficient": 0, "unknown": 0}
+        cross = [(a, b) for a in names for b in names if shard_of[a] != shard_of[b]]
+        todo = [rng.choice(cross) + (rng.randint(1, 50),) for _ in range(transfers)]
+        started = time.perf_counter()
+        with Progress(
+            TextColumn("cross-shard transfers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            task = progress.add_task("transfers", total=transfers)
+
+            async def worker(jobs: list[tuple[str, str, int]]) -> None:
+                for src, dst, amount in jobs:
+
+                    async def transfer(t: Transaction) -> None:
+                        attempts["attempts"] += 1
+                        await t.bank.withdraw(src, amount)
+                        await t.bank.deposit(dst, amount)
+
                     t0 = time.perf_counter()
+                    try:
+                        await c.run_transaction(transfer, attempts=50)
+                        attempts["committed"] += 1
+                        latencies.append(time.perf_counter() - t0)
+                    except TransactionAborted as exc:
+                        if exc.retryable:
+                            raise
+                        attempts["insufficient"] += 1
+                    except OutcomeUnknown:
+                        attempts["unknown"] += 1
+                    progress.advance(task)
 
-                    async def worker(count: int) -> None:
-                        nonlocal done
-                        for i in range(count):
-                            assert await client.add(i, 1) == i + 1
-                            done += 1
-                            progress.advance(task)
+            async with trio.open_nursery() as nursery:
+                for k in range(concurrency):
+                    nursery.start_soon(worker, todo[k::concurrency])
+        elapsed = time.perf_counter() - started
+        balances = await _balances(c, names)
+        total = sum(balances.values())
+        expected = INITIAL_BALANCE * accounts
+        latencies.sort()
+        retries = attempts["attempts"] - attempts["committed"] - attempts["insufficient"]
+        table = Table(title=f"{transfers} transfers, {concurrency} concurrent clients, each touching 2 of 3 shards")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        table.add_row("committed", f"{attempts['committed']:,}")
+        table.add_row("aborted by the bank (insufficient funds)", f"{attempts['insufficient']:,}")
+        table.add_row("outcome unknown", f"{attempts['unknown']:,}")
+        table.add_row("throughput", f"{attempts['committed'] / elapsed:,.0f} transfers/s")
+        table.add_row("conflict aborts retried (wait-die)", f"{retries:,} ({retries / max(1, attempts['attempts']):.1%} of attempts)")
+        if latencies:
+            table.add_row("latency p50 / p99", f"{latencies[len(latencies) // 2] * 1e3:.1f} / {latencies[int(len(latencies) * 0.99)] * 1e3:.1f} ms")
+        table.add_row("money before / after", f"{expected:,} / {total:,}")
+        negative = [n for n, b in balances.items() if b < 0]
+        table.add_row("conservation check", "[green]total conserved, no negative balance[/]" if total == expected and not negative else "[red]VIOLATED[/]")
+        console.print(table)
+        return 0 if total == expected and not negative else 1
 
-                    async with trio.open_nursery() as workers:
-                        for k in range(concurrency):
-                            workers.start_soon(worker, calls // concurrency + (k < calls % concurrency))
-                    elapsed = time.perf_counter() - t0
-                console.print(
-                    f"{done} calls on one connection in {elapsed:.2f} s: "
-                    f"[bold]{done / elapsed:,.0f} calls/s[/] (client and server in this one process)"
-                )
-            await server.shutdown()
-        console.print("[green]server shut down cleanly[/]")
 
-    trio.run(main)
+async def _balances(c: Cluster, names: list[str]) -> dict[str, int]:
+    """Read every balance in one read-only transaction (a consistent snapshot)."""
+    async with c.transaction() as t:
+        return {name: await t.bank.balance(name) for name in names}
+
+
+def run_calculator_demo(console: Console, calls: int) -> None:  # kept for `txrpc demo --calculator`
+    from ._calculator_demo import run
+
+    run(console, calls)
+

@@ -60,6 +60,22 @@ def load_object(spec: str) -> Any:
         raise click.BadParameter(f"{spec!r}: module {module_name} has no attribute {attribute!r}") from None
 
 
+def load_services(specs: Any) -> list[Any]:
+    """Load ``MODULE:NAME`` specs that name a ``txrpc.Service`` (or a list of them)."""
+    from ._service import Service
+
+    services: list[Service] = []
+    for spec in specs:
+        obj = load_object(spec)
+        if isinstance(obj, Service):
+            services.append(obj)
+        elif isinstance(obj, (list, tuple)) and all(isinstance(s, Service) for s in obj):
+            services.extend(obj)
+        else:
+            raise click.BadParameter(f"{spec!r} is a {type(obj).__name__}, not a txrpc.Service")
+    return services
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -76,16 +92,7 @@ def serve(service_spec: tuple[str, ...], host: str, port: int) -> None:
     from ._server import Server
     from ._service import Service
 
-    services: list[Service] = []
-    for spec in service_spec:
-        obj = load_object(spec)
-        if isinstance(obj, Service):
-            services.append(obj)
-        elif isinstance(obj, (list, tuple)) and all(isinstance(s, Service) for s in obj):
-            services.extend(obj)
-        else:
-            raise click.BadParameter(f"{spec!r} is a {type(obj).__name__}, not a txrpc.Service")
-    server = Server(*services)
+    server = Server(*load_services(service_spec))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -163,12 +170,21 @@ def _json_default(value: Any) -> Any:
 
 
 @cli.command()
-@click.option("--calls", default=2000, show_default=True, help="Calls in the throughput part.")
-def demo(calls: int) -> None:
-    """Start the calculator service on loopback, call it, and show what txrpc does."""
-    from ._demo import run_calculator_demo
+@click.option("--transfers", default=2000, show_default=True, help="Cross-shard transfers to run.")
+@click.option("--concurrency", default=32, show_default=True, help="Concurrent clients.")
+@click.option("--accounts", default=300, show_default=True, help="Bank accounts, spread over the shards.")
+@click.option("--seed", default=1, show_default=True, help="Seed of the workload's randomness.")
+@click.option("--calculator", is_flag=True, help="The small RPC demo instead (calculator, one process).")
+@click.option("--calls", default=2000, show_default=True, help="Calls in the calculator demo.")
+def demo(transfers: int, concurrency: int, accounts: int, seed: int, calculator: bool, calls: int) -> None:
+    """Start a local cluster (coordinator + 3 shard processes on SQLite in a temp dir),
+    run concurrent cross-shard bank transfers, check that money is conserved, stop."""
+    from ._demo import run_bank_demo, run_calculator_demo
 
-    run_calculator_demo(console, calls)
+    if calculator:
+        run_calculator_demo(console, calls)
+        return
+    sys.exit(run_bank_demo(console, transfers, concurrency, accounts, seed))
 
 
 @cli.group()
@@ -229,8 +245,11 @@ def _mount_subcommands() -> None:
     from ._bench_ring import ring as bench_ring
     from ._ring_cli import ring as ring_group
 
+    from ._cluster_cli import register
+
     cli.add_command(ring_group)
     bench.add_command(bench_ring)
+    register(cli)
 
 
 _mount_subcommands()

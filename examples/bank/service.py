@@ -11,7 +11,7 @@ bank = txrpc.Service("bank")
 
 @bank.transactional
 async def open_account(tx, account: str, balance: int = 0) -> int:
-    if await tx.get(account) is not None:
+    if await tx.get(account, for_update=True) is not None:
         raise txrpc.Abort(f"account {account} already exists")
     await tx.put(account, balance)
     return balance
@@ -29,7 +29,7 @@ async def balance(tx, account: str) -> int:
 async def withdraw(tx, account: str, amount: int) -> int:
     if amount <= 0:
         raise txrpc.Abort("amount must be positive")
-    current = await tx.get(account, default=0)
+    current = await tx.get(account, default=0, for_update=True)
     if current < amount:
         raise txrpc.Abort(f"insufficient funds in {account}: {current} < {amount}")
     await tx.put(account, current - amount)
@@ -40,6 +40,6 @@ async def withdraw(tx, account: str, amount: int) -> int:
 async def deposit(tx, account: str, amount: int) -> int:
     if amount <= 0:
         raise txrpc.Abort("amount must be positive")
-    current = await tx.get(account, default=0)
+    current = await tx.get(account, default=0, for_update=True)
     await tx.put(account, current + amount)
     return current + amount
