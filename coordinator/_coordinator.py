@@ -77,7 +77,7 @@ class Coordinator:
 
     def service(self) -> txrpc.Service:
         svc = txrpc.Service("coord")
-        for name in ("begin", "commit", "abort", "decision", "transactions", "show", "resolve"):
+        for name in ("begin", "lease", "commit", "abort", "decision", "transactions", "show", "resolve"):
             svc.add_method(getattr(self, name), name=name)
         return svc
 
@@ -94,6 +94,20 @@ class Coordinator:
                 self.core.block_written(block_end)
         tx = self.core.begin(trio.current_time(), timeout_s)
         return {"txid": tx.txid, "timeout_s": tx.deadline - trio.current_time()}
+
+    async def lease(self, count: int = 16) -> dict[str, Any]:
+        """``count`` (1..1000) txids for a client to begin transactions with, without a
+        round trip each: ``{"first": int, "count": int, "timeout_s": float}``. A leased id
+        begins when its first commit or abort reaches the coordinator."""
+        if type(count) is not int or not 1 <= count <= 1000:
+            raise txrpc.InvalidArgument("count must be an integer in 1..1000")
+        async with self._block_lock:
+            block_end = self.core.needs_block_for(count)
+            if block_end is not None:
+                await self.log.write_block(block_end)
+                self.core.block_written(block_end)
+        first, count = self.core.lease(count)
+        return {"first": first, "count": count, "timeout_s": self.core.tx_timeout_s}
 
     async def commit(self, txid: int, participants: list[str]) -> dict[str, Any]:
         """Commit ``txid`` on ``participants`` (node names). Returns ``{"outcome": "committed"}``;
@@ -141,7 +155,9 @@ class Coordinator:
                 self._nursery.start_soon(self._phase_two, tx)
             else:
                 self.core.finish_abort(tx)
-        elif tx is None and known and self.core.decision(txid) is not Decision.COMMIT:
+        elif tx is None and self.core.get(txid) is None:
+            self.core.forget_as_aborted(txid, "aborted by the client")
+        if tx is None and known and self.core.decision(txid) is not Decision.COMMIT:
             record = await self.log.get(txid)
             if record is None or record["outcome"] != "commit":
                 assert self._nursery is not None
@@ -164,7 +180,8 @@ class Coordinator:
         record = await self.log.get(txid)
         if record is not None:
             return "commit" if record["outcome"] == "commit" else "abort"
-        return "abort"  # presumed abort
+        self.core.forget_as_aborted(txid, "presumed abort (unknown when asked)")  # a late commit is refused
+        return "abort"
 
     # --- admin -----------------------------------------------------------------------------------
 
@@ -191,16 +208,12 @@ class Coordinator:
         if outcome not in ("commit", "abort"):
             raise txrpc.InvalidArgument("outcome must be 'commit' or 'abort'")
         tx = self.core.get(txid)
-        if tx is not None and (tx.decision is not None or tx.phase is Phase.PREPARING):
+        if tx is not None and (txid in self.core.txs or tx.decision is Decision.COMMIT):
             raise txrpc.FailedPrecondition(f"transaction {txid} is {tx.phase.value}: the coordinator decides it")
         try:
             await self.log.write_decision(txid, outcome, (), heuristic=True, reason="operator", done=True)
         except DecisionExists as exc:
             raise txrpc.FailedPrecondition(str(exc)) from None
-        if tx is not None and tx.phase is Phase.ACTIVE:
-            if outcome == "abort":
-                self.core.abort(tx, "heuristic abort by an operator")
-                self.core.finish_abort(tx)
         return outcome
 
     def _describe(self, tx: CoordTx) -> dict[str, Any]:

@@ -95,6 +95,28 @@ class CoordinatorCore:
     def block_written(self, block_end: int) -> None:
         self.block_end = max(self.block_end, block_end)
 
+    def needs_block_for(self, count: int) -> int | None:
+        """Like :meth:`needs_block`, for handing out ``count`` ids at once."""
+        if self.next_txid + count > self.block_end:
+            return self.next_txid + max(count, self.txid_block_size)
+        return None
+
+    def lease(self, count: int) -> tuple[int, int]:
+        """Hand out ``count`` consecutive txids for a client to use (no per-transaction
+        state until its commit or abort arrives). Returns ``(first, count)``."""
+        assert self.next_txid + count <= self.block_end, "write the id block first (needs_block_for)"
+        first = self.next_txid
+        self.next_txid += count
+        return first, count
+
+    def _adopt_leased(self, txid: int, now: float) -> CoordTx | None:
+        """A txid this incarnation handed out but has no state for: it begins now."""
+        if self.first_txid <= txid < self.next_txid and txid not in self.finished:
+            tx = CoordTx(txid, Phase.ACTIVE, now + self.tx_timeout_s)
+            self.txs[txid] = tx
+            return tx
+        return None
+
     def begin(self, now: float, timeout_s: float | None = None) -> CoordTx:
         assert self.next_txid < self.block_end, "write the id block first (needs_block)"
         txid = self.next_txid
@@ -113,9 +135,10 @@ class CoordinatorCore:
         (still undecided: ask again). Unknown txids are aborted (presumed abort)."""
         tx = self.get(txid)
         if tx is None:
-            if txid >= self.next_txid:
-                return Decision.ABORT  # never handed out by this coordinator
-            return Decision.ABORT  # no commit record: presumed abort
+            # Never handed out, from an earlier incarnation, or leased but never asked to
+            # commit: presumed abort -- and remembered, so a late commit is refused.
+            self.forget_as_aborted(txid, "presumed abort (unknown when asked)")
+            return Decision.ABORT
         if tx.phase is Phase.ACTIVE:
             # A prepared participant asks while the client has not committed: the
             # transaction may still commit; it is not ours to abort unless it expired.
@@ -136,7 +159,11 @@ class CoordinatorCore:
         tx = self.txs.get(txid)
         if tx is None:
             done = self.finished.get(txid)
-            return ("done", done) if done is not None else ("unknown", None)
+            if done is not None:
+                return "done", done
+            tx = self._adopt_leased(txid, now)
+            if tx is None:
+                return "unknown", None
         if tx.phase is not Phase.ACTIVE:
             return "wait", tx
         if now >= tx.deadline:
@@ -189,6 +216,12 @@ class CoordinatorCore:
         else:
             self.abort(tx, reason or "participant aborted the one-phase commit")
             tx.acked = set(tx.participants)
+            self._finish(tx)
+
+    def forget_as_aborted(self, txid: int, reason: str) -> None:
+        """Record ``txid`` as aborted without any state for it (presumed abort)."""
+        if txid not in self.txs and txid not in self.finished and self.first_txid <= txid < self.next_txid:
+            tx = CoordTx(txid, Phase.ABORTED, 0.0, reason=reason)
             self._finish(tx)
 
     def abort(self, tx: CoordTx, reason: str) -> None:

@@ -4,7 +4,8 @@ A :class:`LockTable` answers a lock request at once with :data:`GRANTED`,
 :data:`WAIT` or :data:`DIE`, and :meth:`LockTable.release_all` returns the waiting
 requests that became granted. The trio driver parks waiters and wakes the granted ones.
 
-Wait-die: transaction ids are ordered (smaller = older). A request that conflicts waits
+Wait-die: transactions are ordered by age (the txid of their first attempt, then the
+txid; smaller = older). A request that conflicts waits
 only if its transaction is older than every conflicting holder and every conflicting
 request queued ahead of it -- or the younger holder is *prepared*; otherwise it dies.
 Waits go from older to younger, or to a prepared transaction, which never waits again;
@@ -87,6 +88,16 @@ class LockTable:
         self._entries: dict[Any, _Entry] = {}
         self._held: dict[int, dict[Any, Mode]] = {}
         self._prepared: set[int] = set()
+        self._age: dict[int, int] = {}
+
+    def set_age(self, txid: int, age: int) -> None:
+        """Order ``txid`` by ``age`` (the txid of its first attempt) for wait-die, so a
+        retried transaction keeps its seniority and cannot starve."""
+        if age != txid:
+            self._age[txid] = age
+
+    def _older(self, a: int, b: int) -> bool:
+        return (self._age.get(a, a), a) < (self._age.get(b, b), b)
 
     def mark_prepared(self, txid: int) -> None:
         """``txid`` is prepared: it will never wait for a lock again, so anyone may
@@ -125,7 +136,7 @@ class LockTable:
         if not conflicts:
             self._grant(entry, txid, resource, wanted)
             return GRANTED
-        if all(txid < other or other in self._prepared for other in conflicts):
+        if all(self._older(txid, other) or other in self._prepared for other in conflicts):
             request = Request(txid, resource, wanted)
             if held is not None:
                 entry.queue.appendleft(request)
@@ -153,6 +164,7 @@ class LockTable:
         (of other transactions) granted as a result, in grant order."""
         granted: list[Request] = []
         self._prepared.discard(txid)
+        self._age.pop(txid, None)
         resources = list(self._held.pop(txid, {}))
         for resource, entry in list(self._entries.items()):
             if any(r.txid == txid for r in entry.queue):

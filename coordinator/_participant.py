@@ -246,6 +246,9 @@ class Participant:
             if type(txid) is not int or txid <= 0:
                 raise txrpc.InvalidArgument("metadata 'txid' must be a positive integer")
             op_seq = ctx.metadata.get("op_seq", 0)
+            age = ctx.metadata.get("age")
+            if type(age) is int and 0 < age <= txid:
+                self.core.locks.set_age(txid, age)
             return await self._run_operation(spec, txid, op_seq, args, kwargs, ctx.deadline)
 
         return handler

@@ -8,13 +8,14 @@ every writing participant acknowledged; done rows are history, pruned by age.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import cbor2
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ._appender import TRANSACT, GroupCommitAppender
+from ._appender import TRANSACT, GroupCommitAppender, RecordKind
 from ._database import Database
 from ._txn_schema import decisions, txid_blocks
 
@@ -84,6 +85,11 @@ class CoordinatorLog:
             "reason": reason,
             "decided_at": time.time(),
         }
+        if not heuristic:
+            # The coordinator decides each transaction once, from memory: a plain batched
+            # insert (a duplicate would be a bug, and fails the batch loudly).
+            await self.appender.append(DECISIONS, row)
+            return
         name = self.name
 
         def write(conn: Connection) -> None:
@@ -97,17 +103,9 @@ class CoordinatorLog:
         await self.appender.append(TRANSACT, write)
 
     async def mark_done(self, txid: int, acked: set[str]) -> None:
-        name = self.name
-        acked_bytes = cbor2.dumps(sorted(acked))
-
-        def write(conn: Connection) -> None:
-            conn.execute(
-                sa.update(decisions)
-                .where(decisions.c.coordinator == name, decisions.c.txid == txid)
-                .values(done=True, acked=acked_bytes)
-            )
-
-        await self.appender.append(TRANSACT, write)
+        """Phase 2 finished. Not needed for safety (a lost mark re-drives an idempotent
+        phase 2 after a restart), so it rides whatever batch comes next."""
+        await self.appender.append(DONE_MARKS, (self.name, txid, cbor2.dumps(sorted(acked))))
 
     async def get(self, txid: int) -> dict[str, Any] | None:
         name = self.name
@@ -160,3 +158,22 @@ def _row(row: Any) -> dict[str, Any]:
         "reason": row.reason,
         "decided_at": float(row.decided_at),
     }
+
+
+def _write_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[None]:
+    conn.execute(sa.insert(decisions), list(rows))
+    return [None] * len(rows)
+
+
+def _write_done(conn: Connection, marks: Sequence[tuple[str, int, bytes]]) -> list[None]:
+    conn.execute(
+        sa.update(decisions)
+        .where(decisions.c.coordinator == sa.bindparam("b_coordinator"), decisions.c.txid == sa.bindparam("b_txid"))
+        .values(done=True, acked=sa.bindparam("b_acked")),
+        [{"b_coordinator": c, "b_txid": t, "b_acked": a} for c, t, a in marks],
+    )
+    return [None] * len(marks)
+
+
+DECISIONS: RecordKind[dict[str, Any], None] = RecordKind("decision", _write_decisions)
+DONE_MARKS: RecordKind[tuple[str, int, bytes], None] = RecordKind("decision_done", _write_done)

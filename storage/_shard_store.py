@@ -18,7 +18,7 @@ import cbor2
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ._appender import TRANSACT, GroupCommitAppender
+from ._appender import GroupCommitAppender, RecordKind
 from ._database import Database
 from ._txn_schema import commit_log, prepared, shard_data
 
@@ -144,42 +144,19 @@ class ShardStore:
             "locks": encode([[_resource_to_wire(r), m] for r, m in locks]),
             "prepared_at": time.time(),
         }
-
-        def write(conn: Connection) -> None:
-            conn.execute(sa.insert(prepared).values(**row))
-
-        await self.appender.append(TRANSACT, write)
+        await self.appender.append(PREPARE_RECORDS, row)
 
     async def delete_prepare(self, txid: int) -> None:
-        shard = self.shard
-
-        def write(conn: Connection) -> None:
-            conn.execute(sa.delete(prepared).where(prepared.c.shard == shard, prepared.c.txid == txid))
-
-        await self.appender.append(TRANSACT, write)
+        await self.appender.append(DROP_PREPARE_RECORDS, (self.shard, txid))
 
     async def apply_commit(self, txid: int, writes: WriteSet) -> int:
         """Apply ``writes``, append the commit-log entry and drop the prepare record,
         in one local transaction. Returns the entry's log position."""
         position = self.next_position
         self.next_position += 1
-        shard = self.shard
-        entry = {
-            "shard": shard,
-            "position": position,
-            "txid": txid,
-            "writes": encode(_writes_to_wire(writes)),
-            "committed_at": time.time(),
-        }
-
-        def write(conn: Connection) -> int:
-            apply_writes(conn, shard, writes)
-            conn.execute(sa.insert(commit_log).values(**entry))
-            conn.execute(sa.delete(prepared).where(prepared.c.shard == shard, prepared.c.txid == txid))
-            return position
-
+        entry = _CommitEntry(self.shard, position, txid, writes, time.time())
         try:
-            result: int = await self.appender.append(TRANSACT, write)
+            result: int = await self.appender.append(COMMITS, entry)
         except BaseException:
             self._cache.clear()  # the outcome may be unknown: re-read from the database
             raise
@@ -255,3 +232,58 @@ def _resource_to_wire(resource: Any) -> Any:
 
 def _locks_from_wire(data: Any) -> list[tuple[Any, str]]:
     return [((tuple(r) if isinstance(r, list) else r), str(m)) for r, m in data]
+
+
+class _CommitEntry:
+    __slots__ = ("committed_at", "position", "shard", "txid", "writes")
+
+    def __init__(self, shard: str, position: int, txid: int, writes: WriteSet, committed_at: float) -> None:
+        self.shard = shard
+        self.position = position
+        self.txid = txid
+        self.writes = writes
+        self.committed_at = committed_at
+
+
+def _write_prepares(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[None]:
+    conn.execute(sa.insert(prepared), list(rows))
+    return [None] * len(rows)
+
+
+def _drop_prepares(conn: Connection, records: Sequence[tuple[str, int]]) -> list[None]:
+    for shard in {s for s, _ in records}:
+        txids = [t for s, t in records if s == shard]
+        conn.execute(sa.delete(prepared).where(prepared.c.shard == shard, prepared.c.txid.in_(txids)))
+    return [None] * len(records)
+
+
+def _write_commits(conn: Connection, entries: Sequence[_CommitEntry]) -> list[int]:
+    """Every commit of the batch with a handful of statements: the final value of each
+    key (later entries win: they hold the lock after earlier ones), the log entries, and
+    the prepare records dropped."""
+    for shard in sorted({e.shard for e in entries}):
+        mine = [e for e in entries if e.shard == shard]
+        final: dict[str, tuple[bool, Any]] = {}
+        for entry in mine:
+            for key, deleted, value in entry.writes:
+                final[key] = (deleted, value)
+        if final:
+            conn.execute(sa.delete(shard_data).where(shard_data.c.shard == shard, shard_data.c.key.in_(list(final))))
+            puts = [{"shard": shard, "key": k, "value": encode(v)} for k, (d, v) in final.items() if not d]
+            if puts:
+                conn.execute(sa.insert(shard_data), puts)
+        conn.execute(
+            sa.insert(commit_log),
+            [
+                {"shard": shard, "position": e.position, "txid": e.txid, "writes": encode(_writes_to_wire(e.writes)),
+                 "committed_at": e.committed_at}
+                for e in mine
+            ],
+        )
+        conn.execute(sa.delete(prepared).where(prepared.c.shard == shard, prepared.c.txid.in_([e.txid for e in mine])))
+    return [e.position for e in entries]
+
+
+PREPARE_RECORDS: RecordKind[dict[str, Any], None] = RecordKind("prepare", _write_prepares)
+DROP_PREPARE_RECORDS: RecordKind[tuple[str, int], None] = RecordKind("drop_prepare", _drop_prepares)
+COMMITS: RecordKind[_CommitEntry, int] = RecordKind("commit", _write_commits)

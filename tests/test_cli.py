@@ -97,9 +97,24 @@ def test_serve_bad_spec_is_a_usage_error() -> None:
     assert result.exit_code == 2 and "not a txrpc.Service" in result.output
 
 
-def test_demo_runs() -> None:
+def test_bank_demo_runs_a_cluster_and_conserves_money() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "txrpc.cli", "demo", "--calls", "500"],
+        [sys.executable, "-m", "txrpc.cli", "demo", "--transfers", "150", "--concurrency", "8", "--accounts", "40"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "150/150" in out.stdout
+    assert "total conserved, no negative balance" in out.stdout
+    assert "40,000 / 40,000" in out.stdout
+    assert "cluster stopped" in out.stdout
+
+
+def test_calculator_demo_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "txrpc.cli", "demo", "--calculator", "--calls", "500"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -54,6 +54,21 @@ class Cluster:
             coordinator.host, coordinator.port, limits=self.limits, connect_now=False, rng=random.Random(self.rng.random())
         )
         self.stats = {"committed": 0, "aborted": 0, "unknown": 0}
+        self.txid_lease_size = 16
+        self._leased: list[int] = []
+        self._lease_timeout_s = 30.0
+        self._lease_lock = trio.Lock()
+
+    async def _next_txid(self) -> tuple[int, float]:
+        """A transaction id from this client's lease (refilled from the coordinator in
+        small blocks, so beginning a transaction usually costs no round trip)."""
+        async with self._lease_lock:
+            if not self._leased:
+                lease = await self.coordinator.call("coord.lease", self.txid_lease_size)
+                first, count = int(lease["first"]), int(lease["count"])
+                self._leased = list(range(first + count - 1, first - 1, -1))
+                self._lease_timeout_s = float(lease["timeout_s"])
+            return self._leased.pop(), self._lease_timeout_s
 
     async def __aenter__(self) -> Cluster:
         await self.router.__aenter__()
@@ -72,10 +87,11 @@ class Cluster:
         finally:
             await self.router.__aexit__(None, None, None)
 
-    def transaction(self, timeout_s: float | None = None) -> Transaction:
+    def transaction(self, timeout_s: float | None = None, *, age: int | None = None) -> Transaction:
         """A new transaction (``async with``): commits when the block ends normally,
-        aborts when it raises. ``timeout_s`` bounds it (the coordinator's default otherwise)."""
-        return Transaction(self, timeout_s)
+        aborts when it raises. ``timeout_s`` bounds it (the coordinator's default otherwise).
+        ``age`` (the txid of an earlier attempt) keeps a retry's seniority in lock conflicts."""
+        return Transaction(self, timeout_s, age)
 
     async def run_transaction(
         self,
@@ -87,9 +103,11 @@ class Cluster:
         """Run ``fn(t)`` in a transaction and commit; retry (with backoff, up to
         ``attempts`` times) when it aborts for a retryable reason (conflicts, timeouts).
         Returns what ``fn`` returned from the attempt that committed."""
+        age: int | None = None
         for attempt in range(1, attempts + 1):
             try:
-                async with self.transaction(timeout_s) as t:
+                async with self.transaction(timeout_s, age=age) as t:
+                    age = age or t.txid
                     result = await fn(t)
                 return result
             except TransactionAborted as exc:
@@ -111,9 +129,10 @@ class Cluster:
 class Transaction:
     """One transaction; see :meth:`Cluster.transaction`."""
 
-    def __init__(self, cluster: Cluster, timeout_s: float | None) -> None:
+    def __init__(self, cluster: Cluster, timeout_s: float | None, age: int | None = None) -> None:
         self._cluster = cluster
         self._timeout_s = timeout_s
+        self.age = age
         self.txid: int | None = None
         self.participants: set[str] = set()
         self._op_seq = 0
@@ -122,9 +141,9 @@ class Transaction:
         self.outcome: str | None = None
 
     async def __aenter__(self) -> Transaction:
-        info = await self._cluster.coordinator.call("coord.begin", self._timeout_s)
-        self.txid = int(info["txid"])
-        self._deadline = trio.current_time() + float(info["timeout_s"])
+        txid, default_timeout_s = await self._cluster._next_txid()
+        self.txid = txid
+        self._deadline = trio.current_time() + (self._timeout_s or default_timeout_s)
         return self
 
     async def __aexit__(
@@ -163,6 +182,8 @@ class Transaction:
                 client = await router._client_for(node)
                 self.participants.add(node.name)  # before the call: it may run even if the reply is lost
                 metadata = {"txid": self.txid, "op_seq": op_seq, EPOCH_METADATA_KEY: shard_map.epoch}
+                if self.age is not None:
+                    metadata["age"] = self.age
                 try:
                     return await client.options(metadata=metadata, retries_max=0).call(method, *args, **kwargs)
                 except WrongEpoch as exc:

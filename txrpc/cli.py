@@ -243,12 +243,14 @@ def bench_rpc(seconds: float, rounds: int, callers: str, echo_callers: str, no_g
 
 def _mount_subcommands() -> None:
     from ._bench_ring import ring as bench_ring
+    from ._bench_tx import tx as bench_tx
     from ._ring_cli import ring as ring_group
 
     from ._cluster_cli import register
 
     cli.add_command(ring_group)
     bench.add_command(bench_ring)
+    bench.add_command(bench_tx)
     register(cli)
 
 

@@ -1,0 +1,311 @@
+"""`txrpc bench tx`: cross-shard bank transfers through our coordinator beside PostgreSQL's
+own two-phase commit driven from Python (psycopg ``tpc_*`` across three databases), in one run.
+
+Ours: a coordinator and three shard processes on SQLite (``synchronous=FULL``) in a temp
+dir; N concurrent clients in this process; each transfer withdraws 1 from an account on
+one shard and deposits it on another shard (single-shard row: both on one shard, which
+commits in one phase). The peer: the same transfers as ``UPDATE … SET bal = bal ± 1`` in
+two of three PostgreSQL databases with PREPARE TRANSACTION / COMMIT PREPARED.
+
+PostgreSQL needs ``max_prepared_transactions > 0``: ``--pg-setup`` runs
+``ALTER SYSTEM SET max_prepared_transactions = 200`` and restarts the local server with
+``pg_ctlcluster`` (root on the build machine); without it the bench says what to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import trio
+from rich.console import Console
+from rich.table import Table
+
+PG_DSN = os.environ.get("TXRPC_BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname={}")
+PG_DATABASES = ("txrpc_bench_s1", "txrpc_bench_s2", "txrpc_bench_s3")
+INITIAL_BALANCE = 1_000_000
+
+
+@dataclass
+class Row:
+    stack: str
+    workload: str
+    clients: int
+    per_s: float
+    p50_ms: float
+    p99_ms: float
+    retries: int
+    conserved: bool
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] * 1e3
+
+
+# --- ours ----------------------------------------------------------------------------------
+
+
+def run_ours(clients: int, seconds: float, accounts: int, console: Console) -> list[Row]:
+    from ._demo import Processes, write_cluster_file
+
+    with tempfile.TemporaryDirectory(prefix="txrpc-bench-tx-") as tmp:
+        config_path = write_cluster_file(Path(tmp))
+        processes = Processes(config_path, ["a", "b", "c"])
+        try:
+            for name in ["coordinator", "a", "b", "c"]:
+                processes.start(name)
+            for name in ["coordinator", "a", "b", "c"]:
+                processes.wait_ready(name)
+            return trio.run(_ours_workload, config_path, clients, seconds, accounts, console)
+        finally:
+            processes.stop()
+
+
+async def _ours_workload(config_path: Path, clients: int, seconds: float, accounts: int, console: Console) -> list[Row]:
+    from ._cluster import Transaction, cluster
+
+    rows = []
+    async with cluster(config_path, rng=random.Random(1)) as c:
+        names = [f"acct{i}" for i in range(accounts)]
+        shard_of = {n: c.config.shard_map.primary_of(n).name for n in names}
+        by_shard: dict[str, list[str]] = {}
+        for n in names:
+            by_shard.setdefault(shard_of[n], []).append(n)
+        with console.status(f"txrpc: opening {accounts} accounts"):
+            limiter = trio.CapacityLimiter(64)
+
+            async def open_one(name: str) -> None:
+                async with limiter:
+                    async with c.transaction() as t:
+                        await t.bank.open_account(name, INITIAL_BALANCE)
+
+            async with trio.open_nursery() as nursery:
+                for n in names:
+                    nursery.start_soon(open_one, n)
+        for workload in ("cross-shard (2 of 3)", "1 shard (1 phase)"):
+            latencies: list[float] = []
+            attempts = [0]
+            rng = random.Random(7)
+
+            def pick() -> tuple[str, str]:
+                if workload.startswith("cross"):
+                    a, b = rng.sample(sorted(by_shard), 2)
+                    return rng.choice(by_shard[a]), rng.choice(by_shard[b])
+                shard = rng.choice(sorted(by_shard))
+                x, y = rng.sample(by_shard[shard], 2)
+                return x, y
+
+            stop = time.perf_counter() + seconds
+
+            async def worker() -> None:
+                while time.perf_counter() < stop:
+                    src, dst = pick()
+
+                    async def transfer(t: Transaction) -> None:
+                        attempts[0] += 1
+                        await t.bank.withdraw(src, 1)
+                        await t.bank.deposit(dst, 1)
+
+                    t0 = time.perf_counter()
+                    await c.run_transaction(transfer, attempts=100)
+                    latencies.append(time.perf_counter() - t0)
+
+            with console.status(f"txrpc: {workload}, {clients} clients, {seconds:g} s"):
+                t0 = time.perf_counter()
+                async with trio.open_nursery() as nursery:
+                    for _ in range(clients):
+                        nursery.start_soon(worker)
+                elapsed = time.perf_counter() - t0
+            latencies.sort()
+            rows.append(
+                Row("txrpc", workload, clients, len(latencies) / elapsed, _percentile(latencies, 0.5),
+                    _percentile(latencies, 0.99), attempts[0] - len(latencies), True)
+            )
+        total = 0
+        for shard, members in by_shard.items():
+            for start in range(0, len(members), 200):
+                async with c.transaction() as t:
+                    for n in members[start : start + 200]:
+                        total += await t.bank.balance(n)
+        conserved = total == INITIAL_BALANCE * accounts
+        for row in rows:
+            row.conserved = conserved
+    return rows
+
+
+# --- PostgreSQL's own 2PC --------------------------------------------------------------------
+
+
+def pg_prepared_transactions() -> int | None:
+    """max_prepared_transactions of the local server, None if it cannot be reached."""
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    try:
+        with psycopg.connect(PG_DSN.format("postgres"), autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("show max_prepared_transactions").fetchone()
+            return int(row[0]) if row else None
+    except psycopg.Error:
+        return None
+
+
+def enable_prepared_transactions() -> None:
+    """Enable prepared transactions on the local server (ALTER SYSTEM + restart)."""
+    import psycopg
+
+    with psycopg.connect(PG_DSN.format("postgres"), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET max_prepared_transactions = 200")
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (pg_prepared_transactions() or 0) > 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("PostgreSQL did not come back with max_prepared_transactions > 0")
+
+
+def run_postgres(clients: int, seconds: float, accounts: int) -> Row:
+    return asyncio.run(_pg_main(clients, seconds, accounts // len(PG_DATABASES)))
+
+
+async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(PG_DSN.format("postgres"), autocommit=True) as admin:
+        existing = {r[0] for r in await (await admin.execute("select datname from pg_database")).fetchall()}
+        for name in PG_DATABASES:
+            if name not in existing:
+                await admin.execute(f'create database "{name}"')
+    for name in PG_DATABASES:
+        async with await psycopg.AsyncConnection.connect(PG_DSN.format(name), autocommit=True) as conn:
+            for row in await (await conn.execute("select gid from pg_prepared_xacts")).fetchall():
+                await conn.execute(f"rollback prepared '{row[0]}'")
+            await conn.execute("drop table if exists acct")
+            await conn.execute("create table acct(id int primary key, bal bigint not null)")
+            await conn.execute("insert into acct select g, %s from generate_series(0, %s) g", (INITIAL_BALANCE, per_db - 1))
+
+    async def total() -> int:
+        value = 0
+        for name in PG_DATABASES:
+            async with await psycopg.AsyncConnection.connect(PG_DSN.format(name), autocommit=True) as conn:
+                row = await (await conn.execute("select sum(bal) from acct")).fetchone()
+                value += int(row[0]) if row else 0
+        return value
+
+    before = await total()
+    latencies: list[float] = []
+    retries = [0]
+    stop = time.perf_counter() + seconds
+    seq = [0]
+
+    async def worker(index: int) -> None:
+        conns = {d: await psycopg.AsyncConnection.connect(PG_DSN.format(d)) for d in PG_DATABASES}
+        rng = random.Random(index)
+        while time.perf_counter() < stop:
+            a, b = rng.sample(PG_DATABASES, 2)
+            ia, ib = rng.randrange(per_db), rng.randrange(per_db)
+            seq[0] += 1
+            gtrid = f"bench-{index}-{seq[0]}"
+            ca, cb = conns[a], conns[b]
+            t0 = time.perf_counter()
+            try:
+                await ca.tpc_begin(ca.xid(1, gtrid, a))
+                await cb.tpc_begin(cb.xid(1, gtrid, b))
+                await ca.execute("update acct set bal = bal - 1 where id = %s", (ia,))
+                await cb.execute("update acct set bal = bal + 1 where id = %s", (ib,))
+                await ca.tpc_prepare()
+                await cb.tpc_prepare()
+                await ca.tpc_commit()
+                await cb.tpc_commit()
+                latencies.append(time.perf_counter() - t0)
+            except psycopg.errors.DeadlockDetected:
+                retries[0] += 1
+                for conn in (ca, cb):
+                    try:
+                        await conn.tpc_rollback()
+                    except psycopg.Error:
+                        await conn.rollback()
+        for conn in conns.values():
+            await conn.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    elapsed = time.perf_counter() - t0
+    after = await total()
+    latencies.sort()
+    return Row("PG 2PC", "cross-shard (2 of 3)", clients, len(latencies) / elapsed,
+               _percentile(latencies, 0.5), _percentile(latencies, 0.99), retries[0], before == after)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+@click.command("tx")
+@click.option("--clients", default=32, show_default=True, help="Concurrent clients (each side).")
+@click.option("--seconds", default=10.0, show_default=True, help="Duration of each measurement.")
+@click.option("--accounts", default=3000, show_default=True, help="Accounts (the peer: a third per database).")
+@click.option("--rounds", default=1, show_default=True, help="Repetitions; medians are kept.")
+@click.option("--no-postgres", is_flag=True, help="Measure txrpc only.")
+@click.option("--pg-setup", is_flag=True, help="Enable max_prepared_transactions (ALTER SYSTEM + restart) if it is 0.")
+def tx(clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bool, pg_setup: bool) -> None:
+    """Cross-shard transfers/s: txrpc's coordinator vs PostgreSQL's native 2PC."""
+    console = Console(width=max(Console().width, 110))
+    with_pg = not no_postgres
+    if with_pg:
+        prepared = pg_prepared_transactions()
+        if prepared is None:
+            console.print("[yellow]PostgreSQL unreachable at 127.0.0.1:5432: measuring txrpc only[/]")
+            with_pg = False
+        elif prepared == 0:
+            if pg_setup:
+                with console.status("enabling max_prepared_transactions and restarting PostgreSQL"):
+                    enable_prepared_transactions()
+            else:
+                console.print(
+                    "[yellow]PostgreSQL has max_prepared_transactions = 0, so its 2PC cannot run. "
+                    "Re-run with --pg-setup (runs ALTER SYSTEM SET max_prepared_transactions = 200 and "
+                    "restarts the server with pg_ctlcluster), or do that by hand.[/]"
+                )
+                with_pg = False
+    samples: dict[tuple[str, str], list[Row]] = {}
+    for _ in range(rounds):
+        for row in run_ours(clients, seconds, accounts, console):
+            samples.setdefault((row.stack, row.workload), []).append(row)
+        if with_pg:
+            with console.status(f"PostgreSQL 2PC: {clients} clients, {seconds:g} s"):
+                row = run_postgres(clients, seconds, accounts)
+            samples.setdefault((row.stack, row.workload), []).append(row)
+    rows = [
+        Row(stack, workload, clients, statistics.median(r.per_s for r in rs), statistics.median(r.p50_ms for r in rs),
+            statistics.median(r.p99_ms for r in rs), int(statistics.median(r.retries for r in rs)), all(r.conserved for r in rs))
+        for (stack, workload), rs in samples.items()
+    ]
+    by = {(r.stack, r.workload): r for r in rows}
+    ours_cross = by.get(("txrpc", "cross-shard (2 of 3)"))
+    pg = by.get(("PG 2PC", "cross-shard (2 of 3)"))
+    table = Table(title=f"txrpc bench tx — {clients} clients, {seconds:g} s, {accounts} accounts, medians of {rounds}")
+    for column in ("stack", "workload", "tx/s", "p50 ms", "p99 ms", "retries", "total ok", "ratio", "target"):
+        table.add_column(column, justify="left" if column in ("stack", "workload", "target") else "right")
+    for r in rows:
+        ratio = target = ""
+        if r.stack == "txrpc" and r.workload.startswith("cross") and pg is not None:
+            value = r.per_s / pg.per_s
+            ratio, target = f"{value:.2f}× PG", ("[green]met" if value >= 1.0 else "[red]missed") + "[/] ≥1×"
+        if r.stack == "txrpc" and r.workload.startswith("1 shard") and ours_cross is not None:
+            value = r.per_s / ours_cross.per_s
+            ratio, target = f"{value:.2f}× x-shard", ("[green]met" if value >= 2.0 else "[red]missed") + "[/] ≥2×"
+        table.add_row(r.stack, r.workload, f"{r.per_s:,.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", str(r.retries),
+                      "yes" if r.conserved else "[red]NO[/]", ratio, target)
+    console.print(table)
