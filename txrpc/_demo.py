@@ -3,6 +3,7 @@ in a temporary directory — running concurrent cross-shard bank transfers."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
@@ -65,14 +66,18 @@ class Processes:
         self.nodes = nodes
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+        """Start ``name`` (``coordinator`` or a node); ``env`` adds environment variables."""
         argv = [sys.executable, "-m", "txrpc.cli"]
         if name == "coordinator":
             argv += ["coordinator", "--config", str(self.config_path)]
         else:
             argv += ["shard", "--config", str(self.config_path), "--node", name]
-        log = open(self.config_path.parent / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+        argv += list(args)
+        with open(self.config_path.parent / f"{name}.log", "a") as log:
+            self.procs[name] = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})}
+            )
 
     def wait_ready(self, name: str) -> None:
         proc = self.procs[name]
@@ -90,6 +95,10 @@ class Processes:
     def kill9(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGKILL)
         self.procs[name].wait(timeout=10)
+
+    def wait_exit(self, name: str, timeout_s: float) -> int:
+        """Wait for ``name`` to exit (e.g. at a crash point); its exit status."""
+        return self.procs[name].wait(timeout=timeout_s)
 
     def stop(self) -> None:
         for proc in self.procs.values():
