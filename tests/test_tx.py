@@ -241,3 +241,37 @@ async def test_wrong_epoch_is_refused_before_anything_runs(tmp_path: Path) -> No
                 await raw.options(metadata={"epoch": 99}).call("bank.deposit", alice, 5)
             assert info.value.details["epoch"] == local.config.shard_map.epoch
         assert await cluster.call(alice, "bank.balance", alice) == 10
+
+
+@pytest.mark.postgres
+async def test_coordinator_log_and_shard_stores_on_postgres(tmp_path: Path, postgres_url: str) -> None:
+    """Same protocol, PostgreSQL underneath: concurrent transfers, then a shard crashes
+    (task tree cancelled, memory dropped) and restarts from what PostgreSQL kept."""
+    options = {"coordinator": {"db_url": postgres_url}, "shard": {"db_url": postgres_url}}
+    async with local_cluster(tmp_path, [bank], **options) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 6)
+        await open_accounts(cluster, names, 100)
+
+        async def worker(seed: int) -> None:
+            r = random.Random(seed)
+            for _ in range(10):
+                src, dst = r.sample(names, 2)
+
+                async def transfer(t: txrpc.Transaction) -> None:
+                    await t.bank.withdraw(src, 5)
+                    await t.bank.deposit(dst, 5)
+
+                await cluster.run_transaction(transfer, attempts=50)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for k in range(4):
+                    nursery.start_soon(worker, k)
+        before = {n: await cluster.call(n, "bank.balance", n) for n in names}
+        assert sum(before.values()) == 600
+        node = local.config.shard_map.primary_of(names[0]).name
+        local.crash(node)
+        await trio.sleep(0.1)
+        await local.start_shard(node)
+        after = {n: await cluster.call(n, "bank.balance", n) for n in names}
+        assert after == before
