@@ -198,7 +198,7 @@ class Coordinator:
         record = await self.log.get(txid)
         if tx is None and record is None:
             raise txrpc.NotFound(f"transaction {txid} is not known (presumed aborted)")
-        out = self._describe(tx) if tx is not None else {"txid": txid}
+        out: dict[str, Any] = self._describe(tx) if tx is not None else {"txid": txid}
         if record is not None:
             out["record"] = record
         return out
@@ -329,7 +329,7 @@ class Coordinator:
             event.set()
 
     def _backoff(self, attempt: int) -> float:
-        base = min(self.retry_backoff_s * 2 ** (attempt - 1), self.retry_backoff_max_s)
+        base = min(self.retry_backoff_s * 2.0 ** (attempt - 1), self.retry_backoff_max_s)
         return base * self.rng.uniform(0.5, 1.0)
 
 

@@ -172,11 +172,11 @@ class LockTable:
                 if resource not in resources:
                     resources.append(resource)
         for resource in resources:
-            entry = self._entries.get(resource)
-            if entry is None:
+            found = self._entries.get(resource)
+            if found is None:
                 continue
-            entry.holders.pop(txid, None)
-            granted += self._drain(resource, entry)
+            found.holders.pop(txid, None)
+            granted += self._drain(resource, found)
         return granted
 
     def _drain(self, resource: Any, entry: _Entry) -> list[Request]:

@@ -269,6 +269,7 @@ class Participant:
         tx: ParticipantTx = value
         finished = False
         try:
+            error: txrpc.RpcError
             try:
                 result = await spec.fn(TxHandle(self, tx), *args, **kwargs)
             except txrpc.Abort as exc:

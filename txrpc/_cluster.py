@@ -148,14 +148,13 @@ class Transaction:
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    ) -> None:
         if exc is not None:
             await self._abort()
             self._cluster.stats["aborted"] += 1
             self.outcome = "aborted"
-            return False  # the caller's exception (TransactionAborted, or its own) propagates
+            return  # the caller's exception (TransactionAborted, or its own) propagates
         await self._commit()
-        return False
 
     def call(self, key: str, method: str, /, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         """Call ``method`` on the primary of ``key``'s shard within this transaction."""

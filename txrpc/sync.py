@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -45,7 +45,7 @@ class _LoopThread:
         self._stop: trio.Event | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, body: Callable[[], Any], wait: bool = True) -> None:
+    def start(self, body: Callable[[trio.Nursery], Awaitable[None]], wait: bool = True) -> None:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
@@ -174,6 +174,12 @@ class Server:
     """
 
     _own = frozenset({"host", "port", "limits"})
+    host: str
+    port: int
+    limits: Limits | None
+    _service: Service
+    _server: AsyncServer | None
+    _loop: _LoopThread
 
     def __init__(self, host: str = "127.0.0.1", port: int = 12345, *, limits: Limits | None = None) -> None:
         object.__setattr__(self, "host", host)
