@@ -318,10 +318,12 @@ class Coordinator:
                 nursery.start_soon(tell, participant)
         for participant in targets:
             self.core.acked(tx, participant)
-        if tx.phase not in (Phase.COMMITTED, Phase.ABORTED):
-            self.core.finish_abort(tx) if not commit else None
         if commit:
+            assert tx.phase is Phase.COMMITTED
             await self.log.mark_done(tx.txid, set(targets))
+        elif tx.phase is not Phase.ABORTED:
+            # Read-only voters need no abort; an unreachable shard asks or times out.
+            self.core.finish_abort(tx)
 
     def _signal(self, tx: CoordTx) -> None:
         event = self._done.pop(tx.txid, None)

@@ -337,8 +337,7 @@ class Participant:
         """Phase 1: vote. A yes vote means the prepare record is durable."""
         await self._serialize(txid)
         action, vote, reason, granted = self.core.prepare(txid)
-        if action is PrepareAction.WAIT:
-            return await self.prepare(txid)  # unreachable after _serialize; kept for safety
+        assert action is not PrepareAction.WAIT, "prepare writes are serialized per txid"
         if action is PrepareAction.VOTE:
             assert vote is not None
             self._wake(granted, txid if vote is Vote.NO else None)
