@@ -61,10 +61,12 @@ from ._request_log import (
     RequestRecord,
     RequestState,
     StoredError,
+    count_replayable,
     find_requests,
     get_request,
     list_requests,
     prune_requests,
+    replay_requests,
     request_stats,
 )
 from ._schema import MIGRATIONS, SCHEMA_VERSION, Migration, current_version, migrate
@@ -114,6 +116,7 @@ __all__ = [
     "StoredError",
     "WriteConflict",
     "apply_each",
+    "count_replayable",
     "current_version",
     "display_url",
     "find_requests",
@@ -126,6 +129,7 @@ __all__ = [
     "open_engine",
     "open_storage",
     "prune_requests",
+    "replay_requests",
     "request_stats",
     "resolve_url",
 ]

@@ -34,8 +34,10 @@ import collections
 import dataclasses
 import enum
 import itertools
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 import trio
@@ -43,7 +45,7 @@ from sqlalchemy.engine import Connection
 
 from ._database import Database
 from ._engine import WRITE_OPTION
-from ._errors import AppendQueueFull, BatchFailed, StorageClosed
+from ._errors import AppendQueueFull, BatchFailed, StorageClosed, StorageUnavailable
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -70,15 +72,28 @@ class RecordKind(Generic[R, T]):
     or rolls it back itself) and returns exactly one ``T`` or :class:`Rejected` per
     record, in order. Define kinds once, at module level: records are grouped by
     kind identity.
+
+    ``durable=False`` marks records that need to be *committed* when their writer
+    wakes (visible to every connection and process, and surviving a crash of this
+    process) but not yet flushed against power loss: a batch made only of such
+    records commits without its own fsync (SQLite ``synchronous=NORMAL`` for that
+    commit, PostgreSQL ``synchronous_commit=off``). The log is sequential, so the
+    next durable commit flushes them too; a power loss can only lose a suffix of
+    committed batches. A batch with any durable record is flushed as usual.
     """
 
-    __slots__ = ("name", "write_batch")
+    __slots__ = ("durable", "name", "write_batch")
 
     def __init__(
-        self, name: str, write_batch: Callable[[Connection, Sequence[R]], Sequence[T | Rejected]]
+        self,
+        name: str,
+        write_batch: Callable[[Connection, Sequence[R]], Sequence[T | Rejected]],
+        *,
+        durable: bool = True,
     ) -> None:
         self.name = name
         self.write_batch = write_batch
+        self.durable = durable
 
     def __repr__(self) -> str:
         return f"RecordKind({self.name!r})"
@@ -116,13 +131,15 @@ class _State(enum.Enum):
 
 
 class _Pending:
-    __slots__ = ("done", "error", "kind", "record", "state", "value")
+    __slots__ = ("error", "kind", "record", "state", "task", "value")
 
-    def __init__(self, kind: RecordKind[Any, Any], record: Any) -> None:
+    def __init__(self, kind: RecordKind[Any, Any], record: Any, task: trio.lowlevel.Task) -> None:
         self.kind = kind
         self.record = record
         self.state = _State.QUEUED
-        self.done = trio.Event()
+        # The writer, parked until its record is done (None once it stopped waiting).
+        # Rescheduled directly: a trio.Event per record costs measurably more.
+        self.task: trio.lowlevel.Task | None = task
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -136,11 +153,15 @@ class AppenderStats:
     """Counters since the appender was created (a batch = one transaction)."""
 
     batches_committed: int = 0
+    #: Of those, batches of non-durable records only, committed without a flush.
+    batches_unflushed: int = 0
     records_committed: int = 0
     records_rejected: int = 0
     batches_failed: int = 0
     records_failed: int = 0
     largest_batch: int = 0
+    #: ``pipelined_fsync``: WAL flushes done by the syncer (each covers many batches).
+    wal_syncs: int = 0
 
 
 class GroupCommitAppender:
@@ -151,6 +172,15 @@ class GroupCommitAppender:
     :meth:`append` raises :class:`AppendQueueFull` at once: never an unbounded
     buffer, never a hidden wait). ``batching=False`` commits one record per
     transaction.
+
+    ``pipelined_fsync=True`` (SQLite, with batching; ignored otherwise) takes the fsync
+    out of the write lock: every batch commits without a flush (``synchronous=NORMAL``)
+    and a separate syncer task fsyncs the WAL while the next batch is written; a
+    durable record's writer wakes only after a WAL fsync that started after its
+    commit. Writes stay durable when ``append`` returns, but a *reader* can see a
+    committed durable record before it is flushed: a caller that acts on what it read
+    (replays a stored outcome to a client) must ``await appender.sync()`` first. Only
+    for databases whose readers follow that rule (the request log does).
 
     The flusher is :meth:`run`, which must run in a nursery while the appender is
     used; :func:`open_appender` does that.
@@ -163,10 +193,17 @@ class GroupCommitAppender:
         batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT,
         queue_records_max: int = QUEUE_RECORDS_MAX_DEFAULT,
         batching: bool = True,
+        pipelined_fsync: bool = False,
     ) -> None:
         if batch_records_max < 1 or queue_records_max < 1:
             raise ValueError("batch_records_max and queue_records_max must be >= 1")
         self.database = database
+        self.pipelined_fsync = pipelined_fsync and batching and database.dialect == "sqlite"
+        self._unsynced: list[tuple[_Pending, Any]] = []
+        self._sync_waiters: list[_SyncWaiter] = []
+        self._syncer_wakeup = trio.Event()
+        self._flusher_done = False
+        self._sync_limiter = trio.CapacityLimiter(1)
         self.batch_records_max = batch_records_max if batching else 1
         self.queue_records_max = queue_records_max
         self.batching = batching
@@ -208,18 +245,40 @@ class GroupCommitAppender:
                 f"{len(self._queue)} records already wait for a group commit on {self.database.url} "
                 f"(queue_records_max={self.queue_records_max}); retry later"
             )
-        pending = _Pending(kind, record)
+        pending = _Pending(kind, record, trio.lowlevel.current_task())
         self._queue.append(pending)
         self._wakeup.set()
-        try:
-            await pending.done.wait()
-        finally:
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
             if pending.state is _State.QUEUED:
                 self._queue.remove(pending)
                 pending.state = _State.WITHDRAWN
+            pending.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
         if pending.error is not None:
             raise pending.error
         return cast(T, pending.value)
+
+    async def sync(self) -> None:
+        """Return once everything committed to the database so far — by this appender or
+        any other connection or process — is flushed to disk.
+
+        A no-op unless ``pipelined_fsync`` is on (otherwise every durable record was
+        flushed by its own commit). Raises :class:`StorageUnavailable` if the flush fails.
+        """
+        if not self.pipelined_fsync:
+            return
+        if self._flusher_done:
+            await trio.to_thread.run_sync(self._fsync_wal, limiter=self._sync_limiter)
+            return
+        waiter = _SyncWaiter()
+        self._sync_waiters.append(waiter)
+        self._syncer_wakeup.set()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
 
     async def transact(self, function: Callable[[Connection], T]) -> T:
         """Run ``function(conn)`` inside the next batch's transaction, in its own savepoint.
@@ -249,7 +308,26 @@ class GroupCommitAppender:
         if self._running:
             raise RuntimeError("GroupCommitAppender.run is already running")
         self._running = True
-        task_status.started()
+        if not self.pipelined_fsync:
+            task_status.started()
+            try:
+                await self._flush_loop()
+            finally:
+                self._stopped.set()
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._syncer)
+                task_status.started()
+                try:
+                    await self._flush_loop()
+                finally:
+                    self._flusher_done = True
+                    self._syncer_wakeup.set()
+        finally:
+            self._stopped.set()
+
+    async def _flush_loop(self) -> None:
         try:
             while True:
                 while not self._queue:
@@ -268,7 +346,71 @@ class GroupCommitAppender:
                 pending = self._queue.popleft()
                 message = f"the appender for {self.database.url} stopped before this record was written"
                 self._finish(pending, None, StorageClosed(message))
-            self._stopped.set()
+
+    # -- the WAL syncer (pipelined_fsync) ------------------------------------------------
+
+    async def _syncer(self) -> None:
+        """Flush the WAL for committed durable records (and ``sync()`` callers), one
+        fsync for everything committed before it started, while batches keep committing."""
+        try:
+            while True:
+                while not self._unsynced and not self._sync_waiters:
+                    if self._flusher_done:
+                        return
+                    self._syncer_wakeup = trio.Event()
+                    await self._syncer_wakeup.wait()
+                committed, self._unsynced = self._unsynced, []
+                waiters, self._sync_waiters = self._sync_waiters, []
+                try:
+                    await trio.to_thread.run_sync(self._fsync_wal, limiter=self._sync_limiter)
+                except BaseException as exc:
+                    self._fail_unsynced(committed, waiters, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                self.stats.wal_syncs += 1
+                for pending, value in committed:
+                    self._finish(pending, value, None)
+                for waiter in waiters:
+                    waiter.done.set()
+        finally:
+            if self._unsynced or self._sync_waiters:
+                committed, self._unsynced = self._unsynced, []
+                waiters, self._sync_waiters = self._sync_waiters, []
+                self._fail_unsynced(committed, waiters, StorageClosed("the appender stopped before flushing"))
+
+    def _fail_unsynced(
+        self, committed: list[tuple[_Pending, Any]], waiters: list[_SyncWaiter], exc: BaseException
+    ) -> None:
+        detail = f"{type(exc).__name__}: {exc}"
+        for pending, _ in committed:
+            failure = BatchFailed(
+                f"flushing the WAL of {self.database.url} failed after the commit, outcome unknown: {detail}",
+                outcome_unknown=True,
+            )
+            failure.__cause__ = exc
+            self._finish(pending, None, failure)
+        for waiter in waiters:
+            waiter.error = StorageUnavailable(f"flushing the WAL of {self.database.url} failed: {detail}")
+            waiter.done.set()
+
+    def _fsync_wal(self) -> None:
+        """Worker thread: fsync the SQLite WAL file (everything written to it so far).
+
+        If there is no WAL file (checkpointed and removed: SQLite flushed the database
+        file then), the database file is flushed instead.
+        """
+        path = Path(self.database.engine.url.database or "")
+        for candidate in (Path(f"{path}-wal"), path):
+            try:
+                fd = os.open(candidate, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
 
     # -- internals ---------------------------------------------------------------------
 
@@ -284,7 +426,10 @@ class GroupCommitAppender:
         pending.value = value
         pending.error = error
         pending.state = _State.DONE
-        pending.done.set()
+        task = pending.task
+        if task is not None:
+            pending.task = None
+            trio.lowlevel.reschedule(task)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
@@ -309,38 +454,78 @@ class GroupCommitAppender:
                 raise
             return
         self.stats.batches_committed += 1
+        if not any(pending.kind.durable for pending in batch):
+            self.stats.batches_unflushed += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        deferred = False
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, Rejected):
                 self.stats.records_rejected += 1
                 self._finish(pending, None, result.error)
             else:
                 self.stats.records_committed += 1
-                self._finish(pending, result, None)
+                if self.pipelined_fsync and pending.kind.durable:
+                    self._unsynced.append((pending, result))  # woken by the syncer
+                    deferred = True
+                else:
+                    self._finish(pending, result, None)
+        if deferred:
+            self._syncer_wakeup.set()
 
     def _write_batch_sync(self, batch: list[_Pending]) -> list[Any]:
         """Worker thread: one transaction for the whole batch; raises to fail it."""
-        results: list[Any] = []
+        flush = any(pending.kind.durable for pending in batch)
         with self.database.engine.connect() as conn:
             conn.execution_options(**{WRITE_OPTION: True})
-            transaction = conn.begin()
+            # Pipelined: the syncer flushes the WAL for the durable records.
+            lazy_sqlite = (self.pipelined_fsync or not flush) and conn.dialect.name == "sqlite"
+            if lazy_sqlite:
+                # Per connection and outside a transaction; restored before the
+                # connection goes back to the pool.
+                conn.connection.driver_connection.execute("PRAGMA synchronous = NORMAL")  # type: ignore[union-attr]
             try:
-                for kind, group in itertools.groupby(batch, key=lambda pending: pending.kind):
-                    records = [pending.record for pending in group]
-                    written = kind.write_batch(conn, records)
-                    if len(written) != len(records):
-                        raise AssertionError(
-                            f"{kind!r}.write_batch returned {len(written)} results for {len(records)} records"
-                        )
-                    results.extend(written)
-            except BaseException:
-                transaction.rollback()
-                raise
-            try:
-                transaction.commit()
-            except Exception as exc:
-                raise _CommitFailed() from exc
+                return self._write_in_transaction(conn, batch, flush)
+            finally:
+                if lazy_sqlite:
+                    _restore_full_sync(conn)
+
+    def _write_in_transaction(self, conn: Connection, batch: list[_Pending], flush: bool) -> list[Any]:
+        results: list[Any] = []
+        transaction = conn.begin()
+        try:
+            if not flush and conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            for kind, group in itertools.groupby(batch, key=lambda pending: pending.kind):
+                records = [pending.record for pending in group]
+                written = kind.write_batch(conn, records)
+                if len(written) != len(records):
+                    raise AssertionError(
+                        f"{kind!r}.write_batch returned {len(written)} results for {len(records)} records"
+                    )
+                results.extend(written)
+        except BaseException:
+            transaction.rollback()
+            raise
+        try:
+            transaction.commit()
+        except Exception as exc:
+            raise _CommitFailed() from exc
         return results
+
+
+class _SyncWaiter:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+def _restore_full_sync(conn: Connection) -> None:
+    try:
+        conn.connection.driver_connection.execute("PRAGMA synchronous = FULL")  # type: ignore[union-attr]
+    except Exception:
+        conn.invalidate()  # never hand a connection with weaker durability back to the pool
 
 
 @asynccontextmanager
@@ -350,6 +535,7 @@ async def open_appender(
     batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT,
     queue_records_max: int = QUEUE_RECORDS_MAX_DEFAULT,
     batching: bool = True,
+    pipelined_fsync: bool = False,
 ) -> AsyncIterator[GroupCommitAppender]:
     """Run a :class:`GroupCommitAppender`'s flusher for the duration of the block.
 
@@ -362,6 +548,7 @@ async def open_appender(
         batch_records_max=batch_records_max,
         queue_records_max=queue_records_max,
         batching=batching,
+        pipelined_fsync=pipelined_fsync,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(appender.run)

@@ -105,6 +105,20 @@ class KvTransaction:
         """Buffer a deletion of ``key`` (a no-op at apply time if it does not exist)."""
         self._writes[key] = _DELETED
 
+    def check(self, conn: Connection) -> None:
+        """Validate the reads only (write nothing): raise :class:`WriteConflict` if a key
+        read has changed since. For an outcome decided on these reads whose writes are
+        to be discarded (a handler that raised), pass it as ``extra_writes``."""
+        ns = self.namespace
+        on_postgres = conn.dialect.name == "postgresql"
+        for key in sorted(self._reads):
+            query = sa.select(kv.c.version).where(_where(ns, key))
+            if on_postgres:
+                query = query.with_for_update(read=True)
+            current = conn.execute(query).scalar_one_or_none()
+            if (current or _ABSENT_VERSION) != self._reads[key][1]:
+                raise WriteConflict(f"key {key!r} in namespace {ns!r} changed after it was read")
+
     def apply(self, conn: Connection) -> None:
         """Validate the reads and apply the writes on ``conn``'s open transaction.
 

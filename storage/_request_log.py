@@ -77,6 +77,9 @@ class RequestRecord:
     lease_expires_at: float
     replay_count: int
     last_replayed_at: float | None
+    #: Canonical CBOR of ``[args, kwargs]`` as received (None for rows written before
+    #: schema version 4, or by a caller that did not pass it): what replay re-sends.
+    request: bytes | None = None
 
     @property
     def completed(self) -> bool:
@@ -132,6 +135,7 @@ def _record(row: Row[Any]) -> RequestRecord:
         lease_expires_at=float(m["lease_expires_at"]),
         replay_count=int(m["replay_count"]),
         last_replayed_at=None if m["last_replayed_at"] is None else float(m["last_replayed_at"]),
+        request=None if m["request"] is None else bytes(m["request"]),
     )
 
 
@@ -140,7 +144,33 @@ def _record(row: Row[Any]) -> RequestRecord:
 _c = request_log.c
 _IN_PROGRESS = RequestState.IN_PROGRESS.value
 _COMPLETED = RequestState.COMPLETED.value
-_IN_CHUNK = 400  # (identity, key) pairs per IN (...) list
+_IN_CHUNK = 400  # keys per IN (...) list
+
+
+def _by_identity(pks: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """``pks`` as (identity, up to _IN_CHUNK keys) groups, duplicates dropped.
+
+    Lookups are written ``identity = ? AND idempotency_key IN (...)``: both SQLite and
+    PostgreSQL search the primary key with that, whereas a row-value
+    ``(identity, key) IN (...)`` makes SQLite scan the whole table (measured: a
+    complete batch cost grew with the log's size).
+    """
+    keys_of: dict[str, dict[str, None]] = {}
+    for identity, key in pks:
+        keys_of.setdefault(identity, {})[key] = None
+    groups: list[tuple[str, list[str]]] = []
+    for identity, keys in keys_of.items():
+        listed = list(keys)
+        for offset in range(0, len(listed), _IN_CHUNK):
+            groups.append((identity, listed[offset : offset + _IN_CHUNK]))
+    return groups
+
+
+_IN_KEYS = sa.and_(
+    _c.identity == sa.bindparam("p_identity"), _c.idempotency_key.in_(sa.bindparam("p_keys", expanding=True))
+)
+_SELECT_MANY = sa.select(request_log).where(_IN_KEYS)
+_SELECT_MANY_LOCKED = _SELECT_MANY.with_for_update()
 
 
 def _is_pk(prefix: str = "p") -> sa.ColumnElement[bool]:
@@ -202,18 +232,78 @@ def _select_rows(
     conn: Connection, pks: Sequence[tuple[str, str]], *, lock: bool
 ) -> dict[tuple[str, str], RequestRecord]:
     """The rows for ``pks`` (missing ones absent), with row locks on PostgreSQL if ``lock``."""
-    unique = list(dict.fromkeys(pks))
     found: dict[tuple[str, str], RequestRecord] = {}
-    for offset in range(0, len(unique), _IN_CHUNK):
-        query = sa.select(request_log).where(
-            sa.tuple_(_c.identity, _c.idempotency_key).in_(unique[offset : offset + _IN_CHUNK])
-        )
-        if lock and conn.dialect.name == "postgresql":
-            query = query.with_for_update()
-        for row in conn.execute(query):
+    query = _SELECT_MANY_LOCKED if lock and conn.dialect.name == "postgresql" else _SELECT_MANY
+    for identity, keys in _by_identity(pks):
+        for row in conn.execute(query, {"p_identity": identity, "p_keys": keys}):
             record = _record(row)
             found[(record.identity, record.key)] = record
     return found
+
+
+# -- SQLite fast path ----------------------------------------------------------------
+#
+# The begin and completion kinds run for every keyed call; on SQLite they use the
+# driver's cursor directly (executemany with prebuilt SQL), which costs a fraction of
+# SQLAlchemy's per-row parameter processing. This is safe without ON CONFLICT: the
+# appender's transaction is BEGIN IMMEDIATE, so no other writer (thread or process)
+# can insert or change a row between our SELECT and our INSERT/UPDATE.
+
+_RAW_COLUMNS = (
+    "identity, idempotency_key, method, fingerprint, state, attempt, response, error_code, "
+    "error_message, error_details, created_at, completed_at, lease_expires_at, replay_count, "
+    "last_replayed_at, request"
+)
+_RAW_INSERT = (
+    "INSERT INTO txrpc_request_log (identity, idempotency_key, method, fingerprint, state, attempt, "
+    "created_at, lease_expires_at, replay_count, request) VALUES (?, ?, ?, ?, 'in_progress', 1, ?, ?, 0, ?)"
+)
+_RAW_COMPLETE = (
+    "UPDATE txrpc_request_log SET state = 'completed', completed_at = ?, response = ?, error_code = ?, "
+    "error_message = ?, error_details = ? "
+    "WHERE identity = ? AND idempotency_key = ? AND state = 'in_progress' AND attempt = ?"
+)
+
+
+def _raw_record(row: Sequence[Any]) -> RequestRecord:
+    error = None
+    if row[7] is not None:
+        error = StoredError(int(row[7]), str(row[8] or ""), bytes(row[9] or b""))
+    return RequestRecord(
+        identity=row[0],
+        key=row[1],
+        method=row[2],
+        fingerprint=bytes(row[3]),
+        state=RequestState(row[4]),
+        attempt=int(row[5]),
+        response=None if row[6] is None else bytes(row[6]),
+        error=error,
+        created_at=float(row[10]),
+        completed_at=None if row[11] is None else float(row[11]),
+        lease_expires_at=float(row[12]),
+        replay_count=int(row[13]),
+        last_replayed_at=None if row[14] is None else float(row[14]),
+        request=None if row[15] is None else bytes(row[15]),
+    )
+
+
+def _raw_select_rows(cursor: Any, pks: Sequence[tuple[str, str]]) -> dict[tuple[str, str], RequestRecord]:
+    found: dict[tuple[str, str], RequestRecord] = {}
+    for identity, keys in _by_identity(pks):
+        marks = ", ".join("?" * len(keys))
+        where = f"identity = ? AND idempotency_key IN ({marks})"
+        cursor.execute(f"SELECT {_RAW_COLUMNS} FROM txrpc_request_log WHERE {where}", [identity, *keys])
+        for row in cursor.fetchall():
+            record = _raw_record(row)
+            found[(record.identity, record.key)] = record
+    return found
+
+
+def _raw_cursor(conn: Connection) -> Any | None:
+    """The driver's cursor on the connection's open transaction (SQLite only), else None."""
+    if conn.dialect.name != "sqlite":
+        return None
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
 def _lease_lost(identity: str, key: str, attempt: int, current: RequestRecord | None) -> LeaseLost:
@@ -314,10 +404,15 @@ def request_stats(conn: Connection, now: float | None = None) -> RequestLogStats
     )
 
 
-def prune_requests(conn: Connection, older_than: float, *, dry_run: bool = False) -> int:
+def prune_requests(
+    conn: Connection, older_than: float, *, dry_run: bool = False, limit: int | None = None
+) -> int:
     """Delete rows past retention and return how many: completed rows whose
     ``completed_at`` is before ``older_than``, and in-progress rows whose lease ended
-    before ``older_than`` (abandoned by a dead executor). ``dry_run`` only counts."""
+    before ``older_than`` (abandoned by a dead executor). ``dry_run`` only counts.
+
+    ``limit`` deletes at most that many rows (oldest first), so a pruner can work in
+    short transactions that do not hold the write lock for long."""
     c = request_log.c
     condition = sa.or_(
         sa.and_(c.state == RequestState.COMPLETED.value, c.completed_at < older_than),
@@ -325,7 +420,82 @@ def prune_requests(conn: Connection, older_than: float, *, dry_run: bool = False
     )
     if dry_run:
         return int(conn.execute(sa.select(sa.func.count()).where(condition)).scalar_one())
-    return int(conn.execute(sa.delete(request_log).where(condition)).rowcount)
+    if limit is None:
+        return int(conn.execute(sa.delete(request_log).where(condition)).rowcount)
+    if limit < 1:
+        raise ValueError("limit must be >= 1")
+    victims = sa.select(c.identity, c.idempotency_key).where(condition).order_by(c.created_at).limit(limit)
+    pks = [(str(i), str(k)) for i, k in conn.execute(victims)]
+    delete = sa.delete(request_log).where(_IN_KEYS, condition)
+    deleted = 0
+    for identity, keys in _by_identity(pks):
+        deleted += int(conn.execute(delete, {"p_identity": identity, "p_keys": keys}).rowcount)
+    return deleted
+
+
+def replay_requests(
+    conn: Connection,
+    *,
+    method: str | None = None,
+    identity: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    after: tuple[float, str, str] | None = None,
+    limit: int = LIST_LIMIT_DEFAULT,
+) -> list[RequestRecord]:
+    """Completed rows in their original order (``created_at``, then identity and key),
+    for ``txrpc replay``: at most ``limit`` (1..LIST_LIMIT_MAX) of them.
+
+    ``since`` / ``until`` keep rows created in ``[since, until)``; ``after`` is the
+    ``(created_at, identity, key)`` of the last row of the previous page (keyset
+    pagination: pages stay correct while the log grows).
+    """
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise ValueError(f"limit must be in 1..{LIST_LIMIT_MAX}")
+    c = request_log.c
+    query = sa.select(request_log).where(c.state == RequestState.COMPLETED.value)
+    if method is not None:
+        query = query.where(c.method == method)
+    if identity is not None:
+        query = query.where(c.identity == identity)
+    if since is not None:
+        query = query.where(c.created_at >= since)
+    if until is not None:
+        query = query.where(c.created_at < until)
+    if after is not None:
+        created_at, after_identity, after_key = after
+        query = query.where(
+            c.created_at >= created_at,
+            sa.or_(
+                c.created_at > created_at,
+                c.identity > after_identity,
+                sa.and_(c.identity == after_identity, c.idempotency_key > after_key),
+            ),
+        )
+    query = query.order_by(c.created_at, c.identity, c.idempotency_key).limit(limit)
+    return [_record(row) for row in conn.execute(query)]
+
+
+def count_replayable(
+    conn: Connection,
+    *,
+    method: str | None = None,
+    identity: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> int:
+    """How many rows :func:`replay_requests` would page through with these filters."""
+    c = request_log.c
+    query = sa.select(sa.func.count()).select_from(request_log).where(c.state == RequestState.COMPLETED.value)
+    if method is not None:
+        query = query.where(c.method == method)
+    if identity is not None:
+        query = query.where(c.identity == identity)
+    if since is not None:
+        query = query.where(c.created_at >= since)
+    if until is not None:
+        query = query.where(c.created_at < until)
+    return int(conn.execute(query).scalar_one())
 
 
 # -- record kinds written through the group-commit appender -------------------------
@@ -339,6 +509,20 @@ class _Begin:
     fingerprint: bytes
     lease_s: float
     now: float
+    request: bytes | None
+
+
+def _raw_insert_begins(
+    cursor: Any, firsts: list[_Begin]
+) -> tuple[dict[tuple[str, str], RequestRecord], list[_Begin]]:
+    """SQLite: insert the begins whose key has no row; return (existing rows, inserted)."""
+    existing = _raw_select_rows(cursor, [(r.identity, r.key) for r in firsts])
+    fresh = [r for r in firsts if (r.identity, r.key) not in existing]
+    cursor.executemany(
+        _RAW_INSERT,
+        [(r.identity, r.key, r.method, r.fingerprint, r.now, r.now + r.lease_s, r.request) for r in fresh],
+    )
+    return existing, fresh
 
 
 def _write_begins(conn: Connection, records: Sequence[_Begin]) -> list[BeginResult | Rejected]:
@@ -358,11 +542,20 @@ def _write_begins(conn: Connection, records: Sequence[_Begin]) -> list[BeginResu
             "created_at": r.now,
             "lease_expires_at": r.now + r.lease_s,
             "replay_count": 0,
+            "request": r.request,
         }
         for r in firsts.values()
     ]
-    inserted = {(str(i), str(k)) for i, k in conn.execute(_insert_if_absent(conn.dialect.name), params)}
-    existing = _select_rows(conn, [pk for pk in firsts if pk not in inserted], lock=False)
+    cursor = _raw_cursor(conn)
+    if cursor is not None:
+        try:
+            existing, fresh = _raw_insert_begins(cursor, list(firsts.values()))
+        finally:
+            cursor.close()
+        inserted = {(r.identity, r.key) for r in fresh}
+    else:
+        inserted = {(str(i), str(k)) for i, k in conn.execute(_insert_if_absent(conn.dialect.name), params)}
+        existing = _select_rows(conn, [pk for pk in firsts if pk not in inserted], lock=False)
     results: list[BeginResult | Rejected] = []
     for r in records:
         pk = (r.identity, r.key)
@@ -382,6 +575,7 @@ def _write_begins(conn: Connection, records: Sequence[_Begin]) -> list[BeginResu
                 lease_expires_at=first.now + first.lease_s,
                 replay_count=0,
                 last_replayed_at=None,
+                request=first.request,
             )
             results.append(BeginResult(new=r is first, record=record))
         else:
@@ -456,7 +650,19 @@ def _write_completions(conn: Connection, records: Sequence[_Complete]) -> list[R
     # completions then go in one executemany UPDATE; those with extra_writes each get
     # their own savepoint so the handler's writes and the completion commit together
     # or not at all. The UPDATE repeats the guard, so a drifted view fails loudly.
-    current = _select_rows(conn, [(r.identity, r.key) for r in records], lock=True)
+    cursor = _raw_cursor(conn)
+    try:
+        return _complete_batch(conn, cursor, records)
+    finally:
+        if cursor is not None:
+            cursor.close()
+
+
+def _complete_batch(
+    conn: Connection, cursor: Any | None, records: Sequence[_Complete]
+) -> list[RequestRecord | Rejected]:
+    pks = [(r.identity, r.key) for r in records]
+    current = _raw_select_rows(cursor, pks) if cursor is not None else _select_rows(conn, pks, lock=True)
     results: list[RequestRecord | Rejected] = []
     bulk: list[dict[str, Any]] = []
     for r in records:
@@ -465,8 +671,21 @@ def _write_completions(conn: Connection, records: Sequence[_Complete]) -> list[R
         if row is None or row.completed or row.attempt != r.attempt:
             results.append(Rejected(_lease_lost(r.identity, r.key, r.attempt, row)))
             continue
-        done = dataclasses.replace(
-            row, state=RequestState.COMPLETED, completed_at=r.now, response=r.response, error=r.error
+        done = RequestRecord(  # (dataclasses.replace costs several times more, per record)
+            row.identity,
+            row.key,
+            row.method,
+            row.fingerprint,
+            RequestState.COMPLETED,
+            row.attempt,
+            r.response,
+            r.error,
+            row.created_at,
+            r.now,
+            row.lease_expires_at,
+            row.replay_count,
+            row.last_replayed_at,
+            row.request,
         )
         params = {
             **_pk_params(r.identity, r.key),
@@ -492,7 +711,26 @@ def _write_completions(conn: Connection, records: Sequence[_Complete]) -> list[R
             savepoint.commit()
         current[pk] = done
         results.append(done)
-    if bulk:
+    if bulk and cursor is not None:
+        cursor.executemany(
+            _RAW_COMPLETE,
+            [
+                (
+                    p["p_completed_at"],
+                    p["p_response"],
+                    p["p_error_code"],
+                    p["p_error_message"],
+                    p["p_error_details"],
+                    p["p_identity"],
+                    p["p_key"],
+                    p["p_attempt"],
+                )
+                for p in bulk
+            ],
+        )
+        if cursor.rowcount != len(bulk):
+            raise AssertionError(f"{len(bulk)} completions updated {cursor.rowcount} request-log rows")
+    elif bulk:
         updated = conn.execute(_COMPLETE, bulk).rowcount
         if conn.dialect.supports_sane_multi_rowcount and updated != len(bulk):
             raise AssertionError(f"{len(bulk)} completions updated {updated} request-log rows")
@@ -527,14 +765,18 @@ def _write_replays(conn: Connection, records: Sequence[_Replayed]) -> list[bool]
     ]
 
 
-BEGIN: RecordKind[_Begin, BeginResult] = RecordKind("request_log.begin", _write_begins)
+# Only a completion must be flushed before its writer wakes (a reply follows it).
+# The other records are committed (visible everywhere, surviving a crash of this
+# process) and become durable against power loss with the next flushed batch: losing
+# them in a power cut loses nothing a caller was told (see specs/guarantees.md).
+BEGIN: RecordKind[_Begin, BeginResult] = RecordKind("request_log.begin", _write_begins, durable=False)
 TAKE_OVER: RecordKind[_TakeOver, RequestRecord | None] = RecordKind(
-    "request_log.take_over", _write_take_overs
+    "request_log.take_over", _write_take_overs, durable=False
 )
-RENEW: RecordKind[_Renew, bool] = RecordKind("request_log.renew", _write_renewals)
+RENEW: RecordKind[_Renew, bool] = RecordKind("request_log.renew", _write_renewals, durable=False)
 COMPLETE: RecordKind[_Complete, RequestRecord] = RecordKind("request_log.complete", _write_completions)
-RELEASE: RecordKind[_Release, bool] = RecordKind("request_log.release", _write_releases)
-REPLAYED: RecordKind[_Replayed, bool] = RecordKind("request_log.replayed", _write_replays)
+RELEASE: RecordKind[_Release, bool] = RecordKind("request_log.release", _write_releases, durable=False)
+REPLAYED: RecordKind[_Replayed, bool] = RecordKind("request_log.replayed", _write_replays, durable=False)
 
 _Records = list[RequestRecord]
 
@@ -550,9 +792,19 @@ class RequestLog:
         self.appender = appender
 
     async def begin(
-        self, identity: str, key: str, method: str, fingerprint: bytes, lease_s: float, now: float
+        self,
+        identity: str,
+        key: str,
+        method: str,
+        fingerprint: bytes,
+        lease_s: float,
+        now: float,
+        *,
+        request: bytes | None = None,
     ) -> BeginResult:
         """Insert an in-progress row (attempt 1, lease until ``now + lease_s``) unless one exists.
+
+        ``request`` (canonical CBOR of ``[args, kwargs]``) is stored for ``txrpc replay``.
 
         Returns ``BeginResult(new=True, ...)`` when this call inserted it (the caller
         now runs the request), else ``new=False`` with the existing row, untouched.
@@ -561,7 +813,9 @@ class RequestLog:
         """
         if lease_s <= 0:
             raise ValueError("lease_s must be > 0")
-        return await self.appender.append(BEGIN, _Begin(identity, key, method, fingerprint, lease_s, now))
+        return await self.appender.append(
+            BEGIN, _Begin(identity, key, method, fingerprint, lease_s, now, request)
+        )
 
     async def take_over(
         self, identity: str, key: str, attempt_seen: int, lease_s: float, now: float
@@ -629,6 +883,11 @@ class RequestLog:
         """Count one replay of a completed row (``replay_count``, ``last_replayed_at``)."""
         return await self.appender.append(REPLAYED, _Replayed(identity, key, now))
 
+    async def sync(self) -> None:
+        """Wait until every outcome read so far is flushed (see ``GroupCommitAppender.sync``):
+        call it before replaying a stored outcome to a client."""
+        await self.appender.sync()
+
     async def get(self, identity: str, key: str) -> RequestRecord | None:
         """The row for (identity, key), or None."""
         return await self.database.read(lambda conn: get_request(conn, identity, key))
@@ -653,6 +912,6 @@ class RequestLog:
         """See :func:`request_stats`."""
         return await self.database.read(lambda conn: request_stats(conn, now))
 
-    async def prune(self, older_than: float) -> int:
-        """See :func:`prune_requests`; one durable write transaction."""
-        return await self.database.write(lambda conn: prune_requests(conn, older_than))
+    async def prune(self, older_than: float, *, limit: int | None = None) -> int:
+        """See :func:`prune_requests`; one durable write transaction (at most ``limit`` rows)."""
+        return await self.database.write(lambda conn: prune_requests(conn, older_than, limit=limit))

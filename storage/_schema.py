@@ -48,6 +48,9 @@ request_log = sa.Table(
     sa.Column("lease_expires_at", sa.Double, nullable=False),
     sa.Column("replay_count", sa.Integer, nullable=False),
     sa.Column("last_replayed_at", sa.Double, nullable=True),
+    # Canonical CBOR of [args, kwargs] (migration 4): what `txrpc replay` re-sends.
+    # NULL for rows written before migration 4.
+    sa.Column("request", sa.LargeBinary, nullable=True),
 )
 
 kv = sa.Table(
@@ -157,12 +160,20 @@ def _migration_3(conn: Connection) -> None:
     migration_3(conn)
 
 
+# --- migration 4: the request's arguments, for `txrpc replay` -------------------------
+
+
+def _migration_4(conn: Connection) -> None:
+    _add_column(conn, "txrpc_request_log", sa.Column("request", sa.LargeBinary, nullable=True), None)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "request log", _migration_1),
     Migration(2, "request-log replay accounting; key-value table", _migration_2),
     Migration(
         3, "commit protocol: shard data, commit log, prepare records, decisions, txid blocks", _migration_3
     ),
+    Migration(4, "request log: the request's arguments (for replay)", _migration_4),
 )
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
 

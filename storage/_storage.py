@@ -41,12 +41,17 @@ async def open_storage(
     *,
     create: bool = True,
     batching: bool = True,
+    pipelined_fsync: bool = False,
     batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT,
     queue_records_max: int = QUEUE_RECORDS_MAX_DEFAULT,
     readers_max: int = READERS_MAX_DEFAULT,
     busy_timeout_s: float = BUSY_TIMEOUT_S_DEFAULT,
 ) -> AsyncIterator[Storage]:
     """Open (create, migrate) the database on a worker thread and run its appender.
+
+    ``pipelined_fsync`` (SQLite): flush the WAL beside the writer instead of inside each
+    commit (see :class:`GroupCommitAppender`); only for readers that ``sync()`` before
+    acting on a durable record they read, as the request log's server driver does.
 
     Raises what :func:`open_engine` raises. On exit the appender drains its queue
     (or, if cancelled, fails what is queued with ``StorageClosed``) and the engine's
@@ -60,6 +65,7 @@ async def open_storage(
         async with open_appender(
             database,
             batching=batching,
+            pipelined_fsync=pipelined_fsync,
             batch_records_max=batch_records_max,
             queue_records_max=queue_records_max,
         ) as appender:

@@ -4,12 +4,13 @@
 The public API is re-exported here; modules starting with ``_`` are private.
 """
 
-from ._client import BoundClient, CallOptions, Client, MethodProxy, connect
+from ._client import BoundClient, CallOptions, Client, MethodProxy, Reply, connect
+from ._cluster import Cluster, Transaction, cluster
 from ._connection import PROTOCOL_VERSIONS
 from ._errors import (
     Abort,
-    AlreadyExists,
     Aborted,
+    AlreadyExists,
     Cancelled,
     Code,
     DataLoss,
@@ -19,8 +20,8 @@ from ._errors import (
     Internal,
     InvalidArgument,
     MethodNotFound,
-    OutcomeUnknown,
     NotFound,
+    OutcomeUnknown,
     OutOfRange,
     PermissionDenied,
     ProtocolError,
@@ -34,13 +35,12 @@ from ._errors import (
     UnknownError,
     WrongEpoch,
 )
-from ._cluster import Cluster, Transaction, cluster
 from ._limits import Limits
 from ._ring import HashRing, RangeMove, RebalancePlan, RingNode, key_hash, partition_of
 from ._routing import EPOCH_METADATA_KEY, ClusterClient, EpochGuard, check_epoch
-from ._shardmap import ClusterConfig, ConfigError, CoordinatorSpec, NodeSpec, ShardMap, load_cluster_config
 from ._server import Server, serve
 from ._service import CallContext, MethodSpec, Service, current_call
+from ._shardmap import ClusterConfig, ConfigError, CoordinatorSpec, NodeSpec, ShardMap, load_cluster_config
 
 __version__ = "0.1.0"
 
@@ -90,6 +90,7 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "ProtocolError",
+    "Reply",
     "RequestInProgress",
     "ResourceExhausted",
     "RpcError",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -24,6 +25,7 @@ log = logging.getLogger("txrpc.client")
 
 StreamOpener = Callable[[], Awaitable[trio.abc.Stream]]
 RECEIVE_BYTES = 65536
+RECEIVE_BYTES_MAX = 4 * 1024 * 1024  # one read may take the rest of a large frame, up to this
 # Checkpoint after this many events of one read, so answers (server) and new calls
 # (client) stream out while the rest is dispatched: the two processes then work in
 # parallel instead of in lockstep (measured: ~1.6x calls/s at 64 callers).
@@ -32,16 +34,45 @@ DISPATCH_BATCH_EVENTS = 16
 # Errors after which a call carrying an idempotency key may be sent again: the server
 # either did not run it, or will answer a repeat from its request log.
 RETRYABLE_WITH_KEY = frozenset({Code.UNAVAILABLE, Code.REQUEST_IN_PROGRESS})
+KEY_METADATA = "idempotency_key"
+WAIT_METADATA = "idempotency_wait"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """A result with its metadata (``client.options(with_metadata=True)``).
+
+    ``metadata["replayed"]`` is true when the server answered from its request log
+    (the handler did not run for this call).
+    """
+
+    value: Any
+    metadata: dict[str, Any]
+
+    @property
+    def replayed(self) -> bool:
+        return self.metadata.get("replayed") is True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CallOptions:
-    """Per-call settings; build them with ``client.options(...)``."""
+    """Per-call settings; build them with ``client.options(...)``.
+
+    ``idempotency_key`` runs the call at most once per key on a server with a request
+    log; ``idempotent=True`` makes the client generate a fresh key for each call (from
+    its ``rng``) and reuse it across that call's retries. ``wait=True`` asks the
+    server to wait (within the call's deadline) for a run of the same key still in
+    progress instead of answering ``RequestInProgress``. ``with_metadata=True``
+    returns a :class:`Reply` (value and result metadata) instead of the bare value.
+    """
 
     timeout_s: float | None = None
     metadata: tuple[tuple[str, Any], ...] = ()
     idempotency_key: str | None = None
     retries_max: int | None = None  # None: the client's Limits.retries_max
+    idempotent: bool = False
+    wait: bool = False
+    with_metadata: bool = False
 
     def merged(self, **changes: Any) -> CallOptions:
         metadata = dict(self.metadata)
@@ -81,7 +112,8 @@ class _Channel:
             data = await self.stream.receive_some(RECEIVE_BYTES)
             for event in self.conn.receive_data(bytes(data)):
                 if isinstance(event, wire.GoAway):
-                    raise Unavailable(f"server refused the connection: {event.message}", {"not_started": True})
+                    message = f"server refused the connection: {event.message}"
+                    raise Unavailable(message, {"not_started": True})
                 if isinstance(event, wire.ConnectionClosed):
                     raise Unavailable("server closed the connection during hello", {"not_started": True})
         peer_max = self.conn.peer_limits.get("calls_inflight_max")
@@ -122,7 +154,7 @@ class _Channel:
         reschedule = trio.lowlevel.reschedule
         while True:
             try:
-                data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
+                data = bytes(await self.stream.receive_some(max(RECEIVE_BYTES, min(conn.receive_size_hint, RECEIVE_BYTES_MAX))))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.failure = self.failure or f"connection lost: {exc!r}"
                 return
@@ -139,7 +171,11 @@ class _Channel:
                 if kind is wire.Result:
                     task = waiters.pop(event.id, None)  # type: ignore[union-attr]
                     if task is not None:
-                        reschedule(task, outcome.Value(event.value))  # type: ignore[union-attr]
+                        if event.metadata:  # type: ignore[union-attr]
+                            value = Reply(event.value, event.metadata)  # type: ignore[union-attr]
+                        else:
+                            value = event.value  # type: ignore[union-attr]
+                        reschedule(task, outcome.Value(value))
                         if self.slots:
                             self.slots.unpark()
                 elif kind is wire.Error:
@@ -261,6 +297,10 @@ class Client:
         self.limits = limits or Limits()
         self._auth = auth
         self._rng = rng or random.Random(0)
+        # Generated idempotency keys come from the rng the caller passed (reproducible
+        # runs), else from one seeded per client from the OS: every anonymous caller
+        # shares one key scope, so two processes must never draw the same keys.
+        self._key_rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
         self._default = CallOptions(metadata=tuple((metadata or {}).items()))
         self._channel: _Channel | None = None
         self._connect_lock = trio.Lock()
@@ -306,7 +346,8 @@ class Client:
 
     def options(self, **options: Any) -> BoundClient:
         """A view of this client whose calls use ``options``: ``timeout`` (seconds),
-        ``metadata`` (map), ``idempotency_key``, ``retries_max``."""
+        ``metadata`` (map), ``idempotency_key``, ``idempotent`` (generate a key per
+        call), ``wait``, ``with_metadata``, ``retries_max`` (see :class:`CallOptions`)."""
         return BoundClient(self, self._default.merged(**options))
 
     async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
@@ -337,9 +378,14 @@ class Client:
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions
     ) -> Any:
         metadata = dict(options.metadata) if options.metadata else None
-        if options.idempotency_key is not None:
+        key = options.idempotency_key
+        if key is None and options.idempotent:
+            key = self.new_idempotency_key()
+        if key is not None:
             metadata = metadata or {}
-            metadata["idempotency_key"] = options.idempotency_key
+            metadata[KEY_METADATA] = key
+            if options.wait:
+                metadata[WAIT_METADATA] = True
         serving = _current_call.get()
         if serving is not None and "trace_id" in serving.metadata:
             metadata = metadata or {}
@@ -351,19 +397,27 @@ class Client:
                 channel = self._channel
                 if channel is None or not channel.usable:
                     channel = await self._get_channel()
-                return await channel.call(method, args, kwargs, metadata)
+                result = await channel.call(method, args, kwargs, metadata)
+                if type(result) is Reply:
+                    return result if options.with_metadata else result.value
+                return Reply(result, {}) if options.with_metadata else result
             except RpcError as exc:
                 # A local protocol refusal did not run either, but would fail again.
                 safe = (exc.nothing_ran and exc.code != Code.PROTOCOL_ERROR) or (
-                    options.idempotency_key is not None and exc.code in RETRYABLE_WITH_KEY
+                    key is not None and exc.code in RETRYABLE_WITH_KEY
                 )
                 if not safe or attempt >= retries_max or self._closed:
                     raise
                 attempt += 1
                 await trio.sleep(self._backoff_s(attempt))
 
+    def new_idempotency_key(self) -> str:
+        """A fresh 128-bit idempotency key (32 hex digits) from the client's key rng."""
+        return f"{self._key_rng.getrandbits(128):032x}"
+
     def _backoff_s(self, attempt: int) -> float:
-        base = min(self.limits.reconnect_backoff_s * 2.0 ** (attempt - 1), self.limits.reconnect_backoff_max_s)
+        limits = self.limits
+        base = min(limits.reconnect_backoff_s * 2.0 ** (attempt - 1), limits.reconnect_backoff_max_s)
         return base * self._rng.uniform(0.5, 1.0)
 
     async def _get_channel(self) -> _Channel:
@@ -390,7 +444,8 @@ class Client:
                 raise Unavailable(f"cannot connect to {self.target}: {exc}", {"not_started": True}) from None
             except wire.RemoteProtocolError as exc:
                 self._connect_failures += 1
-                raise ProtocolError(f"hello with {self.target} failed: {exc.message}", {"not_started": True}) from None
+                message = f"hello with {self.target} failed: {exc.message}"
+                raise ProtocolError(message, {"not_started": True}) from None
             except Unavailable:
                 self._connect_failures += 1
                 raise

@@ -130,6 +130,16 @@ class FrameDecoder:
     def buffered_bytes(self) -> int:
         return len(self._buffer)
 
+    @property
+    def bytes_wanted(self) -> int:
+        """Bytes still missing from the frame being received (0 when between frames):
+        a reader can ask for that much at once instead of many small reads."""
+        buffer = self._buffer
+        if len(buffer) < PREFIX_BYTES:
+            return 0
+        length = int.from_bytes(buffer[:PREFIX_BYTES], "big")
+        return max(0, PREFIX_BYTES + length - len(buffer))
+
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer
         buffer += data

@@ -379,6 +379,11 @@ class Connection:
 
     # --- receiving ----------------------------------------------------------------
 
+    @property
+    def receive_size_hint(self) -> int:
+        """How many bytes the frame in progress still needs (0 if none)."""
+        return self._decoder.bytes_wanted
+
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes (``b""`` means EOF); return the events they complete."""
         if self.state is State.CLOSED:

@@ -43,6 +43,23 @@ STATE_IN_PROGRESS: Final = "in_progress"
 STATE_COMPLETED: Final = "completed"
 
 
+def canonical_request(method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
+    """The canonical CBOR of ``[method, args, kwargs]``: the bytes a fingerprint digests,
+    and what the request log stores so ``txrpc replay`` can re-issue the call.
+
+    Raises ``TypeError`` if the arguments are not CBOR-encodable.
+    """
+    try:
+        return canonical([method, list(args), dict(kwargs)])
+    except Exception as exc:  # cbor2 raises its own encode error types
+        raise TypeError(f"call arguments cannot be fingerprinted (not CBOR-encodable): {exc}") from None
+
+
+def fingerprint_of(request: bytes) -> bytes:
+    """The fingerprint of a :func:`canonical_request`."""
+    return hashlib.blake2b(request, digest_size=FINGERPRINT_BYTES, person=_PERSON).digest()
+
+
 def fingerprint(method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
     """The stable 16-byte fingerprint of a call's payload.
 
@@ -50,11 +67,7 @@ def fingerprint(method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> 
     with a txrpc-specific personalisation. Raises ``TypeError`` if the arguments are
     not CBOR-encodable.
     """
-    try:
-        encoded = canonical([method, list(args), dict(kwargs)])
-    except Exception as exc:  # cbor2 raises its own encode error types
-        raise TypeError(f"call arguments cannot be fingerprinted (not CBOR-encodable): {exc}") from None
-    return hashlib.blake2b(encoded, digest_size=FINGERPRINT_BYTES, person=_PERSON).digest()
+    return fingerprint_of(canonical_request(method, args, kwargs))
 
 
 def check_key(key: object) -> str:

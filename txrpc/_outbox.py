@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import trio
 
+LARGE_CHUNK_BYTES = 64 * 1024
+
 
 class Outbox:
     """Frames queued by any task, written by :meth:`run` in batches.
@@ -65,12 +67,24 @@ class Outbox:
                         return
                     await self._writer_lot.park()
                     continue
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                batch = list(chunks)
                 chunks.clear()
                 self._queued_bytes = 0
                 if self._space_lot:
                     self._space_lot.unpark_all()
-                await self._stream.send_all(data)
+                # Coalesce small frames into one send; large ones go as they are (joining
+                # would copy megabytes for nothing).
+                small: list[bytes] = []
+                for chunk in batch:
+                    if len(chunk) < LARGE_CHUNK_BYTES:
+                        small.append(chunk)
+                        continue
+                    if small:
+                        await self._stream.send_all(small[0] if len(small) == 1 else b"".join(small))
+                        small = []
+                    await self._stream.send_all(chunk)
+                if small:
+                    await self._stream.send_all(small[0] if len(small) == 1 else b"".join(small))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.broken = exc
             self._closing = True

@@ -5,20 +5,31 @@ from __future__ import annotations
 import errno
 import logging
 import math
-from collections.abc import Iterable
-from typing import Any
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import _connection as wire
 from ._errors import Code, RpcError
+from ._keyed import (
+    KEY_METADATA,
+    LEASE_S_DEFAULT,
+    RETENTION_S_DEFAULT,
+    IdempotencyDriver,
+)
 from ._limits import Limits
 from ._outbox import Outbox
 from ._service import CallContext, MethodSpec, Service, _current_call
 
+if TYPE_CHECKING:
+    from storage import RequestLog, Storage
+
 log = logging.getLogger("txrpc.server")
 
 RECEIVE_BYTES = 65536
+RECEIVE_BYTES_MAX = 4 * 1024 * 1024  # one read may take the rest of a large frame, up to this
 CLOSE_FLUSH_TIMEOUT_S = 5.0  # bound on writing queued frames once a connection is ending
 # Checkpoint after this many events of one read, so answers (server) and new calls
 # (client) stream out while the rest is dispatched: the two processes then work in
@@ -49,10 +60,46 @@ class Server:
     ``await server.serve_stream(stream)`` serves one already-open stream (TLS, Unix
     socket, in-memory pair). Use ``nursery.start(server.serve_tcp, host, port)`` to
     get the server back once it is listening; ``server.port`` is the bound port.
+
+    **Idempotency keys.** With ``request_log`` (a ``storage.RequestLog``, or the
+    ``storage.Storage`` from ``storage.open_storage``) a call whose metadata carries
+    ``idempotency_key`` runs at most once per (caller identity, key) while its record
+    is retained: see ``specs/guarantees.md``. ``wall_clock`` (seconds that survive
+    restarts) times leases and retention; ``lease_s`` is how long an executor is
+    presumed alive without renewing (it renews every ``lease_s / 3`` while its
+    handler runs); records are pruned ``retention_s`` after completion, checked every
+    ``prune_interval_s`` (default retention / 24, within 1 s .. 1 h) by a task that
+    runs while the server listens. ``store_namespace`` is the ``txrpc_kv`` namespace
+    of ``current_call().store``; ``identity_of(ctx)`` names the caller's key scope
+    (default ``ctx.identity``: "anonymous" until authentication exists). Without a
+    request log, a keyed call is refused with ``FAILED_PRECONDITION`` (nothing runs):
+    the server could not keep the promise the key asks for.
     """
 
-    def __init__(self, *services: Service, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        *services: Service,
+        limits: Limits | None = None,
+        request_log: RequestLog | Storage | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        lease_s: float = LEASE_S_DEFAULT,
+        retention_s: float = RETENTION_S_DEFAULT,
+        prune_interval_s: float | None = None,
+        store_namespace: str = "",
+        identity_of: Callable[[CallContext], str] | None = None,
+    ) -> None:
         self.limits = limits or Limits()
+        self.idempotency: IdempotencyDriver | None = None
+        if request_log is not None:
+            self.idempotency = IdempotencyDriver(
+                request_log,
+                wall_clock=wall_clock,
+                lease_s=lease_s,
+                retention_s=retention_s,
+                prune_interval_s=prune_interval_s,
+                store_namespace=store_namespace,
+                identity_of=identity_of,
+            )
         self.methods: dict[str, MethodSpec] = {}
         for service in services:
             self.add_service(service)
@@ -103,6 +150,9 @@ class Server:
         try:
             with self._connections_scope:
                 async with trio.open_nursery() as connections:
+                    if self.idempotency is not None:
+                        connections.start_soon(self.idempotency.run_pruner)
+                        connections.start_soon(self.idempotency.run_lease_keeper)
                     with self._accepting:
                         async with trio.open_nursery() as accept:
                             for listener in listeners:
@@ -265,7 +315,10 @@ class _ServerConnection:
                     if type(event) is wire.Call:
                         spec = methods.get(event.method)
                         if spec is None:
-                            self._reply_error(event.id, Code.UNIMPLEMENTED, f"unknown method {event.method!r}")
+                            unknown = f"unknown method {event.method!r}"
+                            self._reply_error(event.id, Code.UNIMPLEMENTED, unknown)
+                        elif spec.idempotent or (event.metadata and KEY_METADATA in event.metadata):
+                            nursery.start_soon(self._run_keyed, spec, event)
                         elif spec.is_async:
                             nursery.start_soon(self._run_async, spec, event)
                         else:
@@ -291,8 +344,9 @@ class _ServerConnection:
             )
 
     async def _receive(self, stream: trio.abc.Stream) -> bytes:
+        size = max(RECEIVE_BYTES, min(self.conn.receive_size_hint, RECEIVE_BYTES_MAX))
         try:
-            return bytes(await stream.receive_some(RECEIVE_BYTES))
+            return bytes(await stream.receive_some(size))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return b""
 
@@ -343,9 +397,8 @@ class _ServerConnection:
             if call.id in self.cancelled_by_peer or not self.conn.is_open or call.deadline_s is None:
                 self.conn.abandon_call(call.id)  # the caller is gone: nothing to send
             else:
-                self._reply_error(
-                    call.id, Code.DEADLINE_EXCEEDED, f"deadline of {call.deadline_s:.3f} s expired on the server"
-                )
+                expired = f"deadline of {call.deadline_s:.3f} s expired on the server"
+                self._reply_error(call.id, Code.DEADLINE_EXCEEDED, expired)
         finally:
             self.scopes.pop(call.id, None)
             self.cancelled_by_peer.discard(call.id)
@@ -353,9 +406,68 @@ class _ServerConnection:
             if self._draining and not self.conn.inflight:
                 self._close_soon()
 
-    def _reply_result(self, call_id: int, value: Any) -> None:
+    async def _run_keyed(self, spec: MethodSpec, call: wire.Call) -> None:
+        """A call with an idempotency key (or to a method that needs one): see ``_keyed``."""
+        self.server.calls_started += 1
+        driver = self.server.idempotency
+        if call.metadata.get(KEY_METADATA) is None:
+            self._reply_error(
+                call.id,
+                Code.INVALID_ARGUMENT,
+                f"{spec.name} needs an idempotency key (call it with "
+                "client.options(idempotency_key=...) or client.options(idempotent=True))",
+            )
+            self._close_if_drained()
+            return
+        if driver is None:
+            self._reply_error(
+                call.id,
+                Code.FAILED_PRECONDITION,
+                "this server has no request log, so it cannot honour an idempotency key "
+                "(serve with a database: `txrpc serve --db URL`); the call did not run",
+                {"no_request_log": True},
+            )
+            self._close_if_drained()
+            return
+        if not driver.keeper_running and self._nursery is not None:
+            # Served without serve_listeners (serve_stream): keep leases from here.
+            self._nursery.start_soon(driver.run_lease_keeper)
+        now = trio.current_time()
+        deadline = math.inf if call.deadline_s is None else now + call.deadline_s
+        context = self._context(call, deadline)
+        _current_call.set(context)
+        scope = trio.CancelScope(deadline=deadline)
+        self.scopes[call.id] = scope
         try:
-            data = self.conn.send_result(call_id, value)
+            with scope:
+                answer = await driver.answer(spec, call.method, call.args, call.kwargs, context)
+                if answer.error is not None:
+                    error = answer.error
+                    self._reply_error(call.id, error.code, error.message, error.details)
+                    return
+                if self.outbox.queued_bytes > self.limits.write_buffer_bytes_max:
+                    await self.outbox.wait_for_space()
+                self._reply_result(call.id, answer.value, answer.metadata)
+                return
+            if call.id in self.cancelled_by_peer or not self.conn.is_open or call.deadline_s is None:
+                self.conn.abandon_call(call.id)
+            else:
+                expired = f"deadline of {call.deadline_s:.3f} s expired on the server"
+                self._reply_error(call.id, Code.DEADLINE_EXCEEDED, expired)
+        finally:
+            self.scopes.pop(call.id, None)
+            self.cancelled_by_peer.discard(call.id)
+            self.conn.abandon_call(call.id)
+            if self._draining and not self.conn.inflight:
+                self._close_soon()
+
+    def _close_if_drained(self) -> None:
+        if self._draining and not self.conn.inflight:
+            self._close_soon()
+
+    def _reply_result(self, call_id: int, value: Any, metadata: dict[str, Any] | None = None) -> None:
+        try:
+            data = self.conn.send_result(call_id, value, metadata)
         except TypeError as exc:
             self._reply_error(call_id, Code.INTERNAL, f"handler returned a value CBOR cannot carry: {exc}")
             return
@@ -364,7 +476,9 @@ class _ServerConnection:
             return
         self.outbox.put_nowait(data)
 
-    def _reply_error(self, call_id: int, code: int, message: str, details: dict[str, Any] | None = None) -> None:
+    def _reply_error(
+        self, call_id: int, code: int, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         try:
             data = self.conn.send_error(call_id, code, message, details)
         except (TypeError, wire.LocalProtocolError) as exc:
@@ -388,8 +502,9 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     limits: Limits | None = None,
+    request_log: RequestLog | Storage | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port`` until cancelled (see :class:`Server`)."""
-    server = Server(*services, limits=limits)
+    server = Server(*services, limits=limits, request_log=request_log)
     await server.serve_tcp(host, port, task_status=task_status)

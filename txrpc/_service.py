@@ -8,9 +8,12 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import trio
+
+if TYPE_CHECKING:
+    from storage import KvTransaction
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -22,6 +25,10 @@ class CallContext:
     ``deadline`` is in ``trio.current_time()`` units (``math.inf`` if none); the handler
     already runs inside a cancel scope with that deadline, so calls it makes to other
     services inherit what remains.
+
+    A call carrying an idempotency key, served with a request log, also has
+    ``idempotency_key``, ``attempt`` (1 for the first executor, +1 per take-over)
+    and :attr:`store`.
     """
 
     method: str
@@ -30,6 +37,30 @@ class CallContext:
     metadata: dict[str, Any]
     peer: str
     identity: str = "anonymous"
+    idempotency_key: str | None = None
+    attempt: int = 0
+    _store_factory: Callable[[], KvTransaction] | None = None
+    _store: KvTransaction | None = None
+
+    @property
+    def store(self) -> KvTransaction:
+        """The request's own store transaction (a ``storage.KvTransaction``).
+
+        Its writes commit in the same database transaction as the request-log record
+        of this call's outcome, or not at all: a retry replays the outcome and never
+        applies them twice (exactly-once). If a value read here changed before the
+        outcome is recorded (``WriteConflict``), the server runs the handler again on a
+        fresh transaction. Only for calls with an idempotency key on a server with a
+        request log; raises ``RuntimeError`` otherwise.
+        """
+        if self._store is None:
+            if self._store_factory is None:
+                raise RuntimeError(
+                    "current_call().store needs a call with an idempotency key on a server "
+                    "with a request log (txrpc.Server(..., request_log=...))"
+                )
+            self._store = self._store_factory()
+        return self._store
 
     def remaining_s(self) -> float:
         """Seconds left before the deadline (``math.inf`` if none)."""
@@ -82,9 +113,8 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     target = fn
     while isinstance(target, functools.partial):
         target = target.func
-    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-        getattr(target, "__call__", None)
-    )
+    call_method = type(target).__dict__.get("__call__") if not inspect.isroutine(target) else None
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call_method)
 
 
 class Service:
@@ -109,7 +139,7 @@ class Service:
 
     @overload
     def method(
-        self, *, name: str | None = None, idempotent: bool = False, **options: Any
+        self, fn: None = None, /, *, name: str | None = None, idempotent: bool = False, **options: Any
     ) -> Callable[[F], F]: ...
 
     def method(

@@ -87,23 +87,32 @@ def parse_address(address: str) -> tuple[str, int]:
 @click.argument("service_spec", metavar="MODULE:SERVICE", nargs=-1, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=12345, show_default=True, help="TCP port (0 picks a free one).")
-def serve(service_spec: tuple[str, ...], host: str, port: int) -> None:
-    """Serve one or more services, e.g. `txrpc serve examples/calculator/service.py:calc`."""
-    from ._server import Server
-    from ._service import Service
+@click.option(
+    "--db",
+    default=None,
+    metavar="URL",
+    help="Request log (SQLite file or directory, sqlite:/// or postgresql+psycopg:// URL): "
+    "calls with an idempotency key run at most once per key.",
+)
+@click.option(
+    "--retention",
+    default="24h",
+    show_default=True,
+    metavar="DURATION",
+    help="How long an idempotency key is remembered after its outcome (90s, 15m, 24h, 7d).",
+)
+def serve(service_spec: tuple[str, ...], host: str, port: int, db: str | None, retention: str) -> None:
+    """Serve one or more services, e.g. `txrpc serve examples/calculator/service.py:calc --db ./data`."""
+    from ._serve import parse_duration, run_serve
 
-    server = Server(*load_services(service_spec))
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve_tcp, host, port)
-            names = ", ".join(sorted(server.methods))
-            console.print(f"[green]serving[/] {names} on {host}:{server.port} (Ctrl-C to stop)")
-
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        console.print("stopped")
+    run_serve(
+        load_services(service_spec),
+        host=host,
+        port=port,
+        db=db,
+        console=console,
+        retention_s=parse_duration(retention),
+    )
 
 
 @cli.command()
@@ -242,15 +251,20 @@ def bench_rpc(seconds: float, rounds: int, callers: str, echo_callers: str, no_g
 
 
 def _mount_subcommands() -> None:
+    from ._bench_idempotency import idempotency as bench_idempotency
     from ._bench_ring import ring as bench_ring
     from ._bench_tx import tx as bench_tx
+    from ._cluster_cli import register
+    from ._log_cli import log as log_group
+    from ._replay_cli import replay
     from ._ring_cli import ring as ring_group
 
-    from ._cluster_cli import register
-
     cli.add_command(ring_group)
+    cli.add_command(log_group)
+    cli.add_command(replay)
     bench.add_command(bench_ring)
     bench.add_command(bench_tx)
+    bench.add_command(bench_idempotency)
     register(cli)
 
 
