@@ -62,7 +62,9 @@ class Coordinator:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for name, (host, port) in sorted(self.nodes.items()):
-                client = txrpc.connect(host, port, limits=self.limits, connect_now=False, rng=random.Random(self.rng.random()))
+                client = txrpc.connect(
+                    host, port, limits=self.limits, connect_now=False, rng=random.Random(self.rng.random())
+                )
                 self._clients[name] = await nursery.start(_hold_client, client)
             for txid in redo:
                 log.info("coordinator: re-driving phase 2 of %d", txid)
@@ -138,7 +140,9 @@ class Coordinator:
     def _outcome(self, tx: CoordTx) -> dict[str, Any]:
         if tx.decision is Decision.COMMIT:
             return {"outcome": "committed", "txid": tx.txid}
-        raise txrpc.TransactionAborted(tx.reason or "aborted", {"txid": tx.txid, "retryable": not tx.reason.startswith("user:")})
+        raise txrpc.TransactionAborted(
+            tx.reason or "aborted", {"txid": tx.txid, "retryable": not tx.reason.startswith("user:")}
+        )
 
     async def abort(self, txid: int, participants: list[str] | None = None) -> str:
         """The client gives up on ``txid`` (idempotent); the ``participants`` it touched
@@ -169,7 +173,9 @@ class Coordinator:
         try:
             await self._participant_call(participant, "tx.abort", txid)
         except (txrpc.RpcError, trio.TooSlowError) as exc:
-            log.info("coordinator: abort(%d) to %s failed (%s); its idle timeout frees it", txid, participant, exc)
+            log.info(
+                "coordinator: abort(%d) to %s failed (%s); its idle timeout frees it", txid, participant, exc
+            )
 
     async def decision(self, txid: int) -> str | None:
         """For participants in doubt: ``"commit"``, ``"abort"``, or None (ask again)."""
@@ -186,7 +192,9 @@ class Coordinator:
     # --- admin -----------------------------------------------------------------------------------
 
     async def transactions(self, in_doubt: bool = False, limit: int = 100) -> list[dict[str, Any]]:
-        live = [self._describe(tx) for tx in (self.core.in_doubt() if in_doubt else list(self.core.txs.values()))]
+        live = [
+            self._describe(tx) for tx in (self.core.in_doubt() if in_doubt else list(self.core.txs.values()))
+        ]
         if not in_doubt:
             recorded = await self.log.list(limit=limit)
             seen = {t["txid"] for t in live}
@@ -209,7 +217,9 @@ class Coordinator:
             raise txrpc.InvalidArgument("outcome must be 'commit' or 'abort'")
         tx = self.core.get(txid)
         if tx is not None and (txid in self.core.txs or tx.decision is Decision.COMMIT):
-            raise txrpc.FailedPrecondition(f"transaction {txid} is {tx.phase.value}: the coordinator decides it")
+            raise txrpc.FailedPrecondition(
+                f"transaction {txid} is {tx.phase.value}: the coordinator decides it"
+            )
         try:
             await self.log.write_decision(txid, outcome, (), heuristic=True, reason="operator", done=True)
         except DecisionExists as exc:
@@ -275,7 +285,9 @@ class Coordinator:
                 self.core.prepare_failed(tx, participant, reason)
                 decision = Decision.ABORT
                 break
-            decision = self.core.vote(tx, participant, vote, f"{participant} voted no: {reason}" if reason else "")
+            decision = self.core.vote(
+                tx, participant, vote, f"{participant} voted no: {reason}" if reason else ""
+            )
             if decision is Decision.ABORT:
                 break
         if decision is Decision.COMMIT:
@@ -310,7 +322,9 @@ class Coordinator:
                     attempt += 1
                     if not commit and attempt > 5:
                         return  # the participant will ask, or abort an unprepared transaction by timeout
-                    log.info("coordinator: %s(%d) to %s failed (%s); retrying", method, tx.txid, participant, exc)
+                    log.info(
+                        "coordinator: %s(%d) to %s failed (%s); retrying", method, tx.txid, participant, exc
+                    )
                     await trio.sleep(self._backoff(attempt))
 
         async with trio.open_nursery() as nursery:
@@ -335,7 +349,9 @@ class Coordinator:
         return base * self.rng.uniform(0.5, 1.0)
 
 
-async def _hold_client(client: txrpc.Client, *, task_status: trio.TaskStatus[txrpc.Client] = trio.TASK_STATUS_IGNORED) -> None:
+async def _hold_client(
+    client: txrpc.Client, *, task_status: trio.TaskStatus[txrpc.Client] = trio.TASK_STATUS_IGNORED
+) -> None:
     async with client:
         task_status.started(client)
         await trio.sleep_forever()

@@ -74,14 +74,23 @@ class CoordinatorCore:
 
     # --- ids -------------------------------------------------------------------------------
 
-    def recover(self, durable_block_end: int, commit_records: list[tuple[int, tuple[str, ...], set[str]]]) -> list[int]:
+    def recover(
+        self, durable_block_end: int, commit_records: list[tuple[int, tuple[str, ...], set[str]]]
+    ) -> list[int]:
         """Restart from the durable state: the id high-water mark and the commit
         records whose phase 2 is incomplete. Returns the txids to re-drive."""
         self.next_txid = self.first_txid = max(durable_block_end, 1)
         self.block_end = durable_block_end
         redo = []
         for txid, participants, acked in commit_records:
-            tx = CoordTx(txid, Phase.COMMITTING, float("inf"), participants, {p: "yes" for p in participants}, set(acked))
+            tx = CoordTx(
+                txid,
+                Phase.COMMITTING,
+                float("inf"),
+                participants,
+                {p: "yes" for p in participants},
+                set(acked),
+            )
             self.txs[txid] = tx
             redo.append(txid)
         return redo
@@ -147,7 +156,9 @@ class CoordinatorCore:
 
     # --- commit ------------------------------------------------------------------------------
 
-    def start_commit(self, txid: int, participants: tuple[str, ...], now: float) -> tuple[str, CoordTx | None]:
+    def start_commit(
+        self, txid: int, participants: tuple[str, ...], now: float
+    ) -> tuple[str, CoordTx | None]:
         """Client asks to commit. Returns:
         ``("unknown", None)`` → answer aborted (presumed abort);
         ``("done", tx)`` → answer the recorded outcome;
@@ -266,4 +277,6 @@ class CoordinatorCore:
         return [tx for tx in self.txs.values() if tx.phase is Phase.ACTIVE and now >= tx.deadline]
 
     def in_doubt(self) -> list[CoordTx]:
-        return [tx for tx in self.txs.values() if tx.phase in (Phase.PREPARING, Phase.COMMITTING, Phase.ABORTING)]
+        return [
+            tx for tx in self.txs.values() if tx.phase in (Phase.PREPARING, Phase.COMMITTING, Phase.ABORTING)
+        ]

@@ -127,7 +127,9 @@ class LockTable:
         if held is not None and wanted == held:
             return GRANTED  # already strong enough
         conflicts = [
-            other for other, other_mode in entry.holders.items() if other != txid and not _COMPATIBLE[(other_mode, wanted)]
+            other
+            for other, other_mode in entry.holders.items()
+            if other != txid and not _COMPATIBLE[(other_mode, wanted)]
         ]
         # Requests queued ahead that conflict with us (FIFO fairness: no overtaking),
         # except upgrades, which go first (they already hold the resource).

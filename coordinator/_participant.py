@@ -24,7 +24,15 @@ from txrpc._service import MethodSpec
 
 from ._faults import crash_point
 from ._locks import DIE, GRANTED, SCAN_RESOURCE, Mode, Request
-from ._participant_core import TOMBSTONE, CommitAction, ParticipantCore, ParticipantTx, PrepareAction, TxState, Vote
+from ._participant_core import (
+    TOMBSTONE,
+    CommitAction,
+    ParticipantCore,
+    ParticipantTx,
+    PrepareAction,
+    TxState,
+    Vote,
+)
 
 log = logging.getLogger("txrpc.participant")
 
@@ -170,10 +178,15 @@ class Participant:
             now = trio.current_time()
             for txid in self.core.expired(now):
                 log.info("shard %s: aborting idle transaction %d", self.shard, txid)
-                self._wake(self.core.abort(txid, "transaction idle too long on this shard (client gone?)"), txid)
+                self._wake(
+                    self.core.abort(txid, "transaction idle too long on this shard (client gone?)"), txid
+                )
             if self.coordinator is not None:
                 for txid in self.core.in_doubt():
-                    if now - self._prepared_at.get(txid, now) >= self.decision_wait_s and txid not in self._busy:
+                    if (
+                        now - self._prepared_at.get(txid, now) >= self.decision_wait_s
+                        and txid not in self._busy
+                    ):
                         await self._ask_decision(txid)
 
     async def _ask_decision(self, txid: int) -> None:
@@ -210,7 +223,9 @@ class Participant:
             if not granted and tx.state is TxState.ACTIVE:
                 self._wake(self.core.locks.cancel(tx.txid, resource))
         if not granted:
-            raise _Conflict(tx.abort_reason or f"lock wait on {_show(resource)} reached the transaction deadline")
+            raise _Conflict(
+                tx.abort_reason or f"lock wait on {_show(resource)} reached the transaction deadline"
+            )
 
     def _wake(self, granted: list[Request], aborted_txid: int | None = None) -> None:
         for request in granted:
@@ -254,7 +269,13 @@ class Participant:
         return handler
 
     async def _run_operation(
-        self, spec: MethodSpec, txid: int, op_seq: int, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float
+        self,
+        spec: MethodSpec,
+        txid: int,
+        op_seq: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float,
     ) -> Any:
         now = trio.current_time()
         action, value = self.core.begin_operation(txid, op_seq, now, deadline)
@@ -273,7 +294,10 @@ class Participant:
             try:
                 result = await spec.fn(TxHandle(self, tx), *args, **kwargs)
             except txrpc.Abort as exc:
-                error = txrpc.TransactionAborted(exc.message or "aborted by the method", {"txid": txid, "retryable": False, "user_abort": True})
+                error = txrpc.TransactionAborted(
+                    exc.message or "aborted by the method",
+                    {"txid": txid, "retryable": False, "user_abort": True},
+                )
             except _Conflict as exc:
                 error = txrpc.TransactionAborted(str(exc), {"txid": txid, "retryable": True})
             except txrpc.RpcError as exc:
@@ -287,16 +311,26 @@ class Participant:
                 return result
             # Any failure of an operation aborts its transaction here (no partial operation
             # effects survive); the caller learns why.
-            self.core.end_operation(tx, op_seq, False, (int(error.code), error.message, error.details), trio.current_time())
+            self.core.end_operation(
+                tx, op_seq, False, (int(error.code), error.message, error.details), trio.current_time()
+            )
             finished = True
             self._wake(self.core.abort(txid, error.message), txid)
             raise error
         finally:
             if not finished:  # cancelled (deadline or caller gone): the transaction cannot go on
-                self.core.end_operation(tx, op_seq, False, (int(txrpc.Code.CANCELLED), "operation cancelled", {}), trio.current_time())
+                self.core.end_operation(
+                    tx,
+                    op_seq,
+                    False,
+                    (int(txrpc.Code.CANCELLED), "operation cancelled", {}),
+                    trio.current_time(),
+                )
                 self._wake(self.core.abort(txid, "an operation was cancelled"), txid)
 
-    async def _autocommit(self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float) -> Any:
+    async def _autocommit(
+        self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float
+    ) -> Any:
         """A transactional method called outside a transaction: its own local transaction."""
         last: BaseException | None = None
         for attempt in range(AUTOCOMMIT_ATTEMPTS_MAX):
@@ -375,7 +409,9 @@ class Participant:
         if action is CommitAction.CHECK_LOG:
             if await self.store.is_committed(txid):
                 return "ok"
-            raise txrpc.FailedPrecondition(f"commit of transaction {txid}, which is not prepared on shard {self.shard}")
+            raise txrpc.FailedPrecondition(
+                f"commit of transaction {txid}, which is not prepared on shard {self.shard}"
+            )
         crash_point("participant.before_commit_apply")
         await self._apply(txid)
         return "ok"

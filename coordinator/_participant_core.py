@@ -149,7 +149,9 @@ class ParticipantCore:
             tx.state = TxState.ACTIVE
             self.abort(txid, reason)
 
-    def restore_prepared(self, txid: int, writes: dict[Any, Any], locks: list[tuple[Any, Mode]], now: float) -> None:
+    def restore_prepared(
+        self, txid: int, writes: dict[Any, Any], locks: list[tuple[Any, Mode]], now: float
+    ) -> None:
         """Recovery: a prepare record found on disk; its locks are re-taken at once."""
         tx = ParticipantTx(txid, TxState.PREPARED, float("inf"), now, dict(writes))
         self.txs[txid] = tx

@@ -95,7 +95,9 @@ async def run_shard(
             task_status.started(participant)
 
 
-async def _hold(client: txrpc.Client, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+async def _hold(
+    client: txrpc.Client, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
     async with client:
         task_status.started(client)
         await trio.sleep_forever()

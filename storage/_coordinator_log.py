@@ -35,10 +35,16 @@ class CoordinatorLog:
         name = self.name
 
         def read(conn: Connection) -> tuple[int, list[tuple[int, tuple[str, ...], set[str]]]]:
-            end = conn.execute(sa.select(txid_blocks.c.block_end).where(txid_blocks.c.coordinator == name)).scalar()
+            end = conn.execute(
+                sa.select(txid_blocks.c.block_end).where(txid_blocks.c.coordinator == name)
+            ).scalar()
             rows = conn.execute(
                 sa.select(decisions.c.txid, decisions.c.participants, decisions.c.acked)
-                .where(decisions.c.coordinator == name, decisions.c.done.is_(False), decisions.c.outcome == "commit")
+                .where(
+                    decisions.c.coordinator == name,
+                    decisions.c.done.is_(False),
+                    decisions.c.outcome == "commit",
+                )
                 .order_by(decisions.c.txid)
             ).all()
             return int(end or 0), [
@@ -57,7 +63,9 @@ class CoordinatorLog:
                 .values(block_end=block_end)
             ).rowcount
             if not updated:
-                exists = conn.execute(sa.select(txid_blocks.c.block_end).where(txid_blocks.c.coordinator == name)).first()
+                exists = conn.execute(
+                    sa.select(txid_blocks.c.block_end).where(txid_blocks.c.coordinator == name)
+                ).first()
                 if exists is None:
                     conn.execute(sa.insert(txid_blocks).values(coordinator=name, block_end=block_end))
 
@@ -94,7 +102,9 @@ class CoordinatorLog:
 
         def write(conn: Connection) -> None:
             found = conn.execute(
-                sa.select(decisions.c.outcome).where(decisions.c.coordinator == name, decisions.c.txid == txid)
+                sa.select(decisions.c.outcome).where(
+                    decisions.c.coordinator == name, decisions.c.txid == txid
+                )
             ).first()
             if found is not None:
                 raise DecisionExists(f"transaction {txid} already has the decision {found.outcome!r}")
@@ -138,7 +148,9 @@ class CoordinatorLog:
             return int(
                 conn.execute(
                     sa.delete(decisions).where(
-                        decisions.c.coordinator == name, decisions.c.done.is_(True), decisions.c.decided_at < older_than
+                        decisions.c.coordinator == name,
+                        decisions.c.done.is_(True),
+                        decisions.c.decided_at < older_than,
                     )
                 ).rowcount
             )
@@ -168,7 +180,10 @@ def _write_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[N
 def _write_done(conn: Connection, marks: Sequence[tuple[str, int, bytes]]) -> list[None]:
     conn.execute(
         sa.update(decisions)
-        .where(decisions.c.coordinator == sa.bindparam("b_coordinator"), decisions.c.txid == sa.bindparam("b_txid"))
+        .where(
+            decisions.c.coordinator == sa.bindparam("b_coordinator"),
+            decisions.c.txid == sa.bindparam("b_txid"),
+        )
         .values(done=True, acked=sa.bindparam("b_acked")),
         [{"b_coordinator": c, "b_txid": t, "b_acked": a} for c, t, a in marks],
     )

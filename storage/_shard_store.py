@@ -73,7 +73,10 @@ class ShardStore:
                 .where(prepared.c.shard == shard)
                 .order_by(prepared.c.txid)
             ).all()
-            records = [(int(r.txid), _writes_from_wire(decode(r.writes)), _locks_from_wire(decode(r.locks))) for r in rows]
+            records = [
+                (int(r.txid), _writes_from_wire(decode(r.writes)), _locks_from_wire(decode(r.locks)))
+                for r in rows
+            ]
             return int(top or 0), records
 
         top, records = await self.database.read(load)
@@ -127,7 +130,9 @@ class ShardStore:
 
         def read(conn: Connection) -> bool:
             row = conn.execute(
-                sa.select(commit_log.c.position).where(commit_log.c.shard == shard, commit_log.c.txid == txid).limit(1)
+                sa.select(commit_log.c.position)
+                .where(commit_log.c.shard == shard, commit_log.c.txid == txid)
+                .limit(1)
             ).first()
             return row is not None
 
@@ -166,7 +171,9 @@ class ShardStore:
 
     # --- log and digest -------------------------------------------------------------------
 
-    async def log_entries(self, since_position: int = 0, limit: int = 1000) -> list[tuple[int, int, WriteSet]]:
+    async def log_entries(
+        self, since_position: int = 0, limit: int = 1000
+    ) -> list[tuple[int, int, WriteSet]]:
         shard = self.shard
 
         def read(conn: Connection) -> list[tuple[int, int, WriteSet]]:
@@ -187,11 +194,15 @@ class ShardStore:
         def read(conn: Connection) -> tuple[int, str]:
             h = hashlib.blake2b(digest_size=16)
             rows = conn.execute(
-                sa.select(shard_data.c.key, shard_data.c.value).where(shard_data.c.shard == shard).order_by(shard_data.c.key)
+                sa.select(shard_data.c.key, shard_data.c.value)
+                .where(shard_data.c.shard == shard)
+                .order_by(shard_data.c.key)
             )
             for row in rows:
                 h.update(encode([row.key, row.value]))
-            top = conn.execute(sa.select(sa.func.max(commit_log.c.position)).where(commit_log.c.shard == shard)).scalar()
+            top = conn.execute(
+                sa.select(sa.func.max(commit_log.c.position)).where(commit_log.c.shard == shard)
+            ).scalar()
             return int(top or 0), h.hexdigest()
 
         return await self.database.read(read)
@@ -200,7 +211,9 @@ class ShardStore:
         shard = self.shard
 
         def read(conn: Connection) -> dict[str, Any]:
-            rows = conn.execute(sa.select(shard_data.c.key, shard_data.c.value).where(shard_data.c.shard == shard))
+            rows = conn.execute(
+                sa.select(shard_data.c.key, shard_data.c.value).where(shard_data.c.shard == shard)
+            )
             return {r.key: decode(r.value) for r in rows}
 
         return await self.database.read(read)
@@ -211,7 +224,9 @@ def apply_writes(conn: Connection, shard: str, writes: WriteSet) -> None:
     deletes = [key for key, deleted, _ in writes if deleted]
     if deletes:
         conn.execute(sa.delete(shard_data).where(shard_data.c.shard == shard, shard_data.c.key.in_(deletes)))
-    puts = [{"shard": shard, "key": key, "value": encode(value)} for key, deleted, value in writes if not deleted]
+    puts = [
+        {"shard": shard, "key": key, "value": encode(value)} for key, deleted, value in writes if not deleted
+    ]
     if puts:
         keys = [p["key"] for p in puts]
         conn.execute(sa.delete(shard_data).where(shard_data.c.shard == shard, shard_data.c.key.in_(keys)))
@@ -268,19 +283,28 @@ def _write_commits(conn: Connection, entries: Sequence[_CommitEntry]) -> list[in
             for key, deleted, value in entry.writes:
                 final[key] = (deleted, value)
         if final:
-            conn.execute(sa.delete(shard_data).where(shard_data.c.shard == shard, shard_data.c.key.in_(list(final))))
+            conn.execute(
+                sa.delete(shard_data).where(shard_data.c.shard == shard, shard_data.c.key.in_(list(final)))
+            )
             puts = [{"shard": shard, "key": k, "value": encode(v)} for k, (d, v) in final.items() if not d]
             if puts:
                 conn.execute(sa.insert(shard_data), puts)
         conn.execute(
             sa.insert(commit_log),
             [
-                {"shard": shard, "position": e.position, "txid": e.txid, "writes": encode(_writes_to_wire(e.writes)),
-                 "committed_at": e.committed_at}
+                {
+                    "shard": shard,
+                    "position": e.position,
+                    "txid": e.txid,
+                    "writes": encode(_writes_to_wire(e.writes)),
+                    "committed_at": e.committed_at,
+                }
                 for e in mine
             ],
         )
-        conn.execute(sa.delete(prepared).where(prepared.c.shard == shard, prepared.c.txid.in_([e.txid for e in mine])))
+        conn.execute(
+            sa.delete(prepared).where(prepared.c.shard == shard, prepared.c.txid.in_([e.txid for e in mine]))
+        )
     return [e.position for e in entries]
 
 

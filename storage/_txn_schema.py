@@ -62,5 +62,9 @@ def migration_3(conn: Connection) -> None:
     md = sa.MetaData()
     for table in (shard_data, commit_log, prepared, decisions, txid_blocks):
         table.to_metadata(md).create(conn)
-    sa.Index("ix_commit_log_txid", md.tables["txrpc_commit_log"].c.shard, md.tables["txrpc_commit_log"].c.txid).create(conn)
-    sa.Index("ix_decisions_done", md.tables["txrpc_decisions"].c.coordinator, md.tables["txrpc_decisions"].c.done).create(conn)
+    sa.Index(
+        "ix_commit_log_txid", md.tables["txrpc_commit_log"].c.shard, md.tables["txrpc_commit_log"].c.txid
+    ).create(conn)
+    sa.Index(
+        "ix_decisions_done", md.tables["txrpc_decisions"].c.coordinator, md.tables["txrpc_decisions"].c.done
+    ).create(conn)

@@ -67,7 +67,9 @@ class LocalCluster:
 
         async def run(task_status: trio.TaskStatus[Coordinator] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
-                await run_coordinator(self.config, task_status=task_status, **{**self.options.get("coordinator", {}), **kwargs})
+                await run_coordinator(
+                    self.config, task_status=task_status, **{**self.options.get("coordinator", {}), **kwargs}
+                )
 
         self.coordinator = await self.nursery.start(run)
         return self.coordinator
@@ -78,7 +80,13 @@ class LocalCluster:
 
         async def run(task_status: trio.TaskStatus[Participant] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
-                await run_shard(self.config, name, self.services, task_status=task_status, **{**self.options.get("shard", {}), **kwargs})
+                await run_shard(
+                    self.config,
+                    name,
+                    self.services,
+                    task_status=task_status,
+                    **{**self.options.get("shard", {}), **kwargs},
+                )
 
         participant: Participant = await self.nursery.start(run)
         self.participants[name] = participant

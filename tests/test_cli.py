@@ -29,7 +29,15 @@ def free_port() -> int:
 def calculator_port() -> Iterator[int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "txrpc.cli", "serve", "examples/calculator/service.py:calc", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "txrpc.cli",
+            "serve",
+            "examples/calculator/service.py:calc",
+            "--port",
+            str(port),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -43,7 +51,9 @@ def calculator_port() -> Iterator[int]:
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"txrpc serve did not start: {proc.stderr.read() if proc.stderr else ''}")
+                    raise AssertionError(
+                        f"txrpc serve did not start: {proc.stderr.read() if proc.stderr else ''}"
+                    ) from None
                 time.sleep(0.05)
         yield port
     finally:
@@ -55,7 +65,13 @@ def test_version_and_help() -> None:
     runner = CliRunner()
     result = runner.invoke(cli, ["--version"])
     assert result.exit_code == 0 and txrpc.__version__ in result.output
-    for args in (["--help"], ["serve", "--help"], ["call", "--help"], ["demo", "--help"], ["bench", "rpc", "--help"]):
+    for args in (
+        ["--help"],
+        ["serve", "--help"],
+        ["call", "--help"],
+        ["demo", "--help"],
+        ["bench", "rpc", "--help"],
+    ):
         result = runner.invoke(cli, args)
         assert result.exit_code == 0, (args, result.output)
         assert "Usage" in result.output
@@ -99,7 +115,18 @@ def test_serve_bad_spec_is_a_usage_error() -> None:
 
 def test_bank_demo_runs_a_cluster_and_conserves_money() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "txrpc.cli", "demo", "--transfers", "150", "--concurrency", "8", "--accounts", "40"],
+        [
+            sys.executable,
+            "-m",
+            "txrpc.cli",
+            "demo",
+            "--transfers",
+            "150",
+            "--concurrency",
+            "8",
+            "--accounts",
+            "40",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

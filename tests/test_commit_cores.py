@@ -5,8 +5,8 @@ objects the trio drivers use). Explicit-state search with a visited set."""
 from __future__ import annotations
 
 import copy
-import os
 import dataclasses
+import os
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -61,16 +61,22 @@ def _clone_participant(core: ParticipantCore) -> ParticipantCore:
     new = ParticipantCore.__new__(ParticipantCore)
     new.tx_idle_timeout_s = core.tx_idle_timeout_s
     new.locks = _clone_locks(core.locks)
-    new.txs = {t: dataclasses.replace(tx, writes=dict(tx.writes), op_results=dict(tx.op_results)) for t, tx in core.txs.items()}
+    new.txs = {
+        t: dataclasses.replace(tx, writes=dict(tx.writes), op_results=dict(tx.op_results))
+        for t, tx in core.txs.items()
+    }
     new.finished = OrderedDict(core.finished)
     return new
 
 
 def _clone_coordinator(core: CoordinatorCore) -> CoordinatorCore:
     new = copy.copy(core)
-    new.txs = {t: dataclasses.replace(tx, votes=dict(tx.votes), acked=set(tx.acked)) for t, tx in core.txs.items()}
+    new.txs = {
+        t: dataclasses.replace(tx, votes=dict(tx.votes), acked=set(tx.acked)) for t, tx in core.txs.items()
+    }
     new.finished = OrderedDict(
-        (t, dataclasses.replace(tx, votes=dict(tx.votes), acked=set(tx.acked))) for t, tx in core.finished.items()
+        (t, dataclasses.replace(tx, votes=dict(tx.votes), acked=set(tx.acked)))
+        for t, tx in core.finished.items()
     )
     return new
 
@@ -176,7 +182,7 @@ def deliver(w: World, message: tuple[str, ...]) -> None:
         part = w.parts[name]
         if name in w.votes_no and TXID in part.txs and part.txs[TXID].state is TxState.ACTIVE:
             part.abort(TXID, "user abort")
-        action, vote, reason, _ = part.prepare(TXID)
+        action, vote, _reason, _ = part.prepare(TXID)
         if action is PrepareAction.WRITE_RECORD:
             assert part.prepared(TXID)
             vote = Vote.YES
@@ -260,7 +266,13 @@ CONFIGS = [
     pytest.param(3, 0, 0, 1, (), id="3p-resend"),
     pytest.param(3, 0, 0, 1, ("p1",), id="3p-one-no"),
     pytest.param(
-        3, 1, 1, 1, (), id="3p-dup-loss-resend", marks=pytest.mark.skipif(not SLOW, reason="minutes: TXRPC_SLOW=1")
+        3,
+        1,
+        1,
+        1,
+        (),
+        id="3p-dup-loss-resend",
+        marks=pytest.mark.skipif(not SLOW, reason="minutes: TXRPC_SLOW=1"),
     ),
 ]
 

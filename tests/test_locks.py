@@ -84,7 +84,9 @@ ops = st.lists(
 
 @settings(max_examples=400, deadline=None)
 @given(ops)
-def test_random_schedules_never_deadlock_and_stay_consistent(schedule: list[tuple[str, int, str, Mode]]) -> None:
+def test_random_schedules_never_deadlock_and_stay_consistent(
+    schedule: list[tuple[str, int, str, Mode]],
+) -> None:
     t = LockTable()
     waiting: dict[int, str] = {}  # txid -> resource it waits for (a tx waits on one at a time)
     dead: set[int] = set()

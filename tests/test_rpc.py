@@ -104,7 +104,9 @@ async def test_dotted_service_names() -> None:
         await server.shutdown()
 
 
-async def test_thousand_concurrent_calls_on_one_connection(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+async def test_thousand_concurrent_calls_on_one_connection(
+    served: tuple[txrpc.Server, dict[str, Any]],
+) -> None:
     server, _ = served
     results: dict[int, int] = {}
     async with txrpc.connect("127.0.0.1", server.port) as client:
@@ -195,7 +197,7 @@ async def test_deadline_propagates_across_three_hops() -> None:
         middle = txrpc.Service("middle")
 
         @middle.method
-        async def work() -> float:  # noqa: F811 - a different service's method
+        async def work() -> float:
             async with txrpc.connect("127.0.0.1", leaf_server.port) as downstream:
                 return float(await downstream.leaf.work())
 
@@ -418,7 +420,9 @@ async def test_connect_failure_is_unavailable_with_a_clear_message() -> None:
                 pass
 
 
-async def test_oversized_argument_is_refused_before_sending(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+async def test_oversized_argument_is_refused_before_sending(
+    served: tuple[txrpc.Server, dict[str, Any]],
+) -> None:
     server, _ = served
     limits = txrpc.Limits(frame_bytes_max=1024)
     async with txrpc.connect("127.0.0.1", server.port, limits=limits) as client:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from _cluster_helpers import ROOT, local_cluster
 
 import txrpc
-
-from _cluster_helpers import ROOT, local_cluster
 
 spec = importlib.util.spec_from_file_location("bank_example", ROOT / "examples/bank/service.py")
 assert spec is not None and spec.loader is not None
@@ -128,7 +127,7 @@ async def test_concurrent_transfers_conserve_the_total(tmp_path: Path) -> None:
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                for k in range(8):
+                for _k in range(8):
                     nursery.start_soon(worker, rng.randrange(1 << 30))
         assert committed > 0
         balances = [await cluster.call(n, "bank.balance", n) for n in names]
@@ -159,7 +158,10 @@ async def test_opposite_transfers_do_not_deadlock(tmp_path: Path) -> None:
 
 
 async def test_vanished_client_locks_are_freed_after_idle_timeout(tmp_path: Path) -> None:
-    async with local_cluster(tmp_path, [bank], shard={"tx_idle_timeout_s": 0.5}) as local, txrpc.cluster(local.config) as cluster:
+    async with (
+        local_cluster(tmp_path, [bank], shard={"tx_idle_timeout_s": 0.5}) as local,
+        txrpc.cluster(local.config) as cluster,
+    ):
         (alice,) = accounts_on_distinct_shards(local.config, 1)
         await open_accounts(cluster, [alice], 10)
         # A client that begins, writes, and vanishes without commit or abort.
@@ -168,6 +170,7 @@ async def test_vanished_client_locks_are_freed_after_idle_timeout(tmp_path: Path
         async with txrpc.connect(*node.address) as raw:
             meta = {"txid": info["txid"], "op_seq": 1, "epoch": local.config.shard_map.epoch}
             await raw.options(metadata=meta).call("bank.deposit", alice, 5)
+
         # The abandoned lock blocks (an older transaction waits, a younger one dies and is
         # retried) until the shard's idle timeout aborts the vanished transaction.
         async def withdraw_all(t: txrpc.Transaction) -> None:

@@ -27,7 +27,9 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         processes.stop()
 
 
-def start_all(procs: Processes, crash: dict[str, str] | None = None, args: dict[str, tuple[str, ...]] | None = None) -> None:
+def start_all(
+    procs: Processes, crash: dict[str, str] | None = None, args: dict[str, tuple[str, ...]] | None = None
+) -> None:
     for name in ["coordinator", *NODES]:
         env = {"TXRPC_CRASH_AT": crash[name]} if crash and name in crash else None
         procs.start(name, env=env, args=(args or {}).get(name, ()))
@@ -164,7 +166,9 @@ CLIENT_THAT_DIES = textwrap.dedent(
 )
 
 
-def test_client_killed_mid_transaction_locks_freed_after_idle_timeout(procs: Processes, tmp_path: Path) -> None:
+def test_client_killed_mid_transaction_locks_freed_after_idle_timeout(
+    procs: Processes, tmp_path: Path
+) -> None:
     start_all(procs, args={n: ("--idle-timeout", "1") for n in NODES})
 
     async def setup() -> str:
@@ -176,7 +180,9 @@ def test_client_killed_mid_transaction_locks_freed_after_idle_timeout(procs: Pro
     src = trio.run(setup)
     script = tmp_path / "dying_client.py"
     script.write_text(CLIENT_THAT_DIES)
-    out = subprocess.run([sys.executable, str(script), str(procs.config_path), src], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(script), str(procs.config_path), src], capture_output=True, text=True, timeout=60
+    )
     assert "holding" in out.stdout and out.returncode == -signal.SIGKILL
 
     async def after() -> None:
@@ -197,7 +203,9 @@ def test_heuristic_resolve_by_an_operator(procs: Processes) -> None:
     config = str(procs.config_path)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "txrpc.cli", *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "txrpc.cli", *args], capture_output=True, text=True, timeout=60
+        )
 
     async def main() -> None:
         async with txrpc.cluster(procs.config_path) as cluster:
@@ -211,10 +219,14 @@ def test_heuristic_resolve_by_an_operator(procs: Processes) -> None:
                 meta = {"txid": stray, "op_seq": 1, "epoch": cluster.config.shard_map.epoch}
                 await raw.options(metadata=meta).call("bank.deposit", src, 7)
                 assert (await raw.call("tx.prepare", stray))["vote"] == "yes"
-            out = await trio.to_thread.run_sync(cli, "tx", "resolve", "--config", config, str(stray), "--commit")
+            out = await trio.to_thread.run_sync(
+                cli, "tx", "resolve", "--config", config, str(stray), "--commit"
+            )
             assert out.returncode == 0, out.stderr
             assert "heuristic commit recorded" in out.stdout
-            again = await trio.to_thread.run_sync(cli, "tx", "resolve", "--config", config, str(stray), "--abort")
+            again = await trio.to_thread.run_sync(
+                cli, "tx", "resolve", "--config", config, str(stray), "--abort"
+            )
             assert again.returncode == 1 and "already has the decision" in again.stderr
             with trio.fail_after(20):  # the in-doubt participant asks and adopts the decision
                 while True:

@@ -233,10 +233,26 @@ def run(
                     for stack in stacks:
                         _, port = servers[stack]
                         if stack == "txrpc":
-                            argv = [python, "-m", "txrpc._bench_rpc", "client", str(port), str(conc), str(seconds), str(payload)]
+                            argv = [
+                                python,
+                                "-m",
+                                "txrpc._bench_rpc",
+                                "client",
+                                str(port),
+                                str(conc),
+                                str(seconds),
+                                str(payload),
+                            ]
                             raw = _run_client(argv)
                         else:
-                            argv = [python, "grpc_client.py", str(port), str(conc), str(seconds), str(payload)]
+                            argv = [
+                                python,
+                                "grpc_client.py",
+                                str(port),
+                                str(conc),
+                                str(seconds),
+                                str(payload),
+                            ]
                             raw = _run_client(argv, cwd=work)
                         samples[stack].append(_summarise(stack, workload, conc, payload, raw))
                         if progress is not None:
@@ -270,7 +286,15 @@ def _prepare_grpc(work: str) -> None:
     Path(work, "grpc_client.py").write_text(textwrap.dedent(GRPC_CLIENT))
     try:
         subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.", "calc.proto"],
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                "-I.",
+                "--python_out=.",
+                "--grpc_python_out=.",
+                "calc.proto",
+            ],
             cwd=work,
             check=True,
             capture_output=True,

@@ -71,7 +71,9 @@ def run_ours(clients: int, seconds: float, accounts: int, console: Console) -> l
             processes.stop()
 
 
-async def _ours_workload(config_path: Path, clients: int, seconds: float, accounts: int, console: Console) -> list[Row]:
+async def _ours_workload(
+    config_path: Path, clients: int, seconds: float, accounts: int, console: Console
+) -> list[Row]:
     from ._cluster import Transaction, cluster
 
     rows = []
@@ -128,11 +130,19 @@ async def _ours_workload(config_path: Path, clients: int, seconds: float, accoun
                 elapsed = time.perf_counter() - t0
             latencies.sort()
             rows.append(
-                Row("txrpc", workload, clients, len(latencies) / elapsed, _percentile(latencies, 0.5),
-                    _percentile(latencies, 0.99), attempts[0] - len(latencies), True)
+                Row(
+                    "txrpc",
+                    workload,
+                    clients,
+                    len(latencies) / elapsed,
+                    _percentile(latencies, 0.5),
+                    _percentile(latencies, 0.99),
+                    attempts[0] - len(latencies),
+                    True,
+                )
             )
         total = 0
-        for shard, members in by_shard.items():
+        for _shard, members in by_shard.items():
             for start in range(0, len(members), 200):
                 async with c.transaction() as t:
                     for n in members[start : start + 200]:
@@ -194,7 +204,9 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
                 await conn.execute(f"rollback prepared '{row[0]}'")
             await conn.execute("drop table if exists acct")
             await conn.execute("create table acct(id int primary key, bal bigint not null)")
-            await conn.execute("insert into acct select g, %s from generate_series(0, %s) g", (INITIAL_BALANCE, per_db - 1))
+            await conn.execute(
+                "insert into acct select g, %s from generate_series(0, %s) g", (INITIAL_BALANCE, per_db - 1)
+            )
 
     async def total() -> int:
         value = 0
@@ -245,8 +257,16 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
     elapsed = time.perf_counter() - t0
     after = await total()
     latencies.sort()
-    return Row("PG 2PC", "cross-shard (2 of 3)", clients, len(latencies) / elapsed,
-               _percentile(latencies, 0.5), _percentile(latencies, 0.99), retries[0], before == after)
+    return Row(
+        "PG 2PC",
+        "cross-shard (2 of 3)",
+        clients,
+        len(latencies) / elapsed,
+        _percentile(latencies, 0.5),
+        _percentile(latencies, 0.99),
+        retries[0],
+        before == after,
+    )
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -255,10 +275,14 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
 @click.command("tx")
 @click.option("--clients", default=32, show_default=True, help="Concurrent clients (each side).")
 @click.option("--seconds", default=10.0, show_default=True, help="Duration of each measurement.")
-@click.option("--accounts", default=3000, show_default=True, help="Accounts (the peer: a third per database).")
+@click.option(
+    "--accounts", default=3000, show_default=True, help="Accounts (the peer: a third per database)."
+)
 @click.option("--rounds", default=1, show_default=True, help="Repetitions; medians are kept.")
 @click.option("--no-postgres", is_flag=True, help="Measure txrpc only.")
-@click.option("--pg-setup", is_flag=True, help="Enable max_prepared_transactions (ALTER SYSTEM + restart) if it is 0.")
+@click.option(
+    "--pg-setup", is_flag=True, help="Enable max_prepared_transactions (ALTER SYSTEM + restart) if it is 0."
+)
 def tx(clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bool, pg_setup: bool) -> None:
     """Cross-shard transfers/s: txrpc's coordinator vs PostgreSQL's native 2PC."""
     console = Console(width=max(Console().width, 110))
@@ -288,14 +312,24 @@ def tx(clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bo
                 row = run_postgres(clients, seconds, accounts)
             samples.setdefault((row.stack, row.workload), []).append(row)
     rows = [
-        Row(stack, workload, clients, statistics.median(r.per_s for r in rs), statistics.median(r.p50_ms for r in rs),
-            statistics.median(r.p99_ms for r in rs), int(statistics.median(r.retries for r in rs)), all(r.conserved for r in rs))
+        Row(
+            stack,
+            workload,
+            clients,
+            statistics.median(r.per_s for r in rs),
+            statistics.median(r.p50_ms for r in rs),
+            statistics.median(r.p99_ms for r in rs),
+            int(statistics.median(r.retries for r in rs)),
+            all(r.conserved for r in rs),
+        )
         for (stack, workload), rs in samples.items()
     ]
     by = {(r.stack, r.workload): r for r in rows}
     ours_cross = by.get(("txrpc", "cross-shard (2 of 3)"))
     pg = by.get(("PG 2PC", "cross-shard (2 of 3)"))
-    table = Table(title=f"txrpc bench tx — {clients} clients, {seconds:g} s, {accounts} accounts, medians of {rounds}")
+    table = Table(
+        title=f"txrpc bench tx — {clients} clients, {seconds:g} s, {accounts} accounts, medians of {rounds}"
+    )
     for column in ("stack", "workload", "tx/s", "p50 ms", "p99 ms", "retries", "total ok", "ratio", "target"):
         table.add_column(column, justify="left" if column in ("stack", "workload", "target") else "right")
     for r in rows:
@@ -305,7 +339,19 @@ def tx(clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bo
             ratio, target = f"{value:.2f}× PG", ("[green]met" if value >= 1.0 else "[red]missed") + "[/] ≥1×"
         if r.stack == "txrpc" and r.workload.startswith("1 shard") and ours_cross is not None:
             value = r.per_s / ours_cross.per_s
-            ratio, target = f"{value:.2f}× x-shard", ("[green]met" if value >= 2.0 else "[red]missed") + "[/] ≥2×"
-        table.add_row(r.stack, r.workload, f"{r.per_s:,.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", str(r.retries),
-                      "yes" if r.conserved else "[red]NO[/]", ratio, target)
+            ratio, target = (
+                f"{value:.2f}× x-shard",
+                ("[green]met" if value >= 2.0 else "[red]missed") + "[/] ≥2×",
+            )
+        table.add_row(
+            r.stack,
+            r.workload,
+            f"{r.per_s:,.0f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            str(r.retries),
+            "yes" if r.conserved else "[red]NO[/]",
+            ratio,
+            target,
+        )
     console.print(table)

@@ -57,7 +57,9 @@ def run(console: Console, calls: int) -> None:
                     await client.options(timeout=0.2).slow_add(1, 2, delay_s=5)
                 except DeadlineExceeded:
                     spent = trio.current_time() - started
-                    table.add_row("slow_add(delay 5 s) with timeout 0.2 s", f"DeadlineExceeded after {spent:.2f} s")
+                    table.add_row(
+                        "slow_add(delay 5 s) with timeout 0.2 s", f"DeadlineExceeded after {spent:.2f} s"
+                    )
                 console.print(table)
 
                 concurrency = 64

@@ -154,7 +154,11 @@ class _Channel:
         reschedule = trio.lowlevel.reschedule
         while True:
             try:
-                data = bytes(await self.stream.receive_some(max(RECEIVE_BYTES, min(conn.receive_size_hint, RECEIVE_BYTES_MAX))))
+                data = bytes(
+                    await self.stream.receive_some(
+                        max(RECEIVE_BYTES, min(conn.receive_size_hint, RECEIVE_BYTES_MAX))
+                    )
+                )
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.failure = self.failure or f"connection lost: {exc!r}"
                 return
@@ -531,4 +535,3 @@ def connect(
         rng=rng,
         connect_now=connect_now,
     )
-

@@ -42,7 +42,9 @@ ABORT_TIMEOUT_S = 2.0  # bound on telling the coordinator we gave up
 class Cluster:
     """A client of a whole cluster: routed calls, and transactions via the coordinator."""
 
-    def __init__(self, config: ClusterConfig, *, limits: Limits | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: ClusterConfig, *, limits: Limits | None = None, rng: random.Random | None = None
+    ) -> None:
         if config.coordinator is None:
             raise ValueError(f"{config.source}: transactions need a [coordinator] table")
         self.config = config
@@ -51,7 +53,11 @@ class Cluster:
         self.router = ClusterClient(config.shard_map, rng=random.Random(self.rng.random()))
         coordinator = config.coordinator
         self.coordinator: Client = connect(
-            coordinator.host, coordinator.port, limits=self.limits, connect_now=False, rng=random.Random(self.rng.random())
+            coordinator.host,
+            coordinator.port,
+            limits=self.limits,
+            connect_now=False,
+            rng=random.Random(self.rng.random()),
         )
         self.stats = {"committed": 0, "aborted": 0, "unknown": 0}
         self.txid_lease_size = 16
@@ -184,7 +190,9 @@ class Transaction:
                 if self.age is not None:
                     metadata["age"] = self.age
                 try:
-                    return await client.options(metadata=metadata, retries_max=0).call(method, *args, **kwargs)
+                    return await client.options(metadata=metadata, retries_max=0).call(
+                        method, *args, **kwargs
+                    )
                 except WrongEpoch as exc:
                     if retries >= router.epoch_retries_max:
                         raise
@@ -192,7 +200,9 @@ class Transaction:
                     if not await router._learn(exc, shard_map):
                         await trio.sleep(router._backoff_s(retries))
                 except Aborted as exc:
-                    self._failed = TransactionAborted(exc.message, {"retryable": True, **exc.details, "txid": self.txid})
+                    self._failed = TransactionAborted(
+                        exc.message, {"retryable": True, **exc.details, "txid": self.txid}
+                    )
                     raise self._failed from None
         assert scope.cancelled_caught
         self._failed = TransactionAborted(
@@ -208,7 +218,9 @@ class Transaction:
                     "coord.abort", self.txid, sorted(self.participants)
                 )
             except RpcError as exc:
-                log.info("abort of %s not delivered (%s); the coordinator aborts it by timeout", self.txid, exc)
+                log.info(
+                    "abort of %s not delivered (%s); the coordinator aborts it by timeout", self.txid, exc
+                )
 
     async def _commit(self) -> None:
         coordinator = self._cluster.coordinator
@@ -226,7 +238,9 @@ class Transaction:
             except Aborted as exc:
                 self.outcome = "aborted"
                 self._cluster.stats["aborted"] += 1
-                raise TransactionAborted(exc.message, {"retryable": True, **exc.details, "txid": self.txid}) from None
+                raise TransactionAborted(
+                    exc.message, {"retryable": True, **exc.details, "txid": self.txid}
+                ) from None
             except (Unavailable, trio.TooSlowError) as exc:
                 # commit is idempotent by txid: ask again; the decision, once made, stands.
                 last = exc
@@ -262,7 +276,9 @@ class _TxMethodProxy:
         return self._tx._operation(args[0], self._name, args, kwargs)
 
 
-def cluster(config: str | Path | ClusterConfig, *, limits: Limits | None = None, rng: random.Random | None = None) -> Cluster:
+def cluster(
+    config: str | Path | ClusterConfig, *, limits: Limits | None = None, rng: random.Random | None = None
+) -> Cluster:
     """A :class:`Cluster` from a ``cluster.toml`` path (or a loaded config)."""
     loaded = config if isinstance(config, ClusterConfig) else load_cluster_config(config)
     return Cluster(loaded, limits=limits, rng=rng)

@@ -35,6 +35,7 @@ def _run_until_signal(main: Any) -> None:
 
     async def runner() -> None:
         async with trio.open_nursery() as nursery:
+
             async def on_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for _ in signals:
@@ -50,7 +51,11 @@ def _run_until_signal(main: Any) -> None:
 
 @click.command("coordinator")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="cluster.toml")
-@click.option("--db", default=None, help="Database URL for the decision log (default: SQLite in the coordinator's data_dir).")
+@click.option(
+    "--db",
+    default=None,
+    help="Database URL for the decision log (default: SQLite in the coordinator's data_dir).",
+)
 @click.option("--tx-timeout", default=30.0, show_default=True, help="Transaction deadline in seconds.")
 def coordinator_command(config_path: str, db: str | None, tx_timeout: float) -> None:
     """Run the coordinator service of a cluster (two-phase commit, presumed abort)."""
@@ -63,7 +68,11 @@ def coordinator_command(config_path: str, db: str | None, tx_timeout: float) -> 
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: run_coordinator(config, db_url=db, tx_timeout_s=tx_timeout, task_status=task_status))
+            await nursery.start(
+                lambda task_status: run_coordinator(
+                    config, db_url=db, tx_timeout_s=tx_timeout, task_status=task_status
+                )
+            )
             click.echo(f"coordinator ready on {spec.host}:{spec.port}", err=False)
             sys.stdout.flush()
 
@@ -73,10 +82,23 @@ def coordinator_command(config_path: str, db: str | None, tx_timeout: float) -> 
 @click.command("shard")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="cluster.toml")
 @click.option("--node", required=True, help="This node's name in the cluster file.")
-@click.option("--service", "service_specs", multiple=True, metavar="MODULE:SERVICE", help="Services to host (default: cluster.services).")
+@click.option(
+    "--service",
+    "service_specs",
+    multiple=True,
+    metavar="MODULE:SERVICE",
+    help="Services to host (default: cluster.services).",
+)
 @click.option("--db", default=None, help="Database URL (default: SQLite in the node's data_dir).")
-@click.option("--idle-timeout", default=10.0, show_default=True, help="Abort unprepared transactions idle this long (s).")
-def shard_command(config_path: str, node: str, service_specs: tuple[str, ...], db: str | None, idle_timeout: float) -> None:
+@click.option(
+    "--idle-timeout",
+    default=10.0,
+    show_default=True,
+    help="Abort unprepared transactions idle this long (s).",
+)
+def shard_command(
+    config_path: str, node: str, service_specs: tuple[str, ...], db: str | None, idle_timeout: float
+) -> None:
     """Run one shard node: hosts the cluster's transactional services."""
     from coordinator import run_shard
 
@@ -95,7 +117,9 @@ def shard_command(config_path: str, node: str, service_specs: tuple[str, ...], d
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                lambda task_status: run_shard(config, node, services, db_url=db, tx_idle_timeout_s=idle_timeout, task_status=task_status)
+                lambda task_status: run_shard(
+                    config, node, services, db_url=db, tx_idle_timeout_s=idle_timeout, task_status=task_status
+                )
             )
             click.echo(f"shard {node} ready on {address[0]}:{address[1]}")
             sys.stdout.flush()

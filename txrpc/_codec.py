@@ -53,7 +53,9 @@ def check_keys(value: Any, depth: int = 0) -> None:
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str and type(key) is not bytes:
-                raise TypeError(f"map keys must be text or byte strings, not {type(key).__name__} ({key!r:.40})")
+                raise TypeError(
+                    f"map keys must be text or byte strings, not {type(key).__name__} ({key!r:.40})"
+                )
             if type(item) in _CONTAINERS:
                 check_keys(item, depth + 1)
     elif kind is list or kind is tuple:
@@ -150,9 +152,7 @@ class FrameDecoder:
         while end - position >= PREFIX_BYTES:
             length = int.from_bytes(buffer[position : position + PREFIX_BYTES], "big")
             if length > limit:
-                raise FrameError(
-                    f"frame of {length} bytes announced; frame_bytes_max is {limit}"
-                )
+                raise FrameError(f"frame of {length} bytes announced; frame_bytes_max is {limit}")
             if length == 0:
                 raise FrameError("empty frame (length 0)")
             start = position + PREFIX_BYTES

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any, Union
+from typing import Any
 
 from ._codec import FrameDecoder, FrameError, check_keys, decode_value, encode_value, frame
 from ._errors import Code
@@ -144,7 +144,7 @@ class CallRefused:
     message: str
 
 
-Event = Union[Hello, Call, Result, Error, Cancel, Ping, Pong, GoAway, ConnectionClosed, CallRefused]
+Event = Hello | Call | Result | Error | Cancel | Ping | Pong | GoAway | ConnectionClosed | CallRefused
 
 
 # --- parsing helpers ----------------------------------------------------------------
@@ -485,7 +485,9 @@ class Connection:
             raise RemoteProtocolError("call: id 0 is reserved")
         method = message.get("m")
         if type(method) is not str or not 0 < len(method) <= METHOD_BYTES_MAX:
-            raise RemoteProtocolError(f"call: field 'm' must be a method name of 1..{METHOD_BYTES_MAX} characters")
+            raise RemoteProtocolError(
+                f"call: field 'm' must be a method name of 1..{METHOD_BYTES_MAX} characters"
+            )
         args = message.get("a")
         if type(args) is not list:
             raise RemoteProtocolError("call: field 'a' must be an array")

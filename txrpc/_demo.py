@@ -52,7 +52,13 @@ def write_cluster_file(directory: Path, nodes: int = 3) -> Path:
         "",
     ]
     for index in range(nodes):
-        lines += ["[[nodes]]", f'name = "{"abcdefgh"[index]}"', 'host = "127.0.0.1"', f"port = {ports[index + 1]}", ""]
+        lines += [
+            "[[nodes]]",
+            f'name = "{"abcdefgh"[index]}"',
+            'host = "127.0.0.1"',
+            f"port = {ports[index + 1]}",
+            "",
+        ]
     path = directory / "cluster.toml"
     path.write_text("\n".join(lines))
     return path
@@ -126,8 +132,12 @@ def run_bank_demo(console: Console, transfers: int, concurrency: int, accounts: 
                     processes.start(name)
                 for name in ["coordinator", *nodes]:
                     processes.wait_ready(name)
-            console.print(f"[bold]txrpc demo[/] — cluster up in {tmp}: coordinator + shards {', '.join(nodes)}")
-            return trio.run(_workload, console, config_path, processes, transfers, concurrency, accounts, seed)
+            console.print(
+                f"[bold]txrpc demo[/] — cluster up in {tmp}: coordinator + shards {', '.join(nodes)}"
+            )
+            return trio.run(
+                _workload, console, config_path, processes, transfers, concurrency, accounts, seed
+            )
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping the cluster[/]")
             return 130
@@ -137,7 +147,13 @@ def run_bank_demo(console: Console, transfers: int, concurrency: int, accounts: 
 
 
 async def _workload(
-    console: Console, config_path: Path, processes: Processes, transfers: int, concurrency: int, accounts: int, seed: int
+    console: Console,
+    config_path: Path,
+    processes: Processes,
+    transfers: int,
+    concurrency: int,
+    accounts: int,
+    seed: int,
 ) -> int:
     rng = random.Random(seed)
     async with cluster(config_path, rng=random.Random(seed)) as c:
@@ -151,16 +167,22 @@ async def _workload(
         async with trio.open_nursery() as nursery:
             for name in names:
                 nursery.start_soon(open_one, name)
-        spread = {node: sum(1 for n in names if shard_of[n] == node) for node in sorted(set(shard_of.values()))}
+        spread = {
+            node: sum(1 for n in names if shard_of[n] == node) for node in sorted(set(shard_of.values()))
+        }
         console.print(f"opened {accounts} accounts × {INITIAL_BALANCE} (per shard: {spread})")
 
         latencies: list[float] = []
         attempts = {"attempts": 0, "committed": 0, "insufficient": 0, "unknown": 0}
         cross = [(a, b) for a in names for b in names if shard_of[a] != shard_of[b]]
-        todo = [rng.choice(cross) + (rng.randint(1, 50),) for _ in range(transfers)]
+        todo = [(*rng.choice(cross), rng.randint(1, 50)) for _ in range(transfers)]
         started = time.perf_counter()
         with Progress(
-            TextColumn("cross-shard transfers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            TextColumn("cross-shard transfers"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
         ) as progress:
             task = progress.add_task("transfers", total=transfers)
 
@@ -194,19 +216,32 @@ async def _workload(
         expected = INITIAL_BALANCE * accounts
         latencies.sort()
         retries = attempts["attempts"] - attempts["committed"] - attempts["insufficient"]
-        table = Table(title=f"{transfers} transfers, {concurrency} concurrent clients, each touching 2 of 3 shards")
+        table = Table(
+            title=f"{transfers} transfers, {concurrency} concurrent clients, each touching 2 of 3 shards"
+        )
         table.add_column("measure")
         table.add_column("value", justify="right")
         table.add_row("committed", f"{attempts['committed']:,}")
         table.add_row("aborted by the bank (insufficient funds)", f"{attempts['insufficient']:,}")
         table.add_row("outcome unknown", f"{attempts['unknown']:,}")
         table.add_row("throughput", f"{attempts['committed'] / elapsed:,.0f} transfers/s")
-        table.add_row("conflict aborts retried (wait-die)", f"{retries:,} ({retries / max(1, attempts['attempts']):.1%} of attempts)")
+        table.add_row(
+            "conflict aborts retried (wait-die)",
+            f"{retries:,} ({retries / max(1, attempts['attempts']):.1%} of attempts)",
+        )
         if latencies:
-            table.add_row("latency p50 / p99", f"{latencies[len(latencies) // 2] * 1e3:.1f} / {latencies[int(len(latencies) * 0.99)] * 1e3:.1f} ms")
+            table.add_row(
+                "latency p50 / p99",
+                f"{latencies[len(latencies) // 2] * 1e3:.1f} / {latencies[int(len(latencies) * 0.99)] * 1e3:.1f} ms",
+            )
         table.add_row("money before / after", f"{expected:,} / {total:,}")
         negative = [n for n, b in balances.items() if b < 0]
-        table.add_row("conservation check", "[green]total conserved, no negative balance[/]" if total == expected and not negative else "[red]VIOLATED[/]")
+        table.add_row(
+            "conservation check",
+            "[green]total conserved, no negative balance[/]"
+            if total == expected and not negative
+            else "[red]VIOLATED[/]",
+        )
         console.print(table)
         return 0 if total == expected and not negative else 1
 
@@ -221,4 +256,3 @@ def run_calculator_demo(console: Console, calls: int) -> None:  # kept for `txrp
     from ._calculator_demo import run
 
     run(console, calls)
-

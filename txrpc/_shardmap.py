@@ -679,14 +679,14 @@ class ClusterConfig:
         )
         raw_services = cluster.get("services", [])
         if not isinstance(raw_services, list):
-            raise ConfigError("must be a list of \"MODULE:NAME\" strings", field="cluster.services")
+            raise ConfigError('must be a list of "MODULE:NAME" strings', field="cluster.services")
         services: list[str] = []
         for index, item in enumerate(raw_services):
             text = _check_text(item, f"cluster.services[{index}]")
             module, sep, name = text.partition(":")
             if not sep or not module or not name:
                 raise ConfigError(
-                    f"{text!r} is not MODULE:NAME (e.g. \"examples/bank/service.py:bank\")",
+                    f'{text!r} is not MODULE:NAME (e.g. "examples/bank/service.py:bank")',
                     field=f"cluster.services[{index}]",
                 )
             if module.endswith(".py") and not Path(module).is_absolute():

@@ -205,7 +205,9 @@ def bench() -> None:
 @click.option("--seconds", default=3.0, show_default=True, help="Duration of each measurement.")
 @click.option("--rounds", default=3, show_default=True, help="Interleaved repetitions; medians are kept.")
 @click.option("--callers", default="1,16,64", show_default=True, help="Concurrent callers for `add`.")
-@click.option("--echo-callers", default="1,8", show_default=True, help="Concurrent callers for the 1 MiB echo.")
+@click.option(
+    "--echo-callers", default="1,8", show_default=True, help="Concurrent callers for the 1 MiB echo."
+)
 @click.option("--no-grpc", is_flag=True, help="Measure txrpc only (no grpcio needed).")
 def bench_rpc(seconds: float, rounds: int, callers: str, echo_callers: str, no_grpc: bool) -> None:
     """Unary `add` and a 1 MiB `echo` on one connection: txrpc vs grpcio grpc.aio."""
@@ -218,7 +220,9 @@ def bench_rpc(seconds: float, rounds: int, callers: str, echo_callers: str, no_g
     steps = (len(add_callers) + len(big_callers)) * rounds * (1 if no_grpc else 2)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("measuring", total=steps)
-        results = run(add_callers, big_callers, seconds, rounds, not no_grpc, progress=lambda: progress.advance(task))
+        results = run(
+            add_callers, big_callers, seconds, rounds, not no_grpc, progress=lambda: progress.advance(task)
+        )
     table = Table(title=f"txrpc bench rpc — medians of {rounds} × {seconds:g} s, one connection, loopback")
     for column in ("workload", "callers", "stack", "calls/s", "p50 ms", "p99 ms", "MB/s", "ratio", "target"):
         table.add_column(column, justify="right" if column not in ("workload", "stack") else "left")

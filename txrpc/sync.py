@@ -156,6 +156,7 @@ class _SyncMethod:
 
 async def nursery_enter(nursery: trio.Nursery, client: AsyncClient) -> AsyncClient:
     """Enter ``client`` and keep it open until ``nursery`` is cancelled."""
+
     async def hold(task_status: trio.TaskStatus[AsyncClient] = trio.TASK_STATUS_IGNORED) -> None:
         async with client:
             task_status.started(client)
