@@ -211,27 +211,59 @@ class Transaction:
         raise self._failed
 
     async def _abort(self) -> None:
-        with trio.move_on_after(ABORT_TIMEOUT_S) as scope:
-            scope.shield = True
+        """Tell the shards we touched (so their locks are free before we return) and the
+        coordinator (so a late commit of this txid is refused). Best effort, bounded:
+        whatever is not delivered, the shards' idle timeout cleans up."""
+        router = self._cluster.router
+
+        async def tell_shard(name: str) -> None:
+            try:
+                client = await router._client_for(router.shard_map.node(name))
+                await client.options(retries_max=1).call("tx.abort", self.txid)
+            except (RpcError, KeyError) as exc:
+                log.info("abort of %s not delivered to %s (%s); its idle timeout frees it", self.txid, name, exc)
+
+        async def tell_coordinator() -> None:
             try:
                 await self._cluster.coordinator.options(retries_max=1).call(
                     "coord.abort", self.txid, sorted(self.participants)
                 )
             except RpcError as exc:
-                log.info(
-                    "abort of %s not delivered (%s); the coordinator aborts it by timeout", self.txid, exc
-                )
+                log.info("abort of %s not delivered to the coordinator (%s)", self.txid, exc)
+
+        with trio.move_on_after(ABORT_TIMEOUT_S) as scope:
+            scope.shield = True
+            async with trio.open_nursery() as nursery:
+                for name in sorted(self.participants):
+                    nursery.start_soon(tell_shard, name)
+                nursery.start_soon(tell_coordinator)
+
+    async def _commit_call(self, participants: list[str]) -> None:
+        """One attempt to commit. A single shard decides alone (one-phase commit, sent
+        straight to it: the coordinator keeps no record of it); several go through the
+        coordinator's two-phase commit. Both are idempotent by txid."""
+        if len(participants) == 1:
+            router = self._cluster.router
+            client = await router._client_for(router.shard_map.node(participants[0]))
+            result = await client.options(retries_max=0).call("tx.commit_one_phase", self.txid)
+            if result["outcome"] != "committed":
+                raise Aborted(result.get("reason") or "aborted", {"retryable": True})
+            return
+        await self._cluster.coordinator.options(retries_max=0).call("coord.commit", self.txid, participants)
 
     async def _commit(self) -> None:
-        coordinator = self._cluster.coordinator
         participants = sorted(self.participants)
+        if not participants:
+            self.outcome = "committed"  # touched nothing: nothing to commit
+            self._cluster.stats["committed"] += 1
+            return
         give_up_at = max(self._deadline, trio.current_time()) + COMMIT_GRACE_S
         attempt = 0
         last: BaseException | None = None
         while trio.current_time() < give_up_at:
             try:
                 with trio.fail_at(give_up_at):
-                    await coordinator.options(retries_max=0).call("coord.commit", self.txid, participants)
+                    await self._commit_call(participants)
                 self.outcome = "committed"
                 self._cluster.stats["committed"] += 1
                 return
