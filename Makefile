@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.txrpc-installed
 
-.PHONY: demo test lint bench bench-rpc venv clean
+.PHONY: demo test lint bench spec-deep venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "txrpc needs Python 3.11 or newer")'
@@ -29,6 +29,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/txrpc bench rpc
+
+spec-deep: $(STAMP)
+	TXRPC_TLA_DEEP=1 $(BIN)/pytest -q tests/test_tla.py -k deep -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,6 @@
+---------------------------- MODULE MCDeepSafety ----------------------------
+\* Larger safety configuration (constants in MCDeepSafety.cfg), `make spec-deep`.
+EXTENDS CommitProtocol, TLC
+
+Symmetry == Permutations(Part)
+=============================================================================
