@@ -78,7 +78,8 @@ class TLCRun:
         return int(found[-1].replace(",", "")) if found else None
 
     def summary(self) -> str:
-        return f"{self.config.name}: rc={self.returncode}, {self.distinct_states()} distinct states, {self.seconds:.1f} s"
+        states = self.distinct_states()
+        return f"{self.config.name}: rc={self.returncode}, {states} distinct states, {self.seconds:.1f} s"
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.output.splitlines()[-lines:])
