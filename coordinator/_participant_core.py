@@ -90,6 +90,11 @@ class ParticipantCore:
             final = self.finished.get(txid)
             if final is not None:
                 return "refuse", f"transaction {txid} already {final.value} on this shard"
+            if op_seq > 1:
+                # Not this shard's first operation of the transaction, yet nothing is known
+                # of it: its earlier writes were lost (a restart, or a forgotten idle
+                # abort). Starting afresh would commit without them (found by TLC).
+                return "refuse", f"transaction {txid} lost its earlier operations on this shard"
             tx = self.txs[txid] = ParticipantTx(txid, TxState.ACTIVE, deadline, now)
         if op_seq in tx.op_results:
             return "replay", tx.op_results[op_seq]

@@ -278,3 +278,20 @@ async def test_coordinator_log_and_shard_stores_on_postgres(tmp_path: Path, post
         await local.start_shard(node)
         after = {n: await cluster.call(n, "bank.balance", n) for n in names}
         assert after == before
+
+
+async def test_a_later_operation_of_a_transaction_lost_by_a_restart_is_refused(tmp_path: Path) -> None:
+    """A shard that restarted (losing an active transaction's writes) must not let a
+    later operation start the transaction afresh: it would commit without them."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        (alice,) = accounts_on_distinct_shards(local.config, 1)
+        await open_accounts(cluster, [alice], 10)
+        node = local.config.shard_map.primary_of(alice).name
+        with pytest.raises(txrpc.TransactionAborted, match="lost its earlier operations"):
+            async with cluster.transaction() as t:
+                await t.bank.deposit(alice, 5)  # op 1 on this shard
+                local.crash(node)
+                await trio.sleep(0.1)
+                await local.start_shard(node)
+                await t.bank.deposit(alice, 7)  # op 2: the shard no longer knows op 1
+        assert await cluster.call(alice, "bank.balance", alice) == 10

@@ -141,7 +141,7 @@ class Transaction:
         self.age = age
         self.txid: int | None = None
         self.participants: set[str] = set()
-        self._op_seq = 0
+        self._op_seq_by_node: dict[str, int] = {}
         self._deadline = math.inf
         self._failed: TransactionAborted | None = None
         self.outcome: str | None = None
@@ -177,8 +177,6 @@ class Transaction:
         if self._failed is not None:
             raise self._failed
         router = self._cluster.router
-        self._op_seq += 1
-        op_seq = self._op_seq
         retries = 0
         with trio.move_on_at(self._deadline) as scope:
             while True:
@@ -186,6 +184,9 @@ class Transaction:
                 node = shard_map.primary_of(key)
                 client = await router._client_for(node)
                 self.participants.add(node.name)  # before the call: it may run even if the reply is lost
+                # op_seq counts this transaction's operations per shard, from 1: a shard that
+                # sees op_seq > 1 for a transaction it does not know refuses it.
+                op_seq = self._op_seq_by_node[node.name] = self._op_seq_by_node.get(node.name, 0) + 1
                 metadata = {"txid": self.txid, "op_seq": op_seq, EPOCH_METADATA_KEY: shard_map.epoch}
                 if self.age is not None:
                     metadata["age"] = self.age
