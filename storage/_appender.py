@@ -46,6 +46,7 @@ from sqlalchemy.engine import Connection
 from ._database import Database
 from ._engine import WRITE_OPTION
 from ._errors import AppendQueueFull, BatchFailed, StorageClosed, StorageUnavailable
+from ._threads import run_blocking
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -271,7 +272,7 @@ class GroupCommitAppender:
         if not self.pipelined_fsync:
             return
         if self._flusher_done:
-            await trio.to_thread.run_sync(self._fsync_wal, limiter=self._sync_limiter)
+            await run_blocking(self._fsync_wal, limiter=self._sync_limiter)
             return
         waiter = _SyncWaiter()
         self._sync_waiters.append(waiter)
@@ -362,7 +363,7 @@ class GroupCommitAppender:
                 committed, self._unsynced = self._unsynced, []
                 waiters, self._sync_waiters = self._sync_waiters, []
                 try:
-                    await trio.to_thread.run_sync(self._fsync_wal, limiter=self._sync_limiter)
+                    await run_blocking(self._fsync_wal, limiter=self._sync_limiter)
                 except BaseException as exc:
                     self._fail_unsynced(committed, waiters, exc)
                     if not isinstance(exc, Exception):
@@ -433,7 +434,7 @@ class GroupCommitAppender:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
-            results = await trio.to_thread.run_sync(
+            results = await run_blocking(
                 self._write_batch_sync, batch, limiter=self.database.write_thread_limiter
             )
         except BaseException as exc:

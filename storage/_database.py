@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ._engine import WRITE_OPTION, display_url, translate_error
 from ._errors import StorageCorrupt, StorageError, StorageReadOnly, StorageUnavailable
+from ._threads import run_blocking
 
 T = TypeVar("T")
 
@@ -85,7 +86,7 @@ class Database:
         Cancellation waits for the statement in flight to finish (a worker thread
         cannot be interrupted), then raises ``Cancelled``.
         """
-        return await trio.to_thread.run_sync(self.read_sync, fn, limiter=self._read_limiter)
+        return await run_blocking(self.read_sync, fn, limiter=self._read_limiter)
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
         """:meth:`write_sync` on the writer thread, holding :attr:`write_lock`.
@@ -95,7 +96,7 @@ class Database:
         commits if ``fn`` returns) before ``Cancelled`` is raised.
         """
         async with self.write_lock:
-            return await trio.to_thread.run_sync(self.write_sync, fn, limiter=self.write_thread_limiter)
+            return await run_blocking(self.write_sync, fn, limiter=self.write_thread_limiter)
 
     def close(self) -> None:
         """Close pooled connections. Idempotent; the object is unusable afterwards."""

@@ -8,8 +8,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import trio
-
 from ._appender import (
     BATCH_RECORDS_MAX_DEFAULT,
     QUEUE_RECORDS_MAX_DEFAULT,
@@ -20,6 +18,7 @@ from ._database import READERS_MAX_DEFAULT, Database
 from ._engine import BUSY_TIMEOUT_S_DEFAULT, open_engine
 from ._kv import KvTransaction
 from ._request_log import RequestLog
+from ._threads import run_blocking
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -57,7 +56,7 @@ async def open_storage(
     (or, if cancelled, fails what is queued with ``StorageClosed``) and the engine's
     connections are closed.
     """
-    engine = await trio.to_thread.run_sync(
+    engine = await run_blocking(
         functools.partial(open_engine, url_or_path, create=create, busy_timeout_s=busy_timeout_s)
     )
     database = Database(engine, readers_max=readers_max)

@@ -16,6 +16,7 @@ import outcome
 import trio
 
 from . import _connection as wire
+from . import _env
 from ._errors import Code, DeadlineExceeded, ProtocolError, RpcError, Unavailable
 from ._limits import Limits
 from ._outbox import Outbox
@@ -519,7 +520,7 @@ def connect(
     """
 
     async def open_stream() -> trio.abc.Stream:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        stream: trio.abc.Stream = await _env.open_stream(host, port)
         if ssl_context is not None:
             ssl_stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
             await ssl_stream.do_handshake()

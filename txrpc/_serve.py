@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import trio
 
+from . import _env
 from ._keyed import LEASE_S_DEFAULT, RETENTION_S_DEFAULT
 from ._server import Server
 from ._service import Service
@@ -72,7 +72,7 @@ async def serve_services(
     db: str | os.PathLike[str] | None = None,
     lease_s: float = LEASE_S_DEFAULT,
     retention_s: float = RETENTION_S_DEFAULT,
-    wall_clock: Callable[[], float] = time.time,
+    wall_clock: Callable[[], float] = _env.wall_time,
     server_options: dict[str, Any] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:

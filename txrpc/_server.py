@@ -5,13 +5,13 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import _connection as wire
+from . import _env
 from ._errors import Code, RpcError
 from ._keyed import (
     KEY_METADATA,
@@ -81,7 +81,7 @@ class Server:
         *services: Service,
         limits: Limits | None = None,
         request_log: RequestLog | Storage | None = None,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] = _env.wall_time,
         lease_s: float = LEASE_S_DEFAULT,
         retention_s: float = RETENTION_S_DEFAULT,
         prune_interval_s: float | None = None,
@@ -103,7 +103,7 @@ class Server:
         self.methods: dict[str, MethodSpec] = {}
         for service in services:
             self.add_service(service)
-        self.listeners: list[trio.SocketListener] = []
+        self.listeners: list[Any] = []
         self._connections: set[_ServerConnection] = set()
         self._accepting = trio.CancelScope()
         self._connections_scope = trio.CancelScope()
@@ -123,7 +123,11 @@ class Server:
         """The TCP port of the first listener (useful with ``port=0``)."""
         if not self.listeners:
             raise RuntimeError("server is not listening")
-        return int(self.listeners[0].socket.getsockname()[1])
+        listener = self.listeners[0]
+        sock = getattr(listener, "socket", None)
+        if sock is None:  # a simulated listener
+            return int(listener.port)
+        return int(sock.getsockname()[1])
 
     @property
     def connection_count(self) -> int:
@@ -137,7 +141,7 @@ class Server:
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port`` and serve until :meth:`shutdown` completes."""
-        self.listeners = await trio.open_tcp_listeners(port, host=host)
+        self.listeners = await _env.open_listeners(host, port)
         await self.serve_listeners(self.listeners, task_status=task_status)
 
     async def serve_listeners(

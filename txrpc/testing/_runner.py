@@ -1,0 +1,260 @@
+"""Fault schedules as data, and one simulated run of a workload under a schedule.
+
+A schedule is a tuple of :class:`Fault` steps (``at_s`` simulated seconds after the
+workload starts). :func:`run_simulation` runs the workload's clients and a nemesis that
+applies the steps, then heals everything, restarts what is down, waits for in-doubt
+transactions to be decided, takes a final read and runs the checkers. The
+:class:`SimResult` says what was found and how to replay it (the seed and the schedule
+reproduce the run exactly). :func:`fault_schedules` is the Hypothesis strategy that
+generates schedules, so failures shrink to a minimal one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ._checkers import CheckResult, check_bank, check_list_append, check_termination
+from ._history import History
+from ._sim import COORDINATOR, SimOptions, Simulation, replay_hint, simulate
+from ._workloads import (
+    WorkloadOptions,
+    bank_client,
+    bank_final_read,
+    bank_service,
+    bank_setup,
+    list_append_client,
+    list_append_final_read,
+    list_append_service,
+)
+
+WORKLOADS = ("bank", "list-append")
+#: Fault kinds a schedule can hold. ``a``/``b`` are node names; ``amount`` is a
+#: probability (drop/duplicate/reorder/reset/slow), seconds (delay, pause, skew).
+FAULT_KINDS = (
+    "crash",
+    "restart",
+    "partition",
+    "partition-one-way",
+    "isolate",
+    "drop",
+    "delay",
+    "duplicate",
+    "reorder",
+    "reset",
+    "slow",
+    "pause",
+    "skew",
+    "heal",
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float
+    kind: str
+    a: str = ""
+    b: str = ""
+    amount: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; known: {', '.join(FAULT_KINDS)}")
+
+    def __str__(self) -> str:
+        where = " ".join(x for x in (self.a, self.b) if x)
+        amount = f" {self.amount:g}" if self.amount else ""
+        return f"@{self.at_s:.2f}s {self.kind} {where}{amount}".rstrip()
+
+
+async def apply_fault(sim: Simulation, fault: Fault) -> None:
+    """Apply one fault step now."""
+    kind, a, b, amount = fault.kind, fault.a, fault.b, fault.amount
+    net = sim.network
+    if kind == "crash":
+        sim.crash(a, why="schedule")
+    elif kind == "restart":
+        if a in sim.down:
+            await sim.restart(a)
+    elif kind == "partition":
+        net.partition(a, b)
+    elif kind == "partition-one-way":
+        net.partition(a, b, one_way=True)
+    elif kind == "isolate":
+        for other in [COORDINATOR, *sim.shard_names, *sim.client_names]:
+            if other != a:
+                net.partition(a, other)
+    elif kind == "drop":
+        net.link(a, b).drop_p = amount
+        net.link(b, a).drop_p = amount
+    elif kind == "delay":
+        net.link(a, b).delay_s = amount
+        net.link(a, b).jitter_s = amount / 2
+    elif kind == "duplicate":
+        net.link(a, b).duplicate_p = amount
+    elif kind == "reorder":
+        net.link(a, b).reorder_p = amount
+        net.link(a, b).jitter_s = max(net.link(a, b).jitter_s, 0.002)
+    elif kind == "reset":
+        net.link(a, b).reset_p = amount
+    elif kind == "slow":
+        net.link(a, b).slice_p = amount
+    elif kind == "pause":
+        sim.pause(a, amount)
+    elif kind == "skew":
+        sim.skew(a, amount)
+    elif kind == "heal":
+        net.heal()
+
+
+async def _nemesis(sim: Simulation, faults: Sequence[Fault], start: float) -> None:
+    for fault in sorted(faults, key=lambda f: f.at_s):
+        await trio.sleep_until(start + fault.at_s)
+        await apply_fault(sim, fault)
+
+
+@dataclass
+class SimResult:
+    seed: int
+    workload: str
+    faults: tuple[Fault, ...]
+    history: History
+    checks: list[CheckResult]
+    in_doubt: dict[int, str]
+    crashes: list[tuple[float, str, str]]
+    network: dict[str, Any]
+    simulated_s: float
+    committed: int = 0
+    broken: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def valid(self) -> bool:
+        return all(check.valid for check in self.checks)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"ok": 0, "fail": 0, "info": 0}
+        for op in self.history:
+            if op.type in counts:
+                counts[op.type] += 1
+        return counts
+
+    def report(self) -> str:
+        lines = [
+            f"simulation {self.workload}: {'VALID' if self.valid else 'INVALID'} — {replay_hint(self.seed)}",
+            f"  operations: {self.counts()}  simulated {self.simulated_s:.1f}s  crashes {len(self.crashes)}",
+            f"  network: {self.network}",
+        ]
+        if self.broken:
+            lines.append(f"  broken on purpose: {', '.join(sorted(self.broken))}")
+        lines.append("  schedule: " + ("; ".join(str(f) for f in self.faults) or "(no faults)"))
+        for check in self.checks:
+            lines.append(f"  {check}")
+        return "\n".join(lines)
+
+
+def run_simulation(
+    seed: int,
+    *,
+    workload: str = "bank",
+    faults: Sequence[Fault] = (),
+    options: SimOptions | None = None,
+    workload_options: WorkloadOptions | None = None,
+    settle_s: float = 30.0,
+) -> SimResult:
+    """One seeded run of ``workload`` under ``faults``; see the module docstring."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+    wopts = workload_options or WorkloadOptions()
+    sopts = options or SimOptions()
+    service = bank_service() if workload == "bank" else list_append_service()
+    history = History()
+    rng = random.Random(seed ^ 0x5EED)
+
+    async def main(sim: Simulation) -> SimResult:
+        sim.client_names = [f"c{i}" for i in range(wopts.clients)]
+        total = 0
+        if workload == "bank":
+            async with sim.client("setup") as cluster:
+                total = await bank_setup(cluster, wopts)
+        start = trio.current_time()
+        until = start + wopts.duration_s
+        counter = [0]
+
+        async def client(index: int) -> None:
+            async with sim.client(f"c{index}") as cluster:
+                if workload == "bank":
+                    await bank_client(cluster, history, index, random.Random(rng.random()), wopts, until)
+                else:
+                    await list_append_client(
+                        cluster, history, index, random.Random(rng.random()), wopts, until, counter
+                    )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_nemesis, sim, faults, start)
+            for index in range(wopts.clients):
+                nursery.start_soon(client, index)
+            await trio.sleep_until(until)
+        # Faults stop: heal the network, restart what is down, let the protocol finish.
+        sim.heal()
+        await sim.restart_all()
+        faults_stopped_at = trio.current_time()
+        left = await sim.wait_settled(settle_s)
+        now = trio.current_time()
+        checks = [check_termination(left, faults_stopped_at=faults_stopped_at, deadline_s=settle_s, now=now)]
+        async with sim.client("final") as cluster:
+            if workload == "bank":
+                await bank_final_read(cluster, history, wopts)
+                checks.insert(0, check_bank(history, accounts=[f"acct{i}" for i in range(wopts.accounts)], total=total))
+            else:
+                await list_append_final_read(cluster, history, wopts)
+                checks.insert(0, check_list_append(history))
+        return SimResult(
+            seed=seed,
+            workload=workload,
+            faults=tuple(faults),
+            history=history,
+            checks=checks,
+            in_doubt=left,
+            crashes=list(sim.crashes),
+            network=sim.network.describe(),
+            simulated_s=trio.current_time(),
+            committed=sum(1 for op in history if op.type == "ok"),
+            broken=sim.broken,
+        )
+
+    return simulate(main, seed=seed, services=[service], options=sopts)
+
+
+def fault_schedules(
+    nodes: Sequence[str] = (COORDINATOR, "s0", "s1", "s2"),
+    clients: Sequence[str] = ("c0", "c1"),
+    duration_s: float = 5.0,
+    max_faults: int = 6,
+) -> Any:
+    """A Hypothesis strategy of fault schedules over ``nodes`` (needs ``hypothesis``)."""
+    from hypothesis import strategies as st
+
+    everyone = [*nodes, *clients]
+    times = st.floats(0.0, duration_s, allow_nan=False).map(lambda t: round(t, 2))
+    node = st.sampled_from(list(nodes))
+    anyone = st.sampled_from(everyone)
+    probability = st.sampled_from([0.01, 0.05, 0.2])
+    fault = st.one_of(
+        st.builds(Fault, times, st.just("crash"), node),
+        st.builds(Fault, times, st.just("restart"), node),
+        st.builds(Fault, times, st.just("partition"), anyone, anyone),
+        st.builds(Fault, times, st.just("partition-one-way"), anyone, anyone),
+        st.builds(Fault, times, st.just("isolate"), node),
+        st.builds(
+            Fault, times, st.sampled_from(["drop", "duplicate", "reorder", "reset", "slow"]), anyone, anyone, probability
+        ),
+        st.builds(Fault, times, st.just("delay"), anyone, anyone, st.sampled_from([0.005, 0.05, 0.3])),
+        st.builds(Fault, times, st.just("pause"), node, st.just(""), st.sampled_from([0.1, 0.5, 2.0])),
+        st.builds(Fault, times, st.just("skew"), node, st.just(""), st.sampled_from([-30.0, 5.0, 3600.0])),
+        st.builds(Fault, times, st.just("heal")),
+    )
+    return st.lists(fault, max_size=max_faults).map(tuple)

@@ -1,0 +1,370 @@
+"""The deterministic cluster simulator: a whole cluster in one ``trio.run``.
+
+A :class:`Simulation` runs the production coordinator (``coordinator.run_coordinator``)
+and shard nodes (``coordinator.run_shard``), and any clients, as task trees of one
+``trio.run`` on a ``MockClock``. Each node runs with its own
+:class:`txrpc._env.Environment` (a :class:`SimNode`), so its sockets are
+:class:`~txrpc.testing.SimNetwork` connections, its wall clock is simulated (and can
+be skewed), its fault points (``crash_point``, ``buggify``) are live, and its storage
+runs inline on real SQLite files (no threads). One seed drives every random choice —
+the network's faults, the crash points, ``buggify``, trio's own scheduler — so a seed
+replays a run exactly (within one ``PYTHONHASHSEED``; :func:`replay_hint` prints both).
+
+Node faults: :meth:`Simulation.crash` (cancel the node's tasks, drop its memory and
+connections; storage stays), :meth:`Simulation.restart` (same storage), pause
+(:meth:`Simulation.pause`), clock skew (:meth:`Simulation.skew`). Link faults: see
+``txrpc.testing._network``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+import trio.testing
+
+import txrpc
+from storage import _threads as storage_threads
+from txrpc import _env
+from txrpc._shardmap import ClusterConfig
+
+from ._network import LinkFaults, SimListener, SimNetwork, SimStream
+
+T = TypeVar("T")
+
+COORDINATOR = "coordinator"
+#: Seconds since the epoch at simulated time 0 (any fixed value; the wall clock is simulated).
+WALL_EPOCH_S = 1_800_000_000.0
+#: Protocol-breaking switches the simulator can turn on (see ``txrpc._env.broken``).
+BROKEN_SWITCHES = (
+    "coordinator.skip_decision_write",
+    "coordinator.commit_without_all_votes",
+    "participant.release_locks_at_prepare",
+    "server.skip_request_log_lookup",
+)
+
+
+class SimNode:
+    """The environment of one simulated node (or client): implements ``txrpc._env.Environment``."""
+
+    def __init__(self, sim: Simulation, node: str) -> None:
+        self.sim = sim
+        self.node = node
+        self.skew_s = 0.0
+
+    async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
+        stream: SimStream = await self.sim.network.connect(self.node, host, port)
+        return stream
+
+    async def open_listeners(self, host: str, port: int) -> list[trio.abc.Listener[Any]]:
+        listener: SimListener = self.sim.network.listen(self.node, host, port)
+        return [listener]
+
+    def wall_time(self) -> float:
+        return WALL_EPOCH_S + trio.current_time() + self.skew_s
+
+    def buggify(self, name: str) -> bool:
+        return self.sim._buggify(self.node, name)
+
+    def crash_point(self, name: str) -> None:
+        self.sim._crash_point(self.node, name)
+
+    def broken(self, name: str) -> bool:
+        return name in self.sim.broken
+
+
+@dataclass
+class SimOptions:
+    """The shape of a simulated cluster and its protocol timeouts (simulated seconds)."""
+
+    shards: int = 3
+    partitions: int = 64
+    link: LinkFaults = field(default_factory=LinkFaults)
+    tx_timeout_s: float = 5.0
+    phase_timeout_s: float = 1.0
+    tx_idle_timeout_s: float = 3.0
+    #: Crash points that may fire, with the probability of firing each time one is reached.
+    crash_points: dict[str, float] = field(default_factory=dict)
+    #: How long a node stays down after a crash point fired (then it restarts).
+    restart_after_s: float = 0.5
+    #: ``buggify`` points are each enabled with this probability per run (0 disables them).
+    buggify_p: float = 0.0
+    #: Protocol-breaking switches (test-only) turned on for this run.
+    broken: frozenset[str] = frozenset()
+
+
+class Simulation:
+    """A simulated cluster. Create it with :func:`simulate` (or inside a ``trio.run``
+    on a ``MockClock`` via :meth:`open`)."""
+
+    def __init__(
+        self,
+        seed: int,
+        services: Iterable[txrpc.Service],
+        data_dir: Path,
+        options: SimOptions | None = None,
+    ) -> None:
+        self.seed = seed
+        self.options = options or SimOptions()
+        self.rng = random.Random(seed)
+        self.network = SimNetwork(random.Random(self.rng.getrandbits(64)), default=self.options.link.copy())
+        self.services = list(services)
+        self.data_dir = data_dir
+        self.config = _sim_config(data_dir, self.options.shards, self.options.partitions)
+        self.shard_names = [node.name for node in self.config.shard_map.nodes]
+        self.envs: dict[str, SimNode] = {}
+        self.client_names: list[str] = []
+        self.broken = frozenset(self.options.broken)
+        unknown = self.broken - set(BROKEN_SWITCHES)
+        if unknown:
+            raise ValueError(f"unknown broken switches {sorted(unknown)}; known: {BROKEN_SWITCHES}")
+        self._fault_rng = random.Random(self.rng.getrandbits(64))
+        self._buggify_rng = random.Random(self.rng.getrandbits(64))
+        self._buggify_enabled: dict[str, bool] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._stopped: dict[str, trio.Event] = {}
+        self.down: set[str] = set()
+        self.participants: dict[str, Any] = {}
+        self.coordinator: Any = None
+        self.crashes: list[tuple[float, str, str]] = []  # (time, node, why)
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        seed: int,
+        services: Iterable[txrpc.Service],
+        data_dir: Path,
+        options: SimOptions | None = None,
+    ) -> AsyncIterator[Simulation]:
+        sim = cls(seed, services, data_dir, options)
+        async with trio.open_nursery() as nursery:
+            sim._nursery = nursery
+            await sim.start(COORDINATOR)
+            for name in sim.shard_names:
+                await sim.start(name)
+            try:
+                yield sim
+            finally:
+                for name in list(sim._scopes):
+                    sim._scopes[name].cancel()
+                nursery.cancel_scope.cancel()
+
+    def env(self, node: str) -> SimNode:
+        env = self.envs.get(node)
+        if env is None:
+            env = self.envs[node] = SimNode(self, node)
+        return env
+
+    def become(self, node: str) -> None:
+        """Make the current task (and tasks it starts from now on) run as ``node``."""
+        _env.current.set(self.env(node))
+        storage_threads.inline.set(True)
+
+    async def start(self, node: str) -> None:
+        """Start ``node`` (the coordinator or a shard) on its storage."""
+        assert self._nursery is not None, "use Simulation.open()"
+        if node in self._scopes:
+            raise RuntimeError(f"{node} is already running")
+        scope = trio.CancelScope()
+        stopped = trio.Event()
+        self._scopes[node] = scope
+        self._stopped[node] = stopped
+        self.down.discard(node)
+        options = self.options
+        from coordinator import run_coordinator, run_shard
+
+        async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            self.become(node)
+            try:
+                with scope:
+                    if node == COORDINATOR:
+                        await run_coordinator(
+                            self.config,
+                            tx_timeout_s=options.tx_timeout_s,
+                            phase_timeout_s=options.phase_timeout_s,
+                            rng_seed=self.rng.getrandbits(32),
+                            task_status=task_status,
+                        )
+                    else:
+                        await run_shard(
+                            self.config,
+                            node,
+                            self.services,
+                            tx_idle_timeout_s=options.tx_idle_timeout_s,
+                            rng_seed=self.rng.getrandbits(32),
+                            task_status=task_status,
+                        )
+            finally:
+                stopped.set()
+
+        started = await self._nursery.start(run)
+        if node == COORDINATOR:
+            self.coordinator = started
+        else:
+            self.participants[node] = started
+
+    def crash(self, node: str, why: str = "crash") -> None:
+        """Kill ``node`` now: its tasks are cancelled, its memory and connections dropped.
+        Its storage stays for :meth:`restart`. Idempotent."""
+        scope = self._scopes.pop(node, None)
+        if scope is None:
+            return
+        self.crashes.append((trio.current_time(), node, why))
+        self.down.add(node)
+        scope.cancel()
+        self.network.crash(node)
+        self.participants.pop(node, None)
+        if node == COORDINATOR:
+            self.coordinator = None
+
+    async def restart(self, node: str) -> None:
+        """Start a crashed node again on the same storage (waits for the old one to unwind)."""
+        self.crash(node)
+        await self._stopped[node].wait()
+        await self.start(node)
+
+    async def restart_all(self) -> None:
+        for node in sorted(self.down):
+            await self.restart(node)
+
+    def pause(self, node: str, duration_s: float) -> None:
+        """Stop ``node`` for ``duration_s``: nothing it sends leaves, nothing sent to it arrives."""
+        self.network.pause(node, trio.current_time() + duration_s)
+
+    def skew(self, node: str, offset_s: float) -> None:
+        """Skew ``node``'s wall clock by ``offset_s`` (protocol timers use trio's clock)."""
+        self.env(node).skew_s = offset_s
+
+    def heal(self) -> None:
+        """Remove every link fault, partition and pause; stop crash points and buggify."""
+        self.network.heal()
+        self.options.crash_points = {}
+        self._buggify_enabled = {}
+        self.options.buggify_p = 0.0
+
+    # -- fault points ------------------------------------------------------------------
+
+    def _crash_point(self, node: str, name: str) -> None:
+        p = self.options.crash_points.get(name, 0.0)
+        if p and self._fault_rng.random() < p:
+            self.crash(node, why=name)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._restart_later, node)
+
+    async def _restart_later(self, node: str) -> None:
+        await trio.sleep(self.options.restart_after_s)
+        if node in self.down:
+            await self.restart(node)
+
+    def _buggify(self, node: str, name: str) -> bool:
+        if not self.options.buggify_p:
+            return False
+        enabled = self._buggify_enabled.get(name)
+        if enabled is None:
+            enabled = self._buggify_enabled[name] = self._buggify_rng.random() < self.options.buggify_p
+        return enabled and self._buggify_rng.random() < 0.25
+
+    # -- clients -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def client(self, name: str) -> AsyncIterator[txrpc.Cluster]:
+        """A :class:`txrpc.Cluster` client running as node ``name`` (call from the task that uses it)."""
+        self.become(name)
+        limits = txrpc.Limits(connect_timeout_s=1.0, reconnect_backoff_s=0.05)
+        cluster = txrpc.Cluster(self.config, limits=limits, rng=random.Random(self.rng.getrandbits(64)))
+        async with cluster:
+            yield cluster
+
+    # -- observation -------------------------------------------------------------------
+
+    def in_doubt(self) -> dict[int, str]:
+        """Transactions prepared (undecided) on a running shard, or undecided at the
+        coordinator: txid → where."""
+        doubt: dict[int, str] = {}
+        for name, participant in self.participants.items():
+            for txid in participant.core.in_doubt():
+                doubt[int(txid)] = f"prepared on {name}"
+        return doubt
+
+    async def wait_settled(self, timeout_s: float) -> dict[int, str]:
+        """Wait (simulated time) until no transaction is in doubt; returns what is left."""
+        deadline = trio.current_time() + timeout_s
+        while trio.current_time() < deadline:
+            if not self.down and not self.in_doubt():
+                return {}
+            await trio.sleep(0.1)
+        return self.in_doubt()
+
+
+def _sim_config(data_dir: Path, shards: int, partitions: int) -> ClusterConfig:
+    lines = [
+        "[cluster]",
+        "replication_factor = 1",
+        f"partitions = {partitions}",
+        f'data_dir = "{data_dir}"',
+        "",
+        "[coordinator]",
+        'host = "10.0.0.1"',
+        "port = 7000",
+        "",
+    ]
+    for index in range(shards):
+        lines += ["[[nodes]]", f'name = "s{index}"', f'host = "10.0.1.{index + 1}"', "port = 7000", ""]
+    return ClusterConfig.from_toml("\n".join(lines), source="<simulation>")
+
+
+def _sim_root() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def seed_trio_scheduler(seed: int) -> None:
+    """Make trio's scheduling choices (it shuffles runnable batches) follow ``seed``."""
+    from trio._core import _run
+
+    _run._r.seed(seed)
+
+
+def replay_hint(seed: int) -> str:
+    hash_seed = os.environ.get("PYTHONHASHSEED", "random")
+    return f"seed={seed} (replay: PYTHONHASHSEED={hash_seed} TXRPC_SIM_SEED={seed})"
+
+
+def simulate(
+    main: Callable[[Simulation], Awaitable[T]],
+    *,
+    seed: int,
+    services: Iterable[txrpc.Service],
+    options: SimOptions | None = None,
+) -> T:
+    """Run ``main(sim)`` against a fresh simulated cluster in its own ``trio.run`` on a
+    ``MockClock``; returns what ``main`` returns. Storage lives in a temporary directory
+    (on ``/dev/shm`` when available) removed afterwards."""
+    seed_trio_scheduler(seed)
+    data_dir = Path(tempfile.mkdtemp(prefix=f"txrpc-sim-{seed}-", dir=_sim_root()))
+    result: list[T] = []
+
+    async def root() -> None:
+        async with Simulation.open(seed, services, data_dir, options) as sim:
+            result.append(await main(sim))
+
+    try:
+        trio.run(root, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return result[0]
+
+
+__all__ = ["COORDINATOR", "SimNode", "SimOptions", "Simulation", "replay_hint", "simulate"]

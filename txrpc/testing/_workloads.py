@@ -1,0 +1,230 @@
+"""Workloads for fault runs: services plus the client loops that record histories.
+
+* **bank**: accounts spread over the shards; clients transfer money between two
+  accounts (a cross-shard transaction most of the time) and read every balance in one
+  transaction. Checked by :func:`check_bank` (total conserved, nothing negative).
+* **list-append**: keys hold lists; a transaction appends unique elements to some keys
+  and reads others. Checked by :func:`check_list_append` (Elle-style anomalies).
+
+Every client operation is recorded as invoke → ok / fail / info. ``fail`` only when the
+transaction certainly did not commit (it aborted, or failed before commit was asked);
+``info`` when the outcome is unknown (commit asked, no definite answer).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+import txrpc
+
+from ._history import History
+
+# --------------------------------------------------------------------------- services
+
+
+def bank_service() -> txrpc.Service:
+    """The bank: transactional methods routed by the account (their first argument)."""
+    bank = txrpc.Service("bank")
+
+    @bank.transactional
+    async def open_account(tx: Any, account: str, balance: int = 0) -> int:
+        if await tx.get(account, for_update=True) is not None:
+            raise txrpc.Abort(f"account {account} already exists")
+        await tx.put(account, balance)
+        return balance
+
+    @bank.transactional
+    async def balance(tx: Any, account: str) -> int:
+        value = await tx.get(account)
+        if value is None:
+            raise txrpc.Abort(f"no account {account}")
+        return int(value)
+
+    @bank.transactional
+    async def withdraw(tx: Any, account: str, amount: int) -> int:
+        current = await tx.get(account, default=0, for_update=True)
+        if current < amount:
+            raise txrpc.Abort(f"insufficient funds in {account}: {current} < {amount}")
+        await tx.put(account, current - amount)
+        return int(current - amount)
+
+    @bank.transactional
+    async def deposit(tx: Any, account: str, amount: int) -> int:
+        current = await tx.get(account, default=0, for_update=True)
+        await tx.put(account, current + amount)
+        return int(current + amount)
+
+    return bank
+
+
+def list_append_service() -> txrpc.Service:
+    """Lists under keys: ``la.append(key, element)`` and ``la.read(key)``."""
+    la = txrpc.Service("la")
+
+    @la.transactional
+    async def append(tx: Any, key: str, element: int) -> None:
+        current = await tx.get(key, default=[], for_update=True)
+        await tx.put(key, [*current, element])
+
+    @la.transactional
+    async def read(tx: Any, key: str) -> list[int]:
+        return list(await tx.get(key, default=[]))
+
+    return la
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+async def _transaction(
+    cluster: txrpc.Cluster, body: Callable[[Any], Awaitable[Any]], timeout_s: float
+) -> tuple[str, Any]:
+    """Run ``body(t)`` in a transaction; ("ok", result) / ("fail", reason) / ("info", reason)."""
+    committing = False
+    try:
+        async with cluster.transaction(timeout_s) as t:
+            result = await body(t)
+            committing = True
+        return "ok", result
+    except txrpc.TransactionAborted as exc:
+        return "fail", exc.reason
+    except txrpc.OutcomeUnknown as exc:
+        return "info", str(exc)
+    except (txrpc.RpcError, trio.TooSlowError) as exc:
+        # Before commit was asked nothing can have committed; during it, we cannot know.
+        return ("info" if committing else "fail"), str(exc)
+
+
+@dataclass
+class WorkloadOptions:
+    clients: int = 4
+    duration_s: float = 5.0
+    #: Simulated pause between one client's operations.
+    think_s: float = 0.005
+    tx_timeout_s: float = 2.0
+    accounts: int = 6
+    initial_balance: int = 100
+    keys: int = 6
+
+
+def accounts_of(options: WorkloadOptions) -> list[str]:
+    return [f"acct{i}" for i in range(options.accounts)]
+
+
+async def bank_setup(cluster: txrpc.Cluster, options: WorkloadOptions) -> int:
+    """Open the accounts (retrying through faults); returns the total."""
+    for account in accounts_of(options):
+        for _ in range(100):
+
+            async def open_account(t: Any, a: str = account) -> Any:
+                return await t.bank.open_account(a, options.initial_balance)
+
+            status, reason = await _transaction(cluster, open_account, 5.0)
+            if status == "ok" or (status == "fail" and "already exists" in str(reason)):
+                break
+            await trio.sleep(0.2)
+        else:
+            raise RuntimeError(f"could not open {account}")
+    return options.initial_balance * options.accounts
+
+
+async def bank_client(
+    cluster: txrpc.Cluster, history: History, process: int, rng: random.Random, options: WorkloadOptions, until: float
+) -> None:
+    accounts = accounts_of(options)
+    while trio.current_time() < until:
+        if rng.random() < 0.2:
+            invoke = history.invoke(process, "read", None, trio.current_time())
+
+            async def read_all(t: Any) -> dict[str, int]:
+                return {a: int(await t.bank.balance(a)) for a in accounts}
+
+            status, value = await _transaction(cluster, read_all, options.tx_timeout_s)
+            history.complete(invoke, status, value if status == "ok" else None, trio.current_time())  # type: ignore[arg-type]
+        else:
+            source, target = rng.sample(accounts, 2)
+            amount = rng.randint(1, 5)
+            transfer = {"from": source, "to": target, "amount": amount}
+            invoke = history.invoke(process, "transfer", transfer, trio.current_time())
+
+            async def move(t: Any, s: str = source, d: str = target, n: int = amount) -> None:
+                await t.bank.withdraw(s, n)
+                await t.bank.deposit(d, n)
+
+            status, _ = await _transaction(cluster, move, options.tx_timeout_s)
+            history.complete(invoke, status, transfer, trio.current_time())  # type: ignore[arg-type]
+        await trio.sleep(options.think_s * rng.uniform(0.5, 1.5))
+
+
+async def bank_final_read(cluster: txrpc.Cluster, history: History, options: WorkloadOptions) -> dict[str, int] | None:
+    """After the faults: one consistent read of every balance (retried), recorded."""
+    accounts = accounts_of(options)
+    for _ in range(50):
+        invoke = history.invoke(999, "read", None, trio.current_time())
+
+        async def read_all(t: Any) -> dict[str, int]:
+            return {a: int(await t.bank.balance(a)) for a in accounts}
+
+        status, value = await _transaction(cluster, read_all, 5.0)
+        history.complete(invoke, status, value if status == "ok" else None, trio.current_time())  # type: ignore[arg-type]
+        if status == "ok":
+            return dict(value)
+        await trio.sleep(0.2)
+    return None
+
+
+async def list_append_client(
+    cluster: txrpc.Cluster,
+    history: History,
+    process: int,
+    rng: random.Random,
+    options: WorkloadOptions,
+    until: float,
+    counter: list[int],
+) -> None:
+    keys = [f"k{i}" for i in range(options.keys)]
+    while trio.current_time() < until:
+        micro: list[list[Any]] = []
+        for key in rng.sample(keys, rng.randint(1, 3)):
+            if rng.random() < 0.5:
+                counter[0] += 1
+                micro.append(["append", key, counter[0]])
+            else:
+                micro.append(["r", key, None])
+        invoke = history.invoke(process, "txn", micro, trio.current_time())
+
+        async def body(t: Any, ops: list[list[Any]] = micro) -> list[list[Any]]:
+            done = []
+            for f, key, value in ops:
+                if f == "append":
+                    await t.la.append(key, value)
+                    done.append([f, key, value])
+                else:
+                    done.append([f, key, list(await t.la.read(key))])
+            return done
+
+        status, value = await _transaction(cluster, body, options.tx_timeout_s)
+        history.complete(invoke, status, value if status == "ok" else micro, trio.current_time())  # type: ignore[arg-type]
+        await trio.sleep(options.think_s * rng.uniform(0.5, 1.5))
+
+
+async def list_append_final_read(cluster: txrpc.Cluster, history: History, options: WorkloadOptions) -> bool:
+    keys = [f"k{i}" for i in range(options.keys)]
+    for _ in range(50):
+        micro: list[list[Any]] = [["r", key, None] for key in keys]
+        invoke = history.invoke(999, "txn", micro, trio.current_time())
+
+        async def body(t: Any) -> list[list[Any]]:
+            return [["r", key, list(await t.la.read(key))] for key in keys]
+
+        status, value = await _transaction(cluster, body, 5.0)
+        history.complete(invoke, status, value if status == "ok" else micro, trio.current_time())  # type: ignore[arg-type]
+        if status == "ok":
+            return True
+        await trio.sleep(0.2)
+    return False
