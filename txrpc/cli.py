@@ -270,6 +270,10 @@ def _mount_subcommands() -> None:
     bench.add_command(bench_tx)
     bench.add_command(bench_idempotency)
     register(cli)
+    # Feature modules that mount their own commands: register(cli, bench).
+    for module in ("_sim_cli", "_chaos_cli", "_security_cli"):
+        if importlib.util.find_spec(f"txrpc.{module}") is not None:
+            importlib.import_module(f"txrpc.{module}").register(cli, bench)
 
 
 _mount_subcommands()

@@ -33,6 +33,7 @@ from ._workloads import (
 )
 
 WORKLOADS = ("bank", "list-append")
+LINK_FAULTS = ("drop", "duplicate", "reorder", "reset", "slow")
 #: Fault kinds a schedule can hold. ``a``/``b`` are node names; ``amount`` is a
 #: probability (drop/duplicate/reorder/reset/slow), seconds (delay, pause, skew).
 FAULT_KINDS = (
@@ -249,9 +250,7 @@ def fault_schedules(
         st.builds(Fault, times, st.just("partition"), anyone, anyone),
         st.builds(Fault, times, st.just("partition-one-way"), anyone, anyone),
         st.builds(Fault, times, st.just("isolate"), node),
-        st.builds(
-            Fault, times, st.sampled_from(["drop", "duplicate", "reorder", "reset", "slow"]), anyone, anyone, probability
-        ),
+        st.builds(Fault, times, st.sampled_from(LINK_FAULTS), anyone, anyone, probability),
         st.builds(Fault, times, st.just("delay"), anyone, anyone, st.sampled_from([0.005, 0.05, 0.3])),
         st.builds(Fault, times, st.just("pause"), node, st.just(""), st.sampled_from([0.1, 0.5, 2.0])),
         st.builds(Fault, times, st.just("skew"), node, st.just(""), st.sampled_from([-30.0, 5.0, 3600.0])),
