@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from . import _env
 from . import _idempotency as idem
 from ._codec import FrameError, check_keys, decode_value, encode_value
 from ._errors import (
@@ -87,6 +88,7 @@ TRANSIENT_CODES: Final = frozenset(
 )
 
 CRASH_AFTER_LOG_COMMIT: Final = "server.after_log_commit"
+_BROKEN_KEY_SEPARATOR: Final = "#broken-lookup#"
 _CRASH_AT: Final = os.environ.get("TXRPC_CRASH_AT") or None
 
 
@@ -210,6 +212,7 @@ class IdempotencyDriver:
         self.identity_of = identity_of or _anonymous_scope
         self.conflict_reruns_max = conflict_reruns_max
         self._running: dict[tuple[str, str], _Running] = {}
+        self._broken_lookups = 0
         self.keeper_running = False
         self._rerun_lock = trio.Lock()
         # Counters (tests, benchmarks, `txrpc serve` logs).
@@ -235,6 +238,12 @@ class IdempotencyDriver:
         wait = ctx.metadata.get(WAIT_METADATA) is True
         identity = self.identity_of(ctx)
         pk = (identity, key)
+        if _env.broken("server.skip_request_log_lookup"):
+            # Test-only broken protocol (simulator): the lookup never finds an earlier
+            # record of this key, so every retry executes again.
+            self._broken_lookups += 1
+            key = f"{key}{_BROKEN_KEY_SEPARATOR}{self._broken_lookups}"
+            pk = (identity, key)
         log_ = self.request_log
         poll_s = WAIT_POLL_S_MIN
         record: RequestRecord | None = None
@@ -327,7 +336,7 @@ class IdempotencyDriver:
         settled = False  # recorded, or known to be someone else's
         database = log_.database
         namespace = self.store_namespace
-        ctx.idempotency_key = key
+        ctx.idempotency_key = key.split(_BROKEN_KEY_SEPARATOR)[0]
         ctx.attempt = attempt
 
         def new_store() -> KvTransaction:

@@ -18,21 +18,25 @@ from typing import Any
 
 import trio
 
-from ._checkers import CheckResult, check_bank, check_list_append, check_termination
+from ._checkers import CheckResult, check_bank, check_idempotency, check_list_append, check_termination
 from ._history import History
 from ._sim import COORDINATOR, SimOptions, Simulation, replay_hint, simulate
 from ._workloads import (
+    KEYED_SERVER,
     WorkloadOptions,
     bank_client,
     bank_final_read,
     bank_service,
     bank_setup,
+    counter_service,
+    keyed_client,
     list_append_client,
     list_append_final_read,
     list_append_service,
+    record_executions,
 )
 
-WORKLOADS = ("bank", "list-append")
+WORKLOADS = ("bank", "list-append", "idempotency")
 LINK_FAULTS = ("drop", "duplicate", "reorder", "reset", "slow")
 #: Fault kinds a schedule can hold. ``a``/``b`` are node names; ``amount`` is a
 #: probability (drop/duplicate/reorder/reset/slow), seconds (delay, pause, skew).
@@ -171,7 +175,7 @@ def run_simulation(
         raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
     wopts = workload_options or WorkloadOptions()
     sopts = options or SimOptions()
-    service = bank_service() if workload == "bank" else list_append_service()
+    service = list_append_service() if workload == "list-append" else bank_service()
     history = History()
     rng = random.Random(seed ^ 0x5EED)
 
@@ -181,11 +185,18 @@ def run_simulation(
         if workload == "bank":
             async with sim.client("setup") as cluster:
                 total = await bank_setup(cluster, wopts)
+        elif workload == "idempotency":
+            name, host, port = KEYED_SERVER
+            await sim.add_server(name, [counter_service()], host, port)
         start = trio.current_time()
         until = start + wopts.duration_s
         counter = [0]
 
         async def client(index: int) -> None:
+            if workload == "idempotency":
+                sim.become(f"c{index}")
+                await keyed_client(history, index, random.Random(rng.random()), wopts, until)
+                return
             async with sim.client(f"c{index}") as cluster:
                 if workload == "bank":
                     await bank_client(cluster, history, index, random.Random(rng.random()), wopts, until)
@@ -195,10 +206,11 @@ def run_simulation(
                     )
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_nemesis, sim, faults, start)
             for index in range(wopts.clients):
                 nursery.start_soon(client, index)
-            await trio.sleep_until(until)
+            with trio.move_on_at(until):
+                await _nemesis(sim, faults, start)
+                await trio.sleep_forever()
         # Faults stop: heal the network, restart what is down, let the protocol finish.
         sim.heal()
         await sim.restart_all()
@@ -206,13 +218,11 @@ def run_simulation(
         left = await sim.wait_settled(settle_s)
         now = trio.current_time()
         checks = [check_termination(left, faults_stopped_at=faults_stopped_at, deadline_s=settle_s, now=now)]
-        async with sim.client("final") as cluster:
-            if workload == "bank":
-                await bank_final_read(cluster, history, wopts)
-                checks.insert(0, check_bank(history, accounts=[f"acct{i}" for i in range(wopts.accounts)], total=total))
-            else:
-                await list_append_final_read(cluster, history, wopts)
-                checks.insert(0, check_list_append(history))
+        if workload == "idempotency":
+            record_executions(history, sim.storage_path(KEYED_SERVER[0]))
+            checks.insert(0, check_idempotency(history))
+        else:
+            await _final_checks(sim, workload, history, wopts, total, checks)
         return SimResult(
             seed=seed,
             workload=workload,
@@ -228,6 +238,18 @@ def run_simulation(
         )
 
     return simulate(main, seed=seed, services=[service], options=sopts)
+
+
+async def _final_checks(
+    sim: Simulation, workload: str, history: History, wopts: WorkloadOptions, total: int, checks: list[CheckResult]
+) -> None:
+    async with sim.client("final") as cluster:
+        if workload == "bank":
+            await bank_final_read(cluster, history, wopts)
+            checks.insert(0, check_bank(history, accounts=[f"acct{i}" for i in range(wopts.accounts)], total=total))
+        else:
+            await list_append_final_read(cluster, history, wopts)
+            checks.insert(0, check_list_append(history))
 
 
 def fault_schedules(

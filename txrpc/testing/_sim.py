@@ -136,6 +136,8 @@ class Simulation:
         self.coordinator: Any = None
         self.crashes: list[tuple[float, str, str]] = []  # (time, node, why)
         self._nursery: trio.Nursery | None = None
+        #: Plain (non-cluster) servers: name → (services, host, port); see :meth:`add_server`.
+        self.servers: dict[str, tuple[list[txrpc.Service], str, int]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -172,8 +174,18 @@ class Simulation:
         _env.current.set(self.env(node))
         storage_threads.inline.set(True)
 
+    async def add_server(self, name: str, services: Iterable[txrpc.Service], host: str, port: int = 7000) -> None:
+        """Add and start a plain server node (``txrpc.serve_services`` with a request log
+        on its own storage, so idempotency keys work); crash and restart it like any node."""
+        self.servers[name] = (list(services), host, port)
+        await self.start(name)
+
+    def storage_path(self, node: str) -> Path:
+        """The directory holding ``node``'s SQLite database."""
+        return self.data_dir / node
+
     async def start(self, node: str) -> None:
-        """Start ``node`` (the coordinator or a shard) on its storage."""
+        """Start ``node`` (the coordinator, a shard or an added server) on its storage."""
         assert self._nursery is not None, "use Simulation.open()"
         if node in self._scopes:
             raise RuntimeError(f"{node} is already running")
@@ -189,7 +201,14 @@ class Simulation:
             self.become(node)
             try:
                 with scope:
-                    if node == COORDINATOR:
+                    if node in self.servers:
+                        from txrpc._serve import serve_services
+
+                        services, host, port = self.servers[node]
+                        path = self.storage_path(node)
+                        path.mkdir(parents=True, exist_ok=True)
+                        await serve_services(services, host=host, port=port, db=path, task_status=task_status)
+                    elif node == COORDINATOR:
                         await run_coordinator(
                             self.config,
                             tx_timeout_s=options.tx_timeout_s,
@@ -210,7 +229,9 @@ class Simulation:
                 stopped.set()
 
         started = await self._nursery.start(run)
-        if node == COORDINATOR:
+        if node in self.servers:
+            pass
+        elif node == COORDINATOR:
             self.coordinator = started
         else:
             self.participants[node] = started

@@ -228,3 +228,76 @@ async def list_append_final_read(cluster: txrpc.Cluster, history: History, optio
             return True
         await trio.sleep(0.2)
     return False
+
+
+# --------------------------------------------------------------------------- idempotency
+
+#: Where the idempotency workload's server listens in the simulated network.
+KEYED_SERVER = ("keyed", "10.0.2.1", 7000)
+EXECUTIONS_PREFIX = "exec:"
+
+
+def counter_service() -> txrpc.Service:
+    """``counter.incr(name)``: a keyed call whose every execution leaves a durable mark
+    (in ``current_call().store``, committed with the request-log record), so the marks
+    count executions that took effect."""
+    counter = txrpc.Service("counter")
+
+    @counter.method
+    async def incr(name: str) -> int:
+        call = txrpc.current_call()
+        mark = EXECUTIONS_PREFIX + str(call.idempotency_key)
+        executed = int(await call.store.get(mark, 0)) + 1
+        call.store.put(mark, executed)
+        return executed
+
+    return counter
+
+
+async def keyed_client(
+    history: History, process: int, rng: random.Random, options: WorkloadOptions, until: float
+) -> None:
+    """Calls ``counter.incr`` with a fresh key per operation, retrying it (same key) when
+    the answer is lost — exactly what idempotency keys are for."""
+    _, host, port = KEYED_SERVER
+    client = txrpc.connect(host, port, connect_now=False, rng=random.Random(rng.random()))
+    async with client:
+        n = 0
+        while trio.current_time() < until:
+            n += 1
+            key = f"p{process}-{n}"
+            invoke = history.invoke(process, "incr", {"key": key}, trio.current_time())
+            status = "info"
+            for _attempt in range(6):
+                try:
+                    await client.options(idempotency_key=key, timeout=0.5, wait=True).call("counter.incr", "x")
+                    status = "ok"
+                    break
+                except (txrpc.RpcError, trio.TooSlowError):
+                    await trio.sleep(0.1 * rng.uniform(0.5, 1.5))
+            history.complete(invoke, status, {"key": key}, trio.current_time())  # type: ignore[arg-type]
+            await trio.sleep(options.think_s * rng.uniform(0.5, 1.5))
+
+
+def record_executions(history: History, database_dir: Any) -> int:
+    """Read the durable execution marks of the counter service's database and record
+    one ``execute`` op per execution (see ``check_idempotency``); returns how many."""
+    import sqlalchemy as sa
+
+    from storage import open_engine
+    from storage._schema import kv
+
+    engine = open_engine(database_dir, create=False)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(kv.c.key, kv.c.value).where(kv.c.key.like(EXECUTIONS_PREFIX + "%"))).all()
+    finally:
+        engine.dispose()
+    from txrpc._codec import decode_value
+
+    executions = 0
+    for key, value in sorted(rows):
+        for _ in range(int(decode_value(value))):
+            history.record(-1, "execute", {"key": key[len(EXECUTIONS_PREFIX) :]}, 0.0)
+            executions += 1
+    return executions
