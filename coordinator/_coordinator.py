@@ -122,10 +122,17 @@ class Coordinator:
             record = await self.log.get(txid)
             if record is not None and record["outcome"] == "commit":
                 return {"outcome": "committed", "txid": txid}
-            raise txrpc.TransactionAborted(
-                f"transaction {txid} is unknown to the coordinator (expired, aborted, or from before a restart)",
-                {"txid": txid, "retryable": True},
-            )
+            if record is None:
+                # No record: presumed abort -- unless it has one participant, which may
+                # have committed it in one phase (no record is written for that): ask it.
+                kind, tx = self.core.redrive_one_phase(txid, tuple(participants), trio.current_time())
+                if kind == "one_phase":
+                    log.info("coordinator: re-driving %d as one-phase commit (no record)", txid)
+            if kind == "unknown":
+                raise txrpc.TransactionAborted(
+                    f"transaction {txid} is unknown to the coordinator (expired, aborted, or from before a restart)",
+                    {"txid": txid, "retryable": True},
+                )
         assert tx is not None
         if kind == "wait":
             event = self._done.setdefault(txid, trio.Event())
@@ -140,6 +147,11 @@ class Coordinator:
     def _outcome(self, tx: CoordTx) -> dict[str, Any]:
         if tx.decision is Decision.COMMIT:
             return {"outcome": "committed", "txid": tx.txid}
+        if tx.decision is None:  # a one-phase commit we waited for got no answer
+            raise txrpc.Unavailable(
+                f"one-phase commit of {tx.txid}: its participant did not answer; outcome unknown",
+                {"txid": tx.txid, "outcome_unknown": True},
+            )
         raise txrpc.TransactionAborted(
             tx.reason or "aborted", {"txid": tx.txid, "retryable": not tx.reason.startswith("user:")}
         )
@@ -247,22 +259,31 @@ class Coordinator:
         (participant,) = tx.participants
         deadline = max(tx.deadline, trio.current_time() + self.phase_timeout_s)
         attempt = 0
-        while True:
-            try:
-                with trio.fail_at(deadline):
-                    result = await self._participant_call(participant, "tx.commit_one_phase", tx.txid)
-                self.core.one_phase_result(tx, result["outcome"] == "committed", result.get("reason", ""))
-                break
-            except (txrpc.RpcError, trio.TooSlowError) as exc:
-                if isinstance(exc, trio.TooSlowError) or trio.current_time() >= deadline:
-                    # The participant may have committed: the outcome is not ours to guess.
-                    raise txrpc.Unavailable(
-                        f"one-phase commit of {tx.txid} on {participant}: no answer ({exc}); outcome unknown",
-                        {"txid": tx.txid, "outcome_unknown": True},
-                    ) from None
-                attempt += 1
-                await trio.sleep(self._backoff(attempt))
-        self._signal(tx)
+        try:
+            while True:
+                try:
+                    with trio.fail_at(deadline):
+                        result = await self._participant_call(participant, "tx.commit_one_phase", tx.txid)
+                    self.core.one_phase_result(
+                        tx, result["outcome"] == "committed", result.get("reason", "")
+                    )
+                    return
+                except (txrpc.RpcError, trio.TooSlowError) as exc:
+                    if isinstance(exc, trio.TooSlowError) or trio.current_time() >= deadline:
+                        # The participant may have committed: the outcome is not ours to guess.
+                        raise txrpc.Unavailable(
+                            f"one-phase commit of {tx.txid} on {participant}: no answer ({exc}); "
+                            "outcome unknown",
+                            {"txid": tx.txid, "outcome_unknown": True},
+                        ) from None
+                    attempt += 1
+                    await trio.sleep(self._backoff(attempt))
+        finally:
+            if tx.decision is None:
+                # No answer (or cancelled): a retried commit asks the participant again,
+                # which answers from its commit log.
+                self.core.one_phase_unanswered(tx)
+            self._signal(tx)
 
     async def _two_phase(self, tx: CoordTx) -> None:
         votes: dict[str, tuple[str, str]] = {}

@@ -160,7 +160,8 @@ class CoordinatorCore:
         self, txid: int, participants: tuple[str, ...], now: float
     ) -> tuple[str, CoordTx | None]:
         """Client asks to commit. Returns:
-        ``("unknown", None)`` → answer aborted (presumed abort);
+        ``("unknown", None)`` → no state: look for a record, else presumed abort, except
+        for one participant (:meth:`redrive_one_phase`);
         ``("done", tx)`` → answer the recorded outcome;
         ``("wait", tx)`` → a commit of this txid is in progress: wait for it;
         ``("prepare", tx)`` → run phase 1 on ``tx.participants`` (several);
@@ -189,6 +190,33 @@ class CoordinatorCore:
         if len(tx.participants) == 1:
             return "one_phase", tx
         return "prepare", tx
+
+    def redrive_one_phase(
+        self, txid: int, participants: tuple[str, ...], now: float
+    ) -> tuple[str, CoordTx | None]:
+        """:meth:`start_commit` said ``"unknown"`` and the log holds no record of
+        ``txid``. With exactly one participant and a txid handed out before (by an
+        earlier incarnation) the transaction may have committed there in one phase, which
+        leaves no coordinator record: presuming abort could contradict the participant.
+        So it is driven again as one-phase commit (``("one_phase", tx)``); the participant
+        answers from its commit log, or commits an ACTIVE transaction exactly once, or
+        aborts. Otherwise ``("unknown", None)``: presumed abort. If the txid became
+        known meanwhile, answers as :meth:`start_commit` does."""
+        if txid in self.txs or txid in self.finished or txid >= self.first_txid:
+            return self.start_commit(txid, participants, now)
+        parts = tuple(sorted(set(participants)))
+        if len(parts) != 1 or txid < 1:
+            return "unknown", None
+        tx = CoordTx(txid, Phase.PREPARING, now + self.tx_timeout_s, parts)
+        self.txs[txid] = tx
+        return "one_phase", tx
+
+    def one_phase_unanswered(self, tx: CoordTx) -> None:
+        """The only participant did not answer a one-phase commit: it alone decides, and
+        may have committed. Forget the attempt (no decision here) so that a retried
+        commit asks the participant again instead of waiting for this one."""
+        if tx.phase is Phase.PREPARING and self.txs.get(tx.txid) is tx:
+            del self.txs[tx.txid]
 
     def vote(self, tx: CoordTx, participant: str, vote: str, reason: str = "") -> Decision | None:
         """Record a vote; returns the decision once it is determined (COMMIT must then

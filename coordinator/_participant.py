@@ -462,7 +462,11 @@ class Participant:
             return {"outcome": "aborted", "reason": f"commit not durable: {exc}"}
         return {"outcome": "committed", "reason": ""}
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, txid: int | None = None) -> dict[str, Any]:
+        """The shard's status; with ``txid``, that transaction's state here (see
+        :meth:`_tx_status`)."""
+        if txid is not None:
+            return await self._tx_status(txid)
         position, digest = await self.store.digest()
         return {
             "shard": self.shard,
@@ -471,6 +475,30 @@ class Participant:
             "position": position,
             "digest": digest,
         }
+
+    async def _tx_status(self, txid: int) -> dict[str, Any]:
+        """``{"txid", "state"}``: ``active`` (may still commit or abort), ``prepared``
+        (the coordinator decides), ``committed`` (in the commit log), ``read_only``
+        (committed with nothing written, or left after phase 1 as a read-only voter) or
+        ``aborted``. A txid unknown here is answered ``aborted`` and remembered as such,
+        so a late first operation or one-phase commit of it is refused: the answer stands."""
+        if type(txid) is not int or txid <= 0:
+            raise txrpc.InvalidArgument("txid must be a positive integer")
+        while True:
+            await self._serialize(txid)
+            tx = self.core.txs.get(txid)
+            if tx is not None:
+                return {"txid": txid, "state": "prepared" if tx.state is TxState.PREPARED else "active"}
+            final = self.core.finished.get(txid)
+            logged = await self.store.is_committed(txid)
+            if txid not in self.core.txs and self.core.finished.get(txid) is final:
+                break  # nothing changed during the read
+        if logged:
+            return {"txid": txid, "state": "committed"}
+        if final is TxState.COMMITTED:
+            return {"txid": txid, "state": "read_only"}
+        self.core.abort(txid, "unknown when its outcome was asked")  # no locks: only remembered
+        return {"txid": txid, "state": "aborted"}
 
 
 def _show(resource: Any) -> str:

@@ -231,7 +231,9 @@ async def test_commit_is_idempotent_and_unknown_txids_are_aborted(tmp_path: Path
         with pytest.raises(txrpc.Aborted, match="unknown"):
             await cluster.coordinator.call("coord.commit", 10**9, [])
         assert await cluster.outcome(t.txid) == "committed"
+        assert await cluster.outcome(t.txid, sorted(t.participants)) == "committed"  # the coordinator's record
         assert await cluster.outcome(10**9) == "aborted"
+        assert await cluster.outcome(10**9, sorted(t.participants)) == "aborted"  # presumed abort
 
 
 async def test_wrong_epoch_is_refused_before_anything_runs(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -126,10 +126,66 @@ class Cluster:
         """A non-transactional call to the primary of ``key``'s shard."""
         return await self.router.call_for_key(key, method, *args, **kwargs)
 
-    async def outcome(self, txid: int) -> str:
-        """``"committed"`` or ``"aborted"``, from the coordinator's records."""
+    async def outcome(self, txid: int, participants: Iterable[str] | None = None) -> str:
+        """The outcome of transaction ``txid``: ``"committed"``, ``"aborted"``, or
+        ``"pending"`` (not decided yet: ask again later).
+
+        ``participants`` are the shards (node names) it touched, as in
+        ``OutcomeUnknown.details["participants"]`` or ``Transaction.participants``. One
+        shard: it was committed in one phase at that shard, which alone knows the outcome
+        (the coordinator keeps no record of it), so the shard is asked. Several: the
+        coordinator's decision (two-phase commit, presumed abort). Not given: every shard
+        is asked, then the coordinator. Asking about a txid nobody has begun aborts it
+        for good (the answer stands). A read-only transaction wrote nothing and may be
+        reported aborted once its shard forgot it (e.g. after a restart)."""
+        if participants is not None:
+            names = sorted(set(participants))
+            if len(names) == 1:
+                state = await self._shard_tx_state(names[0], txid)
+                if state == "prepared":  # not one-phase after all: the coordinator decides
+                    return await self._coordinator_outcome(txid)
+                return {"committed": "committed", "read_only": "committed", "active": "pending"}.get(
+                    state, "aborted"
+                )
+            if names:
+                return await self._coordinator_outcome(txid)
+        # Unknown participants: look at every shard first. A commit-log entry anywhere is
+        # a commit (one-phase, or phase 2 of a decided commit); an ACTIVE transaction may
+        # still commit in one phase; a PREPARED one is the coordinator's to decide.
+        states = await self._all_shard_tx_states(txid)
+        if "committed" in states:
+            return "committed"
+        if "prepared" in states:
+            return await self._coordinator_outcome(txid)
+        if "active" in states:
+            return "pending"
+        return await self._coordinator_outcome(txid)
+
+    async def _coordinator_outcome(self, txid: int) -> str:
         info = await self.coordinator.call("coord.decision", txid)
         return "committed" if info == "commit" else "aborted" if info == "abort" else "pending"
+
+    async def _shard_tx_state(self, name: str, txid: int) -> str:
+        client = await self.router._client_for(self.router.shard_map.node(name))
+        answer = await client.call("tx.status", txid)
+        return str(answer["state"])
+
+    async def _all_shard_tx_states(self, txid: int) -> set[str]:
+        states: set[str] = set()
+        errors: list[RpcError] = []
+
+        async def ask(name: str) -> None:
+            try:
+                states.add(await self._shard_tx_state(name, txid))
+            except RpcError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for node in self.router.shard_map.nodes:
+                nursery.start_soon(ask, node.name)
+        if errors and "committed" not in states:
+            raise errors[0]  # that shard may hold a one-phase commit: the outcome is not known yet
+        return states
 
 
 class Transaction:
@@ -284,10 +340,14 @@ class Transaction:
                 break
         self.outcome = "unknown"
         self._cluster.stats["unknown"] += 1
+        if len(participants) == 1:
+            where = f"its shard {participants[0]} decides it (one-phase: no coordinator record)"
+        else:
+            where = "it is decided and durable at the coordinator (`txrpc tx show`)"
         raise OutcomeUnknown(
-            f"could not learn the outcome of transaction {self.txid}: {last}; it is decided and durable "
-            "at the coordinator — ask with `txrpc tx show` or cluster.outcome(txid)",
-            {"txid": self.txid},
+            f"could not learn the outcome of transaction {self.txid}: {last}; {where} — ask with "
+            "cluster.outcome(txid, participants)",
+            {"txid": self.txid, "participants": participants},
         )
 
 
