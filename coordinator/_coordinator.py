@@ -13,6 +13,7 @@ import trio
 
 import txrpc
 from storage import CoordinatorLog, DecisionExists
+from txrpc import _env
 
 from ._coordinator_core import CoordinatorCore, CoordTx, Decision, Phase
 from ._faults import crash_point
@@ -299,6 +300,9 @@ class Coordinator:
         async with trio.open_nursery() as nursery:
             for participant in tx.participants:
                 nursery.start_soon(ask, participant)
+        if _env.broken("coordinator.commit_without_all_votes"):
+            # Test-only broken protocol (simulator): a no or a missing vote counts as yes.
+            votes = {p: ("yes", "") if v[0] != "read_only" else v for p, v in votes.items()}
         decision = None
         for participant in tx.participants:
             vote, reason = votes[participant]
@@ -312,8 +316,11 @@ class Coordinator:
             if decision is Decision.ABORT:
                 break
         if decision is Decision.COMMIT:
+            if _env.buggify("coordinator.slow_decision_write"):
+                await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
             try:
-                await self.log.write_decision(tx.txid, "commit", tx.writers)
+                if not _env.broken("coordinator.skip_decision_write"):  # test-only broken protocol
+                    await self.log.write_decision(tx.txid, "commit", tx.writers)
             except Exception as exc:
                 # Not durable: we may not commit. Nothing was told to anyone yet.
                 log.error("coordinator: decision record for %d failed: %s", tx.txid, exc)
@@ -338,6 +345,7 @@ class Coordinator:
             while True:
                 try:
                     await self._participant_call(participant, method, tx.txid)
+                    crash_point("coordinator.during_phase_two")
                     return
                 except (txrpc.RpcError, trio.TooSlowError) as exc:
                     attempt += 1

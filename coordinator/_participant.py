@@ -19,6 +19,7 @@ import trio
 
 import txrpc
 from storage import ShardStore
+from txrpc import _env
 from txrpc._routing import EpochGuard
 from txrpc._service import MethodSpec
 
@@ -382,6 +383,8 @@ class Participant:
         locks = [(resource, mode.value) for resource, mode in self.core.locks.held_by(txid).items()]
         self._busy[txid] = done = trio.Event()
         try:
+            if _env.buggify("participant.slow_prepare"):
+                await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
             try:
                 await self.store.write_prepare(txid, writes, locks)
             except Exception as exc:
@@ -394,6 +397,10 @@ class Participant:
                 return {"vote": "no", "reason": "aborted during prepare"}
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = trio.current_time()
+            if _env.broken("participant.release_locks_at_prepare"):
+                # Test-only broken protocol (simulator): others may read and overwrite
+                # what this transaction is about to commit.
+                self._wake(self.core.locks.release_all(txid))
             crash_point("participant.after_prepare")
             return {"vote": "yes", "reason": ""}
         finally:
@@ -414,6 +421,8 @@ class Participant:
             )
         crash_point("participant.before_commit_apply")
         await self._apply(txid)
+        if _env.buggify("participant.slow_commit_ack"):
+            await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
         return "ok"
 
     async def _apply(self, txid: int) -> None:

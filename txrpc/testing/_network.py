@@ -45,8 +45,8 @@ PIPE_BYTES_MAX = 8 * 1024 * 1024
 class LinkFaults:
     """The faults of one directed link. Probabilities are per frame."""
 
-    delay_s: float = 0.0
-    jitter_s: float = 0.0
+    delay_s: float = 0.0005
+    jitter_s: float = 0.0002
     drop_p: float = 0.0
     duplicate_p: float = 0.0
     reorder_p: float = 0.0
@@ -295,7 +295,7 @@ class SimNetwork:
 
     def heal(self) -> None:
         """Remove every link fault and pause (back to the default link)."""
-        self.default = LinkFaults(delay_s=self.default.delay_s)
+        self.default = LinkFaults(delay_s=self.default.delay_s, jitter_s=self.default.jitter_s)
         self.links.clear()
         self.paused_until.clear()
 

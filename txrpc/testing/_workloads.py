@@ -156,8 +156,9 @@ async def bank_client(
                 await t.bank.withdraw(s, n)
                 await t.bank.deposit(d, n)
 
-            status, _ = await _transaction(cluster, move, options.tx_timeout_s)
-            history.complete(invoke, status, transfer, trio.current_time())  # type: ignore[arg-type]
+            status, reason = await _transaction(cluster, move, options.tx_timeout_s)
+            outcome = transfer if status == "ok" else {**transfer, "error": str(reason)[:200]}
+            history.complete(invoke, status, outcome, trio.current_time())  # type: ignore[arg-type]
         await trio.sleep(options.think_s * rng.uniform(0.5, 1.5))
 
 

@@ -1,0 +1,149 @@
+"""The deterministic simulator runs the production coordinator and shards under faults.
+
+Each run is one ``trio.run`` on a MockClock; a failing run's message carries the seed
+and the schedule that replay it. ``TXRPC_SIM_EXAMPLES=N`` explores N schedules per
+workload in the property tests (default: a CI-sized number).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from txrpc.testing import Fault, SimOptions, WorkloadOptions, fault_schedules, run_simulation
+
+EXAMPLES = int(os.environ.get("TXRPC_SIM_EXAMPLES", "12"))
+SHORT = WorkloadOptions(clients=3, duration_s=2.0)
+
+
+def assert_valid(result) -> None:  # type: ignore[no-untyped-def]
+    assert result.valid, result.report()
+
+
+def digest(result) -> str:  # type: ignore[no-untyped-def]
+    return hashlib.sha256(result.history.to_jsonl().encode()).hexdigest()
+
+
+FAULTS = (
+    Fault(0.3, "crash", "s1"),
+    Fault(0.8, "restart", "s1"),
+    Fault(0.5, "drop", "c0", "s0", 0.05),
+    Fault(0.9, "reorder", "s0", "coordinator", 0.2),
+    Fault(1.2, "crash", "coordinator"),
+    Fault(1.5, "restart", "coordinator"),
+)
+
+
+@pytest.mark.parametrize("workload", ["bank", "list-append", "idempotency"])
+def test_fault_free_run_is_valid_and_busy(workload: str) -> None:
+    result = run_simulation(1, workload=workload, workload_options=SHORT)
+    assert_valid(result)
+    counts = result.counts()
+    assert counts["ok"] > 100, result.report()
+    assert counts["info"] == 0, result.report()
+
+
+def test_same_seed_replays_exactly_and_another_seed_differs() -> None:
+    first = run_simulation(7, workload="bank", faults=FAULTS, workload_options=SHORT)
+    again = run_simulation(7, workload="bank", faults=FAULTS, workload_options=SHORT)
+    other = run_simulation(8, workload="bank", faults=FAULTS, workload_options=SHORT)
+    assert digest(first) == digest(again)
+    assert first.crashes == again.crashes
+    assert digest(first) != digest(other)
+
+
+def test_seed_replays_in_another_process() -> None:
+    """What the failure message promises: the same seed (and PYTHONHASHSEED) in a new process."""
+    script = textwrap.dedent(
+        """
+        import hashlib
+        from txrpc.testing import Fault, WorkloadOptions, run_simulation
+        faults = (Fault(0.3, "crash", "s1"), Fault(0.8, "restart", "s1"), Fault(0.5, "drop", "c0", "s0", 0.05))
+        r = run_simulation(11, workload="list-append", faults=faults, workload_options=WorkloadOptions(clients=3, duration_s=1.0))
+        print(hashlib.sha256(r.history.to_jsonl().encode()).hexdigest())
+        """
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(outputs) == 1 and len(outputs.pop()) == 65
+
+
+@pytest.mark.parametrize("workload", ["bank", "list-append"])
+def test_crashes_partitions_and_message_faults_keep_the_guarantees(workload: str) -> None:
+    result = run_simulation(3, workload=workload, faults=FAULTS, workload_options=SHORT)
+    assert_valid(result)
+    assert [c[1] for c in result.crashes] == ["s1", "coordinator"]
+    assert result.network["dropped"] > 0
+
+
+@pytest.mark.parametrize(
+    "point", ["coordinator.after_decision", "participant.after_prepare", "participant.before_commit_apply"]
+)
+def test_crash_points_at_the_protocol_edges(point: str) -> None:
+    options = SimOptions(crash_points={point: 0.05}, restart_after_s=0.3)
+    result = run_simulation(5, workload="bank", options=options, workload_options=SHORT)
+    assert_valid(result)
+    assert any(why == point for _, _, why in result.crashes), f"{point} never fired: {result.report()}"
+
+
+def test_buggify_points_fire_and_keep_the_guarantees() -> None:
+    result = run_simulation(9, workload="bank", options=SimOptions(buggify_p=1.0), workload_options=SHORT)
+    assert_valid(result)
+
+
+# --- property-based: Hypothesis generates the schedule, a failure shrinks to a minimal one
+
+NODES = ("coordinator", "s0", "s1", "s2")
+
+
+@pytest.mark.parametrize("workload", ["bank", "list-append"])
+def test_generated_fault_schedules(workload: str) -> None:
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(seed=st.integers(0, 2**32 - 1), faults=fault_schedules(NODES, ("c0", "c1", "c2"), duration_s=2.0))
+    def run(seed: int, faults: tuple[Fault, ...]) -> None:
+        assert_valid(run_simulation(seed, workload=workload, faults=faults, workload_options=SHORT))
+
+    run()
+
+
+def test_generated_schedules_for_idempotency_keys() -> None:
+    @settings(max_examples=max(EXAMPLES // 2, 3), deadline=None, derandomize=True, database=None)
+    @given(seed=st.integers(0, 2**32 - 1), faults=fault_schedules(("keyed",), ("c0", "c1", "c2"), duration_s=2.0))
+    def run(seed: int, faults: tuple[Fault, ...]) -> None:
+        assert_valid(run_simulation(seed, workload="idempotency", faults=faults, workload_options=SHORT))
+
+    run()
+
+
+# --- the suite must catch broken protocols
+
+
+def test_catches_a_server_that_skips_the_request_log_lookup() -> None:
+    faults = (Fault(0.2, "drop", "keyed", "c0", 0.3), Fault(0.2, "drop", "keyed", "c1", 0.3))
+    honest = run_simulation(3, workload="idempotency", faults=faults, workload_options=SHORT)
+    assert_valid(honest)
+    broken = run_simulation(
+        3,
+        workload="idempotency",
+        faults=faults,
+        options=SimOptions(broken=frozenset({"server.skip_request_log_lookup"})),
+        workload_options=SHORT,
+    )
+    assert not broken.valid
+    assert "duplicate-execution" in broken.checks[0].anomaly_types, broken.report()
