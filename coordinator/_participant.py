@@ -245,7 +245,7 @@ class Participant:
         for name, spec in service.methods.items():
             if spec.options.get("transactional"):
                 handler = self._transactional_handler(spec)
-                wrapped.add_method(handler, name=name, transactional=True)
+                wrapped.add_method(handler, name=name, transactional=True, allow=spec.allow)
             else:
                 wrapped.methods[name] = spec
         return wrapped
@@ -262,10 +262,16 @@ class Participant:
             if type(txid) is not int or txid <= 0:
                 raise txrpc.InvalidArgument("metadata 'txid' must be a positive integer")
             op_seq = ctx.metadata.get("op_seq", 0)
+            tx = self.core.txs.get(txid)
+            if ctx.secured and tx is not None and tx.owner and tx.owner != ctx.identity:
+                # One caller cannot slip operations into another caller's transaction.
+                raise txrpc.PermissionDenied(
+                    f"transaction {txid} belongs to another caller", {"not_started": True}
+                )
             age = ctx.metadata.get("age")
             if type(age) is int and 0 < age <= txid:
                 self.core.locks.set_age(txid, age)
-            return await self._run_operation(spec, txid, op_seq, args, kwargs, ctx.deadline)
+            return await self._run_operation(spec, txid, op_seq, args, kwargs, ctx.deadline, ctx.identity)
 
         return handler
 
@@ -277,6 +283,7 @@ class Participant:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         deadline: float,
+        owner: str = "",
     ) -> Any:
         now = trio.current_time()
         action, value = self.core.begin_operation(txid, op_seq, now, deadline)
@@ -289,6 +296,8 @@ class Participant:
         if action == "refuse":
             raise txrpc.TransactionAborted(str(value), {"txid": txid, "retryable": True})
         tx: ParticipantTx = value
+        if not tx.owner:
+            tx.owner = owner
         finished = False
         try:
             error: txrpc.RpcError
@@ -355,13 +364,49 @@ class Participant:
     # --- the coordinator's messages ------------------------------------------------------------
 
     def _internal_service(self) -> txrpc.Service:
+        # The coordinator's messages are internal to the cluster: on a server with
+        # security, only peers may send them (a client forging tx.commit/tx.abort could
+        # decide other callers' transactions). tx.status is read-only: clients ask it
+        # for a one-phase outcome (Cluster.outcome).
         svc = txrpc.Service("tx")
-        svc.add_method(self.prepare, name="prepare")
-        svc.add_method(self.commit, name="commit")
-        svc.add_method(self.abort, name="abort")
-        svc.add_method(self.commit_one_phase, name="commit_one_phase")
+        svc.add_method(self.prepare, name="prepare", allow=txrpc.ROLE_PEER)
+        svc.add_method(self.commit, name="commit", allow=txrpc.ROLE_PEER)
+        # A client aborts, or commits in one phase, its own transaction at the shard (the
+        # single-shard fast path); anyone else's only a peer may.
+        svc.add_method(self._abort_from_caller, name="abort")
+        svc.add_method(self._commit_one_phase_from_caller, name="commit_one_phase")
         svc.add_method(self.status, name="status")
         return svc
+
+    def _check_caller_may_decide(self, txid: int, what: str) -> None:
+        """On a server with security: peers may decide any transaction; another caller
+        only its own (the identity that ran its operations here), and never one that is
+        prepared (the coordinator decides those)."""
+        ctx = txrpc.current_call()
+        if not ctx.secured or not ctx.roles.isdisjoint(txrpc.ROLE_PEER):
+            return
+        if type(txid) is not int or txid <= 0:
+            raise txrpc.InvalidArgument("txid must be a positive integer")
+        tx = self.core.txs.get(txid)
+        if tx is None:
+            return  # unknown or finished here: the answer reveals and changes nothing
+        if tx.owner != ctx.identity:
+            raise txrpc.PermissionDenied(
+                f"{ctx.identity!r} may not {what} transaction {txid}: it belongs to another caller",
+                {"not_started": True},
+            )
+        if tx.state is TxState.PREPARED:
+            raise txrpc.PermissionDenied(
+                f"transaction {txid} is prepared: only the coordinator decides it", {"not_started": True}
+            )
+
+    async def _abort_from_caller(self, txid: int) -> str:
+        self._check_caller_may_decide(txid, "abort")
+        return await self.abort(txid)
+
+    async def _commit_one_phase_from_caller(self, txid: int) -> dict[str, Any]:
+        self._check_caller_may_decide(txid, "commit")
+        return await self.commit_one_phase(txid)
 
     async def _serialize(self, txid: int) -> None:
         """Wait while another protocol message of ``txid`` is writing."""

@@ -44,6 +44,7 @@ class ParticipantTx:
     op_results: dict[int, tuple[bool, Any]] = dataclasses.field(default_factory=dict)  # seq -> (ok, value)
     abort_reason: str = ""
     running_ops: int = 0
+    owner: str = ""  # the caller identity that ran its first operation here ("" = unknown)
 
 
 class Vote(enum.Enum):

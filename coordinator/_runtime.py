@@ -19,6 +19,27 @@ from ._participant import Participant
 
 log = logging.getLogger("txrpc.runtime")
 
+COORDINATOR_RULES: dict[str, frozenset[str]] = {
+    "coord.resolve": txrpc.ROLE_ADMIN,  # a heuristic decision overrides the protocol
+    "coord.transactions": txrpc.ROLE_ADMIN,  # lists every caller's transactions
+    "coord.show": txrpc.ROLE_ADMIN,
+}
+"""Who may call what at a coordinator with ``[security]``; the other ``coord.*`` methods
+(begin, lease, commit, abort, decision) are open to every authenticated caller."""
+SHARD_CALL_TIMEOUT_MAX_S = 300.0
+"""No operation runs longer at a shard, whatever deadline it carries: bounds how long a
+call can hold a transaction's locks (``Limits.call_timeout_max_s``)."""
+
+
+def _node_security(
+    config: ClusterConfig, name: str, rules: dict[str, frozenset[str]] | None = None
+) -> tuple[txrpc.ServerSecurity | None, txrpc.Credentials | None]:
+    """What node ``name`` serves with, and presents as a client (the ambient credentials
+    when the cluster has no ``[security]`` table)."""
+    if config.security is None:
+        return None, txrpc.current_credentials()
+    return config.security.server_security(name, rules=rules), config.security.credentials_for(name)
+
 
 def _storage_target(data_dir: Path, db_url: str | None) -> str | Path:
     if db_url:
@@ -41,6 +62,7 @@ async def run_coordinator(
         raise ValueError(f"{config.source}: no [coordinator] table")
     spec = config.coordinator
     nodes = {node.name: node.address for node in config.shard_map.nodes}
+    security, credentials = _node_security(config, "coordinator", COORDINATOR_RULES)
     async with open_storage(_storage_target(spec.data_dir, db_url)) as storage:
         coordinator = Coordinator(
             CoordinatorLog(storage.database, storage.appender),
@@ -50,8 +72,9 @@ async def run_coordinator(
             rng=random.Random(rng_seed),
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(coordinator.run)
-            server = txrpc.Server(coordinator.service())
+            with txrpc.use_credentials(credentials):  # its clients (to every shard) present them
+                await nursery.start(coordinator.run)
+            server = txrpc.Server(coordinator.service(), security=security)
             await nursery.start(server.serve_tcp, spec.host, spec.port)
             log.info("coordinator serving on %s:%d", spec.host, server.port)
             task_status.started(coordinator)
@@ -71,12 +94,15 @@ async def run_shard(
     transactions are recovered (their locks re-taken) before anything is served."""
     spec = config.shard_map.node(node)
     coordinator_spec = config.coordinator
+    security, credentials = _node_security(config, node)
     async with open_storage(_storage_target(config.data_dir_for(node), db_url)) as storage:
         store = ShardStore(storage.database, storage.appender, node)
         async with trio.open_nursery() as nursery:
             coordinator_client: txrpc.Client | None = None
             if coordinator_spec is not None:
-                client = txrpc.connect(coordinator_spec.host, coordinator_spec.port, connect_now=False)
+                client = txrpc.connect(
+                    coordinator_spec.host, coordinator_spec.port, connect_now=False, credentials=credentials
+                )
                 coordinator_client = await nursery.start(_hold, client)
             participant = Participant(
                 services,
@@ -89,8 +115,10 @@ async def run_shard(
             )
             await participant.recover()
             await nursery.start(participant.run)
-            server = txrpc.Server(*participant.services())
-            await nursery.start(server.serve_tcp, spec.host, spec.port)
+            limits = txrpc.Limits(call_timeout_max_s=SHARD_CALL_TIMEOUT_MAX_S)
+            server = txrpc.Server(*participant.services(), security=security, limits=limits)
+            with txrpc.use_credentials(credentials):  # calls its handlers make present them
+                await nursery.start(server.serve_tcp, spec.host, spec.port)
             log.info("shard %s serving on %s:%d", node, spec.host, server.port)
             task_status.started(participant)
 

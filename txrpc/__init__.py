@@ -38,6 +38,21 @@ from ._errors import (
 from ._limits import Limits
 from ._ring import HashRing, RangeMove, RebalancePlan, RingNode, key_hash, partition_of
 from ._routing import EPOCH_METADATA_KEY, ClusterClient, EpochGuard, check_epoch
+from ._security import (
+    ROLE_ADMIN,
+    ROLE_PEER,
+    ROLE_PEER_OR_ADMIN,
+    Credentials,
+    HmacTokenVerifier,
+    Principal,
+    ServerSecurity,
+    TLSConfig,
+    TokenVerifier,
+    current_credentials,
+    load_secret,
+    mint_token,
+    use_credentials,
+)
 from ._server import Server, serve
 from ._service import CallContext, MethodSpec, Service, current_call
 from ._shardmap import ClusterConfig, ConfigError, CoordinatorSpec, NodeSpec, ShardMap, load_cluster_config
@@ -45,6 +60,19 @@ from ._shardmap import ClusterConfig, ConfigError, CoordinatorSpec, NodeSpec, Sh
 __version__ = "0.1.0"
 
 __all__ = [
+    "ROLE_ADMIN",
+    "ROLE_PEER",
+    "ROLE_PEER_OR_ADMIN",
+    "Credentials",
+    "HmacTokenVerifier",
+    "Principal",
+    "ServerSecurity",
+    "TLSConfig",
+    "TokenVerifier",
+    "current_credentials",
+    "load_secret",
+    "mint_token",
+    "use_credentials",
     "EPOCH_METADATA_KEY",
     "Cluster",
     "ClusterClient",

@@ -17,9 +17,10 @@ import trio
 
 from . import _connection as wire
 from . import _env
-from ._errors import Code, DeadlineExceeded, ProtocolError, RpcError, Unavailable
+from ._errors import Code, DeadlineExceeded, PermissionDenied, ProtocolError, RpcError, Unauthenticated, Unavailable
 from ._limits import Limits
 from ._outbox import Outbox
+from ._security import Credentials, current_credentials, is_certificate_failure
 from ._service import _current_call
 
 log = logging.getLogger("txrpc.client")
@@ -35,6 +36,8 @@ DISPATCH_BATCH_EVENTS = 16
 # Errors after which a call carrying an idempotency key may be sent again: the server
 # either did not run it, or will answer a repeat from its request log.
 RETRYABLE_WITH_KEY = frozenset({Code.UNAVAILABLE, Code.REQUEST_IN_PROGRESS})
+# Errors that say nothing ran but that a retry would only repeat.
+NEVER_RETRIED = frozenset({Code.PROTOCOL_ERROR, Code.UNAUTHENTICATED, Code.PERMISSION_DENIED})
 KEY_METADATA = "idempotency_key"
 WAIT_METADATA = "idempotency_wait"
 
@@ -114,6 +117,10 @@ class _Channel:
             for event in self.conn.receive_data(bytes(data)):
                 if isinstance(event, wire.GoAway):
                     message = f"server refused the connection: {event.message}"
+                    if event.code == Code.UNAUTHENTICATED:
+                        raise Unauthenticated(message, {"not_started": True})
+                    if event.code == Code.PERMISSION_DENIED:
+                        raise PermissionDenied(message, {"not_started": True})
                     raise Unavailable(message, {"not_started": True})
                 if isinstance(event, wire.ConnectionClosed):
                     raise Unavailable("server closed the connection during hello", {"not_started": True})
@@ -156,9 +163,7 @@ class _Channel:
         while True:
             try:
                 data = bytes(
-                    await self.stream.receive_some(
-                        max(RECEIVE_BYTES, min(conn.receive_size_hint, RECEIVE_BYTES_MAX))
-                    )
+                    await self.stream.receive_some(max(RECEIVE_BYTES, min(conn.receive_size_hint, RECEIVE_BYTES_MAX)))
                 )
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.failure = self.failure or f"connection lost: {exc!r}"
@@ -296,6 +301,8 @@ class Client:
         rng: random.Random | None = None,
         connect_now: bool = True,
     ) -> None:
+        """``auth`` goes in the hello (``{"bearer": TOKEN}``), or is a function returning
+        it, called at every (re)connect (so a fresh token is sent)."""
         self._connect_now = connect_now
         self._open_stream = open_stream
         self.target = target or "server"
@@ -369,9 +376,7 @@ class Client:
             raise AttributeError(name)
         return MethodProxy(self, name, self._default)
 
-    async def _invoke(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions
-    ) -> Any:
+    async def _invoke(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions) -> Any:
         if options.timeout_s is None:
             return await self._invoke_with_retries(method, args, kwargs, options)
         with trio.move_on_after(options.timeout_s) as scope:
@@ -407,8 +412,9 @@ class Client:
                     return result if options.with_metadata else result.value
                 return Reply(result, {}) if options.with_metadata else result
             except RpcError as exc:
-                # A local protocol refusal did not run either, but would fail again.
-                safe = (exc.nothing_ran and exc.code != Code.PROTOCOL_ERROR) or (
+                # A local protocol refusal (or a credential refusal) did not run either,
+                # but would fail again.
+                safe = (exc.nothing_ran and exc.code not in NEVER_RETRIED) or (
                     key is not None and exc.code in RETRYABLE_WITH_KEY
                 )
                 if not safe or attempt >= retries_max or self._closed:
@@ -439,13 +445,20 @@ class Client:
                     stream = await self._open_stream()
                     channel = _Channel(self, stream)
                     try:
-                        await channel.handshake(self._auth)
+                        await channel.handshake(self._auth() if callable(self._auth) else self._auth)
                     except BaseException:
                         with trio.CancelScope(shield=True):
                             await trio.aclose_forcefully(stream)
                         raise
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
                 self._connect_failures += 1
+                refused = is_certificate_failure(exc)
+                if refused is not None:
+                    # A certificate the other side rejects (or that we reject): retrying
+                    # the same credentials cannot help.
+                    raise Unauthenticated(
+                        f"TLS with {self.target} failed: {refused}", {"not_started": True, "tls": True}
+                    ) from None
                 raise Unavailable(f"cannot connect to {self.target}: {exc}", {"not_started": True}) from None
             except wire.RemoteProtocolError as exc:
                 self._connect_failures += 1
@@ -508,6 +521,7 @@ def connect(
     limits: Limits | None = None,
     ssl_context: Any = None,
     auth: Any = None,
+    credentials: Credentials | None = None,
     metadata: dict[str, Any] | None = None,
     rng: random.Random | None = None,
     connect_now: bool = True,
@@ -517,13 +531,32 @@ def connect(
     Use it as ``async with txrpc.connect("127.0.0.1", 12345) as client: ...``. Entering
     connects at once (and raises ``Unavailable`` if it cannot) unless
     ``connect_now=False``, in which case the first call connects.
+
+    ``credentials`` (a :class:`~txrpc.Credentials`: TLS settings and/or a bearer token)
+    default to those :func:`~txrpc.use_credentials` set for the calling task; an
+    explicit ``ssl_context`` / ``auth`` wins over them. With TLS the server's
+    certificate chain and name (``host``, or ``credentials.server_name``) are always
+    verified; a certificate either side rejects raises ``Unauthenticated``.
     """
+    if credentials is None:
+        credentials = current_credentials()
+    server_hostname = host
+    if credentials is not None:
+        if ssl_context is None:
+            ssl_context = credentials.ssl_context()
+        if auth is None and credentials.token is not None:
+            auth = credentials.hello_auth
+        server_hostname = credentials.tls_server_name(host)
 
     async def open_stream() -> trio.abc.Stream:
         stream: trio.abc.Stream = await _env.open_stream(host, port)
         if ssl_context is not None:
-            ssl_stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
-            await ssl_stream.do_handshake()
+            ssl_stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname)
+            try:
+                await ssl_stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(ssl_stream)
+                raise
             stream = ssl_stream
         return stream
 

@@ -20,6 +20,8 @@ from rich.table import Table
 
 from ._cluster import Cluster, Transaction, cluster
 from ._errors import OutcomeUnknown, TransactionAborted
+from ._security import use_credentials
+from ._shardmap import load_cluster_config
 
 BANK_SERVICE = Path(__file__).resolve().parent.parent / "examples" / "bank" / "service.py"
 START_TIMEOUT_S = 30.0
@@ -37,7 +39,10 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def write_cluster_file(directory: Path, nodes: int = 3) -> Path:
+def write_cluster_file(directory: Path, nodes: int = 3, *, tls: bool = False) -> Path:
+    """A cluster file for a local cluster in ``directory``; with ``tls``, a dev CA and
+    certificates for every process, the client and an admin (``directory/certs``), and a
+    ``[security]`` table: mutual TLS on every connection."""
     ports = _free_ports(nodes + 1)
     lines = [
         "[cluster]",
@@ -57,6 +62,19 @@ def write_cluster_file(directory: Path, nodes: int = 3) -> Path:
             f'name = "{"abcdefgh"[index]}"',
             'host = "127.0.0.1"',
             f"port = {ports[index + 1]}",
+            "",
+        ]
+    if tls:
+        from ._certs import make_dev_certs
+
+        names = ["coordinator", *("abcdefgh"[index] for index in range(nodes)), "client", "admin"]
+        make_dev_certs(directory / "certs", names, days=1)
+        lines += [
+            "[security]",
+            'ca_file = "certs/ca.pem"',
+            'certs_dir = "certs"',
+            'client_cert = "require"',
+            'token_secret_file = "certs/token.secret"',
             "",
         ]
     path = directory / "cluster.toml"
@@ -117,13 +135,16 @@ class Processes:
                 proc.kill()
 
 
-def run_bank_demo(console: Console, transfers: int, concurrency: int, accounts: int, seed: int) -> int:
-    """Returns the process exit status (0 = the conservation check passed)."""
+def run_bank_demo(
+    console: Console, transfers: int, concurrency: int, accounts: int, seed: int, *, tls: bool = False
+) -> int:
+    """Returns the process exit status (0 = the conservation check passed). With ``tls``
+    every connection is mutual TLS with certificates from a fresh dev CA."""
     if not BANK_SERVICE.exists():
         console.print(f"[red]txrpc demo needs {BANK_SERVICE} (a source checkout of txrpc)[/]")
         return 2
     with tempfile.TemporaryDirectory(prefix="txrpc-demo-") as tmp:
-        config_path = write_cluster_file(Path(tmp))
+        config_path = write_cluster_file(Path(tmp), tls=tls)
         nodes = ["a", "b", "c"]
         processes = Processes(config_path, nodes)
         try:
@@ -134,6 +155,7 @@ def run_bank_demo(console: Console, transfers: int, concurrency: int, accounts: 
                     processes.wait_ready(name)
             console.print(
                 f"[bold]txrpc demo[/] — cluster up in {tmp}: coordinator + shards {', '.join(nodes)}"
+                + (" (mutual TLS: every process and the client present certificates from a dev CA)" if tls else "")
             )
             return trio.run(
                 _workload, console, config_path, processes, transfers, concurrency, accounts, seed
@@ -156,6 +178,22 @@ async def _workload(
     seed: int,
 ) -> int:
     rng = random.Random(seed)
+    config = load_cluster_config(config_path)
+    credentials = None if config.security is None else config.security.credentials_for()
+    with use_credentials(credentials):
+        return await _transfers(console, config_path, processes, transfers, concurrency, accounts, rng, seed)
+
+
+async def _transfers(
+    console: Console,
+    config_path: Path,
+    processes: Processes,
+    transfers: int,
+    concurrency: int,
+    accounts: int,
+    rng: random.Random,
+    seed: int,
+) -> int:
     async with cluster(config_path, rng=random.Random(seed)) as c:
         names = [f"acct{i:03d}" for i in range(accounts)]
         shard_of = {n: c.config.shard_map.primary_of(n).name for n in names}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -45,6 +46,14 @@ class Limits:
     """Largest delay between reconnection attempts."""
     retries_max: int = 3
     """Attempts after the first for a call that is known to be safe to retry."""
+    call_timeout_max_s: float = math.inf
+    """A server runs no call longer than this, whatever deadline it carries (or none):
+    past it the handler is cancelled and the caller told ``DEADLINE_EXCEEDED``. Bounds
+    how long a call can hold resources (a shard node sets 300 s: a transaction's locks).
+    Unbounded by default (a call without a deadline runs until it returns)."""
+    send_stall_timeout_s: float = 60.0
+    """A server closes a connection whose peer accepts none of a pending write for this
+    long (a reader that never drains its replies)."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -13,10 +13,15 @@ class Outbox:
     ``put_nowait`` never blocks (use it for small control frames and when the caller
     cannot await); ``put`` waits while more than ``buffer_bytes_max`` are queued, so a
     slow reader applies backpressure instead of growing memory without bound.
+    With ``send_stall_timeout_s``, one ``send_all`` that takes longer (the peer stopped
+    reading) breaks the outbox (``broken`` is a ``trio.TooSlowError``).
     """
 
-    def __init__(self, stream: trio.abc.SendStream, buffer_bytes_max: int) -> None:
+    def __init__(
+        self, stream: trio.abc.SendStream, buffer_bytes_max: int, send_stall_timeout_s: float | None = None
+    ) -> None:
         self._stream = stream
+        self._send_stall_timeout_s = send_stall_timeout_s
         self._chunks: list[bytes] = []
         self._queued_bytes = 0
         self._buffer_bytes_max = buffer_bytes_max
@@ -53,6 +58,13 @@ class Outbox:
         if self._writer_lot:
             self._writer_lot.unpark()
 
+    async def _send(self, data: bytes) -> None:
+        if self._send_stall_timeout_s is None:
+            await self._stream.send_all(data)
+        else:
+            with trio.fail_after(self._send_stall_timeout_s):
+                await self._stream.send_all(data)
+
     async def run(self) -> None:
         """The writer task: returns after :meth:`close_after_flush` once all is written.
 
@@ -80,12 +92,12 @@ class Outbox:
                         small.append(chunk)
                         continue
                     if small:
-                        await self._stream.send_all(small[0] if len(small) == 1 else b"".join(small))
+                        await self._send(small[0] if len(small) == 1 else b"".join(small))
                         small = []
-                    await self._stream.send_all(chunk)
+                    await self._send(chunk)
                 if small:
-                    await self._stream.send_all(small[0] if len(small) == 1 else b"".join(small))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    await self._send(small[0] if len(small) == 1 else b"".join(small))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
             self.broken = exc
             self._closing = True
             self._space_lot.unpark_all()

@@ -15,6 +15,7 @@ is what makes the client's retry safe. The protocol is in ``specs/sharding.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ import trio
 from ._client import Client, connect
 from ._errors import DeadlineExceeded, FailedPrecondition, ProtocolError, Unavailable, WrongEpoch
 from ._ring import Key
+from ._security import Credentials, current_credentials
 from ._service import current_call
 from ._shardmap import ConfigError, NodeSpec, ShardMap
 
@@ -157,14 +159,22 @@ class ClusterClient:
         epoch_retry_backoff_s: float = 0.02,
         epoch_retry_backoff_max_s: float = 0.5,
         rng: random.Random | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
-        """Raises ``ValueError`` for a negative retry count or a non-positive backoff."""
+        """Raises ``ValueError`` for a negative retry count or a non-positive backoff.
+
+        ``credentials`` (TLS and/or token, see :class:`~txrpc.Credentials`) are presented
+        to every node; default: those :func:`~txrpc.use_credentials` set when the
+        client is made. Ignored with a custom ``connect``."""
         if type(epoch_retries_max) is not int or epoch_retries_max < 0:
             raise ValueError(f"epoch_retries_max must be an integer >= 0, got {epoch_retries_max!r}")
         if not 0 < epoch_retry_backoff_s <= epoch_retry_backoff_max_s:
             raise ValueError("need 0 < epoch_retry_backoff_s <= epoch_retry_backoff_max_s")
         self._shard_map = shard_map
-        self._connect: Connector = connect or _default_connect
+        if connect is None:
+            chosen = credentials if credentials is not None else current_credentials()
+            connect = functools.partial(_default_connect, credentials=chosen)
+        self._connect: Connector = connect
         self._map_source = map_source
         self.epoch_retries_max = epoch_retries_max
         self.epoch_retry_backoff_s = epoch_retry_backoff_s
@@ -347,8 +357,10 @@ class ClusterClient:
                     del self._held[address]
 
 
-def _default_connect(host: str, port: int) -> AbstractAsyncContextManager[Client]:
-    return connect(host, port)
+def _default_connect(
+    host: str, port: int, *, credentials: Credentials | None = None
+) -> AbstractAsyncContextManager[Client]:
+    return connect(host, port, credentials=credentials)
 
 
 def _merge_options(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

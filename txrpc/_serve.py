@@ -25,6 +25,7 @@ import trio
 
 from . import _env
 from ._keyed import LEASE_S_DEFAULT, RETENTION_S_DEFAULT
+from ._security import ServerSecurity
 from ._server import Server
 from ._service import Service
 
@@ -116,6 +117,21 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def describe_security(security: ServerSecurity | None) -> str:
+    """One line saying how callers are authenticated."""
+    if security is None:
+        return "security: off (plain TCP, every caller anonymous and allowed everything)"
+    parts = []
+    if security.ssl_context is not None:
+        mode = "mutual TLS" if security.client_cert_required else "TLS"
+        parts.append(mode)
+    if security.token_verifier is not None:
+        parts.append("bearer tokens")
+    if security.allow_anonymous:
+        parts.append("anonymous callers allowed")
+    return "security: " + ", ".join(parts)
+
+
 def describe_db(db: str | os.PathLike[str]) -> str:
     """The database as shown to people (password hidden)."""
     import storage
@@ -135,6 +151,7 @@ def run_serve(
     console: Console,
     retention_s: float = RETENTION_S_DEFAULT,
     lease_s: float = LEASE_S_DEFAULT,
+    security: ServerSecurity | None = None,
 ) -> None:
     """What ``txrpc serve`` runs: serve until Ctrl-C, printing where and with what log."""
 
@@ -142,11 +159,14 @@ def run_serve(
         async with contextlib.AsyncExitStack() as stack:
             # Open the log before listening: a bad database stops start-up, unwrapped.
             opened = None if db is None else await stack.enter_async_context(open_request_log(db))
-            server = Server(*services, request_log=opened, lease_s=lease_s, retention_s=retention_s)
+            server = Server(
+                *services, request_log=opened, lease_s=lease_s, retention_s=retention_s, security=security
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_tcp, host, port)
                 names = ", ".join(sorted(server.methods))
                 console.print(f"[green]serving[/] {names} on {host}:{server.port} (Ctrl-C to stop)")
+                console.print(describe_security(security))
                 if db is None:
                     console.print("no request log: calls with an idempotency key are refused (use --db URL)")
                 else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import ssl
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from ._keyed import (
 )
 from ._limits import Limits
 from ._outbox import Outbox
+from ._security import ANONYMOUS_PRINCIPAL, Principal, ServerSecurity, is_certificate_failure
 from ._service import CallContext, MethodSpec, Service, _current_call
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ log = logging.getLogger("txrpc.server")
 RECEIVE_BYTES = 65536
 RECEIVE_BYTES_MAX = 4 * 1024 * 1024  # one read may take the rest of a large frame, up to this
 CLOSE_FLUSH_TIMEOUT_S = 5.0  # bound on writing queued frames once a connection is ending
+REFUSE_TIMEOUT_S = 1.0  # bound on telling a refused connection why (a flood must not pile up tasks)
 # Checkpoint after this many events of one read, so answers (server) and new calls
 # (client) stream out while the rest is dispatched: the two processes then work in
 # parallel instead of in lockstep (measured: ~1.6x calls/s at 64 callers).
@@ -74,6 +77,15 @@ class Server:
     (default ``ctx.identity``: "anonymous" until authentication exists). Without a
     request log, a keyed call is refused with ``FAILED_PRECONDITION`` (nothing runs):
     the server could not keep the promise the key asks for.
+
+    **Security.** With ``security`` (a :class:`~txrpc.ServerSecurity`) every stream is
+    wrapped in TLS when it names a TLS context (the TLS handshake counts against
+    ``handshake_timeout_s``), the hello must authenticate the caller (certificate or
+    bearer token; else a goaway ``UNAUTHENTICATED`` and the connection closes), the
+    caller's name becomes ``ctx.identity`` (so idempotency keys are scoped per
+    authenticated identity) and each method's rule (``allow=``, or ``security.rules``)
+    is enforced: ``PERMISSION_DENIED``, nothing runs. Without it every caller is
+    ``"anonymous"`` and may call everything: a trusted network only.
     """
 
     def __init__(
@@ -87,8 +99,10 @@ class Server:
         prune_interval_s: float | None = None,
         store_namespace: str = "",
         identity_of: Callable[[CallContext], str] | None = None,
+        security: ServerSecurity | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self.security = security
         self.idempotency: IdempotencyDriver | None = None
         if request_log is not None:
             self.idempotency = IdempotencyDriver(
@@ -182,8 +196,15 @@ class Server:
             nursery.start_soon(self.serve_stream, stream)
 
     async def serve_stream(self, stream: trio.abc.Stream, peer: str | None = None) -> None:
-        """Serve one connection until it closes; never raises for the peer's faults."""
-        connection = _ServerConnection(self, stream, peer or _peer_name(stream))
+        """Serve one connection until it closes; never raises for the peer's faults.
+
+        With ``security`` naming a TLS context, a stream that is not already a
+        ``trio.SSLStream`` is wrapped in one (server side) first."""
+        peer = peer or _peer_name(stream)
+        security = self.security
+        if security is not None and security.ssl_context is not None and not isinstance(stream, trio.SSLStream):
+            stream = trio.SSLStream(stream, security.ssl_context, server_side=True)
+        connection = _ServerConnection(self, stream, peer)
         if len(self._connections) >= self.limits.connections_max or self._shutting_down:
             await connection.refuse(
                 Code.RESOURCE_EXHAUSTED if not self._shutting_down else Code.UNAVAILABLE,
@@ -219,6 +240,25 @@ class Server:
             await self._stopped.wait()
 
 
+async def _send_tls_alert(stream: trio.SSLStream[Any]) -> None:
+    """After a failed TLS handshake, deliver the alert OpenSSL produced (trio keeps it
+    unsent) and half-close, so the peer learns *why* (e.g. "unknown ca") instead of
+    seeing a reset. Bounded by ``REFUSE_TIMEOUT_S``."""
+    outgoing = getattr(stream, "_outgoing", None)
+    alert = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+    transport = stream.transport_stream
+    with trio.move_on_after(REFUSE_TIMEOUT_S):
+        try:
+            if alert:
+                await transport.send_all(alert)
+            if isinstance(transport, trio.SocketStream):
+                await transport.send_eof()
+            while await transport.receive_some(RECEIVE_BYTES):
+                pass  # drain until the peer closes: closing with unread data would reset
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
 class _ServerConnection:
     def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
         self.server = server
@@ -226,20 +266,25 @@ class _ServerConnection:
         self.peer = peer
         self.limits = server.limits
         self.conn = wire.Connection(wire.Role.SERVER, self.limits)
-        self.outbox = Outbox(stream, self.limits.write_buffer_bytes_max)
+        self.outbox = Outbox(stream, self.limits.write_buffer_bytes_max, self.limits.send_stall_timeout_s)
         self.scopes: dict[int, trio.CancelScope] = {}
         self.cancelled_by_peer: set[int] = set()
-        self.identity = "anonymous"
+        self.principal: Principal = ANONYMOUS_PRINCIPAL
+        self.identity = self.principal.name
+        self.roles: frozenset[str] = frozenset()
         self._draining = False
         self._nursery: trio.Nursery | None = None
 
     async def refuse(self, code: Code, message: str) -> None:
+        # Bounded tightly: refused connections are not counted in connections_max, so a
+        # flood of them (e.g. TLS connections that never finish their handshake) must
+        # not hold a task each for long.
         try:
-            with trio.move_on_after(self.limits.handshake_timeout_s):
+            with trio.move_on_after(min(self.limits.handshake_timeout_s, REFUSE_TIMEOUT_S)):
                 await self.stream.send_all(self.conn.send_goaway(code, message))
-                await self.stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+        await trio.aclose_forcefully(self.stream)
 
     def begin_goaway(self, code: Code, message: str) -> None:
         """Graceful: no new calls; the connection closes once in-flight calls finish."""
@@ -291,14 +336,25 @@ class _ServerConnection:
         conn = self.conn
         stream = self.stream
         limits = self.limits
-        # Handshake: the hello must arrive within handshake_timeout_s.
+        security = self.server.security
+        # Handshake: TLS (if any) and the hello must complete within handshake_timeout_s.
         with trio.move_on_after(limits.handshake_timeout_s) as handshake:
+            if isinstance(stream, trio.SSLStream):
+                try:
+                    await stream.do_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    reason = is_certificate_failure(exc) or f"TLS handshake failed: {exc.__cause__ or exc!r}"
+                    log.info("connection from %s refused: %s", self.peer, reason)
+                    await _send_tls_alert(stream)
+                    return
             while not conn.is_open:
                 data = await self._receive(stream)
                 for event in conn.receive_data(data):
                     if isinstance(event, wire.ConnectionClosed):
                         return
                     if isinstance(event, wire.Hello):
+                        if security is not None:
+                            await self._authenticate(security, event)
                         self.outbox.put_nowait(conn.send_hello(agent="txrpc-py"))
         if handshake.cancelled_caught:
             raise wire.RemoteProtocolError(
@@ -306,9 +362,16 @@ class _ServerConnection:
                 Code.DEADLINE_EXCEEDED,
             )
         methods = self.server.methods
+        rules: dict[str, frozenset[str] | None] | None = None if security is None else {}
+        outbox = self.outbox
         idle = trio.CancelScope()
         with idle:
             while True:
+                if outbox.queued_bytes > limits.write_buffer_bytes_max:
+                    # The peer is not reading its replies: stop reading its calls until
+                    # it does (bounds memory per connection; the idle timeout and
+                    # send_stall_timeout_s end a peer that never drains).
+                    await outbox.wait_for_space()
                 idle.deadline = trio.current_time() + limits.idle_timeout_s
                 data = await self._receive(stream)
                 for index, event in enumerate(conn.receive_data(data), 1):
@@ -321,6 +384,14 @@ class _ServerConnection:
                         if spec is None:
                             unknown = f"unknown method {event.method!r}"
                             self._reply_error(event.id, Code.UNIMPLEMENTED, unknown)
+                        elif rules is not None and not self._allowed(spec, rules):
+                            self._reply_error(
+                                event.id,
+                                Code.PERMISSION_DENIED,
+                                f"{self.identity!r} may not call {spec.name} "
+                                f"(needs one of the roles {sorted(rules[spec.name] or ())})",
+                                {"not_started": True},
+                            )
                         elif spec.idempotent or (event.metadata and KEY_METADATA in event.metadata):
                             nursery.start_soon(self._run_keyed, spec, event)
                         elif spec.is_async:
@@ -343,9 +414,29 @@ class _ServerConnection:
                         pass  # the client starts nothing new here; in-flight calls finish
                     # Pong, Hello (rejected by the state machine) need nothing.
         if idle.cancelled_caught:
-            raise wire.RemoteProtocolError(
-                f"idle for idle_timeout_s ({limits.idle_timeout_s} s)", Code.UNAVAILABLE
-            )
+            raise wire.RemoteProtocolError(f"idle for idle_timeout_s ({limits.idle_timeout_s} s)", Code.UNAVAILABLE)
+
+    async def _authenticate(self, security: ServerSecurity, hello: wire.Hello) -> None:
+        """Establish the caller's principal from its certificate and the hello's auth;
+        a refusal becomes a goaway ``UNAUTHENTICATED`` and the connection closes."""
+        stream = self.stream
+        peer_cert = stream.getpeercert() if isinstance(stream, trio.SSLStream) else None
+        try:
+            principal = await security.authenticate(peer_cert, hello.auth)
+        except RpcError as exc:
+            log.info("connection from %s not authenticated: %s", self.peer, exc.message)
+            raise wire.RemoteProtocolError(exc.message, Code.UNAUTHENTICATED) from None
+        self.principal = principal
+        self.identity = principal.name
+        self.roles = principal.roles
+
+    def _allowed(self, spec: MethodSpec, rules: dict[str, frozenset[str] | None]) -> bool:
+        try:
+            rule = rules[spec.name]
+        except KeyError:
+            assert self.server.security is not None
+            rule = rules[spec.name] = self.server.security.rule_for(spec.name, spec.allow)
+        return rule is None or not rule.isdisjoint(self.roles)
 
     async def _receive(self, stream: trio.abc.Stream) -> bytes:
         size = max(RECEIVE_BYTES, min(self.conn.receive_size_hint, RECEIVE_BYTES_MAX))
@@ -355,7 +446,33 @@ class _ServerConnection:
             return b""
 
     def _context(self, call: wire.Call, deadline: float) -> CallContext:
-        return CallContext(call.method, call.id, deadline, call.metadata, self.peer, self.identity)
+        return CallContext(
+            call.method,
+            call.id,
+            deadline,
+            call.metadata,
+            self.peer,
+            self.identity,
+            roles=self.roles,
+            secured=self.server.security is not None,
+        )
+
+    def _deadline(self, call: wire.Call) -> float:
+        """The call's deadline on this server: what it carries, capped by call_timeout_max_s."""
+        timeout_s = self.limits.call_timeout_max_s
+        if call.deadline_s is not None and call.deadline_s < timeout_s:
+            timeout_s = call.deadline_s
+        return trio.current_time() + timeout_s if math.isfinite(timeout_s) else math.inf
+
+    def _expired(self, call: wire.Call, deadline: float) -> None:
+        """The call's scope caught its cancellation: answer DEADLINE_EXCEEDED if it was the
+        deadline, else (the peer cancelled or left) drop it silently."""
+        if call.id in self.cancelled_by_peer or not self.conn.is_open or not math.isfinite(deadline):
+            self.conn.abandon_call(call.id)  # the caller is gone: nothing to send
+        else:
+            timeout_s = self.limits.call_timeout_max_s if call.deadline_s is None else call.deadline_s
+            expired = f"deadline of {min(timeout_s, self.limits.call_timeout_max_s):.3f} s expired on the server"
+            self._reply_error(call.id, Code.DEADLINE_EXCEEDED, expired)
 
     def _run_inline(self, spec: MethodSpec, call: wire.Call) -> None:
         self.server.calls_started += 1
@@ -375,8 +492,7 @@ class _ServerConnection:
 
     async def _run_async(self, spec: MethodSpec, call: wire.Call) -> None:
         self.server.calls_started += 1
-        now = trio.current_time()
-        deadline = math.inf if call.deadline_s is None else now + call.deadline_s
+        deadline = self._deadline(call)
         _current_call.set(self._context(call, deadline))
         scope = trio.CancelScope(deadline=deadline)
         self.scopes[call.id] = scope
@@ -398,11 +514,7 @@ class _ServerConnection:
                 self._reply_result(call.id, value)
                 return
             # Only reached when the scope caught the cancellation.
-            if call.id in self.cancelled_by_peer or not self.conn.is_open or call.deadline_s is None:
-                self.conn.abandon_call(call.id)  # the caller is gone: nothing to send
-            else:
-                expired = f"deadline of {call.deadline_s:.3f} s expired on the server"
-                self._reply_error(call.id, Code.DEADLINE_EXCEEDED, expired)
+            self._expired(call, deadline)
         finally:
             self.scopes.pop(call.id, None)
             self.cancelled_by_peer.discard(call.id)
@@ -436,8 +548,7 @@ class _ServerConnection:
         if not driver.keeper_running and self._nursery is not None:
             # Served without serve_listeners (serve_stream): keep leases from here.
             self._nursery.start_soon(driver.run_lease_keeper)
-        now = trio.current_time()
-        deadline = math.inf if call.deadline_s is None else now + call.deadline_s
+        deadline = self._deadline(call)
         context = self._context(call, deadline)
         _current_call.set(context)
         scope = trio.CancelScope(deadline=deadline)
@@ -453,11 +564,7 @@ class _ServerConnection:
                     await self.outbox.wait_for_space()
                 self._reply_result(call.id, answer.value, answer.metadata)
                 return
-            if call.id in self.cancelled_by_peer or not self.conn.is_open or call.deadline_s is None:
-                self.conn.abandon_call(call.id)
-            else:
-                expired = f"deadline of {call.deadline_s:.3f} s expired on the server"
-                self._reply_error(call.id, Code.DEADLINE_EXCEEDED, expired)
+            self._expired(call, deadline)
         finally:
             self.scopes.pop(call.id, None)
             self.cancelled_by_peer.discard(call.id)
@@ -480,9 +587,7 @@ class _ServerConnection:
             return
         self.outbox.put_nowait(data)
 
-    def _reply_error(
-        self, call_id: int, code: int, message: str, details: dict[str, Any] | None = None
-    ) -> None:
+    def _reply_error(self, call_id: int, code: int, message: str, details: dict[str, Any] | None = None) -> None:
         try:
             data = self.conn.send_error(call_id, code, message, details)
         except (TypeError, wire.LocalProtocolError) as exc:
@@ -507,8 +612,9 @@ async def serve(
     port: int = 0,
     limits: Limits | None = None,
     request_log: RequestLog | Storage | None = None,
+    security: ServerSecurity | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port`` until cancelled (see :class:`Server`)."""
-    server = Server(*services, limits=limits, request_log=request_log)
+    server = Server(*services, limits=limits, request_log=request_log, security=security)
     await server.serve_tcp(host, port, task_status=task_status)

@@ -38,6 +38,11 @@ class CallContext:
     peer: str
     identity: str = "anonymous"
     idempotency_key: str | None = None
+    roles: frozenset[str] = frozenset()
+    """The caller's roles (from its certificate or token; empty when security is off)."""
+    secured: bool = False
+    """True when the server authenticates callers (``Server(security=...)``): ``identity``
+    and ``roles`` are then established, not assumed."""
     attempt: int = 0
     _store_factory: Callable[[], KvTransaction] | None = None
     _store: KvTransaction | None = None
@@ -67,9 +72,7 @@ class CallContext:
         return self.deadline - trio.current_time() if math.isfinite(self.deadline) else math.inf
 
 
-_current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
-    "txrpc_current_call", default=None
-)
+_current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("txrpc_current_call", default=None)
 
 
 def current_call() -> CallContext:
@@ -93,6 +96,9 @@ class MethodSpec:
     is_async: bool
     idempotent: bool = False
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    allow: frozenset[str] | None = None
+    """Roles allowed to call the method (any one suffices); None: every authenticated
+    caller. Enforced by a server with ``security=`` (``specs/security.md``)."""
     _signature: inspect.Signature | None = None
 
     def arguments_fit(self, args: Iterable[Any], kwargs: dict[str, Any]) -> str | None:
@@ -109,6 +115,15 @@ class MethodSpec:
         return None
 
 
+def _roles(roles: Iterable[str]) -> frozenset[str]:
+    if isinstance(roles, str):
+        raise TypeError(f"allow takes a collection of role names, not the string {roles!r}")
+    out = frozenset(roles)
+    if not out or not all(type(r) is str and r for r in out):
+        raise ValueError("allow must name at least one role")
+    return out
+
+
 def _is_async(fn: Callable[..., Any]) -> bool:
     target = fn
     while isinstance(target, functools.partial):
@@ -121,14 +136,17 @@ class Service:
     """A named group of methods.
 
     ``Service("calc")`` with a method ``add`` answers ``calc.add``; ``Service()`` (no
-    name) answers ``add``. Handlers may be ``async def`` (each call runs in its own
+    name) answers ``add``. ``allow`` (roles, e.g. ``txrpc.ROLE_PEER``) is the default
+    rule of its methods: only callers holding one of them may call (on a server with
+    ``security=``; others get ``PERMISSION_DENIED``). Handlers may be ``async def`` (each call runs in its own
     task) or plain functions (run inline on the event loop: they must not block).
     """
 
-    def __init__(self, name: str = "") -> None:
+    def __init__(self, name: str = "", *, allow: Iterable[str] | None = None) -> None:
         if name and (not name.replace("_", "a").replace(".", "a").isalnum() or name.startswith(".")):
             raise ValueError(f"service name {name!r} must be dotted identifiers")
         self.name = name
+        self.allow: frozenset[str] | None = None if allow is None else _roles(allow)
         self.methods: dict[str, MethodSpec] = {}
 
     def qualified(self, method: str) -> str:
@@ -139,7 +157,14 @@ class Service:
 
     @overload
     def method(
-        self, fn: None = None, /, *, name: str | None = None, idempotent: bool = False, **options: Any
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        idempotent: bool = False,
+        allow: Iterable[str] | None = None,
+        **options: Any,
     ) -> Callable[[F], F]: ...
 
     def method(
@@ -149,16 +174,19 @@ class Service:
         *,
         name: str | None = None,
         idempotent: bool = False,
+        allow: Iterable[str] | None = None,
         **options: Any,
     ) -> F | Callable[[F], F]:
         """Register a handler: ``@service.method`` or ``@service.method(name=..., idempotent=True)``.
 
         ``idempotent=True`` makes an idempotency key mandatory for the method (the
         server needs a request log for that; see ``specs/guarantees.md``).
+        ``allow=ROLES`` lets only callers holding one of the roles call it (default: the
+        service's ``allow``).
         """
 
         def register(function: F) -> F:
-            self.add_method(function, name=name, idempotent=idempotent, **options)
+            self.add_method(function, name=name, idempotent=idempotent, allow=allow, **options)
             return function
 
         if fn is not None:
@@ -166,7 +194,13 @@ class Service:
         return register
 
     def transactional(
-        self, fn: F | None = None, /, *, name: str | None = None, **options: Any
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        allow: Iterable[str] | None = None,
+        **options: Any,
     ) -> F | Callable[[F], F]:
         """Register a transactional method: ``async def m(tx, *args)``.
 
@@ -180,7 +214,7 @@ class Service:
         def register(function: F) -> F:
             if not _is_async(function):
                 raise TypeError(f"transactional method {function.__name__} must be async def")
-            self.add_method(function, name=name, transactional=True, **options)
+            self.add_method(function, name=name, transactional=True, allow=allow, **options)
             return function
 
         if fn is not None:
@@ -193,6 +227,7 @@ class Service:
         *,
         name: str | None = None,
         idempotent: bool = False,
+        allow: Iterable[str] | None = None,
         **options: Any,
     ) -> MethodSpec:
         method_name = name or getattr(fn, "__name__", None)
@@ -201,7 +236,8 @@ class Service:
         qualified = self.qualified(method_name)
         if qualified in self.methods:
             raise ValueError(f"method {qualified!r} is registered twice")
-        spec = MethodSpec(qualified, fn, _is_async(fn), idempotent, dict(options))
+        rule = self.allow if allow is None else _roles(allow)
+        spec = MethodSpec(qualified, fn, _is_async(fn), idempotent, dict(options), rule)
         self.methods[qualified] = spec
         return spec
 

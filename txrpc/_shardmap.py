@@ -19,7 +19,7 @@ import re
 import sys
 import tomllib
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from ._ring import (
     key_hash,
     partition_bits,
 )
+from ._security import ClusterSecurity
 
 WIRE_FORMAT_VERSION = 1
 EPOCH_MAX = 2**63 - 1
@@ -555,7 +556,17 @@ def _node_from_table(raw: object, field: str, known: Sequence[str]) -> NodeSpec:
 CLUSTER_FIELDS = ("epoch", "replication_factor", "partitions", "data_dir", "services")
 COORDINATOR_FIELDS = ("host", "port", "data_dir")
 NODE_FIELDS = ("name", "host", "port", "zone", "weight", "data_dir")
-TOP_LEVEL_TABLES = ("cluster", "coordinator", "nodes")
+SECURITY_FIELDS = (
+    "ca_file",
+    "certs_dir",
+    "client_cert",
+    "token_secret_file",
+    "peers",
+    "admins",
+    "client",
+    "token_ttl_s",
+)
+TOP_LEVEL_TABLES = ("cluster", "coordinator", "nodes", "security")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -582,6 +593,9 @@ class ClusterConfig:
     services: tuple[str, ...] = ()
     """``MODULE:NAME`` (or ``path/file.py:NAME``, relative to the file) of the services
     every shard node hosts (``txrpc shard`` loads them)."""
+    security: ClusterSecurity | None = None
+    """The ``[security]`` table: TLS/mTLS, tokens, peers and admins (``specs/security.md``);
+    None: plain TCP, no authentication (a trusted network only)."""
 
     def data_dir_for(self, node: str) -> Path:
         """The storage directory of ``node``: its own ``data_dir``, else ``<cluster data_dir>/<name>``.
@@ -692,7 +706,47 @@ class ClusterConfig:
             if module.endswith(".py") and not Path(module).is_absolute():
                 module = str(base_dir / module)
             services.append(f"{module}:{name}")
-        return cls(shard_map, coordinator, data_dir, node_dirs, source, tuple(services))
+        security = None
+        if "security" in document:
+            peers = ["coordinator", *(node.name for node in nodes)]
+            security = _security_from_table(document["security"], directory, peers)
+        return cls(shard_map, coordinator, data_dir, node_dirs, source, tuple(services), security)
+
+
+def _names(value: object, field: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("must be a list of names", field=field)
+    return tuple(_check_text(item, f"{field}[{index}]") for index, item in enumerate(value))
+
+
+def _security_from_table(
+    raw: object, directory: Callable[[object, str], Path], default_peers: Sequence[str]
+) -> ClusterSecurity:
+    table = _check_table(raw, "security", SECURITY_FIELDS, required=("ca_file", "certs_dir"))
+    client_cert = table.get("client_cert", "require")
+    if client_cert not in ("require", "optional", "none"):
+        message = f"must be require, optional or none, got {_describe(client_cert)}"
+        raise ConfigError(message, field="security.client_cert")
+    ttl = table.get("token_ttl_s", 3600.0)
+    if type(ttl) not in (int, float) or not 0 < ttl <= 30 * 86400:
+        message = f"must be a number of seconds in (0, 2592000], got {_describe(ttl)}"
+        raise ConfigError(message, field="security.token_ttl_s")
+    if client_cert != "require" and "token_secret_file" not in table:
+        raise ConfigError(
+            "without client certificates (client_cert = optional/none) callers need tokens: set token_secret_file",
+            field="security.client_cert",
+        )
+    secret_file = table.get("token_secret_file")
+    return ClusterSecurity(
+        ca_file=directory(table["ca_file"], "security.ca_file"),
+        certs_dir=directory(table["certs_dir"], "security.certs_dir"),
+        client_cert=client_cert,
+        token_secret_file=None if secret_file is None else directory(secret_file, "security.token_secret_file"),
+        peers=_names(table["peers"], "security.peers") if "peers" in table else tuple(default_peers),
+        admins=_names(table.get("admins", ["admin"]), "security.admins"),
+        client=_check_text(table.get("client", "client"), "security.client"),
+        token_ttl_s=float(ttl),
+    )
 
 
 def load_cluster_config(path: str | Path) -> ClusterConfig:

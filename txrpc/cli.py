@@ -101,10 +101,49 @@ def parse_address(address: str) -> tuple[str, int]:
     metavar="DURATION",
     help="How long an idempotency key is remembered after its outcome (90s, 15m, 24h, 7d).",
 )
-def serve(service_spec: tuple[str, ...], host: str, port: int, db: str | None, retention: str) -> None:
-    """Serve one or more services, e.g. `txrpc serve examples/calculator/service.py:calc --db ./data`."""
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Serve TLS with this certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="The certificate's private key (PEM).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="CA that client certificates must chain to.")
+@click.option(
+    "--client-cert",
+    type=click.Choice(["require", "optional", "none"]),
+    default=None,
+    help="Client certificates: require (mutual TLS; the default with --tls-ca), optional, none.",
+)
+@click.option(
+    "--token-secret-file",
+    type=click.Path(dir_okay=False),
+    help="Accept HMAC bearer tokens signed with this secret (`txrpc token mint`).",
+)
+@click.option("--allow-anonymous", is_flag=True, help="Serve callers with no credential as 'anonymous'.")
+@click.option("--role", "roles", multiple=True, metavar="IDENTITY=ROLE", help="Grant a role (repeatable).")
+def serve(
+    service_spec: tuple[str, ...],
+    host: str,
+    port: int,
+    db: str | None,
+    retention: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    client_cert: str | None,
+    token_secret_file: str | None,
+    allow_anonymous: bool,
+    roles: tuple[str, ...],
+) -> None:
+    """Serve one or more services, e.g. `txrpc serve examples/calculator/service.py:calc --db ./data`.
+
+    With --tls-cert/--tls-key the server speaks TLS; with --tls-ca it also verifies
+    client certificates (mutual TLS); with --token-secret-file it accepts bearer tokens.
+    Any of these switches authentication on: a caller without a valid credential is
+    refused (UNAUTHENTICATED) unless --allow-anonymous.
+    """
+    from ._security_cli import server_security_from_options
     from ._serve import parse_duration, run_serve
 
+    security = server_security_from_options(
+        tls_cert, tls_key, tls_ca, client_cert, token_secret_file, allow_anonymous, roles
+    )
     run_serve(
         load_services(service_spec),
         host=host,
@@ -112,6 +151,7 @@ def serve(service_spec: tuple[str, ...], host: str, port: int, db: str | None, r
         db=db,
         console=console,
         retention_s=parse_duration(retention),
+        security=security,
     )
 
 
@@ -122,6 +162,12 @@ def serve(service_spec: tuple[str, ...], host: str, port: int, db: str | None, r
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Deadline in seconds.")
 @click.option("--metadata", "-m", multiple=True, metavar="KEY=VALUE", help="Call metadata (repeatable).")
 @click.option("--idempotency-key", default=None, help="Attach an idempotency key.")
+@click.option("--tls", "use_tls", is_flag=True, help="Speak TLS (server verified with --tls-ca or system CAs).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="CA to verify the server with (implies --tls).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Client certificate for mutual TLS (implies --tls).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="The client certificate's key.")
+@click.option("--server-name", default=None, help="Name to verify in the server's certificate (default: HOST).")
+@click.option("--token", envvar="TXRPC_TOKEN", default=None, help="Bearer token (or $TXRPC_TOKEN).")
 def call(
     address: str,
     method: str,
@@ -129,6 +175,12 @@ def call(
     timeout: float,
     metadata: tuple[str, ...],
     idempotency_key: str | None,
+    use_tls: bool,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    server_name: str | None,
+    token: str | None,
 ) -> None:
     """Call METHOD on HOST:PORT and print the result as JSON.
 
@@ -136,7 +188,9 @@ def call(
     valid JSON is passed as a string. Exit status 1 on an RPC error.
     """
     from ._client import connect
+    from ._security_cli import credentials_from_options
 
+    credentials = credentials_from_options(use_tls, tls_ca, tls_cert, tls_key, server_name, token)
     host, port = parse_address(address)
     values = [_parse_json_arg(a) for a in args]
     meta: dict[str, Any] = {}
@@ -147,7 +201,7 @@ def call(
         meta[key] = value
 
     async def main() -> Any:
-        async with connect(host, port) as client:
+        async with connect(host, port, credentials=credentials) as client:
             options: dict[str, Any] = {"timeout": timeout, "metadata": meta}
             if idempotency_key:
                 options["idempotency_key"] = idempotency_key
@@ -185,7 +239,10 @@ def _json_default(value: Any) -> Any:
 @click.option("--seed", default=1, show_default=True, help="Seed of the workload's randomness.")
 @click.option("--calculator", is_flag=True, help="The small RPC demo instead (calculator, one process).")
 @click.option("--calls", default=2000, show_default=True, help="Calls in the calculator demo.")
-def demo(transfers: int, concurrency: int, accounts: int, seed: int, calculator: bool, calls: int) -> None:
+@click.option("--tls", is_flag=True, help="Mutual TLS everywhere (a dev CA and certificates made in the temp dir).")
+def demo(
+    transfers: int, concurrency: int, accounts: int, seed: int, calculator: bool, calls: int, tls: bool
+) -> None:
     """Start a local cluster (coordinator + 3 shard processes on SQLite in a temp dir),
     run concurrent cross-shard bank transfers, check that money is conserved, stop."""
     from ._demo import run_bank_demo, run_calculator_demo
@@ -193,7 +250,7 @@ def demo(transfers: int, concurrency: int, accounts: int, seed: int, calculator:
     if calculator:
         run_calculator_demo(console, calls)
         return
-    sys.exit(run_bank_demo(console, transfers, concurrency, accounts, seed))
+    sys.exit(run_bank_demo(console, transfers, concurrency, accounts, seed, tls=tls))
 
 
 @cli.group()
