@@ -128,9 +128,7 @@ async def test_certificate_from_another_ca_is_rejected(
     await assert_still_serving(server.port, certs)
 
 
-async def test_expired_client_certificate_is_rejected(
-    serve: Any, certs: _certs.DevCerts, tmp_path: Path
-) -> None:
+async def test_expired_client_certificate_is_rejected(serve: Any, certs: _certs.DevCerts, tmp_path: Path) -> None:
     server = await serve(txrpc.ServerSecurity(tls=server_tls(certs)))
     authority = _certs.load_authority(certs.certs_dir)
     now = datetime.datetime.now(datetime.UTC)
@@ -152,7 +150,7 @@ async def test_client_rejects_a_server_it_does_not_trust(
 ) -> None:
     server = await serve(txrpc.ServerSecurity(tls=server_tls(certs, "none"), allow_anonymous=True))
     # Trusting another CA: the server's chain does not verify.
-    with pytest.raises(txrpc.Unauthenticated, match="certificate verify failed|verification failed"):
+    with pytest.raises(txrpc.Unauthenticated, match=r"certificate verify failed|verification failed"):
         await whoami(server.port, credentials=txrpc.Credentials(tls=txrpc.TLSConfig(ca_file=other_certs.ca_file)))
     # Trusting the right CA but expecting another name: hostname verification fails.
     wrong_name = txrpc.Credentials(tls=txrpc.TLSConfig(ca_file=certs.ca_file), server_name="bank.example")
