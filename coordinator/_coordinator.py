@@ -132,7 +132,7 @@ class Coordinator:
             if kind == "unknown":
                 raise txrpc.TransactionAborted(
                     f"transaction {txid} is unknown to the coordinator (expired, aborted, or from before a restart)",
-                    {"txid": txid, "retryable": True},
+                    {"txid": txid, "retryable": True, "unknown_txid": True},
                 )
         assert tx is not None
         if kind == "wait":

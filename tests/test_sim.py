@@ -7,6 +7,7 @@ workload in the property tests (default: a CI-sized number).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -34,7 +35,7 @@ def digest(result) -> str:  # type: ignore[no-untyped-def]
 FAULTS = (
     Fault(0.3, "crash", "s1"),
     Fault(0.8, "restart", "s1"),
-    Fault(0.5, "drop", "c0", "s0", 0.05),
+    Fault(0.5, "drop", "coordinator", "s0", 0.05),
     Fault(0.9, "reorder", "s0", "coordinator", 0.2),
     Fault(1.2, "crash", "coordinator"),
     Fault(1.5, "restart", "coordinator"),
@@ -66,7 +67,8 @@ def test_seed_replays_in_another_process() -> None:
         import hashlib
         from txrpc.testing import Fault, WorkloadOptions, run_simulation
         faults = (Fault(0.3, "crash", "s1"), Fault(0.8, "restart", "s1"), Fault(0.5, "drop", "c0", "s0", 0.05))
-        r = run_simulation(11, workload="list-append", faults=faults, workload_options=WorkloadOptions(clients=3, duration_s=1.0))
+        options = WorkloadOptions(clients=3, duration_s=1.0)
+        r = run_simulation(11, workload="list-append", faults=faults, workload_options=options)
         print(hashlib.sha256(r.history.to_jsonl().encode()).hexdigest())
         """
     )
@@ -147,3 +149,54 @@ def test_catches_a_server_that_skips_the_request_log_lookup() -> None:
     )
     assert not broken.valid
     assert "duplicate-execution" in broken.checks[0].anomaly_types, broken.report()
+
+
+def _crash_the_coordinator_often() -> tuple[Fault, ...]:
+    crashes = [Fault(t / 10, "crash", "coordinator") for t in range(3, 20, 3)]
+    restarts = [Fault(t / 10 + 0.1, "restart", "coordinator") for t in range(3, 20, 3)]
+    return (
+        Fault(0.1, "drop", "coordinator", "s1", 0.5),
+        Fault(0.1, "drop", "coordinator", "s2", 0.3),
+        *crashes,
+        *restarts,
+    )
+
+
+def _crash_shards_often() -> tuple[Fault, ...]:
+    return tuple(
+        fault
+        for t in range(2, 19, 2)
+        for fault in (Fault(t / 10, "crash", f"s{t % 3}"), Fault(t / 10 + 0.1, "restart", f"s{t % 3}"))
+    )
+
+
+BROKEN_CASES = {
+    # A lost decision record: after a restart the coordinator presumes abort for a
+    # transaction some shards already committed.
+    "coordinator.skip_decision_write": (_crash_the_coordinator_often(), SimOptions()),
+    # A shard that lost the transaction (crash) votes no; committing anyway commits half.
+    "coordinator.commit_without_all_votes": (_crash_shards_often(), SimOptions()),
+    # Another transaction reads and overwrites what a prepared one is about to commit.
+    "participant.release_locks_at_prepare": ((), SimOptions()),
+}
+CONTENDED = WorkloadOptions(clients=6, duration_s=2.0, accounts=4)
+
+
+@pytest.mark.parametrize("switch", sorted(BROKEN_CASES))
+def test_catches_a_broken_commit_protocol(switch: str) -> None:
+    """The bank checker finds the broken variant within a few seeds; the honest protocol
+    passes the same seed and schedule."""
+    faults, options = BROKEN_CASES[switch]
+    broken_options = dataclasses.replace(options, broken=frozenset({switch}))
+    for seed in range(8):
+        broken = run_simulation(
+            seed, workload="bank", faults=faults, options=broken_options, workload_options=CONTENDED
+        )
+        if not broken.valid:
+            assert "wrong-total" in broken.checks[0].anomaly_types or "negative" in str(broken.checks[0])
+            honest = run_simulation(
+                seed, workload="bank", faults=faults, options=dataclasses.replace(options), workload_options=CONTENDED
+            )
+            assert_valid(honest)
+            return
+    pytest.fail(f"{switch}: no seed in 0..7 exposed the broken protocol")

@@ -327,6 +327,15 @@ class Transaction:
             except Aborted as exc:
                 self.outcome = "aborted"
                 self._cluster.stats["aborted"] += 1
+                # The decision is abort (or presumed abort: the coordinator does not know
+                # the txid, e.g. after its restart): free the shards' locks now rather
+                # than at their idle timeout. (Found by the simulator: a restarted
+                # coordinator's "unknown" left the locks held for tx_idle_timeout_s.)
+                await self._abort()
+                if exc.details.get("unknown_txid"):
+                    # The coordinator restarted since these txids were leased: the rest of
+                    # the lease would be refused the same way. Lease afresh.
+                    self._cluster._leased.clear()
                 raise TransactionAborted(
                     exc.message, {"retryable": True, **exc.details, "txid": self.txid}
                 ) from None

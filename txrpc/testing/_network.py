@@ -81,6 +81,7 @@ class _Pipe:
         self.reader_closed = False
         self.reset = False
         self.changed = trio.Event()
+        self.connection: _Connection | None = None
 
     def _notify(self) -> None:
         self.changed.set()
@@ -266,8 +267,9 @@ class SimNetwork:
         self.connect_timeout_s = connect_timeout_s
         self.links: dict[tuple[str, str], LinkFaults] = {}
         self.listeners: dict[tuple[str, int], SimListener] = {}
-        self.connections: set[_Connection] = set()
-        self._by_pipe: dict[int, _Connection] = {}
+        # Insertion-ordered (not a set of objects, whose order would follow memory
+        # addresses): fault handling walks it, and a run must not depend on addresses.
+        self.connections: dict[_Connection, None] = {}
         self.paused_until: dict[str, float] = {}
         self.stats: dict[str, int] = dict.fromkeys(
             ("frames", "dropped", "duplicated", "reordered", "resets", "sliced", "blocked", "connects"), 0
@@ -311,24 +313,18 @@ class SimNetwork:
             self._reset(connection)
 
     def reset_connection_of(self, pipe: _Pipe) -> None:
-        connection = self._by_pipe.get(id(pipe))
-        if connection is not None:
-            self._reset(connection)
+        if pipe.connection is not None:
+            self._reset(pipe.connection)
 
     def forget(self, pipe: _Pipe) -> None:
         """One end closed: stop tracking the connection (the other end reads EOF)."""
-        connection = self._by_pipe.pop(id(pipe), None)
-        if connection is not None:
-            self.connections.discard(connection)
-            self._by_pipe.pop(id(connection.up), None)
-            self._by_pipe.pop(id(connection.down), None)
+        if pipe.connection is not None:
+            self.connections.pop(pipe.connection, None)
 
     def _reset(self, connection: _Connection) -> None:
         connection.up.break_()
         connection.down.break_()
-        self.connections.discard(connection)
-        self._by_pipe.pop(id(connection.up), None)
-        self._by_pipe.pop(id(connection.down), None)
+        self.connections.pop(connection, None)
 
     # -- the transport ----------------------------------------------------------------
 
@@ -354,9 +350,8 @@ class SimNetwork:
             raise OSError(errno.ECONNREFUSED, f"connection refused by {host}:{port} (simulated)")
         up, down = _Pipe(self, node, server), _Pipe(self, server, node)
         connection = _Connection(node, server, up, down)
-        self.connections.add(connection)
-        self._by_pipe[id(up)] = connection
-        self._by_pipe[id(down)] = connection
+        self.connections[connection] = None
+        up.connection = down.connection = connection
         try:
             listener._send.send_nowait(SimStream(self, down, up, node))
         except (trio.WouldBlock, trio.ClosedResourceError):

@@ -18,12 +18,15 @@ connections; storage stays), :meth:`Simulation.restart` (same storage), pause
 
 from __future__ import annotations
 
+import gc
+import heapq
+import itertools
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -351,11 +354,76 @@ def _sim_root() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
-def seed_trio_scheduler(seed: int) -> None:
-    """Make trio's scheduling choices (it shuffles runnable batches) follow ``seed``."""
+@contextmanager
+def deterministic_trio(seed: int) -> Iterator[None]:
+    """Make trio's own choices reproducible for one run (within a process, too).
+
+    trio shuffles each batch of runnable tasks with a private ``random.Random``
+    (seeded here, and batches are sorted by task creation order first, as trio does
+    under Hypothesis); it breaks ties between equal deadlines by ``id()`` of the cancel
+    scope; and it walks sets of tasks and cancel statuses, whose order follows their
+    hashes, i.e. memory addresses. For the run, deadline ties go by registration order
+    and tasks and cancel statuses hash by creation order. These are private trio
+    internals: if they are not as expected, the run still works, only without the
+    within-process replay promise (a fresh process replays a seed regardless).
+    """
     from trio._core import _run
 
+    saved: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, value: Any) -> None:
+        saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        setattr(owner, name, value)
+
     _run._r.seed(seed)
+    deadlines = getattr(_run, "Deadlines", None)
+    task_class = getattr(_run, "Task", None)
+    status_class = getattr(_run, "CancelStatus", None)
+    usable = (
+        hasattr(_run, "_ALLOW_DETERMINISTIC_SCHEDULING")
+        and deadlines is not None
+        and hasattr(deadlines, "add")
+        and hasattr(task_class, "_counter")
+        and hasattr(status_class, "__attrs_post_init__")
+    )
+    if usable:
+        patch(_run, "_ALLOW_DETERMINISTIC_SCHEDULING", True)
+        order = itertools.count()
+
+        def add(self: Any, deadline: float, cancel_scope: Any) -> None:
+            heapq.heappush(self._heap, (deadline, next(order), cancel_scope))
+            self._active += 1
+
+        patch(deadlines, "add", add)
+        task_base: list[int] = []
+
+        def task_hash(self: Any) -> int:
+            if not task_base:
+                task_base.append(self._counter)
+            return int(self._counter - task_base[0])
+
+        patch(task_class, "__hash__", task_hash)
+        status_order: dict[int, int] = {}
+        statuses = itertools.count()
+        post_init = status_class.__attrs_post_init__  # type: ignore[union-attr]
+
+        def status_post_init(self: Any) -> None:
+            status_order[id(self)] = next(statuses)
+            post_init(self)
+
+        patch(status_class, "__attrs_post_init__", status_post_init)
+        patch(status_class, "__hash__", lambda self: status_order[id(self)])
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            if value is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
+_MISSING = object()
 
 
 def replay_hint(seed: int) -> str:
@@ -373,7 +441,6 @@ def simulate(
     """Run ``main(sim)`` against a fresh simulated cluster in its own ``trio.run`` on a
     ``MockClock``; returns what ``main`` returns. Storage lives in a temporary directory
     (on ``/dev/shm`` when available) removed afterwards."""
-    seed_trio_scheduler(seed)
     data_dir = Path(tempfile.mkdtemp(prefix=f"txrpc-sim-{seed}-", dir=_sim_root()))
     result: list[T] = []
 
@@ -381,9 +448,18 @@ def simulate(
         async with Simulation.open(seed, services, data_dir, options) as sim:
             result.append(await main(sim))
 
+    # Garbage collection runs finalizers at allocation-dependent moments; some of them
+    # reach trio (async generator finalization). Collect now and hold it off during the
+    # run so a seed replays the same way in any process, first run or hundredth.
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        trio.run(root, clock=trio.testing.MockClock(autojump_threshold=0))
+        with deterministic_trio(seed):
+            trio.run(root, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
+        if gc_was_enabled:
+            gc.enable()
         shutil.rmtree(data_dir, ignore_errors=True)
     return result[0]
 
