@@ -32,13 +32,21 @@ def _refuse_string_reference(decoder: Any, immutable: bool = False) -> Any:
     raise cbor2.CBORDecodeError("CBOR tags 25/256 (string references) are not accepted")
 
 
+def _refuse_parsed_text(decoder: Any, immutable: bool = False) -> Any:
+    raise cbor2.CBORDecodeError("CBOR tags 35/36 (regular expression, MIME message) are not accepted")
+
+
 # Tags 28/29 and 25/256 let a few bytes stand for many copies of a value: a tiny frame
-# would expand when decoded or when a handler sends it back.
+# would expand when decoded or when a handler sends it back. Tags 35/36 would run the
+# peer's text through re.compile / the email parser, and hand a handler a regular
+# expression chosen by the peer (catastrophic backtracking when used): no RPC needs them.
 _REFUSED_TAGS = {
     28: _refuse_shared_reference,
     29: _refuse_shared_reference,
     25: _refuse_string_reference,
     256: _refuse_string_reference,
+    35: _refuse_parsed_text,
+    36: _refuse_parsed_text,
 }
 
 

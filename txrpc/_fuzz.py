@@ -21,6 +21,7 @@ Hypothesis and a seeded generator (``tests/test_fuzz.py``, a small count by defa
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
 import socket
@@ -320,6 +321,9 @@ class LiveServer:
                         raise TimeoutError
             except (ConnectionResetError, BrokenPipeError):
                 pass  # the server closed on a protocol error while we were still sending
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:  # reset before our half-close: closed too
+                    raise
             except TimeoutError:
                 self.hangs += 1
                 raise AssertionError(f"server did not close within {CLOSE_TIMEOUT_S} s of EOF: {data!r:.200}") from None

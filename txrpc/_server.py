@@ -279,12 +279,19 @@ class _ServerConnection:
         # Bounded tightly: refused connections are not counted in connections_max, so a
         # flood of them (e.g. TLS connections that never finish their handshake) must
         # not hold a task each for long.
+        stream = self.stream
         try:
             with trio.move_on_after(min(self.limits.handshake_timeout_s, REFUSE_TIMEOUT_S)):
-                await self.stream.send_all(self.conn.send_goaway(code, message))
+                await stream.send_all(self.conn.send_goaway(code, message))
+                if isinstance(stream, trio.SocketStream):
+                    # Half-close and drain what the peer sent (its hello): closing with
+                    # unread bytes would reset the connection and lose the goaway.
+                    await stream.send_eof()
+                    while await stream.receive_some(RECEIVE_BYTES):
+                        pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
-        await trio.aclose_forcefully(self.stream)
+        await trio.aclose_forcefully(stream)
 
     def begin_goaway(self, code: Code, message: str) -> None:
         """Graceful: no new calls; the connection closes once in-flight calls finish."""
@@ -375,7 +382,11 @@ class _ServerConnection:
                 idle.deadline = trio.current_time() + limits.idle_timeout_s
                 data = await self._receive(stream)
                 for index, event in enumerate(conn.receive_data(data), 1):
-                    if index % DISPATCH_BATCH_EVENTS == 0:
+                    if outbox.queued_bytes > limits.write_buffer_bytes_max:
+                        # One read can hold thousands of small calls, each with a large
+                        # answer: dispatch no more until the peer takes what is queued.
+                        await outbox.wait_for_space()
+                    elif index % DISPATCH_BATCH_EVENTS == 0:
                         # Let handlers and the writer run so answers stream out while
                         # the rest of a large read is dispatched (pipelining with the peer).
                         await trio.lowlevel.checkpoint()
