@@ -17,7 +17,7 @@ SCHEMA = pycddl.Schema((Path(__file__).parent.parent / "specs" / "wire.cddl").re
 def open_pair() -> tuple[wire.Connection, wire.Connection, list[bytes]]:
     client = wire.Connection(wire.Role.CLIENT)
     server = wire.Connection(wire.Role.SERVER)
-    frames = [client.send_hello(auth={"token": "t"})]
+    frames = [client.send_hello(auth={"bearer": "t"})]
     server.receive_data(frames[-1])
     frames.append(server.send_hello())
     client.receive_data(frames[-1])
