@@ -32,6 +32,7 @@ def secure_config(tmp_path: Path, nodes: int = 2) -> ClusterConfig:
     names = ["coordinator", *(f"n{i}" for i in range(nodes)), "client", "admin", "mallory"]
     _certs.make_dev_certs(certs, names)
     text = cluster_toml(tmp_path / "data", nodes) + SECURITY_TOML.format(certs=certs)
+    (tmp_path / "cluster.toml").write_text(text)
     return ClusterConfig.from_toml(text, source="secure-cluster.toml")
 
 
@@ -165,6 +166,14 @@ async def test_admin_methods_at_the_coordinator(tmp_path: Path) -> None:
             assert (await client.call("coord.lease", 1))["count"] == 1  # ordinary methods work
         async with txrpc.connect(*address, credentials=as_(config, "admin")) as admin:
             assert await admin.call("coord.transactions", False, 10) == []
+        # `txrpc tx ls` presents the admin's certificate from the cluster file.
+        from click.testing import CliRunner
+
+        from txrpc.cli import cli
+
+        args = ["tx", "ls", "--config", str(tmp_path / "cluster.toml")]
+        result = await trio.to_thread.run_sync(CliRunner().invoke, cli, args)
+        assert result.exit_code == 0, result.output
         # This cluster requires certificates: a token alone does not get in.
         assert config.security is not None
         token_only = txrpc.Credentials(tls=txrpc.TLSConfig(ca_file=config.security.ca_file), token="x")

@@ -137,9 +137,14 @@ def _coordinator_call(config_path: str, method: str, *args: Any) -> Any:
     if config.coordinator is None:
         raise click.BadParameter(f"{config_path} has no [coordinator] table", param_hint="--config")
     host, port = config.coordinator.host, config.coordinator.port
+    # With [security], admin commands present the first admin's certificate (or token).
+    security = config.security
+    credentials = None
+    if security is not None:
+        credentials = security.credentials_for(security.admins[0] if security.admins else None)
 
     async def main() -> Any:
-        async with connect(host, port) as client:
+        async with connect(host, port, credentials=credentials) as client:
             return await client.options(timeout=10).call(method, *args)
 
     try:
