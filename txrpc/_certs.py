@@ -127,9 +127,7 @@ def issue(
             critical=False,
         )
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()), critical=False)
         .sign(authority.key, hashes.SHA256())
     )
     return certificate, key
@@ -149,9 +147,7 @@ def write_certificate(path: Path, certificate: x509.Certificate) -> None:
 def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     _write_private(
         path,
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
 
 
