@@ -13,7 +13,7 @@ import logging
 import math
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -112,6 +112,28 @@ class TxHandle:
 def _check_key(key: Any) -> None:
     if type(key) is not str:
         raise txrpc.InvalidArgument(f"keys are strings, got {type(key).__name__}")
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _not_cancelled_midway(fn: F) -> F:
+    """Run a protocol step to the end even if its caller goes away.
+
+    A step writes a durable record and then changes the in-memory state to match; a
+    cancellation between the two (the server cancels a handler when its connection
+    drops) would leave them disagreeing — e.g. a commit durable on disk while memory
+    still says "prepared", so a retry is told "aborted" and the locks stay held. Each
+    step is bounded (a storage write, a lock-free state change), so it is shielded.
+    (Found by ``txrpc chaos`` with connection resets right after a commit.)
+    """
+
+    @functools.wraps(fn)
+    async def step(*args: Any, **kwargs: Any) -> Any:
+        with trio.CancelScope(shield=True):
+            return await fn(*args, **kwargs)
+
+    return step  # type: ignore[return-value]
 
 
 class Participant:
@@ -413,6 +435,7 @@ class Participant:
         while (event := self._busy.get(txid)) is not None:
             await event.wait()
 
+    @_not_cancelled_midway
     async def prepare(self, txid: int) -> dict[str, Any]:
         """Phase 1: vote. A yes vote means the prepare record is durable."""
         await self._serialize(txid)
@@ -452,6 +475,7 @@ class Participant:
             del self._busy[txid]
             done.set()
 
+    @_not_cancelled_midway
     async def commit(self, txid: int) -> str:
         """Phase 2 commit (idempotent): apply, log and release; answers ``"ok"``."""
         await self._serialize(txid)
@@ -485,6 +509,7 @@ class Participant:
             del self._busy[txid]
             done.set()
 
+    @_not_cancelled_midway
     async def abort(self, txid: int) -> str:
         """Phase 2 abort (idempotent)."""
         await self._serialize(txid)
@@ -495,6 +520,7 @@ class Participant:
         self._wake(self.core.abort(txid, "aborted by the coordinator"), txid)
         return "ok"
 
+    @_not_cancelled_midway
     async def commit_one_phase(self, txid: int) -> dict[str, Any]:
         """The only participant: commit locally at once (idempotent)."""
         await self._serialize(txid)

@@ -182,12 +182,10 @@ def test_list_append_under_every_fault_kind(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- a finding
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="found by `txrpc chaos --workload list-append --seed 404` (G1a): a one-phase commit whose "
-    "connection is reset while the shard applies it commits durably, but the handler is cancelled with the "
-    "transaction left PREPARED in memory, and the client's retry is answered 'aborted: transaction N is prepared'",
-)
+# Found by `txrpc chaos --workload list-append --seed 404` (G1a): a one-phase commit whose
+# connection was reset while the shard applied it committed durably, but the handler was
+# cancelled with the transaction left PREPARED in memory, and the client's retry was told
+# "aborted". Fixed by running each participant step to the end (coordinator/_participant.py).
 def test_a_one_phase_commit_reset_mid_apply_is_never_reported_aborted(tmp_path: Path) -> None:
     """Single-shard appends; a proxy between the client and the shards resets the
     connection 0..30 ms after the commit is sent. No append may be reported aborted

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import heapq
+import math
 import random
 from typing import Any
 
@@ -134,6 +135,8 @@ class _Pipe:
         for _ in range(copies):
             delay = link.delay_s + (rng.uniform(-link.jitter_s, link.jitter_s) if link.jitter_s else 0.0)
             deliver_at = now + max(0.0, delay)
+            if net.tick_s:  # deliveries land on ticks: fewer distinct wake-ups, same order rules
+                deliver_at = math.ceil(deliver_at / net.tick_s) * net.tick_s
             deliver_at = max(deliver_at, net.paused_until.get(self.src, 0.0), net.paused_until.get(self.dst, 0.0))
             if link.reorder_p and rng.random() < link.reorder_p:
                 net.stats["reordered"] += 1
@@ -261,8 +264,18 @@ class _Connection:
 class SimNetwork:
     """The network of one simulation. ``rng`` drives every fault decision."""
 
-    def __init__(self, rng: random.Random, *, default: LinkFaults | None = None, connect_timeout_s: float = 1.0):
+    def __init__(
+        self,
+        rng: random.Random,
+        *,
+        default: LinkFaults | None = None,
+        connect_timeout_s: float = 1.0,
+        tick_s: float = 0.0,
+    ):
         self.rng = rng
+        #: When > 0, delivery times are rounded up to a multiple of this (the simulator
+        #: uses 0.5 ms: many deliveries then share one scheduler pass).
+        self.tick_s = tick_s
         self.default = default or LinkFaults()
         self.connect_timeout_s = connect_timeout_s
         self.links: dict[tuple[str, str], LinkFaults] = {}

@@ -11,6 +11,7 @@ generates schedules, so failures shrink to a minimal one.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ class Fault:
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; known: {', '.join(FAULT_KINDS)}")
+
+    def cli(self) -> str:
+        """The ``--fault`` form: ``KIND:A[-B][=AMOUNT]@SECONDS``."""
+        where = "-".join(x for x in (self.a, self.b) if x)
+        amount = f"={self.amount:g}" if self.amount else ""
+        return f"{self.kind}{':' + where if where else ''}{amount}@{self.at_s:g}"
 
     def __str__(self) -> str:
         where = " ".join(x for x in (self.a, self.b) if x)
@@ -135,6 +142,8 @@ class SimResult:
     simulated_s: float
     committed: int = 0
     broken: frozenset[str] = field(default_factory=frozenset)
+    duration_s: float = 0.0
+    clients: int = 0
 
     @property
     def valid(self) -> bool:
@@ -147,6 +156,23 @@ class SimResult:
                 counts[op.type] += 1
         return counts
 
+    def replay_command(self) -> str:
+        """The ``txrpc sim run`` command line that replays this run."""
+        hash_seed = os.environ.get("PYTHONHASHSEED")
+        steps = " ".join(f"--fault {f.cli()}" for f in sorted(self.faults, key=lambda f: f.at_s))
+        broken = " ".join(f"--broken {b}" for b in sorted(self.broken))
+        prefix = f"PYTHONHASHSEED={hash_seed} " if hash_seed else ""
+        return " ".join(
+            x
+            for x in (
+                f"{prefix}txrpc sim run --workload {self.workload} --seed {self.seed}",
+                f"--duration {self.duration_s:g} --clients {self.clients}",
+                steps,
+                broken,
+            )
+            if x
+        )
+
     def report(self) -> str:
         lines = [
             f"simulation {self.workload}: {'VALID' if self.valid else 'INVALID'} — {replay_hint(self.seed)}",
@@ -155,7 +181,9 @@ class SimResult:
         ]
         if self.broken:
             lines.append(f"  broken on purpose: {', '.join(sorted(self.broken))}")
-        lines.append("  schedule: " + ("; ".join(str(f) for f in self.faults) or "(no faults)"))
+        ordered = sorted(self.faults, key=lambda f: f.at_s)
+        lines.append("  schedule: " + ("; ".join(str(f) for f in ordered) or "(no faults)"))
+        lines.append("  replay: " + self.replay_command())
         for check in self.checks:
             lines.append(f"  {check}")
         return "\n".join(lines)
@@ -235,6 +263,8 @@ def run_simulation(
             simulated_s=trio.current_time(),
             committed=sum(1 for op in history if op.type == "ok"),
             broken=sim.broken,
+            duration_s=wopts.duration_s,
+            clients=wopts.clients,
         )
 
     return simulate(main, seed=seed, services=[service], options=sopts)
@@ -279,3 +309,34 @@ def fault_schedules(
         st.builds(Fault, times, st.just("heal")),
     )
     return st.lists(fault, max_size=max_faults).map(tuple)
+
+
+def random_schedule(
+    rng: random.Random,
+    nodes: Sequence[str] = (COORDINATOR, "s0", "s1", "s2"),
+    clients: Sequence[str] = ("c0", "c1"),
+    duration_s: float = 5.0,
+    max_faults: int = 6,
+) -> tuple[Fault, ...]:
+    """A random schedule drawn from ``rng`` (the same space as :func:`fault_schedules`,
+    without Hypothesis): what ``txrpc sim explore`` runs."""
+    everyone = [*nodes, *clients]
+    faults = []
+    for _ in range(rng.randint(0, max_faults)):
+        at = round(rng.uniform(0.0, duration_s), 2)
+        kind = rng.choice(FAULT_KINDS)
+        if kind in ("crash", "restart", "isolate"):
+            faults.append(Fault(at, kind, rng.choice(list(nodes))))
+        elif kind in ("partition", "partition-one-way"):
+            faults.append(Fault(at, kind, rng.choice(everyone), rng.choice(everyone)))
+        elif kind in LINK_FAULTS:
+            faults.append(Fault(at, kind, rng.choice(everyone), rng.choice(everyone), rng.choice([0.01, 0.05, 0.2])))
+        elif kind == "delay":
+            faults.append(Fault(at, kind, rng.choice(everyone), rng.choice(everyone), rng.choice([0.005, 0.05, 0.3])))
+        elif kind == "pause":
+            faults.append(Fault(at, kind, rng.choice(list(nodes)), "", rng.choice([0.1, 0.5, 2.0])))
+        elif kind == "skew":
+            faults.append(Fault(at, kind, rng.choice(list(nodes)), "", rng.choice([-30.0, 5.0, 3600.0])))
+        else:
+            faults.append(Fault(at, "heal"))
+    return tuple(sorted(faults, key=lambda f: f.at_s))

@@ -100,6 +100,8 @@ class SimOptions:
     restart_after_s: float = 0.5
     #: ``buggify`` points are each enabled with this probability per run (0 disables them).
     buggify_p: float = 0.0
+    #: Frame deliveries are rounded up to multiples of this (simulated seconds; 0: exact).
+    tick_s: float = 0.0005
     #: Protocol-breaking switches (test-only) turned on for this run.
     broken: frozenset[str] = frozenset()
 
@@ -118,7 +120,9 @@ class Simulation:
         self.seed = seed
         self.options = options or SimOptions()
         self.rng = random.Random(seed)
-        self.network = SimNetwork(random.Random(self.rng.getrandbits(64)), default=self.options.link.copy())
+        self.network = SimNetwork(
+            random.Random(self.rng.getrandbits(64)), default=self.options.link.copy(), tick_s=self.options.tick_s
+        )
         self.services = list(services)
         self.data_dir = data_dir
         self.config = _sim_config(data_dir, self.options.shards, self.options.partitions)
@@ -428,7 +432,7 @@ _MISSING = object()
 
 def replay_hint(seed: int) -> str:
     hash_seed = os.environ.get("PYTHONHASHSEED", "random")
-    return f"seed={seed} (replay: PYTHONHASHSEED={hash_seed} TXRPC_SIM_SEED={seed})"
+    return f"seed={seed} (PYTHONHASHSEED={hash_seed})"
 
 
 def simulate(

@@ -46,6 +46,17 @@ def bank_service() -> txrpc.Service:
         return int(value)
 
     @bank.transactional
+    async def balances(tx: Any, account: str, *others: str) -> dict[str, int]:
+        """Several accounts of the same shard (the caller groups them by shard)."""
+        found = {}
+        for name in (account, *others):
+            value = await tx.get(name)
+            if value is None:
+                raise txrpc.Abort(f"no account {name}")
+            found[name] = int(value)
+        return found
+
+    @bank.transactional
     async def withdraw(tx: Any, account: str, amount: int) -> int:
         current = await tx.get(account, default=0, for_update=True)
         if current < amount:
@@ -110,6 +121,8 @@ class WorkloadOptions:
     accounts: int = 6
     initial_balance: int = 100
     keys: int = 6
+    #: Share of bank operations that read every balance (the rest are transfers).
+    read_p: float = 0.2
 
 
 def accounts_of(options: WorkloadOptions) -> list[str]:
@@ -133,18 +146,30 @@ async def bank_setup(cluster: txrpc.Cluster, options: WorkloadOptions) -> int:
     return options.initial_balance * options.accounts
 
 
+def _read_all(cluster: txrpc.Cluster, accounts: list[str]) -> Callable[[Any], Awaitable[dict[str, int]]]:
+    """A transaction body reading every account: one call per shard."""
+    by_shard: dict[str, list[str]] = {}
+    for account in accounts:
+        by_shard.setdefault(cluster.config.shard_map.primary_of(account).name, []).append(account)
+
+    async def read_all(t: Any) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for group in by_shard.values():
+            found.update(await t.bank.balances(*group))
+        return found
+
+    return read_all
+
+
 async def bank_client(
     cluster: txrpc.Cluster, history: History, process: int, rng: random.Random, options: WorkloadOptions, until: float
 ) -> None:
     accounts = accounts_of(options)
     while trio.current_time() < until:
-        if rng.random() < 0.2:
+        if rng.random() < options.read_p:
             invoke = history.invoke(process, "read", None, trio.current_time())
 
-            async def read_all(t: Any) -> dict[str, int]:
-                return {a: int(await t.bank.balance(a)) for a in accounts}
-
-            status, value = await _transaction(cluster, read_all, options.tx_timeout_s)
+            status, value = await _transaction(cluster, _read_all(cluster, accounts), options.tx_timeout_s)
             history.complete(invoke, status, value if status == "ok" else None, trio.current_time())  # type: ignore[arg-type]
         else:
             source, target = rng.sample(accounts, 2)
@@ -168,10 +193,7 @@ async def bank_final_read(cluster: txrpc.Cluster, history: History, options: Wor
     for _ in range(50):
         invoke = history.invoke(999, "read", None, trio.current_time())
 
-        async def read_all(t: Any) -> dict[str, int]:
-            return {a: int(await t.bank.balance(a)) for a in accounts}
-
-        status, value = await _transaction(cluster, read_all, 5.0)
+        status, value = await _transaction(cluster, _read_all(cluster, accounts), 5.0)
         history.complete(invoke, status, value if status == "ok" else None, trio.current_time())  # type: ignore[arg-type]
         if status == "ok":
             return dict(value)
