@@ -80,8 +80,11 @@ class Coordinator:
 
     def service(self) -> txrpc.Service:
         svc = txrpc.Service("coord")
-        for name in ("begin", "lease", "commit", "abort", "decision", "transactions", "show", "resolve"):
+        for name in ("begin", "lease", "commit", "abort", "decision"):
             svc.add_method(getattr(self, name), name=name)
+        # Operator tools: on a server with security, admins only.
+        for name in ("transactions", "show", "resolve"):
+            svc.add_method(getattr(self, name), name=name, allow=txrpc.ROLE_ADMIN)
         return svc
 
     # --- client-facing -----------------------------------------------------------------------
@@ -139,10 +142,17 @@ class Coordinator:
             event = self._done.setdefault(txid, trio.Event())
             if tx.decision is None:
                 await event.wait()
-        elif kind == "one_phase":
-            await self._one_phase(tx)
-        elif kind == "prepare":
-            await self._two_phase(tx)
+        elif kind in ("one_phase", "prepare"):
+            # Deciding must not stop halfway because the caller went away (the server
+            # cancels a handler whose connection drops): a decision written but phase 2
+            # never started, or votes collected and nothing decided, would hold the
+            # shards' locks while this process lives. Both steps are bounded by the
+            # transaction's deadline / phase_timeout_s. (Found by txrpc chaos.)
+            with trio.CancelScope(shield=True):
+                if kind == "one_phase":
+                    await self._one_phase(tx)
+                else:
+                    await self._two_phase(tx)
         return self._outcome(tx)
 
     def _outcome(self, tx: CoordTx) -> dict[str, Any]:

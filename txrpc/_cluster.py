@@ -29,6 +29,7 @@ from ._client import Client, connect
 from ._errors import Aborted, OutcomeUnknown, RpcError, TransactionAborted, Unavailable, WrongEpoch
 from ._limits import Limits
 from ._routing import EPOCH_METADATA_KEY, ClusterClient
+from ._security import Credentials, current_credentials
 from ._shardmap import ClusterConfig, load_cluster_config
 
 log = logging.getLogger("txrpc.cluster")
@@ -43,14 +44,32 @@ class Cluster:
     """A client of a whole cluster: routed calls, and transactions via the coordinator."""
 
     def __init__(
-        self, config: ClusterConfig, *, limits: Limits | None = None, rng: random.Random | None = None
+        self,
+        config: ClusterConfig,
+        *,
+        limits: Limits | None = None,
+        rng: random.Random | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
+        """``credentials``: what this client presents (default: the ``[security]`` table's
+        client credentials when the cluster has one, else ``txrpc.use_credentials``'s)."""
         if config.coordinator is None:
             raise ValueError(f"{config.source}: transactions need a [coordinator] table")
         self.config = config
         self.limits = limits or Limits()
         self.rng = rng or random.Random(0)
-        self.router = ClusterClient(config.shard_map, rng=random.Random(self.rng.random()))
+        if credentials is None and config.security is not None:
+            credentials = config.security.credentials_for()
+        credentials = credentials or current_credentials()
+        self.credentials = credentials
+        cluster_limits = self.limits
+
+        def connect_shard(host: str, port: int) -> Any:
+            return connect(host, port, limits=cluster_limits, credentials=credentials)
+
+        self.router = ClusterClient(
+            config.shard_map, connect=connect_shard, rng=random.Random(self.rng.random()), credentials=credentials
+        )
         coordinator = config.coordinator
         self.coordinator: Client = connect(
             coordinator.host,
@@ -58,6 +77,7 @@ class Cluster:
             limits=self.limits,
             connect_now=False,
             rng=random.Random(self.rng.random()),
+            credentials=credentials,
         )
         self.stats = {"committed": 0, "aborted": 0, "unknown": 0}
         self.txid_lease_size = 16
@@ -379,8 +399,12 @@ class _TxMethodProxy:
 
 
 def cluster(
-    config: str | Path | ClusterConfig, *, limits: Limits | None = None, rng: random.Random | None = None
+    config: str | Path | ClusterConfig,
+    *,
+    limits: Limits | None = None,
+    rng: random.Random | None = None,
+    credentials: Credentials | None = None,
 ) -> Cluster:
     """A :class:`Cluster` from a ``cluster.toml`` path (or a loaded config)."""
     loaded = config if isinstance(config, ClusterConfig) else load_cluster_config(config)
-    return Cluster(loaded, limits=limits, rng=rng)
+    return Cluster(loaded, limits=limits, rng=rng, credentials=credentials)
