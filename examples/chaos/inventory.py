@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 import txrpc
-from txrpc.testing import Fault, Simulation, SimOptions, apply_fault, simulate
+from txrpc.testing import Fault, SimOptions, Simulation, apply_fault, simulate
 
 ITEMS = [f"item{i}" for i in range(6)]
 INITIAL = 20
