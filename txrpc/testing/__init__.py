@@ -10,7 +10,10 @@
 * :class:`History` and the checkers: bank, Elle-style list-append, idempotency,
   termination, replica consistency.
 
-See ``docs/testing-under-faults.md``.
+* :class:`FaultProxy` (a Toxiproxy-like TCP proxy) and :func:`run_chaos` (``txrpc
+  chaos``): real processes under faults.
+
+See ``docs/testing-under-faults.md`` and ``docs/chaos.md``.
 """
 
 from ._checkers import (
@@ -24,6 +27,7 @@ from ._checkers import (
 )
 from ._history import History, Op, Pending
 from ._network import LinkFaults, SimNetwork, SimStream
+from ._proxy import FaultProxy, ProxyStats, Toxics, open_fault_proxy
 from ._runner import FAULT_KINDS, WORKLOADS, Fault, SimResult, apply_fault, fault_schedules, run_simulation
 from ._sim import BROKEN_SWITCHES, COORDINATOR, SimNode, SimOptions, Simulation, replay_hint, simulate
 from ._workloads import WorkloadOptions, bank_service, counter_service, list_append_service
@@ -35,17 +39,21 @@ __all__ = [
     "WORKLOADS",
     "Anomaly",
     "CheckResult",
+    "ChaosOptions",
     "Fault",
+    "FaultProxy",
     "History",
     "LinkFaults",
     "Op",
     "Pending",
+    "ProxyStats",
     "SimNetwork",
     "SimNode",
     "SimOptions",
     "SimResult",
     "SimStream",
     "Simulation",
+    "Toxics",
     "WorkloadOptions",
     "apply_fault",
     "bank_service",
@@ -57,7 +65,18 @@ __all__ = [
     "counter_service",
     "fault_schedules",
     "list_append_service",
+    "open_fault_proxy",
     "replay_hint",
+    "run_chaos",
     "run_simulation",
     "simulate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The chaos runner pulls in process management; import it only when asked for.
+    if name in ("run_chaos", "ChaosOptions"):
+        from . import _chaos
+
+        return getattr(_chaos, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
