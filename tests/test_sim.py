@@ -200,3 +200,14 @@ def test_catches_a_broken_commit_protocol(switch: str) -> None:
             assert_valid(honest)
             return
     pytest.fail(f"{switch}: no seed in 0..7 exposed the broken protocol")
+
+
+def test_trio_internals_the_replay_promise_relies_on_are_present() -> None:
+    """deterministic_trio degrades silently if trio's internals move; this makes it loud."""
+    from trio._core import _run
+
+    assert hasattr(_run, "_ALLOW_DETERMINISTIC_SCHEDULING")
+    assert hasattr(_run.Deadlines, "add") and hasattr(_run.Deadlines, "expire")
+    assert "_counter" in {a.name for a in _run.Task.__attrs_attrs__}
+    assert hasattr(_run.CancelStatus, "__attrs_post_init__")
+    assert isinstance(_run._r, __import__("random").Random)
