@@ -1,7 +1,8 @@
 """``txrpc chaos``: real processes behind fault proxies, judged from their history.
 
-The two end-to-end runs start a real coordinator and three shard processes each (about
-20 s apiece on a busy 2-core machine). The long runs are marked slow (TXRPC_SLOW=1).
+The three end-to-end runs (plain TCP, mutual TLS, broken on purpose) start a real
+coordinator and three shard processes each (about 20 s apiece on a busy 2-core machine).
+The long runs are marked slow (TXRPC_SLOW=1).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
         ChaosOptions(clients=0)
     with pytest.raises(ValueError, match="split_transfers"):
         ChaosOptions(workload="list-append", split_transfers=True)
+    with pytest.raises(ValueError, match="tls"):
+        ChaosOptions(tls="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no directory"):
         ChaosOptions(history_path=tmp_path / "missing" / "h.jsonl")
 
@@ -116,6 +119,7 @@ def test_help_lists_every_fault_kind() -> None:
     for kind in FAULT_KINDS:
         assert f"{kind}:" in result.output
     assert ",".join(DEFAULT_FAULTS) in result.output
+    assert "--tls" in result.output and "Mutual TLS" in result.output
     assert "--split-transfers" not in result.output  # test only
 
 
@@ -147,6 +151,64 @@ def test_short_bank_run_under_kills_partitions_and_delays_is_valid(tmp_path: Pat
     assert verdict.counts["transfers-ok"] > 0 and verdict.counts["reads-ok"] > 0
     final = [done for invoke, done in history.pairs() if invoke.process == 999 and done is not None]
     assert final and final[-1].type == "ok" and sum(final[-1].value.values()) == TOTAL
+
+
+def test_short_bank_run_over_mutual_tls_is_valid(tmp_path: Path) -> None:
+    """``--tls``: the same run with a dev CA, a [security] table in every party's cluster
+    file and every connection (through the proxies, which forward the TLS bytes) over
+    mutual TLS. Afterwards a node restarted from its kept file refuses a plain-TCP
+    caller and serves one presenting the chaos clients' certificate."""
+    import shutil
+
+    import trio
+
+    import txrpc
+    from txrpc._demo import Processes
+
+    done = run_cli(
+        "--workload", "bank", "--faults", "kill,partition,delay", "--duration", "8", "--seed", str(SEED),
+        "--tls", "--keep",
+    )  # fmt: skip
+    out = done.stdout
+    kept = re.search(r"kept (\S+) \(cluster files", out)
+    try:
+        assert done.returncode == 0, out + done.stderr[-3000:]
+        assert "VALID — no anomaly found" in out and "mutual TLS" in out
+        assert "kill×" in out and "partition×" in out and "delay×" in out
+        assert kept is not None, out
+        workdir = Path(kept.group(1))
+        for party in (*SERVERS, "client"):
+            security = txrpc.load_cluster_config(workdir / f"{party}.toml").security
+            assert security is not None, party
+            assert security.client_cert == "require" and security.peers == SERVERS, security
+            assert security.admins == ("admin",) and security.client == "client", security
+            for name in (*SERVERS, "client", "admin"):
+                assert security.tls_for(name).cert_file is not None, name
+
+        config = txrpc.load_cluster_config(workdir / "a.toml")
+        assert config.security is not None
+        client_credentials = config.security.credentials_for("client")
+        host, port = config.shard_map.node("a").address
+        procs = Processes(workdir / "a.toml", ["a"])
+
+        async def probe() -> None:
+            with trio.fail_after(30):
+                async with txrpc.connect(host, port, credentials=client_credentials) as client:
+                    status = await client.call("tx.status")
+                    assert status["prepared"] == []
+                with pytest.raises(txrpc.Unavailable):  # the TLS listener drops a plain hello
+                    async with txrpc.connect(host, port) as plain:
+                        await plain.options(timeout=5).call("tx.status")
+
+        try:
+            procs.start("a")
+            procs.wait_ready("a")
+            trio.run(probe)
+        finally:
+            procs.stop()
+    finally:
+        if kept is not None:
+            shutil.rmtree(kept.group(1), ignore_errors=True)
 
 
 def test_non_atomic_transfers_are_caught(tmp_path: Path) -> None:

@@ -85,6 +85,12 @@ def _faults_help() -> str:
     show_default=True,
     help="After healing, seconds allowed for in-doubt transactions to be decided.",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Mutual TLS on every connection: a fresh dev CA, certificates for the coordinator, each shard, "
+    "the clients and an admin, and a [security] table in every cluster file.",
+)
 @click.option("--keep", "keep_dir", is_flag=True, help="Keep the temporary directory (cluster files, data, logs).")
 @click.option("--split-transfers", is_flag=True, hidden=True, help="Test only: non-atomic transfers (must be caught).")
 def chaos(
@@ -96,13 +102,14 @@ def chaos(
     clients: int,
     settle_s: float,
     keep_dir: bool,
+    tls: bool,
     split_transfers: bool,
 ) -> None:
     """Run a workload against a local cluster (coordinator + 3 shard processes on
     loopback) through fault-injecting proxies, with SIGKILL/restart of processes; then
     heal, settle, check the history and print a verdict. Exit 1 on a violation.
 
-    Example: txrpc chaos --workload bank --faults kill,partition,delay --duration 60 --seed 7
+    Example: txrpc chaos --workload bank --faults kill,partition,delay --duration 60 --seed 7 [--tls]
     """
     from .testing._chaos import DEFAULT_FAULTS, ChaosError, ChaosOptions, default_seed, render_verdict, run_chaos
 
@@ -123,6 +130,7 @@ def chaos(
         history_path=history_path,
         keep_dir=keep_dir,
         split_transfers=split_transfers,
+        tls=tls,
     )
     console.print(f"[bold]txrpc chaos[/] seed {chosen_seed} (repeat the schedule with --seed {chosen_seed})")
     try:

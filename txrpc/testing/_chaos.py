@@ -16,6 +16,15 @@ network (``partition``, ``delay``, ``slow``, ``drop``, ``reset``, ``blackhole``,
 proxy toxics). At the end it heals everything, restarts what is down, waits (bounded)
 for in-doubt transactions to be decided, takes a final read and runs the checkers.
 
+With ``tls`` (``txrpc chaos --tls``) the runner makes a dev CA and certificates for the
+coordinator, each shard, the clients and an admin (``txrpc._certs``; every leaf is valid
+for 127.0.0.1, the address of every listener and proxy), and every cluster file gets a
+``[security]`` table: mutual TLS on every connection, the processes are the peers. The
+proxies forward raw bytes, so TLS runs end to end through them, and a dropped or reset
+chunk breaks a TLS session as it breaks a TCP stream. The clients present the ``client``
+certificate; the runner's own probes (``coord.transactions``, admin-only, and
+``tx.status``) present the ``admin`` one.
+
 The same seed gives the same schedule and the same client choices; the outcome of a
 run still depends on real processes, sockets and the OS scheduler, so two runs with one
 seed are not identical. Replaying a failure exactly is the simulator's job
@@ -97,6 +106,7 @@ COORDINATOR: Final = "coordinator"
 SHARDS: Final = ("a", "b", "c")
 SERVERS: Final = (COORDINATOR, *SHARDS)
 CLIENT: Final = "client"
+ADMIN: Final = "admin"  # the identity of the runner's in-doubt probes (with TLS)
 PARTIES: Final = (CLIENT, *SERVERS)
 LOOPBACK: Final = "127.0.0.1"
 
@@ -120,6 +130,8 @@ PROXY_CONNECTIONS_MAX: Final = 128
 SPLIT_TRANSFER_GAP_S: Final = 0.02
 FINAL_READ_PROCESS: Final = 999
 ANOMALIES_SHOWN_MAX: Final = 10
+CERT_DAYS: Final = 1  # the dev certificates of a --tls run
+CERTS_DIR: Final = "certs"  # under the run's directory
 
 
 class ChaosError(RuntimeError):
@@ -141,6 +153,8 @@ class ChaosOptions:
     #: Test only: every transfer is two transactions (withdraw, then deposit): not
     #: atomic, so the bank checker must find money missing in concurrent reads.
     split_transfers: bool = False
+    #: Mutual TLS on every connection, with certificates from a fresh dev CA.
+    tls: bool = False
 
     def __post_init__(self) -> None:
         if self.workload not in WORKLOADS:
@@ -158,6 +172,8 @@ class ChaosOptions:
             raise ValueError(f"settle_s must be in 1..{SETTLE_MAX_S:g} s, got {self.settle_s!r}")
         if type(self.seed) is not int:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if type(self.tls) is not bool:
+            raise ValueError(f"tls must be True or False, got {self.tls!r}")
         if self.split_transfers and self.workload != "bank":
             raise ValueError("split_transfers only applies to the bank workload")
         if self.history_path is not None and not self.history_path.parent.is_dir():
@@ -280,6 +296,7 @@ def render_verdict(result: ChaosResult, console: Console) -> None:
     title = (
         f"txrpc chaos — {options.workload}{' (split transfers: broken on purpose)' if options.split_transfers else ''}"
         f", seed {options.seed}, {options.duration_s:g} s of faults, {options.clients} clients"
+        f"{', mutual TLS' if options.tls else ''}"
     )
     console.print(f"[bold]{title}[/]")
     table = Table(show_header=True)
@@ -410,6 +427,8 @@ class _Run:
         self.history = History()
         self.started_at = 0.0
         self.shard_status: dict[str, str] = {}  # at the last in-doubt probe
+        self.certs_dir = workdir / CERTS_DIR
+        self.admin_credentials: txrpc.Credentials | None = None  # the probes' (with TLS)
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -436,7 +455,26 @@ class _Run:
         for shard in SHARDS:
             host, port = address(shard)
             lines += ["[[nodes]]", f'name = "{shard}"', f'host = "{host}"', f"port = {port}", ""]
+        if self.options.tls:
+            # Mutual TLS; the processes are the peers, ADMIN the operator; each process
+            # presents certs/<its name>.pem, the clients certs/client.pem.
+            peers = ", ".join(f'"{name}"' for name in SERVERS)
+            lines += [
+                "[security]",
+                f'ca_file = "{self.certs_dir / "ca.pem"}"',
+                f'certs_dir = "{self.certs_dir}"',
+                'client_cert = "require"',
+                f"peers = [{peers}]",
+                f'admins = ["{ADMIN}"]',
+                f'client = "{CLIENT}"',
+                "",
+            ]
         return "\n".join(lines)
+
+    def _make_certs(self) -> None:
+        from txrpc._certs import make_dev_certs
+
+        make_dev_certs(self.certs_dir, [*SERVERS, CLIENT, ADMIN], days=CERT_DAYS)
 
     async def _start(self, name: str) -> None:
         def start() -> None:
@@ -462,9 +500,12 @@ class _Run:
                     keepalive_timeout_s=2.0,
                     reconnect_backoff_max_s=1.0,
                 )
-                cluster = txrpc.Cluster(
-                    txrpc.load_cluster_config(self.configs[CLIENT]), limits=limits, rng=random.Random(options.seed)
-                )
+                config = txrpc.load_cluster_config(self.configs[CLIENT])
+                credentials = None
+                if config.security is not None:  # --tls
+                    credentials = config.security.credentials_for(CLIENT)
+                    self.admin_credentials = config.security.credentials_for(ADMIN)
+                cluster = txrpc.Cluster(config, limits=limits, rng=random.Random(options.seed), credentials=credentials)
                 async with cluster:
                     result = await self._workload(cluster)
                 nursery.cancel_scope.cancel()
@@ -491,11 +532,17 @@ class _Run:
                     )
                     await nursery.start(proxy.run)
                     self.proxies[(src, dst)] = proxy
+        if options.tls:
+            try:
+                await trio.to_thread.run_sync(self._make_certs)
+            except (OSError, ValueError) as exc:
+                raise ChaosError(f"could not make the dev certificates in {self.certs_dir}: {exc}") from None
         for name, path in self.configs.items():
             path.write_text(self._config_text(name))
         self.say(
             f"starting a coordinator and shards {', '.join(SHARDS)} in {self.workdir} "
-            f"behind {len(self.proxies)} fault proxies…"
+            f"behind {len(self.proxies)} fault proxies"
+            + (" (mutual TLS: certificates from a fresh dev CA)…" if options.tls else "…")
         )
         for sock in reserved:
             sock.close()
@@ -704,15 +751,15 @@ class _Run:
 
     async def _in_doubt(self) -> dict[Any, str]:
         """Transactions undecided somewhere: prepared on a shard, or being prepared or in
-        phase 2 at the coordinator. Asked over direct connections (no proxy); a process
-        that does not answer counts as unknown."""
+        phase 2 at the coordinator. Asked over direct connections (no proxy), with the
+        admin's credentials under TLS; a process that does not answer counts as unknown."""
         doubt: dict[Any, str] = {}
 
         async def ask(name: str) -> None:
             host, port = self.real[name]
             try:
                 with trio.fail_after(OBSERVE_TIMEOUT_S):
-                    async with txrpc.connect(host, port) as client:
+                    async with txrpc.connect(host, port, credentials=self.admin_credentials) as client:
                         if name == COORDINATOR:
                             for tx in await client.call("coord.transactions", True, 1000):
                                 doubt.setdefault(int(tx["txid"]), f"{tx['phase']} at the coordinator")
