@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from ._appender import TRANSACT, GroupCommitAppender, RecordKind
 from ._database import Database
+from ._raw import raw_executemany
 from ._txn_schema import decisions, txid_blocks
 
 
@@ -175,21 +176,54 @@ def _row(row: Any) -> dict[str, Any]:
     }
 
 
+# Both batch writers run for every distributed commit: statements are built once, and
+# on SQLite go straight to the driver's cursor (see storage._shard_store).
+_INSERT_DECISION = sa.insert(decisions)
+_MARK_DONE = (
+    sa.update(decisions)
+    .where(
+        decisions.c.coordinator == sa.bindparam("b_coordinator"),
+        decisions.c.txid == sa.bindparam("b_txid"),
+    )
+    .values(done=True, acked=sa.bindparam("b_acked"))
+)
+_RAW_INSERT_DECISION = (
+    "INSERT INTO txrpc_decisions (coordinator, txid, outcome, participants, acked, done, heuristic, reason, "
+    "decided_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_RAW_MARK_DONE = "UPDATE txrpc_decisions SET done = 1, acked = ? WHERE coordinator = ? AND txid = ?"
+
+
 def _write_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[None]:
-    conn.execute(sa.insert(decisions), list(rows))
+    if conn.dialect.name == "sqlite":
+        raw_executemany(
+            conn,
+            _RAW_INSERT_DECISION,
+            [
+                (
+                    r["coordinator"],
+                    r["txid"],
+                    r["outcome"],
+                    r["participants"],
+                    r["acked"],
+                    1 if r["done"] else 0,
+                    1 if r["heuristic"] else 0,
+                    r["reason"],
+                    r["decided_at"],
+                )
+                for r in rows
+            ],
+        )
+    else:
+        conn.execute(_INSERT_DECISION, list(rows))
     return [None] * len(rows)
 
 
 def _write_done(conn: Connection, marks: Sequence[tuple[str, int, bytes]]) -> list[None]:
-    conn.execute(
-        sa.update(decisions)
-        .where(
-            decisions.c.coordinator == sa.bindparam("b_coordinator"),
-            decisions.c.txid == sa.bindparam("b_txid"),
-        )
-        .values(done=True, acked=sa.bindparam("b_acked")),
-        [{"b_coordinator": c, "b_txid": t, "b_acked": a} for c, t, a in marks],
-    )
+    if conn.dialect.name == "sqlite":
+        raw_executemany(conn, _RAW_MARK_DONE, [(a, c, t) for c, t, a in marks])
+    else:
+        conn.execute(_MARK_DONE, [{"b_coordinator": c, "b_txid": t, "b_acked": a} for c, t, a in marks])
     return [None] * len(marks)
 
 

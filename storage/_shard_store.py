@@ -16,10 +16,12 @@ from typing import Any
 
 import cbor2
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from ._appender import GroupCommitAppender, RecordKind
 from ._database import Database
+from ._raw import raw_cursor, raw_executemany, raw_run
 from ._txn_schema import commit_log, prepared, shard_data
 
 CACHE_ENTRIES_MAX_DEFAULT = 100_000
@@ -260,15 +262,64 @@ class _CommitEntry:
         self.committed_at = committed_at
 
 
+# -- batch writers ---------------------------------------------------------------------
+#
+# These run for every prepare and commit, so their statements are built once, at import,
+# with bind parameters and executed executemany-style (one parameter set per row): no
+# ``IN (...)`` list whose length changes the SQL, so the compiled-statement cache hits.
+# On SQLite they run prebuilt SQL on the driver's cursor (see storage._raw).
+
+_data = shard_data.c
+_DELETE_DATA = sa.delete(shard_data).where(
+    _data.shard == sa.bindparam("b_shard"), _data.key == sa.bindparam("b_key")
+)
+_INSERT_DATA = sa.insert(shard_data)
+_INSERT_LOG = sa.insert(commit_log)
+_INSERT_PREPARED = sa.insert(prepared)
+_DELETE_PREPARED = sa.delete(prepared).where(
+    prepared.c.shard == sa.bindparam("b_shard"), prepared.c.txid == sa.bindparam("b_txid")
+)
+# PostgreSQL: one upsert statement instead of a delete and an insert.
+_pg_insert_data = postgresql.insert(shard_data)
+_PG_UPSERT_DATA = _pg_insert_data.on_conflict_do_update(
+    index_elements=[_data.shard, _data.key], set_={"value": _pg_insert_data.excluded.value}
+)
+
+_RAW_DELETE_DATA = 'DELETE FROM txrpc_shard_data WHERE shard = ? AND "key" = ?'
+_RAW_UPSERT_DATA = (
+    'INSERT INTO txrpc_shard_data (shard, "key", value) VALUES (?, ?, ?) '
+    'ON CONFLICT (shard, "key") DO UPDATE SET value = excluded.value'
+)
+_RAW_INSERT_LOG = (
+    "INSERT INTO txrpc_commit_log (shard, position, txid, writes, committed_at) VALUES (?, ?, ?, ?, ?)"
+)
+_RAW_INSERT_PREPARED = (
+    "INSERT INTO txrpc_prepared (shard, txid, writes, locks, prepared_at) VALUES (?, ?, ?, ?, ?)"
+)
+_RAW_DELETE_PREPARED = "DELETE FROM txrpc_prepared WHERE shard = ? AND txid = ?"
+
+
+def _use_raw_sqlite(conn: Connection) -> bool:
+    return conn.dialect.name == "sqlite"
+
+
 def _write_prepares(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[None]:
-    conn.execute(sa.insert(prepared), list(rows))
+    if _use_raw_sqlite(conn):
+        raw_executemany(
+            conn,
+            _RAW_INSERT_PREPARED,
+            [(r["shard"], r["txid"], r["writes"], r["locks"], r["prepared_at"]) for r in rows],
+        )
+    else:
+        conn.execute(_INSERT_PREPARED, list(rows))
     return [None] * len(rows)
 
 
 def _drop_prepares(conn: Connection, records: Sequence[tuple[str, int]]) -> list[None]:
-    for shard in {s for s, _ in records}:
-        txids = [t for s, t in records if s == shard]
-        conn.execute(sa.delete(prepared).where(prepared.c.shard == shard, prepared.c.txid.in_(txids)))
+    if _use_raw_sqlite(conn):
+        raw_executemany(conn, _RAW_DELETE_PREPARED, list(records))
+    else:
+        conn.execute(_DELETE_PREPARED, [{"b_shard": s, "b_txid": t} for s, t in records])
     return [None] * len(records)
 
 
@@ -276,35 +327,46 @@ def _write_commits(conn: Connection, entries: Sequence[_CommitEntry]) -> list[in
     """Every commit of the batch with a handful of statements: the final value of each
     key (later entries win: they hold the lock after earlier ones), the log entries, and
     the prepare records dropped."""
-    for shard in sorted({e.shard for e in entries}):
-        mine = [e for e in entries if e.shard == shard]
-        final: dict[str, tuple[bool, Any]] = {}
-        for entry in mine:
-            for key, deleted, value in entry.writes:
-                final[key] = (deleted, value)
-        if final:
-            conn.execute(
-                sa.delete(shard_data).where(shard_data.c.shard == shard, shard_data.c.key.in_(list(final)))
-            )
-            puts = [{"shard": shard, "key": k, "value": encode(v)} for k, (d, v) in final.items() if not d]
+    final: dict[tuple[str, str], tuple[bool, Any]] = {}
+    for entry in entries:
+        shard = entry.shard
+        for key, deleted, value in entry.writes:
+            final[(shard, key)] = (deleted, value)
+    deletes = [pk for pk, (deleted, _) in final.items() if deleted]
+    puts = [(shard, key, encode(value)) for (shard, key), (deleted, value) in final.items() if not deleted]
+    log_rows = [
+        (e.shard, e.position, e.txid, encode(_writes_to_wire(e.writes)), e.committed_at) for e in entries
+    ]
+    dropped = [(e.shard, e.txid) for e in entries]
+    if _use_raw_sqlite(conn):
+        cursor = raw_cursor(conn)
+        try:
+            if deletes:
+                raw_run(cursor, _RAW_DELETE_DATA, deletes)
             if puts:
-                conn.execute(sa.insert(shard_data), puts)
-        conn.execute(
-            sa.insert(commit_log),
-            [
-                {
-                    "shard": shard,
-                    "position": e.position,
-                    "txid": e.txid,
-                    "writes": encode(_writes_to_wire(e.writes)),
-                    "committed_at": e.committed_at,
-                }
-                for e in mine
-            ],
-        )
-        conn.execute(
-            sa.delete(prepared).where(prepared.c.shard == shard, prepared.c.txid.in_([e.txid for e in mine]))
-        )
+                raw_run(cursor, _RAW_UPSERT_DATA, puts)
+            raw_run(cursor, _RAW_INSERT_LOG, log_rows)
+            raw_run(cursor, _RAW_DELETE_PREPARED, dropped)
+        finally:
+            cursor.close()
+        return [e.position for e in entries]
+    if deletes:
+        conn.execute(_DELETE_DATA, [{"b_shard": s, "b_key": k} for s, k in deletes])
+    if puts:
+        put_rows = [{"shard": s, "key": k, "value": v} for s, k, v in puts]
+        if conn.dialect.name == "postgresql":
+            conn.execute(_PG_UPSERT_DATA, put_rows)
+        else:
+            conn.execute(_DELETE_DATA, [{"b_shard": s, "b_key": k} for s, k, _ in puts])
+            conn.execute(_INSERT_DATA, put_rows)
+    conn.execute(
+        _INSERT_LOG,
+        [
+            {"shard": s, "position": p, "txid": t, "writes": w, "committed_at": c}
+            for s, p, t, w, c in log_rows
+        ],
+    )
+    conn.execute(_DELETE_PREPARED, [{"b_shard": s, "b_txid": t} for s, t in dropped])
     return [e.position for e in entries]
 
 
