@@ -86,12 +86,14 @@ def first_answer(sock: socket.socket) -> Any:
     try:
         while True:
             data = sock.recv(65536)
+            if not data:
+                return None  # EOF without a message (never loop on it)
             for event in conn.receive_data(data):
                 if isinstance(event, (wire.Hello, wire.GoAway)):
                     return event
                 if isinstance(event, wire.ConnectionClosed):
                     return None
-    except (ConnectionResetError, wire.RemoteProtocolError):
+    except (OSError, wire.RemoteProtocolError):  # reset, or the socket's timeout
         return None
 
 
