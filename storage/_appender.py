@@ -31,6 +31,7 @@ baseline); everything else is the same.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -214,6 +215,11 @@ class GroupCommitAppender:
         self._closing = False
         self._running = False
         self._stopped = trio.Event()
+        # SQLite: the flusher's own connection, kept checked out between batches (no pool
+        # checkout and reset per batch) and dropped after a failed batch and at the end.
+        # ``_writer_lazy``: its ``synchronous`` is NORMAL (else FULL, as pooled connections).
+        self._writer: Connection | None = None
+        self._writer_lazy = False
 
     @property
     def queued(self) -> int:
@@ -347,6 +353,9 @@ class GroupCommitAppender:
                 pending = self._queue.popleft()
                 message = f"the appender for {self.database.url} stopped before this record was written"
                 self._finish(pending, None, StorageClosed(message))
+            if self._writer is not None:
+                with trio.CancelScope(shield=True):
+                    await run_blocking(self._release_writer, limiter=self.database.write_thread_limiter)
 
     # -- the WAL syncer (pipelined_fsync) ------------------------------------------------
 
@@ -476,19 +485,49 @@ class GroupCommitAppender:
     def _write_batch_sync(self, batch: list[_Pending]) -> list[Any]:
         """Worker thread: one transaction for the whole batch; raises to fail it."""
         flush = any(pending.kind.durable for pending in batch)
-        with self.database.engine.connect() as conn:
-            conn.execution_options(**{WRITE_OPTION: True})
-            # Pipelined: the syncer flushes the WAL for the durable records.
-            lazy_sqlite = (self.pipelined_fsync or not flush) and conn.dialect.name == "sqlite"
-            if lazy_sqlite:
-                # Per connection and outside a transaction; restored before the
-                # connection goes back to the pool.
-                conn.connection.driver_connection.execute("PRAGMA synchronous = NORMAL")  # type: ignore[union-attr]
-            try:
+        if self.database.dialect != "sqlite":
+            # PostgreSQL: a pooled connection per batch (the pool's pre-ping replaces a
+            # connection the server dropped before the batch starts on it).
+            with self.database.engine.connect() as conn:
+                conn.execution_options(**{WRITE_OPTION: True})
                 return self._write_in_transaction(conn, batch, flush)
-            finally:
-                if lazy_sqlite:
-                    _restore_full_sync(conn)
+        writer = self._writer
+        if writer is None:
+            writer = self.database.engine.connect()
+            writer.execution_options(**{WRITE_OPTION: True})
+            self._writer = writer
+            self._writer_lazy = False
+        try:
+            # Pipelined: the syncer flushes the WAL for the durable records. The mode is
+            # per connection and set outside a transaction, only when it changes.
+            lazy = self.pipelined_fsync or not flush
+            if lazy != self._writer_lazy:
+                mode = "NORMAL" if lazy else "FULL"
+                writer.connection.driver_connection.execute(f"PRAGMA synchronous = {mode}")  # type: ignore[union-attr]
+                self._writer_lazy = lazy
+            return self._write_in_transaction(writer, batch, flush)
+        except BaseException:
+            # Start the next batch on a fresh connection, as if each batch took its own;
+            # the batch's own error (e.g. a failed COMMIT: outcome unknown) is what counts.
+            with contextlib.suppress(Exception):
+                self._release_writer()
+            raise
+
+    def _release_writer(self) -> None:
+        """Worker thread: give the writer connection back to the pool, ``synchronous=FULL``
+        restored (or discarded if that fails: never a weaker connection in the pool)."""
+        conn = self._writer
+        if conn is None:
+            return
+        self._writer = None
+        if self._writer_lazy:
+            self._writer_lazy = False
+            _restore_full_sync(conn)
+        try:
+            conn.close()
+        except Exception:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
 
     def _write_in_transaction(self, conn: Connection, batch: list[_Pending], flush: bool) -> list[Any]:
         results: list[Any] = []

@@ -167,3 +167,81 @@ async def test_coordinator_decisions_and_done_marks(db_url: str) -> None:
         fresh = await log.get(4)
         assert fresh is not None and not fresh["done"] and fresh["acked"] == []
         assert (await other.load())[1] == [(1, ("z",), set())]
+
+
+# -- the appender's writer connection (SQLite) ------------------------------------------
+
+
+def _sync_mode(conn: sa.Connection, records: Sequence[str]) -> list[int]:
+    """A batch writer returning the writing connection's ``synchronous`` (1 NORMAL, 2 FULL)."""
+    mode = int(conn.exec_driver_sql("PRAGMA synchronous").scalar_one())
+    return [mode] * len(records)
+
+
+DURABLE_PROBE: storage.RecordKind[str, int] = storage.RecordKind("test.durable_probe", _sync_mode)
+LAZY_PROBE: storage.RecordKind[str, int] = storage.RecordKind("test.lazy_probe", _sync_mode, durable=False)
+
+
+def _fail(conn: sa.Connection, records: Sequence[str]) -> list[None]:
+    raise RuntimeError("poisoned batch")
+
+
+LAZY_FAILURE: storage.RecordKind[str, None] = storage.RecordKind("test.lazy_failure", _fail, durable=False)
+
+
+def _pooled_modes(engine: sa.Engine) -> list[int]:
+    """``synchronous`` of every connection idle in the pool."""
+    conns = [engine.connect() for _ in range(engine.pool.checkedin())]  # type: ignore[attr-defined]
+    try:
+        return [int(c.exec_driver_sql("PRAGMA synchronous").scalar_one()) for c in conns]
+    finally:
+        for c in conns:
+            c.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_each_batch_commits_in_its_durability_mode_and_pooled_connections_stay_full(
+    sqlite_url: str, pipelined: bool
+) -> None:
+    engine = storage.open_engine(sqlite_url)
+    database = storage.Database(engine)
+    try:
+        async with storage.open_appender(database, pipelined_fsync=pipelined) as appender:
+            # Alternating kinds, one record per batch: the mode is switched both ways.
+            for kind in [DURABLE_PROBE, LAZY_PROBE, LAZY_PROBE, DURABLE_PROBE, DURABLE_PROBE, LAZY_PROBE]:
+                mode = await appender.append(kind, "x")
+                expected = 1 if pipelined or not kind.durable else 2
+                assert mode == expected, (kind, mode)
+                assert all(m == 2 for m in _pooled_modes(engine))
+            # Readers never get the writer's connection.
+            modes = await database.read(lambda conn: conn.exec_driver_sql("PRAGMA synchronous").scalar_one())
+            assert modes == 2
+            # A failed batch gives the connection back (restored) and the next one works.
+            assert await appender.append(LAZY_PROBE, "y") == 1
+            with pytest.raises(storage.BatchFailed):
+                await appender.append(LAZY_FAILURE, "z")
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert all(m == 2 for m in _pooled_modes(engine))
+            assert await appender.append(DURABLE_PROBE, "w") == (1 if pipelined else 2)
+            assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+        # Stopped: the writer connection is back in the pool, at FULL.
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert _pooled_modes(engine) and all(m == 2 for m in _pooled_modes(engine))
+    finally:
+        database.close()
+
+
+async def test_a_cancelled_appender_gives_its_writer_connection_back(sqlite_url: str) -> None:
+    engine = storage.open_engine(sqlite_url)
+    database = storage.Database(engine)
+    try:
+        with trio.CancelScope() as scope:
+            async with storage.open_appender(database, pipelined_fsync=True) as appender:
+                await appender.append(LAZY_PROBE, "x")
+                assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+                scope.cancel()
+                await trio.sleep_forever()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert all(m == 2 for m in _pooled_modes(engine))
+    finally:
+        database.close()
