@@ -180,10 +180,14 @@ def _sqlite_engine(
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        if conn.get_execution_options().get(WRITE_OPTION):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
+        # Straight on the driver: every transaction starts here, and a statement run
+        # through SQLAlchemy (exec_driver_sql) costs several times SQLite's BEGIN.
+        # A driver error is raised as SQLAlchemy's wrapper of it, as exec_driver_sql did.
+        sql = "BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN"
+        try:
+            conn.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
+        except sqlite3.Error as exc:
+            raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
 
     return engine
 

@@ -245,3 +245,22 @@ async def test_a_cancelled_appender_gives_its_writer_connection_back(sqlite_url:
         assert all(m == 2 for m in _pooled_modes(engine))
     finally:
         database.close()
+
+
+async def test_a_locked_database_fails_the_batch_at_begin_and_the_writer_recovers(sqlite_url: str) -> None:
+    engine = storage.open_engine(sqlite_url, busy_timeout_s=0.05)
+    database = storage.Database(engine)
+    try:
+        async with storage.open_appender(database) as appender:
+            assert await appender.append(DURABLE_PROBE, "x") == 2  # the writer connection is open
+            with engine.connect() as holder:
+                holder.execution_options(txrpc_write=True)
+                with holder.begin():
+                    with pytest.raises(storage.BatchFailed) as caught:
+                        await appender.append(DURABLE_PROBE, "y")
+            assert isinstance(caught.value.__cause__, sa.exc.OperationalError)
+            assert "locked" in str(caught.value) and not caught.value.outcome_unknown
+            assert await appender.append(DURABLE_PROBE, "z") == 2
+            assert await appender.append(LAZY_PROBE, "z") == 1
+    finally:
+        database.close()
