@@ -41,7 +41,7 @@ async def read_frames(stream, count: int, timeout_s: float = 5.0) -> list[bytes]
 
 def test_frames_arrive_in_order_with_latency() -> None:
     async def main() -> None:
-        net = SimNetwork(random.Random(1), default=LinkFaults(delay_s=0.01))
+        net = SimNetwork(random.Random(1), default=LinkFaults(delay_s=0.01, jitter_s=0.0))
         c, s = await pair(net)
         start = trio.current_time()
         await c.send_all(b"".join(frame(bytes([i])) for i in range(20)))
