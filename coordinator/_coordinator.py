@@ -338,10 +338,18 @@ class Coordinator:
             else:
                 crash_point("coordinator.after_decision")
                 self.core.commit_decided(tx)
-        assert self._nursery is not None
         if tx.phase in (Phase.COMMITTING, Phase.ABORTING):
-            self._nursery.start_soon(self._phase_two, tx)
+            self._start_phase_two(tx)
         self._signal(tx)
+
+    def _start_phase_two(self, tx: CoordTx) -> None:
+        assert self._nursery is not None
+        try:
+            self._nursery.start_soon(self._phase_two, tx)
+        except RuntimeError:
+            # The coordinator is stopping (its nursery is closed): a commit decision is
+            # durable and is re-driven on recovery; an abort is presumed.
+            log.info("coordinator stopping: phase 2 of %d left to recovery", tx.txid)
 
     async def _phase_two(self, tx: CoordTx) -> None:
         """Tell every writing participant the decision, retrying until acknowledged

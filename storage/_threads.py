@@ -12,22 +12,36 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from typing import TypeVar, TypeVarTuple, Unpack
+from typing import Protocol, TypeVar, TypeVarTuple, Unpack
 
 import trio
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-#: True in the tasks of a simulated node.
-inline: contextvars.ContextVar[bool] = contextvars.ContextVar("txrpc_storage_inline", default=False)
+class SimulatedNode(Protocol):
+    #: Set when the simulator crashed the node: it may not touch its storage any more.
+    crashed: bool
+
+
+class NodeCrashed(BaseException):
+    """Raised to code of a simulated node that keeps running after the node crashed
+    (e.g. a step shielded from cancellation): a crashed process writes nothing more.
+    A ``BaseException``, like ``trio.Cancelled``, so ``except Exception`` does not eat it."""
+
+
+#: The simulated node the current task belongs to (``None`` in production).
+inline: contextvars.ContextVar[SimulatedNode | None] = contextvars.ContextVar("txrpc_storage_inline", default=None)
 
 
 async def run_blocking(
     fn: Callable[[Unpack[Ts]], T], *args: *Ts, limiter: trio.CapacityLimiter | None = None
 ) -> T:
     """``fn(*args)`` on a worker thread (bounded by ``limiter``), or inline under simulation."""
-    if inline.get():
+    node = inline.get()
+    if node is not None:
+        if node.crashed:
+            raise NodeCrashed("this simulated node crashed; its storage is gone for it")
         await trio.lowlevel.checkpoint_if_cancelled()
         result = fn(*args)
         await trio.lowlevel.cancel_shielded_checkpoint()

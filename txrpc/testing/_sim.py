@@ -36,6 +36,7 @@ import trio.testing
 
 import txrpc
 from storage import _threads as storage_threads
+from storage._threads import NodeCrashed
 from txrpc import _env
 from txrpc._shardmap import ClusterConfig
 
@@ -58,16 +59,23 @@ BROKEN_SWITCHES = (
 class SimNode:
     """The environment of one simulated node (or client): implements ``txrpc._env.Environment``."""
 
-    def __init__(self, sim: Simulation, node: str) -> None:
+    def __init__(self, sim: Simulation, node: str, skew_s: float = 0.0) -> None:
         self.sim = sim
         self.node = node
-        self.skew_s = 0.0
+        self.skew_s = skew_s
+        #: Set by :meth:`Simulation.crash`: code of this incarnation that still runs
+        #: (shielded steps) can neither touch storage nor the network any more.
+        self.crashed = False
 
     async def open_stream(self, host: str, port: int) -> trio.abc.Stream:
+        if self.crashed:
+            raise NodeCrashed(f"{self.node} crashed")
         stream: SimStream = await self.sim.network.connect(self.node, host, port)
         return stream
 
     async def open_listeners(self, host: str, port: int) -> list[trio.abc.Listener[Any]]:
+        if self.crashed:
+            raise NodeCrashed(f"{self.node} crashed")
         listener: SimListener = self.sim.network.listen(self.node, host, port)
         return [listener]
 
@@ -178,8 +186,9 @@ class Simulation:
 
     def become(self, node: str) -> None:
         """Make the current task (and tasks it starts from now on) run as ``node``."""
-        _env.current.set(self.env(node))
-        storage_threads.inline.set(True)
+        env = self.env(node)
+        _env.current.set(env)
+        storage_threads.inline.set(env)
 
     async def add_server(self, name: str, services: Iterable[txrpc.Service], host: str, port: int = 7000) -> None:
         """Add and start a plain server node (``txrpc.serve_services`` with a request log
@@ -201,37 +210,45 @@ class Simulation:
         self._scopes[node] = scope
         self._stopped[node] = stopped
         self.down.discard(node)
+        old_env = self.envs.get(node)
+        # A new incarnation: the old one's lingering code keeps its (crashed) environment.
+        self.envs[node] = SimNode(self, node, old_env.skew_s if old_env else 0.0)
         options = self.options
         from coordinator import run_coordinator, run_shard
+
+        async def run_node(task_status: trio.TaskStatus[Any]) -> None:
+            if node in self.servers:
+                from txrpc._serve import serve_services
+
+                services, host, port = self.servers[node]
+                path = self.storage_path(node)
+                path.mkdir(parents=True, exist_ok=True)
+                await serve_services(services, host=host, port=port, db=path, task_status=task_status)
+            elif node == COORDINATOR:
+                await run_coordinator(
+                    self.config,
+                    tx_timeout_s=options.tx_timeout_s,
+                    phase_timeout_s=options.phase_timeout_s,
+                    rng_seed=self.rng.getrandbits(32),
+                    task_status=task_status,
+                )
+            else:
+                await run_shard(
+                    self.config,
+                    node,
+                    self.services,
+                    tx_idle_timeout_s=options.tx_idle_timeout_s,
+                    rng_seed=self.rng.getrandbits(32),
+                    task_status=task_status,
+                )
 
         async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             self.become(node)
             try:
                 with scope:
-                    if node in self.servers:
-                        from txrpc._serve import serve_services
-
-                        services, host, port = self.servers[node]
-                        path = self.storage_path(node)
-                        path.mkdir(parents=True, exist_ok=True)
-                        await serve_services(services, host=host, port=port, db=path, task_status=task_status)
-                    elif node == COORDINATOR:
-                        await run_coordinator(
-                            self.config,
-                            tx_timeout_s=options.tx_timeout_s,
-                            phase_timeout_s=options.phase_timeout_s,
-                            rng_seed=self.rng.getrandbits(32),
-                            task_status=task_status,
-                        )
-                    else:
-                        await run_shard(
-                            self.config,
-                            node,
-                            self.services,
-                            tx_idle_timeout_s=options.tx_idle_timeout_s,
-                            rng_seed=self.rng.getrandbits(32),
-                            task_status=task_status,
-                        )
+                    await run_node(task_status)
+            except* NodeCrashed:
+                pass  # code that outlived the crash stopped at its first storage/network use
             finally:
                 stopped.set()
 
@@ -251,6 +268,7 @@ class Simulation:
             return
         self.crashes.append((trio.current_time(), node, why))
         self.down.add(node)
+        self.env(node).crashed = True
         scope.cancel()
         self.network.crash(node)
         self.participants.pop(node, None)
