@@ -60,8 +60,16 @@ def _result_table(result: Any) -> Table:
 
 
 @click.group("sim")
-def sim() -> None:
-    """Run workloads on the deterministic cluster simulator (one seed replays a run)."""
+@click.option("--log-level", default="ERROR", show_default=True, help="Log level of the simulated nodes.")
+def sim(log_level: str) -> None:
+    """Run workloads on the deterministic cluster simulator (one seed replays a run).
+
+    Faults make the nodes log a lot (resets, protocol errors from duplicated frames):
+    only errors are shown unless --log-level says otherwise."""
+    import logging
+
+    for name in ("txrpc", "coordinator", "storage"):
+        logging.getLogger(name).setLevel(log_level.upper())
 
 
 def _workload_options(clients: int, duration: float) -> Any:
