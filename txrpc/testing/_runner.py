@@ -140,10 +140,14 @@ class SimResult:
     crashes: list[tuple[float, str, str]]
     network: dict[str, Any]
     simulated_s: float
-    committed: int = 0
     broken: frozenset[str] = field(default_factory=frozenset)
     duration_s: float = 0.0
     clients: int = 0
+
+    @property
+    def committed(self) -> int:
+        """Operations that completed ok."""
+        return self.counts()["ok"]
 
     @property
     def valid(self) -> bool:
@@ -261,7 +265,6 @@ def run_simulation(
             crashes=list(sim.crashes),
             network=sim.network.describe(),
             simulated_s=trio.current_time(),
-            committed=sum(1 for op in history if op.type == "ok"),
             broken=sim.broken,
             duration_s=wopts.duration_s,
             clients=wopts.clients,

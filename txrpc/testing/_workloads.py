@@ -111,6 +111,25 @@ async def _transaction(
         return ("info" if committing else "fail"), str(exc)
 
 
+async def _recorded(
+    cluster: txrpc.Cluster,
+    history: History,
+    process: int,
+    f: str,
+    value: Any,
+    body: Callable[[Any], Awaitable[Any]],
+    timeout_s: float,
+    *,
+    unsettled: Any = None,
+) -> tuple[str, Any]:
+    """Run ``body`` as one transaction recorded in ``history``: invoke with ``value``,
+    complete with the result when ok, else with ``unsettled``. Returns (status, result)."""
+    invoke = history.invoke(process, f, value, trio.current_time())
+    status, result = await _transaction(cluster, body, timeout_s)
+    history.complete(invoke, status, result if status == "ok" else unsettled, trio.current_time())  # type: ignore[arg-type]
+    return status, result
+
+
 @dataclass
 class WorkloadOptions:
     clients: int = 4
@@ -167,10 +186,7 @@ async def bank_client(
     accounts = accounts_of(options)
     while trio.current_time() < until:
         if rng.random() < options.read_p:
-            invoke = history.invoke(process, "read", None, trio.current_time())
-
-            status, value = await _transaction(cluster, _read_all(cluster, accounts), options.tx_timeout_s)
-            history.complete(invoke, status, value if status == "ok" else None, trio.current_time())  # type: ignore[arg-type]
+            await _recorded(cluster, history, process, "read", None, _read_all(cluster, accounts), options.tx_timeout_s)
         else:
             source, target = rng.sample(accounts, 2)
             amount = rng.randint(1, 5)
@@ -191,10 +207,7 @@ async def bank_final_read(cluster: txrpc.Cluster, history: History, options: Wor
     """After the faults: one consistent read of every balance (retried), recorded."""
     accounts = accounts_of(options)
     for _ in range(50):
-        invoke = history.invoke(999, "read", None, trio.current_time())
-
-        status, value = await _transaction(cluster, _read_all(cluster, accounts), 5.0)
-        history.complete(invoke, status, value if status == "ok" else None, trio.current_time())  # type: ignore[arg-type]
+        status, value = await _recorded(cluster, history, 999, "read", None, _read_all(cluster, accounts), 5.0)
         if status == "ok":
             return dict(value)
         await trio.sleep(0.2)
@@ -219,7 +232,6 @@ async def list_append_client(
                 micro.append(["append", key, counter[0]])
             else:
                 micro.append(["r", key, None])
-        invoke = history.invoke(process, "txn", micro, trio.current_time())
 
         async def body(t: Any, ops: list[list[Any]] = micro) -> list[list[Any]]:
             done = []
@@ -231,8 +243,7 @@ async def list_append_client(
                     done.append([f, key, list(await t.la.read(key))])
             return done
 
-        status, value = await _transaction(cluster, body, options.tx_timeout_s)
-        history.complete(invoke, status, value if status == "ok" else micro, trio.current_time())  # type: ignore[arg-type]
+        await _recorded(cluster, history, process, "txn", micro, body, options.tx_timeout_s, unsettled=micro)
         await trio.sleep(options.think_s * rng.uniform(0.5, 1.5))
 
 
@@ -240,13 +251,11 @@ async def list_append_final_read(cluster: txrpc.Cluster, history: History, optio
     keys = [f"k{i}" for i in range(options.keys)]
     for _ in range(50):
         micro: list[list[Any]] = [["r", key, None] for key in keys]
-        invoke = history.invoke(999, "txn", micro, trio.current_time())
 
         async def body(t: Any) -> list[list[Any]]:
             return [["r", key, list(await t.la.read(key))] for key in keys]
 
-        status, value = await _transaction(cluster, body, 5.0)
-        history.complete(invoke, status, value if status == "ok" else micro, trio.current_time())  # type: ignore[arg-type]
+        status, _ = await _recorded(cluster, history, 999, "txn", micro, body, 5.0, unsettled=micro)
         if status == "ok":
             return True
         await trio.sleep(0.2)
