@@ -286,6 +286,15 @@ def live_input_from_seed(seed: int) -> bytes:
     return b"".join(parts)
 
 
+
+def _receive_or_fail(sock: socket.socket) -> bytes:
+    """One read for the health check; EOF fails it (a closed connection's empty reads
+    must never become a busy loop)."""
+    data = sock.recv(65536)
+    if not data:
+        raise AssertionError("fuzz server closed the health-check connection")
+    return data
+
 class LiveServer:
     """A fuzz server in a child process; :meth:`one_input` is the live target."""
 
@@ -343,11 +352,11 @@ class LiveServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=CLOSE_TIMEOUT_S) as sock:
             sock.sendall(conn.send_hello())
             while not conn.is_open:  # a call may follow only the server's hello
-                conn.receive_data(sock.recv(65536))
+                conn.receive_data(_receive_or_fail(sock))
             sock.sendall(call)
             events: list[Any] = []
             while not any(isinstance(e, (wire.Result, wire.Error, wire.ConnectionClosed)) for e in events):
-                events += conn.receive_data(sock.recv(65536))
+                events += conn.receive_data(_receive_or_fail(sock))
         results = [e for e in events if isinstance(e, wire.Result)]
         assert results and results[0].value == 5, f"health call failed: {events}"
 
