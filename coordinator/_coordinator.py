@@ -12,13 +12,17 @@ from typing import Any
 import trio
 
 import txrpc
-from storage import CoordinatorLog, DecisionExists
+from storage import CoordinatorLog, DecisionExists, KvTransaction
 from txrpc import _env
+from txrpc._shardmap import ConfigError, ShardMap
 
 from ._coordinator_core import CoordinatorCore, CoordTx, Decision, Phase
 from ._faults import crash_point
 
 log = logging.getLogger("txrpc.coordinator")
+
+AUTHORITY_NAMESPACE = "txrpc.authority"
+HEARTBEAT_INTERVAL_S_DEFAULT = 0.5
 
 
 class Coordinator:
@@ -39,7 +43,18 @@ class Coordinator:
         txid_block_size: int = 1000,
         rng: random.Random | None = None,
         limits: txrpc.Limits | None = None,
+        shard_map: ShardMap | None = None,
+        failure_timeout_s: float = 0.0,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S_DEFAULT,
     ) -> None:
+        """``shard_map``: makes this coordinator the shard-map authority (the map in its
+        storage wins over this one when its epoch is newer). ``failure_timeout_s`` > 0:
+        a replica not answering heartbeats for that long is dropped at a new epoch."""
+        self.shard_map = shard_map
+        self.failure_timeout_s = failure_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._map_lock = trio.Lock()
+        self._last_seen: dict[str, float] = {}
         self.log = coordinator_log
         self.nodes = dict(nodes)
         self.core = CoordinatorCore(txid_block_size, tx_timeout_s)
@@ -60,6 +75,7 @@ class Coordinator:
         """Recover from the log, then drive phase 2 and expire abandoned transactions."""
         block_end, undone = await self.log.load()
         redo = self.core.recover(block_end, undone)
+        await self._load_map()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for name, (host, port) in sorted(self.nodes.items()):
@@ -72,6 +88,8 @@ class Coordinator:
                 nursery.start_soon(self._phase_two, self.core.txs[txid])
             self.ready = True
             task_status.started()
+            if self.shard_map is not None and self.failure_timeout_s > 0:
+                nursery.start_soon(self._heartbeats)
             while True:
                 await trio.sleep(0.5)
                 for tx in self.core.expired(trio.current_time()):
@@ -85,7 +103,114 @@ class Coordinator:
         # Operator tools: on a server with security, admins only.
         for name in ("transactions", "show", "resolve"):
             svc.add_method(getattr(self, name), name=name, allow=txrpc.ROLE_ADMIN)
+        if self.shard_map is not None:
+            svc.add_method(self.get_shard_map, name="shard_map")
+            svc.add_method(self.mark_down, name="mark_down", allow=txrpc.ROLE_ADMIN)
+            svc.add_method(self.promote, name="promote", allow=txrpc.ROLE_ADMIN)
         return svc
+
+    # --- the shard-map authority -----------------------------------------------------------------
+
+    async def _load_map(self) -> None:
+        if self.shard_map is None:
+            return
+        stored = await KvTransaction(self.log.database, namespace=AUTHORITY_NAMESPACE).get("shard_map")
+        if stored is not None:
+            durable = ShardMap.from_wire(stored)
+            if durable.epoch >= self.shard_map.epoch:
+                self.shard_map = durable
+                return
+        await self._store_map(self.shard_map)
+
+    async def _store_map(self, shard_map: ShardMap) -> None:
+        tx = KvTransaction(self.log.database, namespace=AUTHORITY_NAMESPACE)
+        await tx.get("shard_map")
+        tx.put("shard_map", shard_map.to_wire())
+        await tx.commit(self.log.appender)
+
+    async def get_shard_map(self) -> dict[str, Any]:
+        """The current shard map (``ShardMap.to_wire`` form)."""
+        assert self.shard_map is not None
+        return self.shard_map.to_wire()
+
+    async def mark_down(self, node: str) -> dict[str, Any]:
+        """Drop ``node`` from every replica set at a new epoch (where it was primary, the
+        next replica takes over). ``{"epoch", "published", "unreachable"}``."""
+        return await self._change_map(node, "mark_down")
+
+    async def promote(self, node: str) -> dict[str, Any]:
+        """Make ``node`` the primary of every partition it replicates, at a new epoch."""
+        return await self._change_map(node, "promote")
+
+    async def _change_map(self, node: str, how: str) -> dict[str, Any]:
+        assert self.shard_map is not None
+        if not isinstance(node, str) or node not in self.shard_map:
+            raise txrpc.InvalidArgument(f"no node named {node!r} in the shard map")
+        async with self._map_lock:
+            try:
+                new = self.shard_map.without_replica(node) if how == "mark_down" else self.shard_map.with_primary(node)
+            except ConfigError as exc:
+                raise txrpc.FailedPrecondition(str(exc)) from None
+            await self._store_map(new)  # durable before anyone hears of it
+            self.shard_map = new
+            log.warning("shard map epoch %d: %s %s", new.epoch, how.replace("_", "-"), node)
+            published, unreachable = await self._publish(new)
+        return {"epoch": new.epoch, "published": published, "unreachable": unreachable}
+
+    async def _publish(self, shard_map: ShardMap) -> tuple[list[str], list[str]]:
+        """Push ``shard_map`` to every node (bounded; a node that misses it learns it from
+        the first replication message or call carrying the newer epoch)."""
+        published: list[str] = []
+        unreachable: list[str] = []
+        wire = shard_map.to_wire()
+
+        async def push(name: str) -> None:
+            try:
+                with trio.fail_after(self.phase_timeout_s):
+                    await self._clients[name].options(retries_max=0).call("repl.install_map", wire)
+                published.append(name)
+            except (txrpc.RpcError, trio.TooSlowError, OSError):
+                unreachable.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for node in shard_map.nodes:
+                if node.name in self._clients:
+                    nursery.start_soon(push, node.name)
+        return sorted(published), sorted(unreachable)
+
+    async def _heartbeats(self) -> None:
+        """Failure detection: a replica that has not answered a ping for
+        ``failure_timeout_s`` is marked down (unless it is the last replica of some
+        partition: then it is only reported)."""
+        assert self.shard_map is not None
+        start = trio.current_time()
+        reported: set[str] = set()
+
+        async def ping(name: str) -> None:
+            try:
+                with trio.fail_after(min(self.failure_timeout_s, self.phase_timeout_s)):
+                    await self._clients[name].options(retries_max=0).call("repl.ping")
+                self._last_seen[name] = trio.current_time()
+                reported.discard(name)
+            except (txrpc.RpcError, trio.TooSlowError, OSError):
+                pass
+
+        while True:
+            shard_map = self.shard_map
+            replicas = {m for members in set(shard_map.replica_sets) for m in members}
+            async with trio.open_nursery() as nursery:
+                for name in sorted(replicas):
+                    if name in self._clients:
+                        nursery.start_soon(ping, name)
+            now = trio.current_time()
+            for name in sorted(replicas):
+                if now - self._last_seen.get(name, start) > self.failure_timeout_s and name not in reported:
+                    try:
+                        await self.mark_down(name)
+                    except txrpc.RpcError as exc:
+                        log.error("node %s is not answering but cannot be marked down: %s", name, exc)
+                        reported.add(name)
+            await trio.sleep(self.heartbeat_interval_s)
 
     # --- client-facing -----------------------------------------------------------------------
 

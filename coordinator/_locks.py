@@ -43,6 +43,13 @@ _COMPATIBLE = {
     (Mode.IX, Mode.IX): True,
 }
 
+
+
+def compatible(held: Mode, requested: Mode) -> bool:
+    """May ``requested`` be granted while another transaction holds ``held``?"""
+    return _COMPATIBLE[(held, requested)]
+
+
 # The stronger of two modes a transaction holds on one resource.
 _STRENGTH = {Mode.S: 1, Mode.IX: 1, Mode.X: 2}
 

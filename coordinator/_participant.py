@@ -19,9 +19,11 @@ import trio
 
 import txrpc
 from storage import ShardStore
+from storage._shard_store import WriteSet
 from txrpc import _env
 from txrpc._routing import EpochGuard
 from txrpc._service import MethodSpec
+from txrpc._shardmap import ShardMap
 
 from ._faults import crash_point
 from ._locks import DIE, GRANTED, SCAN_RESOURCE, Mode, Request
@@ -34,6 +36,7 @@ from ._participant_core import (
     TxState,
     Vote,
 )
+from ._replication import Replication, record_id, txid_of
 
 log = logging.getLogger("txrpc.participant")
 
@@ -153,6 +156,7 @@ class Participant:
         resolve_interval_s: float = 0.5,
         phase_timeout_s: float = 5.0,
         rng: random.Random | None = None,
+        replication: Replication | None = None,
     ) -> None:
         self.shard = shard
         self.store = store
@@ -170,9 +174,17 @@ class Participant:
         self.user_services = [self._wrap_service(s) for s in services]
         self.internal = self._internal_service()
         self.recovered = False
+        self.replication = replication
+        self._leased_txids: list[int] = []
+        if replication is not None:
+            replication.participant = self
 
     def services(self) -> list[txrpc.Service]:
-        return [*self.user_services, self.internal]
+        extra = [self._replication_service()] if self.replication is not None else []
+        return [*self.user_services, self.internal, *extra]
+
+    def _replicated(self) -> bool:
+        return self.replication is not None and self.replication.guard.shard_map.replication_factor > 1
 
     # --- recovery and background work --------------------------------------------------------
 
@@ -185,6 +197,8 @@ class Participant:
             self.core.restore_prepared(txid, write_map, [(r, Mode(m)) for r, m in locks], now)
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = -math.inf  # ask the coordinator at once
+        if self.replication is not None:
+            self.replication.meta.update(self.store.prepare_meta)
         self.recovered = True
         if records:
             log.info("shard %s recovered %d prepared transactions", self.shard, len(records))
@@ -204,19 +218,54 @@ class Participant:
                 self._wake(
                     self.core.abort(txid, "transaction idle too long on this shard (client gone?)"), txid
                 )
-            if self.coordinator is not None:
-                for txid in self.core.in_doubt():
-                    if (
-                        now - self._prepared_at.get(txid, now) >= self.decision_wait_s
-                        and txid not in self._busy
-                    ):
-                        await self._ask_decision(txid)
+            for txid in self.core.in_doubt():
+                if now - self._prepared_at.get(txid, now) < self.decision_wait_s or txid in self._busy:
+                    continue
+                meta = self.replication.meta.get(txid) if self.replication is not None else None
+                if meta is not None and meta.get("local"):
+                    await self._resolve_local(txid)
+                elif self.coordinator is not None:
+                    await self._ask_decision(txid)
+
+    async def _resolve_local(self, txid: int) -> None:
+        """Termination for a replicated record of a transaction its primary decided alone
+        (one-phase or autocommit). The primary commits such a transaction only once every
+        follower has the record, and never answers "aborted" after sending it; so as the
+        (possibly new) primary, finish it: replicate it to the current followers and
+        commit. As a follower, ask the current primary."""
+        assert self.replication is not None
+        tx = self.core.txs.get(txid)
+        if tx is None or tx.state is not TxState.PREPARED:
+            return
+        keys = list(tx.writes)
+        if self.replication.owns(keys):
+            try:
+                await self._finish_local(txid)
+            except txrpc.RpcError as exc:
+                log.info("shard %s: local transaction %d not finished yet: %s", self.shard, txid, exc)
+            return
+        shard_map = self.replication.guard.shard_map
+        primary = shard_map.primary_of(keys[0]) if keys else None
+        if primary is None:
+            return
+        try:
+            with trio.move_on_after(self.phase_timeout_s):
+                client = await self.replication.client_for(primary.name)
+                status = await client.options(retries_max=0).call("tx.status", txid)
+                state = status.get("state")
+                if state == "committed":
+                    await self._apply(txid)
+                elif state == "aborted":
+                    await self.abort(txid)
+        except txrpc.RpcError as exc:
+            log.info("shard %s: outcome of local transaction %d not available yet: %s", self.shard, txid, exc)
 
     async def _ask_decision(self, txid: int) -> None:
         assert self.coordinator is not None
         try:
             with trio.move_on_after(self.phase_timeout_s):
-                decision = await self.coordinator.options(retries_max=0).call("coord.decision", txid)
+                # A replicated record (follower side) is kept under -txid: ask about txid.
+                decision = await self.coordinator.options(retries_max=0).call("coord.decision", txid_of(txid))
                 if decision == "commit":
                     await self.commit(txid)
                 elif decision == "abort":
@@ -259,6 +308,8 @@ class Participant:
             for (txid, _), event in list(self._lock_waiters.items()):
                 if txid == aborted_txid:
                     event.set()
+        if self.replication is not None:
+            self.replication.locks_changed()
 
     # --- user methods --------------------------------------------------------------------------
 
@@ -277,6 +328,9 @@ class Participant:
         async def handler(*args: Any, **kwargs: Any) -> Any:
             ctx = txrpc.current_call()
             if self.epoch_guard is not None and "epoch" in ctx.metadata and args:
+                call_epoch = ctx.metadata["epoch"]
+                if self.replication is not None and type(call_epoch) is int and call_epoch > self.epoch_guard.epoch:
+                    await self.replication.refresh()  # the caller knows a newer map: fetch it
                 self.epoch_guard.check(key=args[0])  # WRONG_EPOCH / not the primary: nothing ran
             txid = ctx.metadata.get("txid")
             if txid is None:
@@ -366,8 +420,7 @@ class Participant:
         """A transactional method called outside a transaction: its own local transaction."""
         last: BaseException | None = None
         for attempt in range(AUTOCOMMIT_ATTEMPTS_MAX):
-            self._autocommit_seq += 1
-            txid = AUTOCOMMIT_TXID_BASE + self._autocommit_seq
+            txid = await self._next_autocommit_txid()
             try:
                 result = await self._run_operation(spec, txid, 0, args, kwargs, deadline)
             except txrpc.TransactionAborted as exc:
@@ -382,6 +435,24 @@ class Participant:
             last = txrpc.TransactionAborted(outcome.get("reason", "aborted"), {"retryable": True})
         assert last is not None
         raise last
+
+    async def _next_autocommit_txid(self) -> int:
+        """A local id on an unreplicated shard; on a replicated one an id leased from the
+        coordinator (its followers keep the record under it: it must be unique in the
+        cluster and across restarts)."""
+        if not self._replicated():
+            self._autocommit_seq += 1
+            return AUTOCOMMIT_TXID_BASE + self._autocommit_seq
+        if not self._leased_txids:
+            if self.coordinator is None:
+                raise txrpc.FailedPrecondition(
+                    "a transactional call outside a transaction on a replicated shard needs the coordinator "
+                    "(for its transaction id)"
+                )
+            lease = await self.coordinator.call("coord.lease", 64)
+            first, count = int(lease["first"]), int(lease["count"])
+            self._leased_txids = list(range(first + count - 1, first - 1, -1))
+        return self._leased_txids.pop()
 
     # --- the coordinator's messages ------------------------------------------------------------
 
@@ -437,13 +508,21 @@ class Participant:
 
     @_not_cancelled_midway
     async def prepare(self, txid: int) -> dict[str, Any]:
-        """Phase 1: vote. A yes vote means the prepare record is durable."""
+        """Phase 1: vote. A yes vote means the prepare record is durable (replicated: on
+        every replica of the current epoch)."""
         await self._serialize(txid)
+        held = self.core.locks.held_by(txid) if self._replicated() else {}
         action, vote, reason, granted = self.core.prepare(txid)
         assert action is not PrepareAction.WAIT, "prepare writes are serialized per txid"
         if action is PrepareAction.VOTE:
             assert vote is not None
             self._wake(granted, txid if vote is Vote.NO else None)
+            if vote is Vote.YES and held:
+                # Read-only here: nothing to make durable, but a deposed primary's reads
+                # must not commit — check the epoch with the followers.
+                refusal = await self._fence_reads(txid, held)
+                if refusal:
+                    return {"vote": "no", "reason": refusal}
             return {"vote": vote.value, "reason": reason}
         assert action is PrepareAction.WRITE_RECORD
         tx = self.core.txs[txid]
@@ -463,6 +542,10 @@ class Participant:
             if not self.core.prepared(txid):  # aborted while the record was being written
                 await self.store.delete_prepare(txid)
                 return {"vote": "no", "reason": "aborted during prepare"}
+            if self._replicated():
+                refusal = await self._replicate_prepare(txid, writes, locks)
+                if refusal:
+                    return {"vote": "no", "reason": refusal}
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = trio.current_time()
             if _env.broken("participant.release_locks_at_prepare"):
@@ -489,7 +572,10 @@ class Participant:
                 f"commit of transaction {txid}, which is not prepared on shard {self.shard}"
             )
         crash_point("participant.before_commit_apply")
+        followers = self._followers_to_tell(txid)
         await self._apply(txid)
+        if followers:
+            await self.replication.send_outcome(txid_of(txid), followers, "commit")  # type: ignore[union-attr]
         if _env.buggify("participant.slow_commit_ack"):
             await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
         return "ok"
@@ -514,16 +600,24 @@ class Participant:
         """Phase 2 abort (idempotent)."""
         await self._serialize(txid)
         tx = self.core.txs.get(txid)
+        followers: list[str] = []
         if tx is not None and tx.state is TxState.PREPARED:
+            followers = self._followers_to_tell(txid)
             await self.store.delete_prepare(txid)
         self._prepared_at.pop(txid, None)
+        if self.replication is not None:
+            self.replication.meta.pop(txid, None)
         self._wake(self.core.abort(txid, "aborted by the coordinator"), txid)
+        if followers:
+            await self.replication.send_outcome(txid_of(txid), followers, "abort")  # type: ignore[union-attr]
         return "ok"
 
     @_not_cancelled_midway
     async def commit_one_phase(self, txid: int) -> dict[str, Any]:
         """The only participant: commit locally at once (idempotent)."""
         await self._serialize(txid)
+        if self._replicated():
+            return await self._commit_one_phase_replicated(txid)
         ok, reason = self.core.one_phase_ready(txid)
         if not ok:
             if txid not in self.core.txs and await self.store.is_committed(txid):
@@ -541,6 +635,231 @@ class Participant:
             self._wake(self.core.abort(txid, f"commit not durable: {exc}"), txid)
             return {"outcome": "aborted", "reason": f"commit not durable: {exc}"}
         return {"outcome": "committed", "reason": ""}
+
+    # --- replication (primary side) ---------------------------------------------------------------
+
+    def _followers_to_tell(self, txid: int) -> list[str]:
+        """The followers a primary tells the outcome of ``txid`` (none on a follower)."""
+        if not self._replicated():
+            return []
+        assert self.replication is not None
+        tx = self.core.txs.get(txid)
+        if tx is None or not tx.writes or not self.replication.owns(tx.writes):
+            return []
+        return self.replication.followers_of_tx(_write_set(tx))
+
+    async def _replicate_prepare(self, txid: int, writes: WriteSet, locks: list[tuple[Any, str]]) -> str:
+        """Send the prepare record to the followers; "" when all have it durable, else
+        why not (the transaction is then aborted here and the vote is no)."""
+        assert self.replication is not None
+        keys = [k for k, _, _ in writes] + [r for r, _ in locks if isinstance(r, str)]
+        if not self.replication.owns(keys):
+            why = f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
+        else:
+            read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
+            the_plan, failures = await self.replication.send_prepare(txid, writes, read_keys, local=False)
+            if not failures:
+                return ""
+            why = "prepare record not on every replica: " + "; ".join(f"{f}: {w}" for f, w in sorted(failures.items()))
+            followers = [f for f in the_plan.by_follower if f not in failures]
+            await self.replication.send_outcome(txid, followers, "abort")
+        log.info("shard %s: votes no on %d: %s", self.shard, txid, why)
+        self.core.prepare_failed(txid, why)
+        await self.store.delete_prepare(txid)
+        self._wake([], txid)
+        return why
+
+    async def _fence_reads(self, txid: int, held: dict[Any, Mode]) -> str:
+        assert self.replication is not None
+        read_keys = [r for r in held if isinstance(r, str)]
+        if not self.replication.owns(read_keys):
+            epoch = self.replication.guard.epoch
+            return f"node {self.shard} is no longer the primary of the keys it read (epoch {epoch})"
+        _, failures = await self.replication.send_prepare(txid, [], read_keys, local=False)
+        if failures:
+            return "epoch not confirmed by every replica: " + _describe_failures(failures)
+        return ""
+
+    async def _commit_one_phase_replicated(self, txid: int) -> dict[str, Any]:
+        """One-phase commit on a replicated shard: the record goes to every follower first
+        (this primary decides alone, so the followers' copies are what survives it); once
+        all have it, commit. From then on the only outcome is commit: if a follower
+        cannot be reached the transaction stays prepared and is finished later (a retry,
+        or the background termination), never answered "aborted"."""
+        assert self.replication is not None
+        tx = self.core.txs.get(txid)
+        if tx is not None and tx.state is TxState.PREPARED and self.replication.meta.get(txid, {}).get("local"):
+            await self._finish_local(txid)
+            return {"outcome": "committed", "reason": ""}
+        ok, reason = self.core.one_phase_ready(txid)
+        if not ok:
+            if txid not in self.core.txs and await self.store.is_committed(txid):
+                return {"outcome": "committed", "reason": "already committed"}
+            self._wake(self.core.abort(txid, reason), txid)
+            return {"outcome": "aborted", "reason": reason}
+        if reason == "already committed":
+            return {"outcome": "committed", "reason": reason}
+        tx = self.core.txs[txid]
+        held = self.core.locks.held_by(txid)
+        writes = _write_set(tx)
+        if not writes:
+            refusal = await self._fence_reads(txid, held)
+            if refusal:
+                self._wake(self.core.abort(txid, refusal), txid)
+                return {"outcome": "aborted", "reason": refusal}
+            self.core.locks.mark_prepared(txid)
+            tx.state = TxState.PREPARED
+            await self._apply(txid)
+            return {"outcome": "committed", "reason": ""}
+        if not self.replication.owns([k for k, _, _ in writes]):
+            why = f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
+            self._wake(self.core.abort(txid, why), txid)
+            return {"outcome": "aborted", "reason": why}
+        self.core.locks.mark_prepared(txid)
+        tx.state = TxState.PREPARED
+        locks = [(resource, mode.value) for resource, mode in held.items()]
+        meta = {"local": True, "origin": self.shard}
+        self._busy[txid] = done = trio.Event()
+        try:
+            await self.store.write_prepare(txid, writes, locks, meta)
+        except Exception as exc:
+            self._wake(self.core.abort(txid, f"prepare record not durable: {exc}"), txid)
+            return {"outcome": "aborted", "reason": f"prepare record not durable: {exc}"}
+        finally:
+            del self._busy[txid]
+            done.set()
+        self.replication.meta[txid] = meta
+        self._prepared_at[txid] = trio.current_time()
+        await self._finish_local(txid)
+        return {"outcome": "committed", "reason": ""}
+
+    async def _finish_local(self, txid: int) -> None:
+        """Finish a prepared transaction this node decides alone as the primary of its
+        keys: every follower of the current epoch gets the record, then it commits.
+        Raises ``Unavailable`` (it stays prepared) if some follower cannot be reached."""
+        assert self.replication is not None
+        tx = self.core.txs[txid]
+        writes = _write_set(tx)
+        _, failures = await self.replication.send_prepare(txid_of(txid), writes, [], local=True)
+        if failures:
+            raise txrpc.Unavailable(
+                f"transaction {txid_of(txid)} is not yet on every replica of shard {self.shard} ("
+                + "; ".join(f"{f}: {w}" for f, w in sorted(failures.items()))
+                + "); it stays prepared and commits once they have it — ask again",
+                {"txid": txid_of(txid)},
+            )
+        followers = self.replication.followers_of_tx(writes)
+        await self._apply(txid)
+        self.replication.meta.pop(txid, None)
+        if followers:
+            await self.replication.send_outcome(txid_of(txid), followers, "commit")
+
+    # --- replication (follower side) ---------------------------------------------------------
+
+    def _replication_service(self) -> txrpc.Service:
+        svc = txrpc.Service("repl")
+        svc.add_method(self._repl_prepare, name="prepare", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_commit, name="commit", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_abort, name="abort", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_install_map, name="install_map", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_digests, name="digests")
+        svc.add_method(self._repl_ping, name="ping")
+        return svc
+
+    async def _repl_prepare(self, txid: int, writes: list[Any], local: bool = False, origin: str = "") -> str:
+        """A primary's prepare record for the keys this node follows: durable, its write
+        locks held, before the answer. Kept under ``-txid`` (this node may also be a
+        participant of the same transaction for keys it is primary of)."""
+        assert self.replication is not None
+        if type(txid) is not int or txid <= 0:
+            raise txrpc.InvalidArgument("txid must be a positive integer")
+        if not isinstance(writes, list) or not all(
+            isinstance(w, list) and len(w) == 3 and isinstance(w[0], str) and isinstance(w[1], bool) for w in writes
+        ):
+            raise txrpc.InvalidArgument("writes must be a list of [key, deleted, value]")
+        if not isinstance(origin, str) or not origin:
+            raise txrpc.InvalidArgument("origin must name the sending primary")
+        share: WriteSet = [(k, d, None if d else v) for k, d, v in writes]
+        await self.replication.fence(origin, [k for k, _, _ in share])
+        self.replication.stats["prepares_received"] += 1
+        if not share:
+            return "ok"  # reads only: the epoch check was the point
+        rid = record_id(txid, self.replication.origin_index(origin))
+        await self._serialize(rid)
+        tx = self.core.txs.get(rid)
+        if tx is not None:
+            return "ok"  # a resend
+        if self.core.finished.get(rid) is not None:
+            raise txrpc.FailedPrecondition(
+                f"transaction {txid} was already {self.core.finished[rid].value} on follower {self.shard}"
+            )
+        locks = [(k, Mode.X) for k, _, _ in share]
+        await self.replication.wait_for_locks(rid, locks)
+        meta = {"local": bool(local), "origin": origin}
+        self._busy[rid] = done = trio.Event()
+        try:
+            await self.store.write_prepare(rid, share, [(k, m.value) for k, m in locks], meta)
+            write_map = {k: (TOMBSTONE if d else v) for k, d, v in share}
+            self.core.restore_prepared(rid, write_map, locks, trio.current_time())
+            self.core.locks.mark_prepared(rid)
+            self._prepared_at[rid] = trio.current_time()
+            self.replication.meta[rid] = meta
+        finally:
+            del self._busy[rid]
+            done.set()
+        return "ok"
+
+    async def _repl_commit(self, txid: int) -> str:
+        """A primary committed ``txid``: apply its replicated records here (idempotent;
+        the decision is the transaction's, so records from every primary of it go)."""
+        assert self.replication is not None
+        if type(txid) is not int or txid <= 0:
+            raise txrpc.InvalidArgument("txid must be a positive integer")
+        applied = False
+        for rid in self.replication.records_of(txid):
+            await self._serialize(rid)
+            if rid in self.core.txs:
+                await self._apply(rid)
+                self.replication.meta.pop(rid, None)
+                applied = True
+        return "ok" if applied else "unknown"
+
+    async def _repl_abort(self, txid: int) -> str:
+        if type(txid) is not int or txid <= 0:
+            raise txrpc.InvalidArgument("txid must be a positive integer")
+        assert self.replication is not None
+        for rid in self.replication.records_of(txid):
+            await self._serialize(rid)
+            if rid in self.core.txs:
+                await self.abort(rid)
+        return "ok"
+
+    async def _repl_install_map(self, shard_map: Any) -> dict[str, Any]:
+        """The authority publishes a new shard map (epochs only move forward)."""
+        assert self.replication is not None
+        try:
+            new_map = ShardMap.from_wire(shard_map)
+        except ValueError as exc:
+            raise txrpc.InvalidArgument(f"not a shard map: {exc}") from None
+        adopted = self.replication.install(new_map)
+        return {"epoch": self.replication.guard.epoch, "adopted": adopted}
+
+    async def _repl_digests(self) -> dict[str, Any]:
+        """``{"epoch", "node", "partitions": [[partition, rows, digest], ...], "in_doubt"}``:
+        this node's committed state per partition (primary and follower alike)."""
+        assert self.replication is not None
+        shard_map = self.replication.guard.shard_map
+        digests = await self.store.partition_digests(shard_map.partition_of)
+        return {
+            "epoch": shard_map.epoch,
+            "node": self.shard,
+            "partitions": [[p, count, digest] for p, (count, digest) in sorted(digests.items())],
+            "in_doubt": len(self.core.in_doubt()),
+        }
+
+    async def _repl_ping(self) -> dict[str, Any]:
+        assert self.replication is not None
+        return {"node": self.shard, "epoch": self.replication.guard.epoch}
 
     async def status(self, txid: int | None = None) -> dict[str, Any]:
         """The shard's status; with ``txid``, that transaction's state here (see
@@ -567,10 +886,18 @@ class Participant:
         while True:
             await self._serialize(txid)
             tx = self.core.txs.get(txid)
+            if tx is None and self.replication is not None:
+                records = self.replication.records_of(txid)  # an inherited replicated record
+                tx = self.core.txs.get(records[0]) if records else None
             if tx is not None:
                 return {"txid": txid, "state": "prepared" if tx.state is TxState.PREPARED else "active"}
             final = self.core.finished.get(txid)
             logged = await self.store.is_committed(txid)
+            if not logged and self.replication is not None:
+                for index in range(len(self.replication.guard.shard_map.nodes)):
+                    if await self.store.is_committed(record_id(txid, index)):
+                        logged = True
+                        break
             if txid not in self.core.txs and self.core.finished.get(txid) is final:
                 break  # nothing changed during the read
         if logged:
@@ -579,6 +906,14 @@ class Participant:
             return {"txid": txid, "state": "read_only"}
         self.core.abort(txid, "unknown when its outcome was asked")  # no locks: only remembered
         return {"txid": txid, "state": "aborted"}
+
+
+def _describe_failures(failures: dict[str, str]) -> str:
+    return "; ".join(f"{follower}: {why}" for follower, why in sorted(failures.items()))
+
+
+def _write_set(tx: ParticipantTx) -> WriteSet:
+    return [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in tx.writes.items()]
 
 
 def _show(resource: Any) -> str:

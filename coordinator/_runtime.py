@@ -12,10 +12,11 @@ import trio
 import txrpc
 from storage import CoordinatorLog, ShardStore, open_storage
 from txrpc._routing import EpochGuard
-from txrpc._shardmap import ClusterConfig
+from txrpc._shardmap import ClusterConfig, ShardMap
 
 from ._coordinator import Coordinator
 from ._participant import Participant
+from ._replication import PeerClients, Replication
 
 log = logging.getLogger("txrpc.runtime")
 
@@ -70,6 +71,8 @@ async def run_coordinator(
             tx_timeout_s=tx_timeout_s,
             phase_timeout_s=phase_timeout_s,
             rng=random.Random(rng_seed),
+            shard_map=config.shard_map,
+            failure_timeout_s=spec.failure_timeout_s,
         )
         async with trio.open_nursery() as nursery:
             with txrpc.use_credentials(credentials):  # its clients (to every shard) present them
@@ -104,14 +107,26 @@ async def run_shard(
                     coordinator_spec.host, coordinator_spec.port, connect_now=False, credentials=credentials
                 )
                 coordinator_client = await nursery.start(_hold, client)
+            guard = EpochGuard(config.shard_map, node=node)
+            peers = PeerClients(config.shard_map, credentials)
+            await nursery.start(peers.run)
+            map_source = None
+            if coordinator_client is not None:
+                held = coordinator_client
+
+                async def map_source() -> ShardMap:
+                    return ShardMap.from_wire(await held.options(retries_max=0).call("coord.shard_map"))
+
+            replication = Replication(node, guard, peers.get, map_source=map_source)
             participant = Participant(
                 services,
                 store,
                 shard=node,
                 coordinator=coordinator_client,
-                epoch_guard=EpochGuard(config.shard_map, node=node),
+                epoch_guard=guard,
                 tx_idle_timeout_s=tx_idle_timeout_s,
                 rng=random.Random(rng_seed),
+                replication=replication,
             )
             await participant.recover()
             await nursery.start(participant.run)

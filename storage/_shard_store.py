@@ -61,6 +61,9 @@ class ShardStore:
         self._cache: OrderedDict[str, tuple[bool, Any]] = OrderedDict()
         self.next_position = 1
         self._opened = False
+        # Replication facts of the prepare records found by open() (txid -> {"local": bool,
+        # "origin": node}); see write_prepare.
+        self.prepare_meta: dict[int, dict[str, Any]] = {}
 
     async def open(self) -> list[tuple[int, WriteSet, list[tuple[Any, str]]]]:
         """Load the log position and return the prepare records (recovery input)."""
@@ -75,13 +78,17 @@ class ShardStore:
                 .where(prepared.c.shard == shard)
                 .order_by(prepared.c.txid)
             ).all()
-            records = [
-                (int(r.txid), _writes_from_wire(decode(r.writes)), _locks_from_wire(decode(r.locks)))
-                for r in rows
-            ]
+            records = []
+            for r in rows:
+                locks, meta = _prepare_locks_from_wire(decode(r.locks))
+                records.append((int(r.txid), _writes_from_wire(decode(r.writes)), locks))
+                if meta:
+                    metas[int(r.txid)] = meta
             return int(top or 0), records
 
+        metas: dict[int, dict[str, Any]] = {}
         top, records = await self.database.read(load)
+        self.prepare_meta = metas
         self.next_position = top + 1
         self._opened = True
         return records
@@ -142,13 +149,23 @@ class ShardStore:
 
     # --- durable writes ------------------------------------------------------------------
 
-    async def write_prepare(self, txid: int, writes: WriteSet, locks: Sequence[tuple[Any, str]]) -> None:
-        """Make the prepare record (write set + locks) durable."""
+    async def write_prepare(
+        self,
+        txid: int,
+        writes: WriteSet,
+        locks: Sequence[tuple[Any, str]],
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Make the prepare record (write set + locks) durable. ``meta`` (replication:
+        ``{"local": bool, "origin": node}``) is kept with it and comes back from
+        :meth:`open` in :attr:`prepare_meta`."""
+        lock_list = [[_resource_to_wire(r), m] for r, m in locks]
         row = {
             "shard": self.shard,
             "txid": txid,
             "writes": encode(_writes_to_wire(writes)),
-            "locks": encode([[_resource_to_wire(r), m] for r, m in locks]),
+            # A plain list (the original format), or a map carrying the replication facts.
+            "locks": encode({"locks": lock_list, **meta} if meta else lock_list),
             "prepared_at": time.time(),
         }
         await self.appender.append(PREPARE_RECORDS, row)
@@ -209,6 +226,32 @@ class ShardStore:
 
         return await self.database.read(read)
 
+    async def partition_digests(self, partition_of: Any) -> dict[int, tuple[int, str]]:
+        """``{partition: (rows, digest)}`` of the committed state, for every partition
+        with data here; ``partition_of(key)`` maps a key to its partition. Replicas of a
+        partition hold equal digests when they hold the same committed state."""
+        shard = self.shard
+
+        def read(conn: Connection) -> dict[int, tuple[int, str]]:
+            rows = conn.execute(
+                sa.select(shard_data.c.key, shard_data.c.value)
+                .where(shard_data.c.shard == shard)
+                .order_by(shard_data.c.key)
+            )
+            hashes: dict[int, Any] = {}
+            counts: dict[int, int] = {}
+            for row in rows:
+                partition = partition_of(row.key)
+                h = hashes.get(partition)
+                if h is None:
+                    h = hashes[partition] = hashlib.blake2b(digest_size=16)
+                    counts[partition] = 0
+                h.update(encode([row.key, row.value]))
+                counts[partition] += 1
+            return {p: (counts[p], h.hexdigest()) for p, h in hashes.items()}
+
+        return await self.database.read(read)
+
     async def items(self) -> dict[str, Any]:
         shard = self.shard
 
@@ -245,6 +288,13 @@ def _writes_from_wire(data: Any) -> WriteSet:
 
 def _resource_to_wire(resource: Any) -> Any:
     return list(resource) if isinstance(resource, tuple) else resource
+
+
+def _prepare_locks_from_wire(data: Any) -> tuple[list[tuple[Any, str]], dict[str, Any]]:
+    if isinstance(data, dict):
+        meta = {k: v for k, v in data.items() if k != "locks"}
+        return _locks_from_wire(data["locks"]), meta
+    return _locks_from_wire(data), {}
 
 
 def _locks_from_wire(data: Any) -> list[tuple[Any, str]]:

@@ -31,11 +31,13 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def cluster_toml(data_dir: Path, nodes: int = 3, partitions: int = 256, services: str | None = None) -> str:
+def cluster_toml(
+    data_dir: Path, nodes: int = 3, partitions: int = 256, services: str | None = None, replication_factor: int = 1
+) -> str:
     ports = free_ports(nodes + 1)
     lines = [
         "[cluster]",
-        "replication_factor = 1",
+        f"replication_factor = {replication_factor}",
         f"partitions = {partitions}",
         f'data_dir = "{data_dir}"',
     ]
@@ -47,8 +49,10 @@ def cluster_toml(data_dir: Path, nodes: int = 3, partitions: int = 256, services
     return "\n".join(lines)
 
 
-def make_config(data_dir: Path, nodes: int = 3) -> ClusterConfig:
-    return ClusterConfig.from_toml(cluster_toml(data_dir, nodes), source="test-cluster.toml")
+def make_config(data_dir: Path, nodes: int = 3, replication_factor: int = 1) -> ClusterConfig:
+    return ClusterConfig.from_toml(
+        cluster_toml(data_dir, nodes, replication_factor=replication_factor), source="test-cluster.toml"
+    )
 
 
 @dataclass
@@ -107,9 +111,9 @@ class LocalCluster:
 
 @asynccontextmanager
 async def local_cluster(
-    data_dir: Path, services: list[txrpc.Service], nodes: int = 3, **options: Any
+    data_dir: Path, services: list[txrpc.Service], nodes: int = 3, replication_factor: int = 1, **options: Any
 ) -> AsyncIterator[LocalCluster]:
-    config = make_config(data_dir, nodes)
+    config = make_config(data_dir, nodes, replication_factor)
     async with trio.open_nursery() as nursery:
         cluster = LocalCluster(config, nursery, services, options=options)
         await cluster.start_coordinator()

@@ -26,11 +26,20 @@ from typing import Any, TypeVar
 import trio
 
 from ._client import Client, connect
-from ._errors import Aborted, OutcomeUnknown, RpcError, TransactionAborted, Unavailable, WrongEpoch
+from ._errors import (
+    Aborted,
+    NotFound,
+    OutcomeUnknown,
+    RpcError,
+    TransactionAborted,
+    Unavailable,
+    Unimplemented,
+    WrongEpoch,
+)
 from ._limits import Limits
 from ._routing import EPOCH_METADATA_KEY, ClusterClient
 from ._security import Credentials, current_credentials
-from ._shardmap import ClusterConfig, load_cluster_config
+from ._shardmap import ClusterConfig, ShardMap, load_cluster_config
 
 log = logging.getLogger("txrpc.cluster")
 
@@ -68,7 +77,11 @@ class Cluster:
             return connect(host, port, limits=cluster_limits, credentials=credentials)
 
         self.router = ClusterClient(
-            config.shard_map, connect=connect_shard, rng=random.Random(self.rng.random()), credentials=credentials
+            config.shard_map,
+            connect=connect_shard,
+            map_source=self._fetch_map,
+            rng=random.Random(self.rng.random()),
+            credentials=credentials,
         )
         coordinator = config.coordinator
         self.coordinator: Client = connect(
@@ -95,6 +108,15 @@ class Cluster:
                 self._leased = list(range(first + count - 1, first - 1, -1))
                 self._lease_timeout_s = float(lease["timeout_s"])
             return self._leased.pop(), self._lease_timeout_s
+
+    async def _fetch_map(self) -> ShardMap:
+        """The current shard map from the coordinator (the authority); the map in use if
+        the coordinator is not the authority."""
+        try:
+            wire = await self.coordinator.options(retries_max=0).call("coord.shard_map")
+        except (NotFound, Unimplemented):
+            return self.router.shard_map
+        return ShardMap.from_wire(wire)
 
     async def __aenter__(self) -> Cluster:
         await self.router.__aenter__()
@@ -276,6 +298,19 @@ class Transaction:
                     retries += 1
                     if not await router._learn(exc, shard_map):
                         await trio.sleep(router._backoff_s(retries))
+                except Unavailable as exc:
+                    # The node is unreachable and nothing ran: if the authority has failed
+                    # it over, route this operation to the new primary.
+                    if not exc.nothing_ran or retries >= router.epoch_retries_max:
+                        raise
+                    if op_seq == 1:  # it never ran there: not a participant after all
+                        self.participants.discard(node.name)
+                        del self._op_seq_by_node[node.name]
+                    else:
+                        self._op_seq_by_node[node.name] = op_seq - 1
+                    if not await router.newer_map_after_unavailable(shard_map):
+                        raise
+                    retries += 1
                 except Aborted as exc:
                     self._failed = TransactionAborted(
                         exc.message, {"retryable": True, **exc.details, "txid": self.txid}

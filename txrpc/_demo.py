@@ -39,14 +39,14 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def write_cluster_file(directory: Path, nodes: int = 3, *, tls: bool = False) -> Path:
+def write_cluster_file(directory: Path, nodes: int = 3, *, tls: bool = False, replication_factor: int = 1) -> Path:
     """A cluster file for a local cluster in ``directory``; with ``tls``, a dev CA and
     certificates for every process, the client and an admin (``directory/certs``), and a
     ``[security]`` table: mutual TLS on every connection."""
     ports = _free_ports(nodes + 1)
     lines = [
         "[cluster]",
-        "replication_factor = 1",
+        f"replication_factor = {replication_factor}",
         "partitions = 1024",
         'data_dir = "data"',
         f'services = ["{BANK_SERVICE}:bank"]',

@@ -6,16 +6,22 @@ Mounted into the main CLI with ``cli.add_command(ring)``.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
+import trio
 from rich import box
 from rich.bar import Bar
 from rich.console import Console
 from rich.table import Table
 
+from ._client import connect
+from ._errors import RpcError
 from ._ring import HashRing, RebalancePlan, RingNode, load_bound
-from ._shardmap import NODE_NAME_PATTERN, ConfigError, ShardMap, load_cluster_config
+from ._security import Credentials
+from ._shardmap import NODE_NAME_PATTERN, ClusterConfig, ConfigError, NodeSpec, ShardMap, load_cluster_config
 
 BAR_WIDTH = 24
 
@@ -240,3 +246,179 @@ def _print_plan(
 
 def _yes(value: bool) -> str:
     return "yes" if value else "NO"
+
+
+# --- the live cluster: failover by hand, and replica verification ---------------------------
+
+
+def _admin_credentials(config: ClusterConfig) -> Credentials | None:
+    security = config.security
+    if security is None:
+        return None
+    return security.credentials_for(security.admins[0] if security.admins else None)
+
+
+def _load_config(config_path: Path) -> ClusterConfig:
+    try:
+        return load_cluster_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _change_map(config_path: Path, method: str, node: str) -> None:
+    config = _load_config(config_path)
+    if config.coordinator is None:
+        raise click.ClickException(f"{config.source} has no [coordinator] table (the shard-map authority)")
+    host, port = config.coordinator.host, config.coordinator.port
+
+    async def main() -> Any:
+        async with connect(host, port, credentials=_admin_credentials(config)) as client:
+            return await client.options(timeout=30).call(method, node)
+
+    try:
+        result = trio.run(main)
+    except RpcError as exc:
+        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+    console = Console()
+    console.print(
+        f"shard map epoch [bold]{result['epoch']}[/]; published to {', '.join(result['published']) or 'no node'}"
+    )
+    if result["unreachable"]:
+        console.print(
+            f"[yellow]not reachable now:[/] {', '.join(result['unreachable'])} "
+            "(they learn the new epoch from the first message that carries it)"
+        )
+
+
+@ring.command(name="promote")
+@click.argument("node")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="cluster.toml",
+              show_default=True, help="The cluster file.")  # fmt: skip
+def promote(node: str, config_path: Path) -> None:
+    """Make NODE the primary of every partition it replicates, at a new epoch.
+
+    The old primaries are deposed: their followers refuse the old epoch, so they can
+    no longer commit; NODE resolves the transactions it inherits in doubt."""
+    _change_map(config_path, "coord.promote", node)
+
+
+@ring.command(name="mark-down")
+@click.argument("node")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="cluster.toml",
+              show_default=True, help="The cluster file.")  # fmt: skip
+def mark_down(node: str, config_path: Path) -> None:
+    """Drop NODE from every replica set at a new epoch (a failed node): where it was the
+    primary, the next replica takes over. Refused if NODE is some partition's last replica."""
+    _change_map(config_path, "coord.mark_down", node)
+
+
+@ring.command(name="verify")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="cluster.toml",
+              show_default=True, help="The cluster file.")  # fmt: skip
+def verify(config_path: Path) -> None:
+    """Ask every replica for the digests of its partitions and compare them per replica
+    set. Exit status 1 if two replicas of one partition differ in one epoch."""
+    config = _load_config(config_path)
+    credentials = _admin_credentials(config)
+
+    async def ask(node: NodeSpec) -> dict[str, Any] | str:
+        try:
+            async with connect(node.host, node.port, credentials=credentials, connect_now=False) as client:
+                reply: dict[str, Any] = await client.options(timeout=60, retries_max=0).call("repl.digests")
+                return reply
+        except (RpcError, OSError) as exc:
+            return str(exc)
+
+    async def main() -> dict[str, dict[str, Any] | str]:
+        replies: dict[str, dict[str, Any] | str] = {}
+
+        async def one(node: NodeSpec) -> None:
+            replies[node.name] = await ask(node)
+
+        async with trio.open_nursery() as nursery:
+            for node in config.shard_map.nodes:
+                nursery.start_soon(one, node)
+        return replies
+
+    replies = trio.run(main)
+    shard_map = _current_map(config, credentials)
+    report = compare_digests(shard_map, replies)
+    console = Console()
+    table = Table(title=f"{config.source}: replica digests", box=box.SIMPLE_HEAVY)
+    for column in ("node", "epoch", "partitions held", "rows", "in doubt", "state"):
+        table.add_column(column, justify="right" if column not in ("node", "state") else "left")
+    for name in sorted(replies):
+        reply = replies[name]
+        if isinstance(reply, str):
+            table.add_row(name, "-", "-", "-", "-", f"[red]unreachable[/] ({reply[:60]})")
+            continue
+        rows = sum(int(entry[1]) for entry in reply["partitions"])
+        state = "[red]differs[/]" if name in report.nodes_differing else "[green]ok[/]"
+        held = str(len(reply["partitions"]))
+        table.add_row(name, str(reply["epoch"]), held, str(rows), str(reply["in_doubt"]), state)
+    console.print(table)
+    for line in report.differences[:20]:
+        console.print(f"[red]{line}[/]")
+    if report.differences:
+        console.print(f"[red bold]{len(report.differences)} partition(s) differ between replicas[/]")
+        sys.exit(1)
+    if report.stale:
+        console.print(f"[yellow]not at epoch {shard_map.epoch} (not compared): {', '.join(report.stale)}[/]")
+    console.print(
+        f"[green]epoch {shard_map.epoch}: {report.partitions_compared} partitions with data compared; "
+        "every replica set agrees[/]"
+    )
+
+
+def _current_map(config: ClusterConfig, credentials: Credentials | None) -> ShardMap:
+    """The authority's map (the coordinator's), or the file's when there is none."""
+    if config.coordinator is None:
+        return config.shard_map
+    host, port = config.coordinator.host, config.coordinator.port
+
+    async def main() -> ShardMap:
+        async with connect(host, port, credentials=credentials) as client:
+            return ShardMap.from_wire(await client.options(timeout=10, retries_max=0).call("coord.shard_map"))
+
+    try:
+        return trio.run(main)
+    except (RpcError, OSError):
+        return config.shard_map
+
+
+class DigestReport:
+    def __init__(self) -> None:
+        self.differences: list[str] = []
+        self.nodes_differing: set[str] = set()
+        self.partitions_compared = 0
+        self.stale: list[str] = []
+
+
+def compare_digests(shard_map: ShardMap, replies: dict[str, dict[str, Any] | str]) -> DigestReport:
+    """Compare ``repl.digests`` replies against ``shard_map``: the replicas of each
+    partition that answered at the map's epoch must report the same (rows, digest); a
+    replica with no rows of a partition counts as empty. Replies at another epoch are
+    listed in ``stale`` and not compared."""
+    report = DigestReport()
+    current = {
+        name: reply
+        for name, reply in replies.items()
+        if isinstance(reply, dict) and int(reply["epoch"]) == shard_map.epoch
+    }
+    report.stale = sorted(n for n, r in replies.items() if isinstance(r, dict) and n not in current)
+    held = {
+        name: {int(p): (int(rows), str(digest)) for p, rows, digest in reply["partitions"]}
+        for name, reply in current.items()
+    }
+    with_data = {p for partitions in held.values() for p in partitions}
+    for partition in sorted(with_data):
+        members = [m for m in shard_map.replica_sets[partition] if m in current]
+        values = {name: held[name].get(partition, (0, "")) for name in members}
+        report.partitions_compared += 1
+        if len(set(values.values())) > 1:
+            report.differences.append(
+                f"partition {partition}: "
+                + ", ".join(f"{n}={v[0]} rows/{v[1][:12] or '-'}" for n, v in values.items())
+            )
+            report.nodes_differing.update(values)
+    return report

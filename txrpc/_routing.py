@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from ._client import Client, connect
-from ._errors import DeadlineExceeded, FailedPrecondition, ProtocolError, Unavailable, WrongEpoch
+from ._errors import DeadlineExceeded, FailedPrecondition, ProtocolError, RpcError, Unavailable, WrongEpoch
 from ._ring import Key
 from ._security import Credentials, current_credentials
 from ._service import current_call
@@ -39,6 +39,8 @@ EPOCH_METADATA_KEY = "epoch"
 
 Connector = Callable[[str, int], AbstractAsyncContextManager[Client]]
 """Opens a client for ``(host, port)``; ``txrpc.connect`` by default (tests pass their own)."""
+MAP_REFRESH_TIMEOUT_S = 5.0
+"""Bound on one fetch of the shard map from its source after a node was unreachable."""
 MapSource = Callable[[], Awaitable[ShardMap]]
 """Fetches the current shard map from the authority (for example the coordinator)."""
 
@@ -304,13 +306,25 @@ class ClusterClient:
                 if not await self._learn(exc, shard_map):
                     await trio.sleep(self._backoff_s(retries))
             except Unavailable as exc:
-                # A connection closed because a newer map dropped its node: nothing ran,
-                # so route again under the newer map (within the same retry budget).
-                if not exc.nothing_ran or self._shard_map.epoch == shard_map.epoch:
+                # A connection closed because a newer map dropped its node, or the node is
+                # down and the authority may have failed it over: nothing ran, so route
+                # again under the newer map (within the same retry budget).
+                if not exc.nothing_ran or not await self.newer_map_after_unavailable(shard_map):
                     raise
                 if retries >= self.epoch_retries_max:
                     raise
                 retries += 1
+
+    async def newer_map_after_unavailable(self, sent_with: ShardMap) -> bool:
+        """After a node could not be reached: is there (now) a newer map to route with?
+        Asks ``map_source`` once (bounded) if the map has not moved meanwhile."""
+        if self._shard_map.epoch == sent_with.epoch and self._map_source is not None:
+            with trio.move_on_after(MAP_REFRESH_TIMEOUT_S):
+                try:
+                    await self.refresh()
+                except (RpcError, OSError) as exc:
+                    log.info("shard map not refreshed: %s", exc)
+        return self._shard_map.epoch > sent_with.epoch
 
     async def _learn(self, error: WrongEpoch, sent_with: ShardMap) -> bool:
         """Adopt the newer map a ``WRONG_EPOCH`` points to; True if routing now uses a newer map."""

@@ -124,6 +124,12 @@ def _check_weight(value: object, field: str) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def _check_timeout(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
+        raise ConfigError(f"must be a number of seconds in 0..3600, got {_describe(value)}", field=field)
+    return float(value)
+
+
 def _check_partitions(value: object, field: str) -> int:
     try:
         partition_bits(value)  # type: ignore[arg-type]
@@ -276,12 +282,12 @@ class ShardMap:
                 raise ConfigError(f"partition {partition}: replica sets must be tuples", field="replica_sets")
             if (
                 not isinstance(members, tuple)
-                or len(members) != self.replication_factor
+                or not 1 <= len(members) <= self.replication_factor
                 or len(set(members)) != len(members)
                 or not all(name in by_name for name in members)
             ):
                 raise ConfigError(
-                    f"partition {partition}: {_describe(members)} is not {self.replication_factor} "
+                    f"partition {partition}: {_describe(members)} is not 1..{self.replication_factor} "
                     "distinct nodes of the map",
                     field="replica_sets",
                 )
@@ -335,6 +341,38 @@ class ShardMap:
     def with_epoch(self, epoch: int) -> ShardMap:
         """This placement at another epoch."""
         return ShardMap(epoch, self.replication_factor, self.partitions, self.nodes, self.replica_sets)
+
+    def without_replica(self, name: str) -> ShardMap:
+        """The next epoch's map with node ``name`` dropped from every replica set (a failed
+        or retired replica): where it was primary, the next replica in the set takes over.
+        Raises :class:`ConfigError` if some partition would be left without a replica."""
+        self.node(name)
+        sets = []
+        for partition, members in enumerate(self.replica_sets):
+            if name in members:
+                members = tuple(m for m in members if m != name)
+                if not members:
+                    raise ConfigError(
+                        f"node {name!r} is the last replica of partition {partition}: dropping it would lose "
+                        "the partition's data",
+                        field="replica_sets",
+                    )
+            sets.append(members)
+        return ShardMap(self.epoch + 1, self.replication_factor, self.partitions, self.nodes, tuple(sets))
+
+    def with_primary(self, name: str) -> ShardMap:
+        """The next epoch's map with node ``name`` first (primary) in every replica set that
+        holds it (a planned switchover, or promoting a follower by hand)."""
+        self.node(name)
+        sets = tuple(
+            (name, *(m for m in members if m != name)) if name in members else members
+            for members in self.replica_sets
+        )
+        return ShardMap(self.epoch + 1, self.replication_factor, self.partitions, self.nodes, sets)
+
+    def followers_of(self, key: Key) -> tuple[str, ...]:
+        """The replicas of ``key``'s partition other than its primary."""
+        return self.replica_sets[self.partition_of(key)][1:]
 
     def plan_to(self, new: ShardMap) -> RebalancePlan:
         """What moves from this map's replica sets to ``new``'s.
@@ -554,7 +592,7 @@ def _node_from_table(raw: object, field: str, known: Sequence[str]) -> NodeSpec:
 # --- the configuration file ---------------------------------------------------------
 
 CLUSTER_FIELDS = ("epoch", "replication_factor", "partitions", "data_dir", "services")
-COORDINATOR_FIELDS = ("host", "port", "data_dir")
+COORDINATOR_FIELDS = ("host", "port", "data_dir", "failure_timeout_s")
 NODE_FIELDS = ("name", "host", "port", "zone", "weight", "data_dir")
 SECURITY_FIELDS = (
     "ca_file",
@@ -576,6 +614,9 @@ class CoordinatorSpec:
     host: str
     port: int
     data_dir: Path
+    failure_timeout_s: float = 0.0
+    """A replica not answering heartbeats for this long is marked down (0: only by
+    ``txrpc ring mark-down``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -681,6 +722,7 @@ class ClusterConfig:
                 directory(table["data_dir"], "coordinator.data_dir")
                 if "data_dir" in table
                 else data_dir / "coordinator",
+                _check_timeout(table.get("failure_timeout_s", 0.0), "coordinator.failure_timeout_s"),
             )
             other = seen_addresses.get((coordinator.host, coordinator.port))
             if other is not None:

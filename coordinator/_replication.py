@@ -1,0 +1,317 @@
+"""Synchronous replication of a shard's prepare and commit records (specs/replication.md).
+
+Every node is the primary of some partitions and a follower of others (the shard map's
+replica sets). A primary's :class:`Participant` uses :class:`Replication` to send each
+prepare record to the followers of the partitions it touches and waits until every one
+of them has it durable before voting yes; commits and aborts follow. A follower keeps a
+replicated prepare record exactly as a participant keeps its own: durable, with its
+write locks held, resolved by the commit/abort that follows or, if that never comes, by
+the termination protocol (the coordinator's decision; for a transaction its primary
+decided alone, the current primary's answer). A promoted follower therefore starts as a
+recovered participant: in-doubt transactions hold their locks until they are resolved.
+
+Fencing: every replication message carries the sender's shard-map epoch. A follower
+refuses an older epoch (``WRONG_EPOCH``, with its map), refreshes its map from the
+authority on a newer one, and refuses a sender that is not the primary of the keys at
+that epoch. A deposed primary therefore cannot collect the acknowledgements it needs to
+vote yes or to commit a transaction it decides alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+import txrpc
+from storage._shard_store import WriteSet
+from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
+from txrpc._shardmap import ShardMap
+
+from ._locks import Mode, compatible
+
+if TYPE_CHECKING:
+    from ._participant import Participant
+
+log = logging.getLogger("txrpc.replication")
+
+ClientFor = Callable[[str], Awaitable[txrpc.Client]]
+"""Returns a (held) client for the node of that name."""
+
+ORIGIN_SLOTS = 1024
+"""A follower keeps a replicated record of transaction ``txid`` from the primary at
+index ``i`` (in the map's node list) under the id ``-(txid * ORIGIN_SLOTS + i)``: one
+transaction may reach one follower from several primaries (and the node may be a
+participant of it too, under ``txid`` itself)."""
+
+
+def record_id(txid: int, origin_index: int) -> int:
+    return -(txid * ORIGIN_SLOTS + origin_index)
+
+
+def txid_of(record: int) -> int:
+    """The transaction id of a participant's own record or of a replicated one."""
+    return (-record) // ORIGIN_SLOTS if record < 0 else record
+
+
+REPLICATION_TIMEOUT_S_DEFAULT = 5.0
+LOCK_WAIT_S_DEFAULT = 5.0
+
+
+class Plan:
+    """What each follower receives of one transaction: its share of the write set (the
+    keys of partitions it replicates) and, for the written keys, the write locks."""
+
+    __slots__ = ("by_follower", "epoch")
+
+    def __init__(self, epoch: int, by_follower: dict[str, WriteSet]) -> None:
+        self.epoch = epoch
+        self.by_follower = by_follower
+
+
+def plan(shard_map: ShardMap, node: str, writes: WriteSet, read_keys: Iterable[Any]) -> Plan:
+    """Which followers a transaction of ``node`` must reach at ``shard_map``'s epoch: the
+    followers of every partition it wrote (with those writes) or read (to check the epoch:
+    a stale read must not commit)."""
+    by_follower: dict[str, WriteSet] = {}
+    for key, deleted, value in writes:
+        for follower in shard_map.followers_of(key):
+            by_follower.setdefault(follower, []).append((key, deleted, value))
+    for key in read_keys:
+        if isinstance(key, str):
+            for follower in shard_map.followers_of(key):
+                by_follower.setdefault(follower, [])
+    by_follower.pop(node, None)
+    return Plan(shard_map.epoch, by_follower)
+
+
+class Replication:
+    """The replication side of one node's participant (primary and follower roles)."""
+
+    def __init__(
+        self,
+        node: str,
+        guard: EpochGuard,
+        client_for: ClientFor,
+        *,
+        map_source: Callable[[], Awaitable[ShardMap]] | None = None,
+        timeout_s: float = REPLICATION_TIMEOUT_S_DEFAULT,
+        lock_wait_s: float = LOCK_WAIT_S_DEFAULT,
+    ) -> None:
+        self.node = node
+        self.guard = guard
+        self.client_for = client_for
+        self.map_source = map_source
+        self.timeout_s = timeout_s
+        self.lock_wait_s = lock_wait_s
+        self.participant: Participant | None = None
+        self.meta: dict[int, dict[str, Any]] = {}  # txid -> {"local", "origin"} of replicated records
+        self._lock_changed = trio.Event()
+        self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0}
+
+    # --- primary side ----------------------------------------------------------------------
+
+    def owns(self, keys: Iterable[Any]) -> bool:
+        """Is this node the primary of every key (at its current epoch)?"""
+        shard_map = self.guard.shard_map
+        return all(not isinstance(k, str) or shard_map.primary_of(k).name == self.node for k in keys)
+
+    async def send_prepare(
+        self, txid: int, writes: WriteSet, read_keys: Iterable[Any], *, local: bool
+    ) -> tuple[Plan, dict[str, str]]:
+        """Send the prepare record to every follower concerned; returns the plan and the
+        followers that did *not* acknowledge it, with why (empty: all have it durable)."""
+        the_plan = plan(self.guard.shard_map, self.node, writes, read_keys)
+        failures: dict[str, str] = {}
+
+        async def send(follower: str, share: WriteSet) -> None:
+            try:
+                with trio.fail_after(self.timeout_s):
+                    client = await self.client_for(follower)
+                    await client.options(
+                        retries_max=0, metadata={EPOCH_METADATA_KEY: the_plan.epoch}
+                    ).call(
+                        "repl.prepare",
+                        txid,
+                        [[k, d, v] for k, d, v in share],
+                        local=local,
+                        origin=self.node,
+                    )
+            except txrpc.WrongEpoch as exc:
+                failures[follower] = f"fenced: {exc.message}"
+                await self._learn(exc)
+            except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
+                failures[follower] = str(exc) or type(exc).__name__
+
+        self.stats["prepares_sent"] += len(the_plan.by_follower)
+        async with trio.open_nursery() as nursery:
+            for follower, share in the_plan.by_follower.items():
+                nursery.start_soon(send, follower, share)
+        return the_plan, failures
+
+    async def send_outcome(self, txid: int, followers: Iterable[str], outcome: str) -> dict[str, str]:
+        """Tell ``followers`` the outcome (``"commit"``/``"abort"``); returns who did not
+        acknowledge (they resolve it themselves by the termination protocol)."""
+        failures: dict[str, str] = {}
+        epoch = self.guard.epoch
+
+        async def send(follower: str) -> None:
+            try:
+                with trio.fail_after(self.timeout_s):
+                    client = await self.client_for(follower)
+                    await client.options(retries_max=0, metadata={EPOCH_METADATA_KEY: epoch}).call(
+                        f"repl.{outcome}", txid
+                    )
+            except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
+                failures[follower] = str(exc) or type(exc).__name__
+
+        async with trio.open_nursery() as nursery:
+            for follower in followers:
+                if follower != self.node:
+                    nursery.start_soon(send, follower)
+        for follower, why in failures.items():
+            log.info("node %s: %s of %d not acknowledged by %s (%s)", self.node, outcome, txid, follower, why)
+        return failures
+
+    def origin_index(self, origin: str) -> int:
+        for index, node in enumerate(self.guard.shard_map.nodes):
+            if node.name == origin:
+                if index >= ORIGIN_SLOTS:
+                    raise txrpc.FailedPrecondition(f"replication supports at most {ORIGIN_SLOTS} nodes")
+                return index
+        raise txrpc.FailedPrecondition(f"no node named {origin!r} in the shard map at epoch {self.guard.epoch}")
+
+    def records_of(self, txid: int) -> list[int]:
+        """The replicated records of ``txid`` this node holds (from any primary)."""
+        assert self.participant is not None
+        txs = self.participant.core.txs
+        slots = min(len(self.guard.shard_map.nodes), ORIGIN_SLOTS)
+        return [rid for i in range(slots) if (rid := record_id(txid, i)) in txs]
+
+    def followers_of_tx(self, writes: WriteSet, read_keys: Iterable[Any] = ()) -> list[str]:
+        return sorted(plan(self.guard.shard_map, self.node, writes, read_keys).by_follower)
+
+    async def _learn(self, error: txrpc.WrongEpoch) -> None:
+        offered = error.details.get("shard_map")
+        if offered is not None:
+            try:
+                self.install(ShardMap.from_wire(offered))
+            except (ValueError, TypeError) as exc:
+                log.warning("node %s: a WRONG_EPOCH carried an unusable map: %s", self.node, exc)
+
+    def install(self, shard_map: ShardMap) -> bool:
+        adopted = self.guard.install(shard_map)
+        if adopted:
+            log.info("node %s: shard map epoch %d installed", self.node, shard_map.epoch)
+            self.locks_changed()
+        return adopted
+
+    async def refresh(self) -> None:
+        if self.map_source is not None:
+            with trio.move_on_after(self.timeout_s):
+                try:
+                    self.install(await self.map_source())
+                except (txrpc.RpcError, OSError) as exc:
+                    log.info("node %s: shard map not refreshed: %s", self.node, exc)
+
+    # --- follower side ---------------------------------------------------------------------
+
+    def locks_changed(self) -> None:
+        self._lock_changed.set()
+        self._lock_changed = trio.Event()
+
+    async def fence(self, origin: str, keys: Iterable[Any]) -> None:
+        """Refuse the replication call being served unless it comes from the primary of
+        ``keys`` at this follower's epoch (see the module docstring)."""
+        ctx = txrpc.current_call()
+        call_epoch = ctx.metadata.get(EPOCH_METADATA_KEY)
+        if type(call_epoch) is not int:
+            raise txrpc.InvalidArgument("replication calls carry the sender's epoch in metadata 'epoch'")
+        if call_epoch > self.guard.epoch:
+            await self.refresh()
+            if call_epoch > self.guard.epoch:
+                raise txrpc.Unavailable(
+                    f"follower {self.node} is at epoch {self.guard.epoch}, behind the sender's {call_epoch}; "
+                    "it could not fetch the newer map yet",
+                    {"not_started": True},
+                )
+        shard_map = self.guard.shard_map
+        if call_epoch < shard_map.epoch:
+            self.stats["refused"] += 1
+            raise txrpc.WrongEpoch(
+                f"replication from {origin} at epoch {call_epoch}; follower {self.node} is at epoch "
+                f"{shard_map.epoch} (the sender was deposed or is behind)",
+                details={"shard_map": shard_map.to_wire(), "epoch": shard_map.epoch, "call_epoch": call_epoch},
+            )
+        for key in keys:
+            members = shard_map.replicas_of(key)
+            if members[0] != origin or self.node not in members[1:]:
+                self.stats["refused"] += 1
+                raise txrpc.FailedPrecondition(
+                    f"at epoch {shard_map.epoch}, {origin} is not the primary of {key!r} with {self.node} "
+                    f"as a follower (replicas: {list(members)})"
+                )
+
+    async def wait_for_locks(self, txid: int, locks: list[tuple[Any, Mode]]) -> None:
+        """Wait (bounded by ``lock_wait_s``) until no other transaction holds a lock that
+        conflicts with ``locks``: replicated prepare records are applied in the order
+        their primary serialized them, because a conflicting later one waits here for
+        the earlier one's outcome."""
+        assert self.participant is not None
+        table = self.participant.core.locks
+        with trio.move_on_after(self.lock_wait_s) as scope:
+            while True:
+                blocked = False
+                for resource, mode in locks:
+                    for holder, held in table.holders(resource).items():
+                        if holder != txid and not compatible(held, mode):
+                            blocked = True
+                if not blocked:
+                    return
+                await self._lock_changed.wait()
+        if scope.cancelled_caught:
+            raise txrpc.Unavailable(
+                f"follower {self.node}: transaction {txid} waits for an earlier transaction's outcome on its keys",
+                {"not_started": True},
+            )
+
+
+class PeerClients:
+    """Clients to the other nodes of the map, opened on first use and held until
+    :meth:`run` is cancelled. Addresses come from the map given (nodes never move)."""
+
+    def __init__(self, shard_map: ShardMap, credentials: txrpc.Credentials | None = None) -> None:
+        self.addresses = {node.name: node.address for node in shard_map.nodes}
+        self.credentials = credentials
+        self._clients: dict[str, txrpc.Client] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def get(self, name: str) -> txrpc.Client:
+        client = self._clients.get(name)
+        if client is not None:
+            return client
+        if self._nursery is None:
+            raise RuntimeError("PeerClients.run is not running")
+        address = self.addresses.get(name)
+        if address is None:
+            raise txrpc.FailedPrecondition(f"no node named {name!r} in the shard map")
+        new = txrpc.connect(
+            *address, connect_now=False, credentials=self.credentials, limits=txrpc.Limits(retries_max=0)
+        )
+        client = await self._nursery.start(_hold, new)
+        # Another task may have opened one meanwhile: keep the first.
+        return self._clients.setdefault(name, client)
+
+
+async def _hold(client: txrpc.Client, *, task_status: trio.TaskStatus[txrpc.Client] = trio.TASK_STATUS_IGNORED) -> None:
+    async with client:
+        task_status.started(client)
+        await trio.sleep_forever()
