@@ -23,6 +23,7 @@ log = logging.getLogger("txrpc.coordinator")
 
 AUTHORITY_NAMESPACE = "txrpc.authority"
 HEARTBEAT_INTERVAL_S_DEFAULT = 0.5
+CATCH_UP_TIMEOUT_S = 600.0
 
 
 class Coordinator:
@@ -107,6 +108,7 @@ class Coordinator:
             svc.add_method(self.get_shard_map, name="shard_map")
             svc.add_method(self.mark_down, name="mark_down", allow=txrpc.ROLE_ADMIN)
             svc.add_method(self.promote, name="promote", allow=txrpc.ROLE_ADMIN)
+            svc.add_method(self.rejoin, name="rejoin", allow=txrpc.ROLE_ADMIN)
         return svc
 
     # --- the shard-map authority -----------------------------------------------------------------
@@ -141,6 +143,75 @@ class Coordinator:
     async def promote(self, node: str) -> dict[str, Any]:
         """Make ``node`` the primary of every partition it replicates, at a new epoch."""
         return await self._change_map(node, "promote")
+
+    async def rejoin(self, node: str) -> dict[str, Any]:
+        """Bring ``node`` back into the replica sets the ring places it in (after it was
+        marked down, or when it is new): a new epoch adds it as a follower of those
+        partitions, so replication reaches it from then on; it copies them from their
+        primaries (``repl.catch_up``); then another epoch restores the ring's order (it
+        is primary again where the ring says). If the catch-up fails it is dropped again.
+        ``{"epochs": [added, final], "partitions", "rows", "deleted"}``."""
+        assert self.shard_map is not None
+        if not isinstance(node, str) or node not in self.shard_map:
+            raise txrpc.InvalidArgument(f"no node named {node!r} in the shard map")
+        async with self._map_lock:
+            current = self.shard_map
+            placement = ShardMap.build(
+                current.nodes,
+                replication_factor=current.replication_factor,
+                epoch=current.epoch,
+                partitions=current.partitions,
+            )
+            joining = [
+                p
+                for p, members in enumerate(current.replica_sets)
+                if node in placement.replica_sets[p]
+                and node not in members
+                and len(members) < current.replication_factor
+            ]
+            if not joining:
+                raise txrpc.FailedPrecondition(f"node {node!r} already replicates every partition the ring gives it")
+            sets = list(current.replica_sets)
+            for p in joining:
+                sets[p] = (*sets[p], node)
+            added = ShardMap(
+                current.epoch + 1, current.replication_factor, current.partitions, current.nodes, tuple(sets)
+            )
+            await self._store_map(added)
+            self.shard_map = added
+            log.warning("shard map epoch %d: %s joins %d partitions as a follower", added.epoch, node, len(joining))
+            await self._publish(added)
+            try:
+                with trio.fail_after(CATCH_UP_TIMEOUT_S):
+                    copied = (
+                        await self._clients[node]
+                        .options(retries_max=0, metadata={"epoch": added.epoch})
+                        .call("repl.catch_up", joining)
+                    )
+            except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
+                dropped = added.without_replica(node)
+                await self._store_map(dropped)
+                self.shard_map = dropped
+                await self._publish(dropped)
+                raise txrpc.Unavailable(
+                    f"node {node!r} could not catch up ({exc}); dropped again at epoch {dropped.epoch}"
+                ) from None
+            for p in joining:
+                ranked = [m for m in placement.replica_sets[p] if m in sets[p]]
+                sets[p] = (*ranked, *(m for m in sets[p] if m not in ranked))
+            final = ShardMap(added.epoch + 1, added.replication_factor, added.partitions, added.nodes, tuple(sets))
+            await self._store_map(final)
+            self.shard_map = final
+            log.warning("shard map epoch %d: %s caught up (%d rows)", final.epoch, node, copied["rows"])
+            published, unreachable = await self._publish(final)
+        return {
+            "epochs": [added.epoch, final.epoch],
+            "partitions": len(joining),
+            "rows": copied["rows"],
+            "deleted": copied["deleted"],
+            "published": published,
+            "unreachable": unreachable,
+        }
 
     async def _change_map(self, node: str, how: str) -> dict[str, Any]:
         assert self.shard_map is not None
@@ -321,9 +392,7 @@ class Coordinator:
         try:
             await self._participant_call(participant, "tx.abort", txid)
         except (txrpc.RpcError, trio.TooSlowError) as exc:
-            log.info(
-                "coordinator: abort(%d) to %s failed (%s); its idle timeout frees it", txid, participant, exc
-            )
+            log.info("coordinator: abort(%d) to %s failed (%s); its idle timeout frees it", txid, participant, exc)
 
     async def decision(self, txid: int) -> str | None:
         """For participants in doubt: ``"commit"``, ``"abort"``, or None (ask again)."""
@@ -340,9 +409,7 @@ class Coordinator:
     # --- admin -----------------------------------------------------------------------------------
 
     async def transactions(self, in_doubt: bool = False, limit: int = 100) -> list[dict[str, Any]]:
-        live = [
-            self._describe(tx) for tx in (self.core.in_doubt() if in_doubt else list(self.core.txs.values()))
-        ]
+        live = [self._describe(tx) for tx in (self.core.in_doubt() if in_doubt else list(self.core.txs.values()))]
         if not in_doubt:
             recorded = await self.log.list(limit=limit)
             seen = {t["txid"] for t in live}
@@ -365,9 +432,7 @@ class Coordinator:
             raise txrpc.InvalidArgument("outcome must be 'commit' or 'abort'")
         tx = self.core.get(txid)
         if tx is not None and (txid in self.core.txs or tx.decision is Decision.COMMIT):
-            raise txrpc.FailedPrecondition(
-                f"transaction {txid} is {tx.phase.value}: the coordinator decides it"
-            )
+            raise txrpc.FailedPrecondition(f"transaction {txid} is {tx.phase.value}: the coordinator decides it")
         try:
             await self.log.write_decision(txid, outcome, (), heuristic=True, reason="operator", done=True)
         except DecisionExists as exc:
@@ -400,16 +465,13 @@ class Coordinator:
                 try:
                     with trio.fail_at(deadline):
                         result = await self._participant_call(participant, "tx.commit_one_phase", tx.txid)
-                    self.core.one_phase_result(
-                        tx, result["outcome"] == "committed", result.get("reason", "")
-                    )
+                    self.core.one_phase_result(tx, result["outcome"] == "committed", result.get("reason", ""))
                     return
                 except (txrpc.RpcError, trio.TooSlowError) as exc:
                     if isinstance(exc, trio.TooSlowError) or trio.current_time() >= deadline:
                         # The participant may have committed: the outcome is not ours to guess.
                         raise txrpc.Unavailable(
-                            f"one-phase commit of {tx.txid} on {participant}: no answer ({exc}); "
-                            "outcome unknown",
+                            f"one-phase commit of {tx.txid} on {participant}: no answer ({exc}); outcome unknown",
                             {"txid": tx.txid, "outcome_unknown": True},
                         ) from None
                     attempt += 1
@@ -445,9 +507,7 @@ class Coordinator:
                 self.core.prepare_failed(tx, participant, reason)
                 decision = Decision.ABORT
                 break
-            decision = self.core.vote(
-                tx, participant, vote, f"{participant} voted no: {reason}" if reason else ""
-            )
+            decision = self.core.vote(tx, participant, vote, f"{participant} voted no: {reason}" if reason else "")
             if decision is Decision.ABORT:
                 break
         if decision is Decision.COMMIT:
@@ -494,9 +554,7 @@ class Coordinator:
                     attempt += 1
                     if not commit and attempt > 5:
                         return  # the participant will ask, or abort an unprepared transaction by timeout
-                    log.info(
-                        "coordinator: %s(%d) to %s failed (%s); retrying", method, tx.txid, participant, exc
-                    )
+                    log.info("coordinator: %s(%d) to %s failed (%s); retrying", method, tx.txid, participant, exc)
                     await trio.sleep(self._backoff(attempt))
 
         async with trio.open_nursery() as nursery:

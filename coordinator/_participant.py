@@ -589,6 +589,8 @@ class Participant:
         self._busy[txid] = done = trio.Event()
         try:
             await self.store.apply_commit(txid, writes)
+            if self.replication is not None and self.replication.resyncing:
+                self.replication.touched.update(k for k, _, _ in writes)
             self._prepared_at.pop(txid, None)
             self._wake(self.core.committed(txid))
         finally:
@@ -762,6 +764,8 @@ class Participant:
         svc.add_method(self._repl_commit, name="commit", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_abort, name="abort", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_install_map, name="install_map", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_snapshot, name="snapshot", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_catch_up, name="catch_up", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_digests, name="digests")
         svc.add_method(self._repl_ping, name="ping")
         return svc
@@ -843,6 +847,118 @@ class Participant:
             raise txrpc.InvalidArgument(f"not a shard map: {exc}") from None
         adopted = self.replication.install(new_map)
         return {"epoch": self.replication.guard.epoch, "adopted": adopted}
+
+    async def _repl_snapshot(
+        self, partitions: list[int], after: str | None = None, limit: int = 1000
+    ) -> dict[str, Any]:
+        """A page of this primary's committed rows of ``partitions`` (key order, keys
+        after ``after``) for a replica catching up. The first page waits (bounded) until
+        every transaction prepared before this node installed its current epoch is
+        resolved: those were not replicated to the joining replica, so the snapshot must
+        include their outcome; later ones reach it by replication."""
+        assert self.replication is not None
+        if not isinstance(partitions, list) or not all(type(p) is int for p in partitions):
+            raise txrpc.InvalidArgument("partitions must be a list of integers")
+        if type(limit) is not int or not 1 <= limit <= 10_000:
+            raise txrpc.InvalidArgument("limit must be in 1..10000")
+        call_epoch = txrpc.current_call().metadata.get("epoch")
+        if type(call_epoch) is int and call_epoch > self.replication.guard.epoch:
+            await self.replication.refresh()
+        if after is None:
+            barrier = self.replication.installed_at
+            with trio.move_on_after(self.replication.timeout_s * 6) as scope:
+                while any(
+                    tx.state is TxState.PREPARED and txid > 0 and self._prepared_at.get(txid, -math.inf) <= barrier
+                    for txid, tx in list(self.core.txs.items())
+                ):
+                    await trio.sleep(0.02)
+            if scope.cancelled_caught:
+                raise txrpc.Unavailable("transactions prepared before the new epoch are still in doubt; retry")
+        wanted = set(partitions)
+        rows = await self.store.partition_rows(self.replication.guard.shard_map.partition_of, wanted, after, limit)
+        return {"rows": [[k, v] for k, v in rows], "done": len(rows) < limit}
+
+    async def _repl_catch_up(self, partitions: list[int]) -> dict[str, Any]:
+        """Copy ``partitions`` from their current primaries (this node was just added to
+        their replica sets, so replication already reaches it): stale replicated records
+        of them are dropped, each primary's snapshot is installed except for keys that
+        replicated commits wrote meanwhile, and keys the primaries no longer have are
+        deleted. Returns ``{"rows": int, "deleted": int}``."""
+        assert self.replication is not None
+        replication = self.replication
+        if not isinstance(partitions, list) or not all(type(p) is int for p in partitions):
+            raise txrpc.InvalidArgument("partitions must be a list of integers")
+        call_epoch = txrpc.current_call().metadata.get("epoch")
+        if type(call_epoch) is int and call_epoch > replication.guard.epoch:
+            await replication.refresh()
+        shard_map = replication.guard.shard_map
+        wanted = set(partitions)
+        for p in wanted:
+            if not 0 <= p < shard_map.partitions or self.shard not in shard_map.replica_sets[p][1:]:
+                raise txrpc.FailedPrecondition(
+                    f"node {self.shard} is not a follower of partition {p} at epoch {shard_map.epoch}"
+                )
+        # Records from before this epoch of these partitions are superseded by the snapshot.
+        for rid, tx in list(self.core.txs.items()):
+            before = self._prepared_at.get(rid, -math.inf) < replication.installed_at
+            if rid < 0 and tx.state is TxState.PREPARED and before:
+                if any(shard_map.partition_of(k) in wanted for k in tx.writes):
+                    await self.store.delete_prepare(rid)
+                    replication.meta.pop(rid, None)
+                    self._wake(self.core.abort(rid, "superseded by a catch-up snapshot"), rid)
+        replication.resyncing |= wanted
+        replication.touched.clear()
+        copied = deleted = 0
+        seen: set[str] = set()
+        try:
+            by_primary: dict[str, list[int]] = {}
+            for p in sorted(wanted):
+                by_primary.setdefault(shard_map.replica_sets[p][0], []).append(p)
+            for primary, owned in sorted(by_primary.items()):
+                client = await replication.client_for(primary)
+                after: str | None = None
+                while True:
+                    with trio.fail_after(replication.timeout_s * 12):
+                        page = await client.options(retries_max=2, metadata={"epoch": shard_map.epoch}).call(
+                            "repl.snapshot", owned, after=after, limit=1000
+                        )
+                    rows = page["rows"]
+                    writes: WriteSet = []
+                    for key, value in rows:
+                        seen.add(key)
+                        if key not in replication.touched:
+                            writes.append((key, False, value))
+                    if writes:
+                        await self._install_snapshot(writes)
+                        copied += len(writes)
+                    if page["done"] or not rows:
+                        break
+                    after = rows[-1][0]
+            stale = [
+                k
+                for k in await self.store.partition_keys(shard_map.partition_of, wanted)
+                if k not in seen and k not in replication.touched
+            ]
+            if stale:
+                await self._install_snapshot([(k, True, None) for k in stale])
+                deleted = len(stale)
+        finally:
+            replication.resyncing -= wanted
+            if not replication.resyncing:
+                replication.touched.clear()
+        replication.stats["snapshot_rows"] += copied
+        log.info(
+            "node %s caught up on %d partitions: %d rows copied, %d deleted", self.shard, len(wanted), copied, deleted
+        )
+        return {"rows": copied, "deleted": deleted}
+
+    async def _install_snapshot(self, writes: WriteSet) -> None:
+        """Apply catch-up rows, skipping keys a replicated commit wrote meanwhile (checked
+        again here: the commit may have landed while the page was on its way)."""
+        assert self.replication is not None
+        fresh = [w for w in writes if w[0] not in self.replication.touched]
+        if fresh:
+            await self.store.apply_commit(0, fresh)  # txid 0: a snapshot entry in the commit log
 
     async def _repl_digests(self) -> dict[str, Any]:
         """``{"epoch", "node", "partitions": [[partition, rows, digest], ...], "in_doubt"}``:

@@ -109,7 +109,12 @@ class Replication:
         self.participant: Participant | None = None
         self.meta: dict[int, dict[str, Any]] = {}  # txid -> {"local", "origin"} of replicated records
         self._lock_changed = trio.Event()
-        self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0}
+        self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0}
+        self.installed_at = trio.current_time()  # when the current epoch's map was installed
+        # Catch-up: partitions being copied from their primaries, and the keys replicated
+        # commits wrote meanwhile (a snapshot row never overwrites those: they are newer).
+        self.resyncing: set[int] = set()
+        self.touched: set[str] = set()
 
     # --- primary side ----------------------------------------------------------------------
 
@@ -204,6 +209,7 @@ class Replication:
     def install(self, shard_map: ShardMap) -> bool:
         adopted = self.guard.install(shard_map)
         if adopted:
+            self.installed_at = trio.current_time()
             log.info("node %s: shard map epoch %d installed", self.node, shard_map.epoch)
             self.locks_changed()
         return adopted

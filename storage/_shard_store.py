@@ -252,6 +252,37 @@ class ShardStore:
 
         return await self.database.read(read)
 
+    async def partition_rows(
+        self, partition_of: Any, partitions: set[int], after: str | None, limit: int
+    ) -> list[tuple[str, Any]]:
+        """Committed (key, value) rows of ``partitions`` with key > ``after``, in key order,
+        at most ``limit`` (a catch-up snapshot page)."""
+        shard = self.shard
+
+        def read(conn: Connection) -> list[tuple[str, Any]]:
+            query = sa.select(shard_data.c.key, shard_data.c.value).where(shard_data.c.shard == shard)
+            if after is not None:
+                query = query.where(shard_data.c.key > after)
+            out: list[tuple[str, Any]] = []
+            for row in conn.execute(query.order_by(shard_data.c.key)):
+                if partition_of(row.key) in partitions:
+                    out.append((row.key, decode(row.value)))
+                    if len(out) >= limit:
+                        break
+            return out
+
+        return await self.database.read(read)
+
+    async def partition_keys(self, partition_of: Any, partitions: set[int]) -> list[str]:
+        """Every key this store holds in ``partitions``."""
+        shard = self.shard
+
+        def read(conn: Connection) -> list[str]:
+            rows = conn.execute(sa.select(shard_data.c.key).where(shard_data.c.shard == shard))
+            return [r.key for r in rows if partition_of(r.key) in partitions]
+
+        return await self.database.read(read)
+
     async def items(self) -> dict[str, Any]:
         shard = self.shard
 

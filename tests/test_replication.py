@@ -173,3 +173,44 @@ async def test_primary_crash_with_prepared_transactions_fails_over(tmp_path: Pat
         await transfers(cluster, names, 10, seed=3)
         assert await total(cluster, names) == 100 * len(names)
         await assert_replicas_equal(local)
+
+
+async def test_a_node_marked_down_catches_up_and_rejoins_while_transfers_run(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 3)
+        for name in names:
+            async with cluster.transaction() as t:
+                await t.bank.open_account(name, 100)
+        assert local.coordinator is not None
+        ring_primary = {n: local.config.shard_map.primary_of(n).name for n in names}
+        await local.coordinator.mark_down("n0")
+        local.crash("n0")
+        await transfers(cluster, names, 20, seed=4)  # n0 misses these
+        await local.start_shard("n0")  # stale data, old prepared records: recovers, learns epoch 2
+
+        stop = trio.Event()
+        moved = [0]
+
+        async def workload() -> None:
+            seed = 10
+            while not stop.is_set():
+                moved[0] += await transfers(cluster, names, 1, seed=seed)
+                seed += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workload)
+            await trio.sleep(0.3)
+            result = await local.coordinator.rejoin("n0")  # copies while transfers commit
+            await trio.sleep(0.3)
+            stop.set()
+        assert result["epochs"] == [3, 4] and result["rows"] > 0
+        assert moved[0] > 0
+        shard_map = local.coordinator.shard_map
+        assert shard_map is not None and shard_map.epoch == 4
+        # The ring's order is back: n0 is primary again of its keys.
+        assert {n: shard_map.primary_of(n).name for n in names} == ring_primary
+        await transfers(cluster, names, 10, seed=5)
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
+        held = await local.participants["n0"].store.items()
+        assert sorted(k for k in held if k.startswith("acct")) == sorted(names)

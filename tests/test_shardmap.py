@@ -206,9 +206,13 @@ def test_map_invariants_are_checked() -> None:
     sets = list(good.replica_sets)
     with pytest.raises(ConfigError, match="one replica set per partition"):
         ShardMap(1, 2, 64, tuple(nodes), tuple(sets[:-1]))
-    for bad_set in [("n0",), ("n0", "n0"), ("n0", "zz")]:
+    for bad_set in [(), ("n0", "n1", "n2"), ("n0", "n0"), ("n0", "zz")]:
         with pytest.raises(ConfigError, match="partition 5"):
             ShardMap(1, 2, 64, tuple(nodes), (*sets[:5], bad_set, *sets[6:]))
+    # A set may be smaller than the replication factor: a replica was marked down.
+    shrunk = ShardMap(1, 2, 64, tuple(nodes), (*sets[:5], ("n0",), *sets[6:]))
+    assert shrunk.replica_sets[5] == ("n0",)
+
     with pytest.raises(ConfigError) as caught:
         ShardMap(0, 2, 64, tuple(nodes), tuple(sets))
     assert caught.value.field == "epoch"
@@ -222,6 +226,23 @@ def test_map_invariants_are_checked() -> None:
     with pytest.raises(ConfigError) as caught:
         NodeSpec("a", "not a host", 1)
     assert caught.value.field == "host" and "node 'a'" in str(caught.value)
+
+
+
+def test_mark_down_and_promote_make_the_next_epoch() -> None:
+    nodes = small_nodes(3)
+    base = ShardMap.build(nodes, replication_factor=3, partitions=64)
+    down = base.without_replica("n1")
+    assert down.epoch == 2 and all("n1" not in members for members in down.replica_sets)
+    # Where n1 was primary, the next replica took over; elsewhere the order is kept.
+    for before, after in zip(base.replica_sets, down.replica_sets, strict=True):
+        assert after == tuple(m for m in before if m != "n1")
+    promoted = base.with_primary("n2")
+    assert promoted.epoch == 2 and all(members[0] == "n2" for members in promoted.replica_sets)
+    alone = ShardMap.build(nodes, replication_factor=1, partitions=64)
+    with pytest.raises(ConfigError, match="last replica"):
+        alone.without_replica(alone.replica_sets[0][0])
+    assert ShardMap.from_wire(down.to_wire()) == down
 
 
 def test_new_epochs_and_plans() -> None:
@@ -309,7 +330,7 @@ def _tampered(**changes: object) -> dict[str, object]:
         (_tampered(sets=[[0, 1]]), "set_of_partition"),
         (_tampered(set_of_partition=b"\x00" * 63), "set_of_partition"),
         (_tampered(set_of_partition=b"\x00" * 64 * 3), "set_of_partition"),
-        (_tampered(replication_factor=3), "replica_sets"),
+        (_tampered(replication_factor=1), "replica_sets"),  # sets larger than R
         ([1, 2], ""),
     ],
 )

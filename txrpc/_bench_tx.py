@@ -55,25 +55,26 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 # --- ours ----------------------------------------------------------------------------------
 
 
-def run_ours(clients: int, seconds: float, accounts: int, console: Console) -> list[Row]:
+def run_ours(clients: int, seconds: float, accounts: int, console: Console, replication_factor: int = 1) -> list[Row]:
     from ._demo import Processes, write_cluster_file
 
     with tempfile.TemporaryDirectory(prefix="txrpc-bench-tx-") as tmp:
-        config_path = write_cluster_file(Path(tmp))
+        config_path = write_cluster_file(Path(tmp), replication_factor=replication_factor)
         processes = Processes(config_path, ["a", "b", "c"])
         try:
             for name in ["coordinator", "a", "b", "c"]:
                 processes.start(name)
             for name in ["coordinator", "a", "b", "c"]:
                 processes.wait_ready(name)
-            return trio.run(_ours_workload, config_path, clients, seconds, accounts, console)
+            rows = trio.run(_ours_workload, config_path, clients, seconds, accounts, console)
+            for row in rows:
+                row.stack = f"txrpc R={replication_factor}"
+            return rows
         finally:
             processes.stop()
 
 
-async def _ours_workload(
-    config_path: Path, clients: int, seconds: float, accounts: int, console: Console
-) -> list[Row]:
+async def _ours_workload(config_path: Path, clients: int, seconds: float, accounts: int, console: Console) -> list[Row]:
     from ._cluster import Transaction, cluster
 
     rows = []
@@ -275,16 +276,29 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
 @click.command("tx")
 @click.option("--clients", default=32, show_default=True, help="Concurrent clients (each side).")
 @click.option("--seconds", default=10.0, show_default=True, help="Duration of each measurement.")
-@click.option(
-    "--accounts", default=3000, show_default=True, help="Accounts (the peer: a third per database)."
-)
+@click.option("--accounts", default=3000, show_default=True, help="Accounts (the peer: a third per database).")
 @click.option("--rounds", default=1, show_default=True, help="Repetitions; medians are kept.")
 @click.option("--no-postgres", is_flag=True, help="Measure txrpc only.")
 @click.option(
-    "--pg-setup", is_flag=True, help="Enable max_prepared_transactions (ALTER SYSTEM + restart) if it is 0."
+    "--replication",
+    default="1,3",
+    show_default=True,
+    help="Replication factors to measure (comma-separated; 3 nodes, so at most 3).",
 )
-def tx(clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bool, pg_setup: bool) -> None:
-    """Cross-shard transfers/s: txrpc's coordinator vs PostgreSQL's native 2PC."""
+@click.option("--pg-setup", is_flag=True, help="Enable max_prepared_transactions (ALTER SYSTEM + restart) if it is 0.")
+def tx(
+    clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bool, replication: str, pg_setup: bool
+) -> None:
+    """Cross-shard transfers/s: txrpc's coordinator (at each replication factor) vs
+    PostgreSQL's native 2PC."""
+    try:
+        factors = sorted({int(part) for part in replication.split(",") if part.strip()})
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of integers", param_hint="--replication") from None
+    if not factors or not all(1 <= f <= 3 for f in factors):
+        raise click.BadParameter(
+            "replication factors must be in 1..3 (the bench runs 3 nodes)", param_hint="--replication"
+        )
     console = Console(width=max(Console().width, 110))
     with_pg = not no_postgres
     if with_pg:
@@ -305,8 +319,9 @@ def tx(clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bo
                 with_pg = False
     samples: dict[tuple[str, str], list[Row]] = {}
     for _ in range(rounds):
-        for row in run_ours(clients, seconds, accounts, console):
-            samples.setdefault((row.stack, row.workload), []).append(row)
+        for factor in factors:
+            for row in run_ours(clients, seconds, accounts, console, factor):
+                samples.setdefault((row.stack, row.workload), []).append(row)
         if with_pg:
             with console.status(f"PostgreSQL 2PC: {clients} clients, {seconds:g} s"):
                 row = run_postgres(clients, seconds, accounts)
@@ -325,19 +340,25 @@ def tx(clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bo
         for (stack, workload), rs in samples.items()
     ]
     by = {(r.stack, r.workload): r for r in rows}
-    ours_cross = by.get(("txrpc", "cross-shard (2 of 3)"))
     pg = by.get(("PG 2PC", "cross-shard (2 of 3)"))
-    table = Table(
-        title=f"txrpc bench tx — {clients} clients, {seconds:g} s, {accounts} accounts, medians of {rounds}"
-    )
+    r1_cross = by.get(("txrpc R=1", "cross-shard (2 of 3)"))
+    table = Table(title=f"txrpc bench tx — {clients} clients, {seconds:g} s, {accounts} accounts, medians of {rounds}")
     for column in ("stack", "workload", "tx/s", "p50 ms", "p99 ms", "retries", "total ok", "ratio", "target"):
         table.add_column(column, justify="left" if column in ("stack", "workload", "target") else "right")
     for r in rows:
         ratio = target = ""
-        if r.stack == "txrpc" and r.workload.startswith("cross") and pg is not None:
-            value = r.per_s / pg.per_s
-            ratio, target = f"{value:.2f}× PG", ("[green]met" if value >= 1.0 else "[red]missed") + "[/] ≥1×"
-        if r.stack == "txrpc" and r.workload.startswith("1 shard") and ours_cross is not None:
+        ours_cross = by.get((r.stack, "cross-shard (2 of 3)"))
+        if r.stack.startswith("txrpc") and r.workload.startswith("cross"):
+            parts = []
+            if pg is not None:
+                value = r.per_s / pg.per_s
+                parts.append((f"{value:.2f}× PG", value >= 1.0, "≥1× PG"))
+            if r.stack != "txrpc R=1" and r1_cross is not None:
+                value = r.per_s / r1_cross.per_s
+                parts.append((f"{value:.2f}× R=1", value >= 0.5, "≥0.5× R=1"))
+            ratio = ", ".join(p[0] for p in parts)
+            target = ", ".join(("[green]met" if ok else "[red]missed") + f"[/] {goal}" for _, ok, goal in parts)
+        if r.stack.startswith("txrpc") and r.workload.startswith("1 shard") and ours_cross is not None:
             value = r.per_s / ours_cross.per_s
             ratio, target = (
                 f"{value:.2f}× x-shard",

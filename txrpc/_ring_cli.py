@@ -312,6 +312,36 @@ def mark_down(node: str, config_path: Path) -> None:
     _change_map(config_path, "coord.mark_down", node)
 
 
+@ring.command(name="rejoin")
+@click.argument("node")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="cluster.toml",
+              show_default=True, help="The cluster file.")  # fmt: skip
+def rejoin(node: str, config_path: Path) -> None:
+    """Bring NODE back into the replica sets the ring gives it (after `mark-down`, once it
+    runs again): it joins as a follower at a new epoch, copies those partitions from their
+    primaries while transactions continue, then the ring's order is restored."""
+    config = _load_config(config_path)
+    if config.coordinator is None:
+        raise click.ClickException(f"{config.source} has no [coordinator] table (the shard-map authority)")
+    host, port = config.coordinator.host, config.coordinator.port
+
+    async def main() -> Any:
+        async with connect(host, port, credentials=_admin_credentials(config)) as client:
+            return await client.options(timeout=700).call("coord.rejoin", node)
+
+    console = Console()
+    try:
+        with console.status(f"{node}: joining and catching up"):
+            result = trio.run(main)
+    except RpcError as exc:
+        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+    added, final = result["epochs"]
+    console.print(
+        f"{node} joined {result['partitions']} partitions at epoch {added}, copied {result['rows']} rows "
+        f"(deleted {result['deleted']} stale), and holds the ring's order at epoch [bold]{final}[/]"
+    )
+
+
 @ring.command(name="verify")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="cluster.toml",
               show_default=True, help="The cluster file.")  # fmt: skip
