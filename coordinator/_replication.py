@@ -207,7 +207,13 @@ class Replication:
                 log.warning("node %s: a WRONG_EPOCH carried an unusable map: %s", self.node, exc)
 
     def install(self, shard_map: ShardMap) -> bool:
-        adopted = self.guard.install(shard_map)
+        try:
+            adopted = self.guard.install(shard_map)
+        except ValueError as exc:
+            # Same epoch, different map: e.g. the authority's file names other addresses
+            # for the nodes (a proxy in between). Placement is what matters; keep ours.
+            log.warning("node %s: %s; keeping this node's map", self.node, exc)
+            return False
         if adopted:
             self.installed_at = trio.current_time()
             log.info("node %s: shard map epoch %d installed", self.node, shard_map.epoch)

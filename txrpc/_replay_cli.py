@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from typing import Any
 
@@ -336,7 +337,13 @@ def _parse_target(address: str) -> tuple[str, int]:
 
 @click.command("replay")
 @_db_option
-@click.option("--target", required=True, metavar="HOST:PORT", help="The server to send the requests to.")
+@click.option("--target", metavar="HOST:PORT", help="The server to send the requests to.")
+@click.option(
+    "--shard",
+    metavar="NODE",
+    help="Instead of requests: rebuild shard NODE's state from the commit log in --db into --into, check the digest.",
+)
+@click.option("--into", metavar="PATH|URL", help="With --shard: the empty store to rebuild into.")
 @click.option("--since", type=WHEN, help="Only requests created since (24h, ISO date/time, Unix seconds).")
 @click.option("--until", type=WHEN, help="Only requests created before this time.")
 @click.option("--method", help="Only requests for this method (e.g. bank.deposit).")
@@ -367,7 +374,9 @@ def _parse_target(address: str) -> tuple[str, int]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
 def replay(
     db: str,
-    target: str,
+    target: str | None,
+    shard: str | None,
+    into: str | None,
     since: float | None,
     until: float | None,
     method: str | None,
@@ -388,7 +397,16 @@ def replay(
     Use it to check that a new build reproduces recorded answers (with --verify the
     exit status is 1 on any difference), to rebuild a deterministic service from its
     log, or to replay real traffic as load (--rate). The database is opened read-only.
+
+    With --shard NODE --into EMPTY: rebuild that shard's committed state by applying its
+    commit log in order to an empty store, and check the digest equals the shard's
+    (exit status 1 if not).
     """
+    if shard is not None:
+        _rebuild(db, shard, into)
+        return
+    if target is None:
+        raise click.UsageError("say --target HOST:PORT (or --shard NODE --into PATH to rebuild a shard)")
     host, port = _parse_target(target)
     console = Console(stderr=as_json)
     with _opened(db, read_only=True) as engine:
@@ -464,3 +482,27 @@ def replay(
             )
     if verify and not dry_run and (summary.different or summary.errors):
         raise SystemExit(1)
+
+
+def _rebuild(db: str, shard: str, into: str | None) -> None:
+    from ._rebuild import TargetNotEmpty, rebuild_shard
+
+    if into is None:
+        raise click.UsageError("--shard needs --into PATH|URL (an empty store to rebuild into)")
+    console = Console()
+    try:
+        with console.status(f"rebuilding shard {shard} from its commit log") as status:
+
+            def progress(applied: int) -> None:
+                status.update(f"rebuilding shard {shard}: {applied:,} log entries applied")
+
+            result = trio.run(lambda: rebuild_shard(db, shard, into, on_progress=progress))
+    except (TargetNotEmpty, storage.StorageError) as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"shard {shard}: {result.entries:,} commit-log entries applied into {into}")
+    console.print(f"digest of {db}: {result.source_digest}")
+    console.print(f"digest rebuilt: {result.rebuilt_digest}")
+    if not result.matches:
+        console.print("[red bold]the rebuilt state differs from the shard's[/]")
+        sys.exit(1)
+    console.print("[green]the rebuilt state equals the shard's[/]")
