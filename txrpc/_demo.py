@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 from rich.console import Console
@@ -136,7 +137,14 @@ class Processes:
 
 
 def run_bank_demo(
-    console: Console, transfers: int, concurrency: int, accounts: int, seed: int, *, tls: bool = False
+    console: Console,
+    transfers: int,
+    concurrency: int,
+    accounts: int,
+    seed: int,
+    *,
+    tls: bool = False,
+    replication_factor: int = 3,
 ) -> int:
     """Returns the process exit status (0 = the conservation check passed). With ``tls``
     every connection is mutual TLS with certificates from a fresh dev CA."""
@@ -144,7 +152,7 @@ def run_bank_demo(
         console.print(f"[red]txrpc demo needs {BANK_SERVICE} (a source checkout of txrpc)[/]")
         return 2
     with tempfile.TemporaryDirectory(prefix="txrpc-demo-") as tmp:
-        config_path = write_cluster_file(Path(tmp), tls=tls)
+        config_path = write_cluster_file(Path(tmp), tls=tls, replication_factor=replication_factor)
         nodes = ["a", "b", "c"]
         processes = Processes(config_path, nodes)
         try:
@@ -154,7 +162,9 @@ def run_bank_demo(
                 for name in ["coordinator", *nodes]:
                     processes.wait_ready(name)
             console.print(
-                f"[bold]txrpc demo[/] — cluster up in {tmp}: coordinator + shards {', '.join(nodes)}"
+                f"[bold]txrpc demo[/] — cluster up in {tmp}: coordinator + shards {', '.join(nodes)}, "
+                f"replication factor {replication_factor}"
+                + (" (commits durable on every replica before acknowledged)" if replication_factor > 1 else "")
                 + (" (mutual TLS: every process and the client present certificates from a dev CA)" if tls else "")
             )
             return trio.run(
@@ -280,8 +290,38 @@ async def _transfers(
             if total == expected and not negative
             else "[red]VIOLATED[/]",
         )
+        agree = await _replicas_agree(c)
+        if agree is not None:
+            table.add_row("replica digests (txrpc ring verify)", agree[1])
         console.print(table)
-        return 0 if total == expected and not negative else 1
+        ok = total == expected and not negative and (agree is None or agree[0])
+        return 0 if ok else 1
+
+
+async def _replicas_agree(c: Cluster) -> tuple[bool, str] | None:
+    """Every node's per-partition digests, compared per replica set (None at R = 1).
+    Phase 2 reaches the followers just after the clients hear "committed": retried
+    briefly until nothing is in doubt."""
+    from ._ring_cli import compare_digests
+
+    shard_map = await c._fetch_map()
+    if shard_map.replication_factor == 1:
+        return None
+    report = None
+    with trio.move_on_after(10):
+        while True:
+            replies: dict[str, Any] = {}
+            for node in shard_map.nodes:
+                client = await c.router._client_for(node)
+                replies[node.name] = await client.options(timeout=30).call("repl.digests")
+            report = compare_digests(shard_map, replies)
+            in_doubt = sum(int(r["in_doubt"]) for r in replies.values())
+            if not report.differences and not in_doubt:
+                copies = shard_map.replication_factor
+                return True, f"[green]{report.partitions_compared} partitions × {copies} replicas agree[/]"
+            await trio.sleep(0.2)
+    differing = len(report.differences) if report is not None else "?"
+    return False, f"[red]{differing} partitions differ between replicas[/]"
 
 
 async def _balances(c: Cluster, names: list[str]) -> dict[str, int]:

@@ -240,17 +240,36 @@ def _json_default(value: Any) -> Any:
 @click.option("--calculator", is_flag=True, help="The small RPC demo instead (calculator, one process).")
 @click.option("--calls", default=2000, show_default=True, help="Calls in the calculator demo.")
 @click.option("--tls", is_flag=True, help="Mutual TLS everywhere (a dev CA and certificates made in the temp dir).")
+@click.option(
+    "--replication-factor",
+    type=click.IntRange(1, 3),
+    default=3,
+    show_default=True,
+    help="Copies of every partition (3 nodes: every node holds every account).",
+)
 def demo(
-    transfers: int, concurrency: int, accounts: int, seed: int, calculator: bool, calls: int, tls: bool
+    transfers: int,
+    concurrency: int,
+    accounts: int,
+    seed: int,
+    calculator: bool,
+    calls: int,
+    tls: bool,
+    replication_factor: int,
 ) -> None:
-    """Start a local cluster (coordinator + 3 shard processes on SQLite in a temp dir),
-    run concurrent cross-shard bank transfers, check that money is conserved, stop."""
+    """Start a local cluster (coordinator + 3 shard processes on SQLite in a temp dir,
+    every partition replicated on 3 nodes), run concurrent cross-shard bank transfers,
+    check that money is conserved and that every replica agrees, stop."""
     from ._demo import run_bank_demo, run_calculator_demo
 
     if calculator:
         run_calculator_demo(console, calls)
         return
-    sys.exit(run_bank_demo(console, transfers, concurrency, accounts, seed, tls=tls))
+    sys.exit(
+        run_bank_demo(
+            console, transfers, concurrency, accounts, seed, tls=tls, replication_factor=replication_factor
+        )
+    )
 
 
 @cli.group()
