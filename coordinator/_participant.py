@@ -36,7 +36,7 @@ from ._participant_core import (
     TxState,
     Vote,
 )
-from ._replication import Replication, record_id, txid_of
+from ._replication import Plan, Replication, record_id, txid_of
 
 log = logging.getLogger("txrpc.participant")
 
@@ -532,20 +532,46 @@ class Participant:
         try:
             if _env.buggify("participant.slow_prepare"):
                 await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
-            try:
-                await self.store.write_prepare(txid, writes, locks)
-            except Exception as exc:
-                log.error("shard %s: prepare record of %d not written: %s", self.shard, txid, exc)
-                self.core.prepare_failed(txid, f"prepare record not durable: {exc}")
+            # The local record and the followers' copies are written at the same time:
+            # the vote waits for both (one durable write's latency, not two in a row).
+            local_error: Exception | None = None
+            replicas: Plan | str | None = None
+
+            async def write_local() -> None:
+                nonlocal local_error
+                try:
+                    await self.store.write_prepare(txid, writes, locks)
+                except Exception as exc:
+                    local_error = exc
+
+            async def replicate() -> None:
+                nonlocal replicas
+                replicas = await self._send_prepare_replicas(txid, writes, locks)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_local)
+                if self._replicated():
+                    nursery.start_soon(replicate)
+            if local_error is not None:
+                log.error("shard %s: prepare record of %d not written: %s", self.shard, txid, local_error)
+                self.core.prepare_failed(txid, f"prepare record not durable: {local_error}")
+                await self._abort_replicas(txid, replicas)
                 self._wake([], txid)
-                return {"vote": "no", "reason": f"prepare record not durable: {exc}"}
+                return {"vote": "no", "reason": f"prepare record not durable: {local_error}"}
             if not self.core.prepared(txid):  # aborted while the record was being written
                 await self.store.delete_prepare(txid)
+                await self._abort_replicas(txid, replicas)
                 return {"vote": "no", "reason": "aborted during prepare"}
-            if self._replicated():
-                refusal = await self._replicate_prepare(txid, writes, locks)
-                if refusal:
-                    return {"vote": "no", "reason": refusal}
+            refusal = replicas if isinstance(replicas, str) else ""
+            if isinstance(replicas, Plan) and replicas.failures:
+                refusal = "prepare record not on every replica: " + _describe_failures(replicas.failures)
+            if refusal:
+                log.info("shard %s: votes no on %d: %s", self.shard, txid, refusal)
+                self.core.prepare_failed(txid, refusal)
+                await self.store.delete_prepare(txid)
+                await self._abort_replicas(txid, replicas)
+                self._wake([], txid)
+                return {"vote": "no", "reason": refusal}
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = trio.current_time()
             if _env.broken("participant.release_locks_at_prepare"):
@@ -575,7 +601,7 @@ class Participant:
         followers = self._followers_to_tell(txid)
         await self._apply(txid)
         if followers:
-            await self.replication.send_outcome(txid_of(txid), followers, "commit")  # type: ignore[union-attr]
+            await self.replication.send_outcome_soon(txid_of(txid), followers, "commit")  # type: ignore[union-attr]
         if _env.buggify("participant.slow_commit_ack"):
             await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
         return "ok"
@@ -650,26 +676,23 @@ class Participant:
             return []
         return self.replication.followers_of_tx(_write_set(tx))
 
-    async def _replicate_prepare(self, txid: int, writes: WriteSet, locks: list[tuple[Any, str]]) -> str:
-        """Send the prepare record to the followers; "" when all have it durable, else
-        why not (the transaction is then aborted here and the vote is no)."""
+    async def _send_prepare_replicas(self, txid: int, writes: WriteSet, locks: list[tuple[Any, str]]) -> Plan | str:
+        """Send the prepare record to the followers: the plan (with ``failures``, the
+        followers that did not take it), or why it was not sent (deposed)."""
         assert self.replication is not None
         keys = [k for k, _, _ in writes] + [r for r, _ in locks if isinstance(r, str)]
         if not self.replication.owns(keys):
-            why = f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
-        else:
-            read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
-            the_plan, failures = await self.replication.send_prepare(txid, writes, read_keys, local=False)
-            if not failures:
-                return ""
-            why = "prepare record not on every replica: " + "; ".join(f"{f}: {w}" for f, w in sorted(failures.items()))
-            followers = [f for f in the_plan.by_follower if f not in failures]
-            await self.replication.send_outcome(txid, followers, "abort")
-        log.info("shard %s: votes no on %d: %s", self.shard, txid, why)
-        self.core.prepare_failed(txid, why)
-        await self.store.delete_prepare(txid)
-        self._wake([], txid)
-        return why
+            return f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
+        read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
+        the_plan, _ = await self.replication.send_prepare(txid, writes, read_keys, local=False)
+        return the_plan
+
+    async def _abort_replicas(self, txid: int, replicas: Plan | str | None) -> None:
+        """Tell the followers that took ``txid``'s record that it will not commit."""
+        if isinstance(replicas, Plan) and self.replication is not None:
+            took = [f for f in replicas.by_follower if f not in replicas.failures]
+            if took:
+                await self.replication.send_outcome(txid, took, "abort")
 
     async def _fence_reads(self, txid: int, held: dict[Any, Mode]) -> str:
         assert self.replication is not None
@@ -754,7 +777,7 @@ class Participant:
         await self._apply(txid)
         self.replication.meta.pop(txid, None)
         if followers:
-            await self.replication.send_outcome(txid_of(txid), followers, "commit")
+            await self.replication.send_outcome_soon(txid_of(txid), followers, "commit")
 
     # --- replication (follower side) ---------------------------------------------------------
 

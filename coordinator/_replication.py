@@ -64,11 +64,12 @@ class Plan:
     """What each follower receives of one transaction: its share of the write set (the
     keys of partitions it replicates) and, for the written keys, the write locks."""
 
-    __slots__ = ("by_follower", "epoch")
+    __slots__ = ("by_follower", "epoch", "failures")
 
     def __init__(self, epoch: int, by_follower: dict[str, WriteSet]) -> None:
         self.epoch = epoch
         self.by_follower = by_follower
+        self.failures: dict[str, str] = {}  # follower -> why it did not take the record
 
 
 def plan(shard_map: ShardMap, node: str, writes: WriteSet, read_keys: Iterable[Any]) -> Plan:
@@ -107,6 +108,7 @@ class Replication:
         self.timeout_s = timeout_s
         self.lock_wait_s = lock_wait_s
         self.participant: Participant | None = None
+        self._nursery: trio.Nursery | None = None
         self.meta: dict[int, dict[str, Any]] = {}  # txid -> {"local", "origin"} of replicated records
         self._lock_changed = trio.Event()
         self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0}
@@ -115,6 +117,27 @@ class Replication:
         # commits wrote meanwhile (a snapshot row never overwrites those: they are newer).
         self.resyncing: set[int] = set()
         self.touched: set[str] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery that background sends (:meth:`send_outcome_soon`) run in."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def send_outcome_soon(self, txid: int, followers: list[str], outcome: str) -> None:
+        """:meth:`send_outcome` without waiting for the answers (when :meth:`run` runs).
+
+        Used for commits: a follower that never hears it still holds the record and its
+        locks and resolves it by the termination protocol, and a later conflicting
+        record waits for it there, so the primary need not wait."""
+        if self._nursery is None:
+            await self.send_outcome(txid, followers, outcome)
+        else:
+            self._nursery.start_soon(self.send_outcome, txid, followers, outcome)
 
     # --- primary side ----------------------------------------------------------------------
 
@@ -154,6 +177,7 @@ class Replication:
         async with trio.open_nursery() as nursery:
             for follower, share in the_plan.by_follower.items():
                 nursery.start_soon(send, follower, share)
+        the_plan.failures = failures
         return the_plan, failures
 
     async def send_outcome(self, txid: int, followers: Iterable[str], outcome: str) -> dict[str, str]:

@@ -118,6 +118,7 @@ async def run_shard(
                     return ShardMap.from_wire(await held.options(retries_max=0).call("coord.shard_map"))
 
             replication = Replication(node, guard, peers.get, map_source=map_source)
+            await nursery.start(replication.run)
             await replication.refresh()  # a restarted node learns the current epoch before serving
             participant = Participant(
                 services,
