@@ -14,7 +14,7 @@ import trio
 import txrpc
 from storage import CoordinatorLog, DecisionExists, KvTransaction
 from txrpc import _env
-from txrpc._shardmap import ConfigError, ShardMap
+from txrpc._shardmap import ConfigError, NodeSpec, ShardMap
 
 from ._coordinator_core import CoordinatorCore, CoordTx, Decision, Phase
 from ._faults import crash_point
@@ -109,6 +109,8 @@ class Coordinator:
             svc.add_method(self.mark_down, name="mark_down", allow=txrpc.ROLE_ADMIN)
             svc.add_method(self.promote, name="promote", allow=txrpc.ROLE_ADMIN)
             svc.add_method(self.rejoin, name="rejoin", allow=txrpc.ROLE_ADMIN)
+            svc.add_method(self.add_node, name="add_node", allow=txrpc.ROLE_ADMIN)
+            svc.add_method(self.remove_node, name="remove_node", allow=txrpc.ROLE_ADMIN)
         return svc
 
     # --- the shard-map authority -----------------------------------------------------------------
@@ -146,72 +148,173 @@ class Coordinator:
 
     async def rejoin(self, node: str) -> dict[str, Any]:
         """Bring ``node`` back into the replica sets the ring places it in (after it was
-        marked down, or when it is new): a new epoch adds it as a follower of those
-        partitions, so replication reaches it from then on; it copies them from their
-        primaries (``repl.catch_up``); then another epoch restores the ring's order (it
-        is primary again where the ring says). If the catch-up fails it is dropped again.
-        ``{"epochs": [added, final], "partitions", "rows", "deleted"}``."""
+        marked down and runs again): see :meth:`_move`."""
         assert self.shard_map is not None
         if not isinstance(node, str) or node not in self.shard_map:
             raise txrpc.InvalidArgument(f"no node named {node!r} in the shard map")
         async with self._map_lock:
             current = self.shard_map
-            placement = ShardMap.build(
-                current.nodes,
-                replication_factor=current.replication_factor,
-                epoch=current.epoch,
-                partitions=current.partitions,
-            )
-            joining = [
-                p
-                for p, members in enumerate(current.replica_sets)
-                if node in placement.replica_sets[p]
-                and node not in members
-                and len(members) < current.replication_factor
-            ]
-            if not joining:
+            placement = current.with_nodes(current.nodes, epoch=current.epoch)
+            target = []
+            for members, ranked in zip(current.replica_sets, placement.replica_sets, strict=True):
+                if node in ranked and node not in members:
+                    members = _ranked((*members, node), ranked)
+                target.append(members)
+            if tuple(target) == current.replica_sets:
                 raise txrpc.FailedPrecondition(f"node {node!r} already replicates every partition the ring gives it")
-            sets = list(current.replica_sets)
-            for p in joining:
-                sets[p] = (*sets[p], node)
-            added = ShardMap(
-                current.epoch + 1, current.replication_factor, current.partitions, current.nodes, tuple(sets)
+            return await self._move(current.nodes, tuple(target), f"rejoin {node}")
+
+    async def add_node(self, node: dict[str, Any]) -> dict[str, Any]:
+        """Add a node (``{"name", "host", "port", "zone"?, "weight"?}``, already running)
+        and move to it the partitions the ring now places on it (about 1/N of the data):
+        see :meth:`_move`."""
+        assert self.shard_map is not None
+        try:
+            spec = NodeSpec(
+                node["name"], node["host"], node["port"], zone=node.get("zone"), weight=node.get("weight", 1.0)
             )
-            await self._store_map(added)
-            self.shard_map = added
-            log.warning("shard map epoch %d: %s joins %d partitions as a follower", added.epoch, node, len(joining))
-            await self._publish(added)
+        except (KeyError, TypeError, ConfigError) as exc:
+            raise txrpc.InvalidArgument(f"not a node: {exc}") from None
+        async with self._map_lock:
+            current = self.shard_map
+            if spec.name in current:
+                raise txrpc.FailedPrecondition(f"node {spec.name!r} is already in the shard map")
+            nodes = (*current.nodes, spec)
+            return await self._move(nodes, self._rebalanced(current, nodes), f"add-node {spec.name}")
+
+    async def remove_node(self, node: str) -> dict[str, Any]:
+        """Move every partition off ``node`` to the members the ring picks instead, then
+        drop it from the map: see :meth:`_move`."""
+        assert self.shard_map is not None
+        if not isinstance(node, str) or node not in self.shard_map:
+            raise txrpc.InvalidArgument(f"no node named {node!r} in the shard map")
+        async with self._map_lock:
+            current = self.shard_map
+            nodes = tuple(n for n in current.nodes if n.name != node)
+            if len(nodes) < current.replication_factor:
+                raise txrpc.FailedPrecondition(
+                    f"removing {node!r} would leave {len(nodes)} nodes for replication factor "
+                    f"{current.replication_factor}"
+                )
+            return await self._move(nodes, self._rebalanced(current, nodes), f"remove-node {node}")
+
+    @staticmethod
+    def _rebalanced(current: ShardMap, nodes: tuple[NodeSpec, ...]) -> tuple[tuple[str, ...], ...]:
+        """The replica sets after the ring's change from ``current.nodes`` to ``nodes``,
+        applied to the current sets: members the new ring drops leave, members it adds
+        join (ranked as the new ring ranks them); replicas marked down stay out."""
+        before = current.with_nodes(current.nodes, epoch=current.epoch)
+        after = current.with_nodes(nodes, epoch=current.epoch)
+        names = {n.name for n in nodes}
+        target = []
+        for members, old, new in zip(current.replica_sets, before.replica_sets, after.replica_sets, strict=True):
+            kept = [m for m in members if m in names and (m in new or m not in old)]
+            joined = [m for m in new if m not in old and m not in kept]
+            target.append(_ranked((*kept, *joined), new))
+        return tuple(target)
+
+    async def _move(
+        self, nodes: tuple[NodeSpec, ...], target_sets: tuple[tuple[str, ...], ...], what: str
+    ) -> dict[str, Any]:
+        """Hand partitions over to ``target_sets`` while transactions run (the map lock
+        is held by the caller). One epoch adds every joining replica as a follower (a
+        set may hold one extra member meanwhile), so replication reaches it from then
+        on; each joiner copies its partitions from their primaries (``repl.catch_up``);
+        a second epoch installs the target sets (new primaries take over, in-flight
+        transactions of the old ones are fenced and their prepared ones inherited);
+        nodes that left a partition drop its rows. A joiner that cannot catch up is
+        taken out again and the move is refused."""
+        assert self.shard_map is not None
+        current = self.shard_map
+        by_name = {n.name: n for n in (*current.nodes, *nodes)}
+        interim_sets = []
+        joining: dict[str, list[int]] = {}
+        leaving: dict[str, list[int]] = {}
+        for p, (members, target) in enumerate(zip(current.replica_sets, target_sets, strict=True)):
+            new = [m for m in target if m not in members]
+            for m in new:
+                joining.setdefault(m, []).append(p)
+            for m in members:
+                if m not in target:
+                    leaving.setdefault(m, []).append(p)
+            interim_sets.append((*members, *new))
+        interim = ShardMap(
+            current.epoch + 1,
+            current.replication_factor,
+            current.partitions,
+            tuple(by_name.values()),
+            tuple(interim_sets),
+        )
+        await self._install(interim, f"{what}: {sum(map(len, joining.values()))} partition copies join as followers")
+        copied = {"rows": 0, "deleted": 0}
+        failures: dict[str, str] = {}
+
+        async def catch_up(name: str, partitions: list[int]) -> None:
             try:
+                client = await self._client(name)
                 with trio.fail_after(CATCH_UP_TIMEOUT_S):
-                    copied = (
-                        await self._clients[node]
-                        .options(retries_max=0, metadata={"epoch": added.epoch})
-                        .call("repl.catch_up", joining)
+                    result = await client.options(retries_max=0, metadata={"epoch": interim.epoch}).call(
+                        "repl.catch_up", partitions
                     )
+                copied["rows"] += int(result["rows"])
+                copied["deleted"] += int(result["deleted"])
             except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
-                dropped = added.without_replica(node)
-                await self._store_map(dropped)
-                self.shard_map = dropped
-                await self._publish(dropped)
-                raise txrpc.Unavailable(
-                    f"node {node!r} could not catch up ({exc}); dropped again at epoch {dropped.epoch}"
-                ) from None
-            for p in joining:
-                ranked = [m for m in placement.replica_sets[p] if m in sets[p]]
-                sets[p] = (*ranked, *(m for m in sets[p] if m not in ranked))
-            final = ShardMap(added.epoch + 1, added.replication_factor, added.partitions, added.nodes, tuple(sets))
-            await self._store_map(final)
-            self.shard_map = final
-            log.warning("shard map epoch %d: %s caught up (%d rows)", final.epoch, node, copied["rows"])
-            published, unreachable = await self._publish(final)
+                failures[name] = str(exc) or type(exc).__name__
+
+        async with trio.open_nursery() as nursery:
+            for name, partitions in sorted(joining.items()):
+                nursery.start_soon(catch_up, name, partitions)
+        if failures:
+            await self._install(
+                ShardMap(interim.epoch + 1, current.replication_factor, current.partitions, current.nodes,
+                         current.replica_sets),
+                f"{what} abandoned",
+            )  # fmt: skip
+            raise txrpc.Unavailable(
+                f"{what}: could not catch up "
+                + "; ".join(f"{n}: {why}" for n, why in sorted(failures.items()))
+                + f"; the previous replica sets are back at epoch {interim.epoch + 1}"
+            )
+        final = ShardMap(interim.epoch + 1, current.replication_factor, current.partitions, nodes, target_sets)
+        published, unreachable = await self._install(final, f"{what}: done ({copied['rows']} rows copied)")
+        dropped = 0
+        for name, partitions in sorted(leaving.items()):
+            try:
+                client = await self._client(name)
+                with trio.fail_after(CATCH_UP_TIMEOUT_S):
+                    result = await client.options(retries_max=0, metadata={"epoch": final.epoch}).call(
+                        "repl.drop_partitions", partitions
+                    )
+                dropped += int(result["deleted"])
+            except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
+                log.warning("%s: %s keeps the rows of partitions it left (%s)", what, name, exc)
         return {
-            "epochs": [added.epoch, final.epoch],
-            "partitions": len(joining),
+            "epochs": [interim.epoch, final.epoch],
+            "partitions": sum(map(len, joining.values())),
             "rows": copied["rows"],
             "deleted": copied["deleted"],
+            "dropped": dropped,
             "published": published,
             "unreachable": unreachable,
         }
+
+    async def _install(self, shard_map: ShardMap, why: str) -> tuple[list[str], list[str]]:
+        await self._store_map(shard_map)
+        self.shard_map = shard_map
+        log.warning("shard map epoch %d: %s", shard_map.epoch, why)
+        return await self._publish(shard_map)
+
+    async def _client(self, name: str) -> txrpc.Client:
+        """A client to node ``name`` (opened on first use for a node added at run time)."""
+        client = self._clients.get(name)
+        if client is None:
+            assert self.shard_map is not None and self._nursery is not None
+            host, port = self.shard_map.node(name).address
+            new = txrpc.connect(host, port, limits=self.limits, connect_now=False, rng=random.Random(self.rng.random()))
+            client = await self._nursery.start(_hold_client, new)
+            self._clients.setdefault(name, client)
+            self.nodes[name] = (host, port)
+        return self._clients[name]
 
     async def _change_map(self, node: str, how: str) -> dict[str, Any]:
         assert self.shard_map is not None
@@ -238,15 +341,15 @@ class Coordinator:
         async def push(name: str) -> None:
             try:
                 with trio.fail_after(self.phase_timeout_s):
-                    await self._clients[name].options(retries_max=0).call("repl.install_map", wire)
+                    client = await self._client(name)
+                    await client.options(retries_max=0).call("repl.install_map", wire)
                 published.append(name)
             except (txrpc.RpcError, trio.TooSlowError, OSError):
                 unreachable.append(name)
 
         async with trio.open_nursery() as nursery:
             for node in shard_map.nodes:
-                if node.name in self._clients:
-                    nursery.start_soon(push, node.name)
+                nursery.start_soon(push, node.name)
         return sorted(published), sorted(unreachable)
 
     async def _heartbeats(self) -> None:
@@ -585,3 +688,9 @@ async def _hold_client(
     async with client:
         task_status.started(client)
         await trio.sleep_forever()
+
+
+def _ranked(members: tuple[str, ...], ranking: tuple[str, ...]) -> tuple[str, ...]:
+    """``members`` in the order of ``ranking`` (members it does not rank last, as they were)."""
+    ranked = [m for m in ranking if m in members]
+    return (*ranked, *(m for m in members if m not in ranked))

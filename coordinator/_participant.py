@@ -789,6 +789,7 @@ class Participant:
         svc.add_method(self._repl_install_map, name="install_map", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_snapshot, name="snapshot", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_catch_up, name="catch_up", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_drop_partitions, name="drop_partitions", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_digests, name="digests")
         svc.add_method(self._repl_ping, name="ping")
         return svc
@@ -974,6 +975,38 @@ class Participant:
             "node %s caught up on %d partitions: %d rows copied, %d deleted", self.shard, len(wanted), copied, deleted
         )
         return {"rows": copied, "deleted": deleted}
+
+    async def _repl_drop_partitions(self, partitions: list[int]) -> dict[str, Any]:
+        """Delete this node's rows of ``partitions``, which it no longer replicates (they
+        moved to other nodes). Refused for a partition it still replicates."""
+        assert self.replication is not None
+        if not isinstance(partitions, list) or not all(type(p) is int for p in partitions):
+            raise txrpc.InvalidArgument("partitions must be a list of integers")
+        call_epoch = txrpc.current_call().metadata.get("epoch")
+        if type(call_epoch) is int and call_epoch > self.replication.guard.epoch:
+            await self.replication.refresh()
+        shard_map = self.replication.guard.shard_map
+        for p in partitions:
+            if not 0 <= p < shard_map.partitions or self.shard in shard_map.replica_sets[p]:
+                raise txrpc.FailedPrecondition(
+                    f"node {self.shard} still replicates partition {p} at epoch {shard_map.epoch}"
+                )
+        wanted = set(partitions)
+
+        def pending() -> bool:
+            return any(
+                tx.state is TxState.PREPARED and any(shard_map.partition_of(k) in wanted for k in tx.writes)
+                for tx in list(self.core.txs.values())
+            )
+
+        # Records taken before the move still get their outcome here: delete after them.
+        with trio.move_on_after(self.replication.timeout_s * 6):
+            while pending():
+                await trio.sleep(0.02)
+        keys = await self.store.partition_keys(shard_map.partition_of, wanted)
+        if keys:
+            await self.store.apply_commit(0, [(k, True, None) for k in keys])
+        return {"deleted": len(keys)}
 
     async def _install_snapshot(self, writes: WriteSet) -> None:
         """Apply catch-up rows, skipping keys a replicated commit wrote meanwhile (checked

@@ -230,14 +230,19 @@ class Replication:
             except (ValueError, TypeError) as exc:
                 log.warning("node %s: a WRONG_EPOCH carried an unusable map: %s", self.node, exc)
 
-    def install(self, shard_map: ShardMap) -> bool:
+    def install(self, shard_map: ShardMap, *, authoritative: bool = False) -> bool:
         try:
             adopted = self.guard.install(shard_map)
         except ValueError as exc:
-            # Same epoch, different map: e.g. the authority's file names other addresses
-            # for the nodes (a proxy in between). Placement is what matters; keep ours.
-            log.warning("node %s: %s; keeping this node's map", self.node, exc)
-            return False
+            # Same epoch, different map. Only addresses differ (the authority's file names
+            # a proxy in between, say): keep ours. The placement differs and this map is
+            # the authority's (this node's file listed nodes not added yet): adopt it.
+            if not authoritative or shard_map.same_placement(self.guard.shard_map):
+                log.warning("node %s: %s; keeping this node's map", self.node, exc)
+                return False
+            log.warning("node %s: adopting the authority's map at epoch %d", self.node, shard_map.epoch)
+            self.guard.replace(shard_map)
+            adopted = True
         if adopted:
             self.installed_at = trio.current_time()
             log.info("node %s: shard map epoch %d installed", self.node, shard_map.epoch)
@@ -248,7 +253,7 @@ class Replication:
         if self.map_source is not None:
             with trio.move_on_after(self.timeout_s):
                 try:
-                    self.install(await self.map_source())
+                    self.install(await self.map_source(), authoritative=True)
                 except (txrpc.RpcError, OSError) as exc:
                     log.info("node %s: shard map not refreshed: %s", self.node, exc)
 
@@ -315,11 +320,19 @@ class Replication:
 
 
 class PeerClients:
-    """Clients to the other nodes of the map, opened on first use and held until
-    :meth:`run` is cancelled. Addresses come from the map given (nodes never move)."""
+    """Clients to the other nodes, opened on first use and held until :meth:`run` is
+    cancelled."""
 
-    def __init__(self, shard_map: ShardMap, credentials: txrpc.Credentials | None = None) -> None:
+    def __init__(
+        self,
+        shard_map: ShardMap,
+        credentials: txrpc.Credentials | None = None,
+        current_map: Callable[[], ShardMap] | None = None,
+    ) -> None:
+        """Addresses come from ``shard_map`` (this node's file), else from
+        ``current_map()`` (for nodes added to the cluster since)."""
         self.addresses = {node.name: node.address for node in shard_map.nodes}
+        self.current_map = current_map
         self.credentials = credentials
         self._clients: dict[str, txrpc.Client] = {}
         self._nursery: trio.Nursery | None = None
@@ -337,6 +350,8 @@ class PeerClients:
         if self._nursery is None:
             raise RuntimeError("PeerClients.run is not running")
         address = self.addresses.get(name)
+        if address is None and self.current_map is not None and name in self.current_map():
+            address = self.current_map().node(name).address
         if address is None:
             raise txrpc.FailedPrecondition(f"no node named {name!r} in the shard map")
         new = txrpc.connect(

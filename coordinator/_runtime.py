@@ -108,7 +108,7 @@ async def run_shard(
                 )
                 coordinator_client = await nursery.start(_hold, client)
             guard = EpochGuard(config.shard_map, node=node)
-            peers = PeerClients(config.shard_map, credentials)
+            peers = PeerClients(config.shard_map, credentials, current_map=lambda: guard.shard_map)
             await nursery.start(peers.run)
             map_source = None
             if coordinator_client is not None:

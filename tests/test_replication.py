@@ -214,3 +214,75 @@ async def test_a_node_marked_down_catches_up_and_rejoins_while_transfers_run(tmp
         await assert_replicas_equal(local)
         held = await local.participants["n0"].store.items()
         assert sorted(k for k in held if k.startswith("acct")) == sorted(names)
+
+
+def _toml(data_dir: Path, ports: list[int], nodes: int, replication_factor: int = 3) -> str:
+    lines = ["[cluster]", f"replication_factor = {replication_factor}", "partitions = 256", f'data_dir = "{data_dir}"',
+             "", "[coordinator]", 'host = "127.0.0.1"', f"port = {ports[0]}", ""]  # fmt: skip
+    for index in range(nodes):
+        lines += ["[[nodes]]", f'name = "n{index}"', 'host = "127.0.0.1"', f"port = {ports[index + 1]}", ""]
+    return "\n".join(lines)
+
+
+async def test_add_node_and_remove_node_move_about_a_share_of_the_data_while_transfers_run(tmp_path: Path) -> None:
+    from _cluster_helpers import free_ports
+
+    ports = free_ports(5)
+    three = txrpc.ClusterConfig.from_toml(_toml(tmp_path, ports, 3), source="three.toml")
+    four = txrpc.ClusterConfig.from_toml(_toml(tmp_path, ports, 4), source="four.toml")
+    async with trio.open_nursery() as nursery:
+        local = LocalCluster(three, nursery, [bank])
+        await local.start_coordinator()
+        for name in ("n0", "n1", "n2"):
+            await local.start_shard(name)
+        async with txrpc.cluster(three) as cluster:
+            names = [f"acct{i}" for i in range(60)]
+            for name in names:
+                async with cluster.transaction() as t:
+                    await t.bank.open_account(name, 100)
+            local.config = four  # the operator lists n3 in the file and starts it
+            await local.start_shard("n3")
+            assert local.coordinator is not None
+
+            stop = trio.Event()
+            moved = [0]
+
+            async def workload() -> None:
+                seed = 100
+                while not stop.is_set():
+                    moved[0] += await transfers(cluster, names, 1, seed=seed)
+                    seed += 1
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(workload)
+                await trio.sleep(0.2)
+                added = await local.coordinator.add_node(
+                    {"name": "n3", "host": "127.0.0.1", "port": ports[4]}
+                )
+                await trio.sleep(0.2)
+                stop.set()
+            assert moved[0] > 0
+            shard_map = local.coordinator.shard_map
+            assert shard_map is not None and "n3" in shard_map
+            # R = 3 of 4 nodes: n3 takes about a quarter of all the copies (the ring's share).
+            copies = sum(len(m) for m in shard_map.replica_sets)
+            share = sum(1 for m in shard_map.replica_sets if "n3" in m) / copies
+            assert 0.15 < share < 0.35, share
+            assert shard_map.replica_sets == four.shard_map.with_epoch(shard_map.epoch).replica_sets
+            assert added["rows"] > 0 and added["dropped"] > 0
+            assert await total(cluster, names) == 100 * len(names)
+            await assert_replicas_equal(local)
+            # Rows of the partitions a node left are gone from it.
+            for name, participant in local.participants.items():
+                for key in await participant.store.items():
+                    assert name in shard_map.replicas_of(key), (name, key)
+
+            removed = await local.coordinator.remove_node("n1")
+            shard_map = local.coordinator.shard_map
+            assert "n1" not in shard_map and removed["epochs"][1] == shard_map.epoch
+            assert all(len(m) == 3 for m in shard_map.replica_sets)
+            local.crash("n1")
+            await transfers(cluster, names, 20, seed=7)
+            assert await total(cluster, names) == 100 * len(names)
+            await assert_replicas_equal(local)
+        await local.stop()

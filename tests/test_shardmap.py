@@ -206,7 +206,7 @@ def test_map_invariants_are_checked() -> None:
     sets = list(good.replica_sets)
     with pytest.raises(ConfigError, match="one replica set per partition"):
         ShardMap(1, 2, 64, tuple(nodes), tuple(sets[:-1]))
-    for bad_set in [(), ("n0", "n1", "n2"), ("n0", "n0"), ("n0", "zz")]:
+    for bad_set in [(), ("n0", "n1", "n2", "n3"), ("n0", "n0"), ("n0", "zz")]:
         with pytest.raises(ConfigError, match="partition 5"):
             ShardMap(1, 2, 64, tuple(nodes), (*sets[:5], bad_set, *sets[6:]))
     # A set may be smaller than the replication factor: a replica was marked down.
@@ -330,7 +330,7 @@ def _tampered(**changes: object) -> dict[str, object]:
         (_tampered(sets=[[0, 1]]), "set_of_partition"),
         (_tampered(set_of_partition=b"\x00" * 63), "set_of_partition"),
         (_tampered(set_of_partition=b"\x00" * 64 * 3), "set_of_partition"),
-        (_tampered(replication_factor=1), "replica_sets"),  # sets larger than R
+        (_tampered(replication_factor=1, sets=[[0, 1, 2]] * 6), "replica_sets"),  # sets larger than R + 1
         ([1, 2], ""),
     ],
 )

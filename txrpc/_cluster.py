@@ -41,6 +41,7 @@ from ._routing import EPOCH_METADATA_KEY, ClusterClient
 from ._security import Credentials, current_credentials
 from ._shardmap import ClusterConfig, ShardMap, load_cluster_config
 
+MAP_FETCH_AT_START_S = 2.0
 log = logging.getLogger("txrpc.cluster")
 
 T = TypeVar("T")
@@ -125,6 +126,13 @@ class Cluster:
         except BaseException:
             await self.router.__aexit__(None, None, None)
             raise
+        # Start from the authority's map when it is reachable (the file's may be older,
+        # or list nodes the cluster has not added yet); the file's otherwise.
+        with trio.move_on_after(MAP_FETCH_AT_START_S):
+            try:
+                await self.router.refresh()
+            except (RpcError, OSError) as exc:
+                log.info("shard map not fetched from the coordinator: %s", exc)
         return self
 
     async def __aexit__(
@@ -300,9 +308,16 @@ class Transaction:
                         await trio.sleep(router._backoff_s(retries))
                 except Unavailable as exc:
                     # The node is unreachable and nothing ran: if the authority has failed
-                    # it over, route this operation to the new primary.
+                    # it over, route this operation to the new primary. If it may have run,
+                    # this transaction cannot go on (nothing of it has committed): abort
+                    # it, retryably, with the newest map for the retry.
                     if not exc.nothing_ran or retries >= router.epoch_retries_max:
-                        raise
+                        await router.newer_map_after_unavailable(shard_map)
+                        self._failed = TransactionAborted(
+                            f"shard {node.name} unreachable during an operation: {exc.message}",
+                            {"retryable": True, "txid": self.txid},
+                        )
+                        raise self._failed from None
                     if op_seq == 1:  # it never ran there: not a participant after all
                         self.participants.discard(node.name)
                         del self._op_seq_by_node[node.name]

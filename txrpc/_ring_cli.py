@@ -312,6 +312,63 @@ def mark_down(node: str, config_path: Path) -> None:
     _change_map(config_path, "coord.mark_down", node)
 
 
+def _move_command(config: ClusterConfig, method: str, argument: Any, status: str) -> dict[str, Any]:
+    if config.coordinator is None:
+        raise click.ClickException(f"{config.source} has no [coordinator] table (the shard-map authority)")
+    host, port = config.coordinator.host, config.coordinator.port
+
+    async def main() -> Any:
+        async with connect(host, port, credentials=_admin_credentials(config)) as client:
+            return await client.options(timeout=1300).call(method, argument)
+
+    try:
+        with Console().status(status):
+            result: dict[str, Any] = trio.run(main)
+    except RpcError as exc:
+        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+    return result
+
+
+def _print_move(result: dict[str, Any], what: str) -> None:
+    added, final = result["epochs"]
+    Console().print(
+        f"{what}: {result['partitions']} partition copies joined at epoch {added} ({result['rows']} rows copied, "
+        f"{result['deleted']} stale deleted); new replica sets at epoch [bold]{final}[/]; "
+        f"{result['dropped']} rows dropped by the nodes that left"
+    )
+
+
+@ring.command(name="add-node")
+@click.argument("node")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="cluster.toml",
+              show_default=True, help="The cluster file (it lists NODE, already running).")  # fmt: skip
+def add_node(node: str, config_path: Path) -> None:
+    """Add NODE (listed in the cluster file and already running) and move to it the
+    partitions the ring now places on it — about 1/N of the data — while transactions
+    continue: it joins them as a follower, catches up, then the new replica sets take
+    over at a new epoch."""
+    config = _load_config(config_path)
+    try:
+        spec = config.shard_map.node(node)
+    except KeyError:
+        raise click.ClickException(f"{config.source} lists no node {node!r}: add its [[nodes]] entry first") from None
+    wire = {"name": spec.name, "host": spec.host, "port": spec.port, "weight": spec.weight}
+    if spec.zone is not None:
+        wire["zone"] = spec.zone
+    _print_move(_move_command(config, "coord.add_node", wire, f"adding {node}"), f"added {node}")
+
+
+@ring.command(name="remove-node")
+@click.argument("node")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="cluster.toml",
+              show_default=True, help="The cluster file.")  # fmt: skip
+def remove_node(node: str, config_path: Path) -> None:
+    """Move every partition off NODE (to the nodes the ring picks instead) while
+    transactions continue, then drop it from the shard map; stop it afterwards."""
+    config = _load_config(config_path)
+    _print_move(_move_command(config, "coord.remove_node", node, f"removing {node}"), f"removed {node}")
+
+
 @ring.command(name="rejoin")
 @click.argument("node")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="cluster.toml",
@@ -321,25 +378,7 @@ def rejoin(node: str, config_path: Path) -> None:
     runs again): it joins as a follower at a new epoch, copies those partitions from their
     primaries while transactions continue, then the ring's order is restored."""
     config = _load_config(config_path)
-    if config.coordinator is None:
-        raise click.ClickException(f"{config.source} has no [coordinator] table (the shard-map authority)")
-    host, port = config.coordinator.host, config.coordinator.port
-
-    async def main() -> Any:
-        async with connect(host, port, credentials=_admin_credentials(config)) as client:
-            return await client.options(timeout=700).call("coord.rejoin", node)
-
-    console = Console()
-    try:
-        with console.status(f"{node}: joining and catching up"):
-            result = trio.run(main)
-    except RpcError as exc:
-        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
-    added, final = result["epochs"]
-    console.print(
-        f"{node} joined {result['partitions']} partitions at epoch {added}, copied {result['rows']} rows "
-        f"(deleted {result['deleted']} stale), and holds the ring's order at epoch [bold]{final}[/]"
-    )
+    _print_move(_move_command(config, "coord.rejoin", node, f"{node}: joining and catching up"), f"{node} rejoined")
 
 
 @ring.command(name="verify")

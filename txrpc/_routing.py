@@ -118,6 +118,13 @@ class EpochGuard:
         self._shard_map = shard_map
         return True
 
+    def replace(self, shard_map: ShardMap) -> None:
+        """Adopt ``shard_map`` from the authority even at this map's epoch (a node whose
+        file listed other nodes than the authority's map at that epoch); never older."""
+        if shard_map.epoch < self._shard_map.epoch:
+            raise ValueError(f"epoch {shard_map.epoch} is older than {self._shard_map.epoch}")
+        self._shard_map = shard_map
+
     def check(self, key: Key | None = None) -> ShardMap:
         """:func:`check_epoch` against the current map; returns that map."""
         shard_map = self._shard_map
@@ -235,10 +242,17 @@ class ClusterClient:
         return True
 
     async def refresh(self) -> bool:
-        """Fetch the map from ``map_source`` and adopt it if newer; False without a source."""
+        """Fetch the map from ``map_source`` and adopt it if newer (or, at the same epoch,
+        if its placement differs: the source is the authority); False without a source."""
         if self._map_source is None:
             return False
-        return self.adopt(await self._map_source())
+        fetched = await self._map_source()
+        current = self._shard_map
+        if fetched.epoch == current.epoch and not fetched.same_placement(current):
+            log.warning("shard map epoch %d: adopting the authority's placement over the file's", fetched.epoch)
+            self._shard_map = fetched
+            return True
+        return self.adopt(fetched)
 
     # --- calls ------------------------------------------------------------------------
 

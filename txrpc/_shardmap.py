@@ -226,9 +226,10 @@ class ShardMap:
     or :meth:`from_wire`. The constructor checks every invariant and raises
     :class:`ConfigError` naming the field: ``epoch`` in 1..2**63-1, ``partitions`` a
     power of two, ``replication_factor`` in 1..len(nodes), unique node names and
-    addresses, and exactly ``partitions`` replica sets of ``replication_factor`` distinct
-    known nodes. ``replica_sets`` need not equal the ring's placement: the authority may
-    promote a follower or drop a replica at a new epoch.
+    addresses, and exactly ``partitions`` replica sets of distinct known nodes, each of
+    1..``replication_factor`` + 1 members. ``replica_sets`` need not equal the ring's
+    placement: the authority may promote a follower or drop a replica at a new epoch
+    (fewer members), or add a joining replica while a partition moves (one more).
     """
 
     epoch: int
@@ -282,12 +283,12 @@ class ShardMap:
                 raise ConfigError(f"partition {partition}: replica sets must be tuples", field="replica_sets")
             if (
                 not isinstance(members, tuple)
-                or not 1 <= len(members) <= self.replication_factor
+                or not 1 <= len(members) <= self.replication_factor + 1
                 or len(set(members)) != len(members)
                 or not all(name in by_name for name in members)
             ):
                 raise ConfigError(
-                    f"partition {partition}: {_describe(members)} is not 1..{self.replication_factor} "
+                    f"partition {partition}: {_describe(members)} is not 1..{self.replication_factor + 1} "
                     "distinct nodes of the map",
                     field="replica_sets",
                 )
@@ -369,6 +370,14 @@ class ShardMap:
             for members in self.replica_sets
         )
         return ShardMap(self.epoch + 1, self.replication_factor, self.partitions, self.nodes, sets)
+
+    def same_placement(self, other: ShardMap) -> bool:
+        """Same epoch, node names and replica sets (addresses may differ)."""
+        return (
+            self.epoch == other.epoch
+            and self.replica_sets == other.replica_sets
+            and [n.name for n in self.nodes] == [n.name for n in other.nodes]
+        )
 
     def followers_of(self, key: Key) -> tuple[str, ...]:
         """The replicas of ``key``'s partition other than its primary."""
