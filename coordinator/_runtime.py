@@ -56,9 +56,11 @@ async def run_coordinator(
     tx_timeout_s: float = 30.0,
     phase_timeout_s: float = 5.0,
     rng_seed: int = 0,
+    failure_timeout_s: float | None = None,
     task_status: trio.TaskStatus[Coordinator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the coordinator of ``config`` until cancelled."""
+    """Serve the coordinator of ``config`` until cancelled (``failure_timeout_s``
+    overrides the file's ``[coordinator] failure_timeout_s``)."""
     if config.coordinator is None:
         raise ValueError(f"{config.source}: no [coordinator] table")
     spec = config.coordinator
@@ -72,7 +74,7 @@ async def run_coordinator(
             phase_timeout_s=phase_timeout_s,
             rng=random.Random(rng_seed),
             shard_map=config.shard_map,
-            failure_timeout_s=spec.failure_timeout_s,
+            failure_timeout_s=spec.failure_timeout_s if failure_timeout_s is None else failure_timeout_s,
         )
         async with trio.open_nursery() as nursery:
             with txrpc.use_credentials(credentials):  # its clients (to every shard) present them

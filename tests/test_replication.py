@@ -126,6 +126,7 @@ async def test_follower_refuses_an_older_epoch_so_a_deposed_primary_cannot_commi
         # Its clients still route to it at the old epoch: the write cannot commit there,
         # because its followers refuse the old epoch.
         async with txrpc.cluster(local.config) as stale_client:
+            stale_client.router._shard_map = stale  # a client that has not heard either
             with pytest.raises((txrpc.TransactionAborted, txrpc.OutcomeUnknown, txrpc.WrongEpoch)):
                 async with stale_client.transaction() as t:
                     await t.bank.deposit(account, 1_000_000)
@@ -286,3 +287,26 @@ async def test_add_node_and_remove_node_move_about_a_share_of_the_data_while_tra
             assert await total(cluster, names) == 100 * len(names)
             await assert_replicas_equal(local)
         await local.stop()
+
+
+async def test_heartbeats_mark_a_dead_primary_down_and_transfers_go_on(tmp_path: Path) -> None:
+    async with local_cluster(
+        tmp_path, [bank], replication_factor=3, coordinator={"failure_timeout_s": 1.0}
+    ) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 2)
+        for name in names:
+            async with cluster.transaction() as t:
+                await t.bank.open_account(name, 100)
+        assert local.coordinator is not None and local.coordinator.shard_map is not None
+        assert local.coordinator.shard_map.epoch == 1
+        await trio.sleep(1.5)  # healthy nodes answer their heartbeats: nothing changes
+        assert local.coordinator.shard_map.epoch == 1
+        local.crash("n1")
+        with trio.fail_after(10):
+            while local.coordinator.shard_map.epoch == 1:
+                await trio.sleep(0.1)
+        shard_map = local.coordinator.shard_map
+        assert shard_map.epoch == 2 and all("n1" not in m for m in shard_map.replica_sets)
+        assert await transfers(cluster, names, 20, seed=9) > 0
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
