@@ -115,6 +115,9 @@ class Coordinator:
 
     # --- the shard-map authority -----------------------------------------------------------------
 
+    def _replicated(self) -> bool:
+        return self.shard_map is not None and self.shard_map.replication_factor > 1
+
     async def _load_map(self) -> None:
         if self.shard_map is None:
             return
@@ -421,11 +424,13 @@ class Coordinator:
         if unknown:
             raise txrpc.InvalidArgument(f"unknown participants {unknown}; known: {sorted(self.nodes)}")
         kind, tx = self.core.start_commit(txid, tuple(participants), trio.current_time())
+        if kind == "one_phase" and self._replicated():
+            kind = "prepare"  # replicated shards never decide alone: see specs/replication.md
         if kind == "unknown":
             record = await self.log.get(txid)
             if record is not None and record["outcome"] == "commit":
                 return {"outcome": "committed", "txid": txid}
-            if record is None:
+            if record is None and not self._replicated():
                 # No record: presumed abort -- unless it has one participant, which may
                 # have committed it in one phase (no record is written for that): ask it.
                 kind, tx = self.core.redrive_one_phase(txid, tuple(participants), trio.current_time())

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 import txrpc
-from storage import ShardStore
+from storage import ShardStore, StorageClosed
 from storage._shard_store import WriteSet
 from txrpc import _env
 from txrpc._routing import EpochGuard
@@ -134,7 +134,12 @@ def _not_cancelled_midway(fn: F) -> F:
     @functools.wraps(fn)
     async def step(*args: Any, **kwargs: Any) -> Any:
         with trio.CancelScope(shield=True):
-            return await fn(*args, **kwargs)
+            try:
+                return await fn(*args, **kwargs)
+            except StorageClosed:
+                # The node is stopping under the step: what is durable stays durable and
+                # recovery finishes the rest; the caller learns it did not complete here.
+                raise txrpc.Unavailable("the shard is stopping") from None
 
     return step  # type: ignore[return-value]
 
@@ -221,44 +226,8 @@ class Participant:
             for txid in self.core.in_doubt():
                 if now - self._prepared_at.get(txid, now) < self.decision_wait_s or txid in self._busy:
                     continue
-                meta = self.replication.meta.get(txid) if self.replication is not None else None
-                if meta is not None and meta.get("local"):
-                    await self._resolve_local(txid)
-                elif self.coordinator is not None:
+                if self.coordinator is not None:
                     await self._ask_decision(txid)
-
-    async def _resolve_local(self, txid: int) -> None:
-        """Termination for a replicated record of a transaction its primary decided alone
-        (one-phase or autocommit). The primary commits such a transaction only once every
-        follower has the record, and never answers "aborted" after sending it; so as the
-        (possibly new) primary, finish it: replicate it to the current followers and
-        commit. As a follower, ask the current primary."""
-        assert self.replication is not None
-        tx = self.core.txs.get(txid)
-        if tx is None or tx.state is not TxState.PREPARED:
-            return
-        keys = list(tx.writes)
-        if self.replication.owns(keys):
-            try:
-                await self._finish_local(txid)
-            except txrpc.RpcError as exc:
-                log.info("shard %s: local transaction %d not finished yet: %s", self.shard, txid, exc)
-            return
-        shard_map = self.replication.guard.shard_map
-        primary = shard_map.primary_of(keys[0]) if keys else None
-        if primary is None:
-            return
-        try:
-            with trio.move_on_after(self.phase_timeout_s):
-                client = await self.replication.client_for(primary.name)
-                status = await client.options(retries_max=0).call("tx.status", txid)
-                state = status.get("state")
-                if state == "committed":
-                    await self._apply(txid)
-                elif state == "aborted":
-                    await self.abort(txid)
-        except txrpc.RpcError as exc:
-            log.info("shard %s: outcome of local transaction %d not available yet: %s", self.shard, txid, exc)
 
     async def _ask_decision(self, txid: int) -> None:
         assert self.coordinator is not None
@@ -429,6 +398,16 @@ class Participant:
                 last = exc
                 await trio.sleep(0.001 * 2**attempt * self.rng.uniform(0.5, 1.0))
                 continue
+            if self._replicated():
+                assert self.coordinator is not None  # _next_autocommit_txid checked it
+                try:
+                    await self.coordinator.options(retries_max=0).call("coord.commit", txid, [self.shard])
+                    return result
+                except txrpc.TransactionAborted as exc:
+                    if not exc.retryable:
+                        raise
+                    last = exc
+                    continue
             outcome = await self.commit_one_phase(txid)
             if outcome["outcome"] == "committed":
                 return result
@@ -645,7 +624,13 @@ class Participant:
         """The only participant: commit locally at once (idempotent)."""
         await self._serialize(txid)
         if self._replicated():
-            return await self._commit_one_phase_replicated(txid)
+            # The copies on the followers must outlive this primary, so the decision must
+            # too: a replicated shard's single-shard transactions are decided (durably)
+            # by the coordinator, in two phases. Nothing is changed here.
+            raise txrpc.FailedPrecondition(
+                f"shard {self.shard} is replicated: commit transaction {txid} through the coordinator",
+                {"not_started": True, "replicated": True},
+            )
         ok, reason = self.core.one_phase_ready(txid)
         if not ok:
             if txid not in self.core.txs and await self.store.is_committed(txid):
@@ -684,7 +669,7 @@ class Participant:
         if not self.replication.owns(keys):
             return f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
         read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
-        the_plan, _ = await self.replication.send_prepare(txid, writes, read_keys, local=False)
+        the_plan, _ = await self.replication.send_prepare(txid, writes, read_keys)
         return the_plan
 
     async def _abort_replicas(self, txid: int, replicas: Plan | str | None) -> None:
@@ -700,84 +685,10 @@ class Participant:
         if not self.replication.owns(read_keys):
             epoch = self.replication.guard.epoch
             return f"node {self.shard} is no longer the primary of the keys it read (epoch {epoch})"
-        _, failures = await self.replication.send_prepare(txid, [], read_keys, local=False)
+        _, failures = await self.replication.send_prepare(txid, [], read_keys)
         if failures:
             return "epoch not confirmed by every replica: " + _describe_failures(failures)
         return ""
-
-    async def _commit_one_phase_replicated(self, txid: int) -> dict[str, Any]:
-        """One-phase commit on a replicated shard: the record goes to every follower first
-        (this primary decides alone, so the followers' copies are what survives it); once
-        all have it, commit. From then on the only outcome is commit: if a follower
-        cannot be reached the transaction stays prepared and is finished later (a retry,
-        or the background termination), never answered "aborted"."""
-        assert self.replication is not None
-        tx = self.core.txs.get(txid)
-        if tx is not None and tx.state is TxState.PREPARED and self.replication.meta.get(txid, {}).get("local"):
-            await self._finish_local(txid)
-            return {"outcome": "committed", "reason": ""}
-        ok, reason = self.core.one_phase_ready(txid)
-        if not ok:
-            if txid not in self.core.txs and await self.store.is_committed(txid):
-                return {"outcome": "committed", "reason": "already committed"}
-            self._wake(self.core.abort(txid, reason), txid)
-            return {"outcome": "aborted", "reason": reason}
-        if reason == "already committed":
-            return {"outcome": "committed", "reason": reason}
-        tx = self.core.txs[txid]
-        held = self.core.locks.held_by(txid)
-        writes = _write_set(tx)
-        if not writes:
-            refusal = await self._fence_reads(txid, held)
-            if refusal:
-                self._wake(self.core.abort(txid, refusal), txid)
-                return {"outcome": "aborted", "reason": refusal}
-            self.core.locks.mark_prepared(txid)
-            tx.state = TxState.PREPARED
-            await self._apply(txid)
-            return {"outcome": "committed", "reason": ""}
-        if not self.replication.owns([k for k, _, _ in writes]):
-            why = f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
-            self._wake(self.core.abort(txid, why), txid)
-            return {"outcome": "aborted", "reason": why}
-        self.core.locks.mark_prepared(txid)
-        tx.state = TxState.PREPARED
-        locks = [(resource, mode.value) for resource, mode in held.items()]
-        meta = {"local": True, "origin": self.shard}
-        self._busy[txid] = done = trio.Event()
-        try:
-            await self.store.write_prepare(txid, writes, locks, meta)
-        except Exception as exc:
-            self._wake(self.core.abort(txid, f"prepare record not durable: {exc}"), txid)
-            return {"outcome": "aborted", "reason": f"prepare record not durable: {exc}"}
-        finally:
-            del self._busy[txid]
-            done.set()
-        self.replication.meta[txid] = meta
-        self._prepared_at[txid] = trio.current_time()
-        await self._finish_local(txid)
-        return {"outcome": "committed", "reason": ""}
-
-    async def _finish_local(self, txid: int) -> None:
-        """Finish a prepared transaction this node decides alone as the primary of its
-        keys: every follower of the current epoch gets the record, then it commits.
-        Raises ``Unavailable`` (it stays prepared) if some follower cannot be reached."""
-        assert self.replication is not None
-        tx = self.core.txs[txid]
-        writes = _write_set(tx)
-        _, failures = await self.replication.send_prepare(txid_of(txid), writes, [], local=True)
-        if failures:
-            raise txrpc.Unavailable(
-                f"transaction {txid_of(txid)} is not yet on every replica of shard {self.shard} ("
-                + "; ".join(f"{f}: {w}" for f, w in sorted(failures.items()))
-                + "); it stays prepared and commits once they have it — ask again",
-                {"txid": txid_of(txid)},
-            )
-        followers = self.replication.followers_of_tx(writes)
-        await self._apply(txid)
-        self.replication.meta.pop(txid, None)
-        if followers:
-            await self.replication.send_outcome_soon(txid_of(txid), followers, "commit")
 
     # --- replication (follower side) ---------------------------------------------------------
 
@@ -794,7 +705,7 @@ class Participant:
         svc.add_method(self._repl_ping, name="ping")
         return svc
 
-    async def _repl_prepare(self, txid: int, writes: list[Any], local: bool = False, origin: str = "") -> str:
+    async def _repl_prepare(self, txid: int, writes: list[Any], origin: str = "") -> str:
         """A primary's prepare record for the keys this node follows: durable, its write
         locks held, before the answer. Kept under ``-txid`` (this node may also be a
         participant of the same transaction for keys it is primary of)."""
@@ -823,7 +734,7 @@ class Participant:
             )
         locks = [(k, Mode.X) for k, _, _ in share]
         await self.replication.wait_for_locks(rid, locks)
-        meta = {"local": bool(local), "origin": origin}
+        meta = {"origin": origin}
         self._busy[rid] = done = trio.Event()
         try:
             await self.store.write_prepare(rid, share, [(k, m.value) for k, m in locks], meta)
@@ -847,6 +758,11 @@ class Participant:
         for rid in self.replication.records_of(txid):
             await self._serialize(rid)
             if rid in self.core.txs:
+                if _env.broken("replication.follower_skips_commit"):
+                    # Test-only broken protocol (simulator): the follower acknowledges the
+                    # commit but drops the record: its copy silently falls behind.
+                    await self.abort(rid)
+                    return "ok"
                 await self._apply(rid)
                 self.replication.meta.pop(rid, None)
                 applied = True

@@ -109,7 +109,7 @@ class Replication:
         self.lock_wait_s = lock_wait_s
         self.participant: Participant | None = None
         self._nursery: trio.Nursery | None = None
-        self.meta: dict[int, dict[str, Any]] = {}  # txid -> {"local", "origin"} of replicated records
+        self.meta: dict[int, dict[str, Any]] = {}  # record id -> {"origin"} of replicated records
         self._lock_changed = trio.Event()
         self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0}
         self.installed_at = trio.current_time()  # when the current epoch's map was installed
@@ -147,7 +147,7 @@ class Replication:
         return all(not isinstance(k, str) or shard_map.primary_of(k).name == self.node for k in keys)
 
     async def send_prepare(
-        self, txid: int, writes: WriteSet, read_keys: Iterable[Any], *, local: bool
+        self, txid: int, writes: WriteSet, read_keys: Iterable[Any]
     ) -> tuple[Plan, dict[str, str]]:
         """Send the prepare record to every follower concerned; returns the plan and the
         followers that did *not* acknowledge it, with why (empty: all have it durable)."""
@@ -164,7 +164,6 @@ class Replication:
                         "repl.prepare",
                         txid,
                         [[k, d, v] for k, d, v in share],
-                        local=local,
                         origin=self.node,
                     )
             except txrpc.WrongEpoch as exc:

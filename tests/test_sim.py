@@ -211,3 +211,57 @@ def test_trio_internals_the_replay_promise_relies_on_are_present() -> None:
     assert "_counter" in {a.name for a in _run.Task.__attrs_attrs__}
     assert hasattr(_run.CancelStatus, "__attrs_post_init__")
     assert isinstance(_run._r, __import__("random").Random)
+
+
+# --- replicated shards: replica faults and the replica-consistency checker
+
+REPLICATED = SimOptions(replication_factor=3)
+PRIMARY_LOSS = (
+    Fault(0.4, "crash", "s0"),
+    Fault(0.6, "mark-down", "s0"),  # the authority fails it over
+    Fault(1.0, "restart", "s0"),  # back with stale data...
+    Fault(1.2, "rejoin", "s0"),  # ...caught up while transfers run
+    Fault(1.4, "delay", "s0", "s1", 0.05),  # a lagging follower link
+    Fault(1.5, "partition", "s1", "coordinator"),  # s1 cut off from the authority...
+    Fault(1.6, "mark-down", "s1"),  # ...and deposed: it must not commit any more
+    Fault(1.9, "heal"),
+)
+
+
+@pytest.mark.parametrize("workload", ["bank", "list-append"])
+def test_primary_loss_failover_rejoin_and_a_deposed_primary_keep_the_guarantees(workload: str) -> None:
+    result = run_simulation(3, workload=workload, faults=PRIMARY_LOSS, options=REPLICATED, workload_options=SHORT)
+    assert_valid(result)
+    names = [check.name for check in result.checks]
+    assert "replica-consistency" in names
+    assert "--replication 3" in result.replay_command()
+    assert result.counts()["ok"] > 20
+
+
+def test_catches_a_follower_that_acknowledges_commits_it_drops() -> None:
+    options = dataclasses.replace(REPLICATED, broken=frozenset({"replication.follower_skips_commit"}))
+    broken = run_simulation(1, workload="bank", faults=(), options=options, workload_options=SHORT)
+    assert not broken.valid
+    replica = next(check for check in broken.checks if check.name == "replica-consistency")
+    assert not replica.valid and "divergent-replicas" in replica.anomaly_types
+    assert_valid(run_simulation(1, workload="bank", faults=(), options=REPLICATED, workload_options=SHORT))
+
+
+def test_generated_schedules_with_replica_faults() -> None:
+    @settings(
+        max_examples=max(EXAMPLES // 2, 3),
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        faults=fault_schedules(NODES, ("c0", "c1", "c2"), duration_s=2.0, replicated=True),
+    )
+    def run(seed: int, faults: tuple[Fault, ...]) -> None:
+        assert_valid(
+            run_simulation(seed, workload="bank", faults=faults, options=REPLICATED, workload_options=SHORT)
+        )
+
+    run()

@@ -190,6 +190,8 @@ class Cluster:
         reported aborted once its shard forgot it (e.g. after a restart)."""
         if participants is not None:
             names = sorted(set(participants))
+            if len(names) == 1 and self.router.shard_map.replication_factor > 1:
+                return await self._coordinator_outcome(txid)  # replicated: decided there
             if len(names) == 1:
                 state = await self._shard_tx_state(names[0], txid)
                 if state == "prepared":  # not one-phase after all: the coordinator decides
@@ -369,8 +371,8 @@ class Transaction:
         """One attempt to commit. A single shard decides alone (one-phase commit, sent
         straight to it: the coordinator keeps no record of it); several go through the
         coordinator's two-phase commit. Both are idempotent by txid."""
-        if len(participants) == 1:
-            router = self._cluster.router
+        router = self._cluster.router
+        if len(participants) == 1 and router.shard_map.replication_factor == 1:
             client = await router._client_for(router.shard_map.node(participants[0]))
             result = await client.options(retries_max=0).call("tx.commit_one_phase", self.txid)
             if result["outcome"] != "committed":

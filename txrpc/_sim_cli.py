@@ -88,6 +88,8 @@ def _workload_options(clients: int, duration: float) -> Any:
 @click.option("--buggify", type=float, default=0.0, show_default=True, help="Probability that a buggify point is on.")
 @click.option("--broken", multiple=True, help="Turn on a test-only protocol-breaking switch (to see it caught).")
 @click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Save the history as JSON lines.")
+@click.option("--replication", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="Replication factor of the 3 shards (faults mark-down:NODE and rejoin:NODE need > 1).")  # fmt: skip
 def sim_run(
     workload: str,
     seed: int,
@@ -98,6 +100,7 @@ def sim_run(
     buggify: float,
     broken: tuple[str, ...],
     history: Path | None,
+    replication: int,
 ) -> None:
     """One seeded run under a fault schedule; exits 1 if a checker finds a violation."""
     from .testing import BROKEN_SWITCHES, SimOptions, run_simulation
@@ -112,7 +115,9 @@ def sim_run(
             points[name] = float(p or "0.05")
         except ValueError:
             raise click.BadParameter(f"{item!r}: expected NAME=PROBABILITY") from None
-    options = SimOptions(crash_points=points, buggify_p=buggify, broken=frozenset(broken))
+    options = SimOptions(
+        crash_points=points, buggify_p=buggify, broken=frozenset(broken), replication_factor=replication
+    )
     started = time.perf_counter()
     result = run_simulation(
         seed,
@@ -138,9 +143,13 @@ def sim_run(
 @click.option("--duration", type=float, default=2.0, show_default=True)
 @click.option("--faults-max", type=int, default=6, show_default=True, help="Fault steps per schedule, at most.")
 @click.option("--clients", type=int, default=3, show_default=True)
-def sim_explore(workload: str, schedules: int, seed: int, duration: float, faults_max: int, clients: int) -> None:
+@click.option("--replication", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="Replication factor (> 1 adds the authority's faults: mark-down, rejoin).")  # fmt: skip
+def sim_explore(
+    workload: str, schedules: int, seed: int, duration: float, faults_max: int, clients: int, replication: int
+) -> None:
     """Run many random fault schedules; print each failing seed and schedule (exit 1 if any)."""
-    from .testing import run_simulation
+    from .testing import SimOptions, run_simulation
     from .testing._runner import random_schedule
 
     rng = random.Random(seed)
@@ -152,9 +161,13 @@ def sim_explore(workload: str, schedules: int, seed: int, duration: float, fault
         for _ in range(schedules):
             run_seed = rng.getrandbits(32)
             names = tuple(f"c{i}" for i in range(clients))
-            faults = random_schedule(rng, nodes, names, duration, faults_max)
+            replicated = replication > 1 and workload != "idempotency"
+            faults = random_schedule(rng, nodes, names, duration, faults_max, replicated=replicated)
             wopts = _workload_options(clients, duration)
-            result = run_simulation(run_seed, workload=workload, faults=faults, workload_options=wopts)
+            options = SimOptions(replication_factor=replication if replicated else 1)
+            result = run_simulation(
+                run_seed, workload=workload, faults=faults, workload_options=wopts, options=options
+            )
             ops += sum(result.counts().values())
             if not result.valid:
                 failures.append(result)

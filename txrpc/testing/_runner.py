@@ -11,6 +11,7 @@ generates schedules, so failures shrink to a minimal one.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -19,7 +20,16 @@ from typing import Any
 
 import trio
 
-from ._checkers import CheckResult, check_bank, check_idempotency, check_list_append, check_termination
+import txrpc
+
+from ._checkers import (
+    CheckResult,
+    check_bank,
+    check_idempotency,
+    check_list_append,
+    check_replica_consistency,
+    check_termination,
+)
 from ._history import History
 from ._sim import COORDINATOR, SimOptions, Simulation, replay_hint, simulate
 from ._workloads import (
@@ -37,6 +47,7 @@ from ._workloads import (
     record_executions,
 )
 
+log = logging.getLogger("txrpc.testing")
 WORKLOADS = ("bank", "list-append", "idempotency")
 LINK_FAULTS = ("drop", "duplicate", "reorder", "reset", "slow")
 #: Fault kinds a schedule can hold. ``a``/``b`` are node names; ``amount`` is a
@@ -56,7 +67,11 @@ FAULT_KINDS = (
     "pause",
     "skew",
     "heal",
+    "mark-down",
+    "rejoin",
 )
+#: Fault kinds that only make sense with replication (they ask the shard-map authority).
+REPLICA_FAULTS = ("mark-down", "rejoin")
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,19 @@ async def apply_fault(sim: Simulation, fault: Fault) -> None:
         sim.skew(a, amount)
     elif kind == "heal":
         net.heal()
+    elif kind in REPLICA_FAULTS:
+        await _authority(sim, "coord.mark_down" if kind == "mark-down" else "coord.rejoin", a)
+
+
+async def _authority(sim: Simulation, method: str, node: str) -> None:
+    """An operator's `txrpc ring mark-down|rejoin NODE` (refusals and failures are part
+    of the run: e.g. rejoining a node that is down)."""
+    async with sim.client("operator") as cluster:
+        try:
+            with trio.move_on_after(60):
+                await cluster.coordinator.options(retries_max=0).call(method, node)
+        except txrpc.RpcError as exc:
+            log.info("%s %s refused: %s", method, node, exc)
 
 
 async def _nemesis(sim: Simulation, faults: Sequence[Fault], start: float) -> None:
@@ -143,6 +171,7 @@ class SimResult:
     broken: frozenset[str] = field(default_factory=frozenset)
     duration_s: float = 0.0
     clients: int = 0
+    replication_factor: int = 1
 
     @property
     def committed(self) -> int:
@@ -171,6 +200,7 @@ class SimResult:
             for x in (
                 f"{prefix}txrpc sim run --workload {self.workload} --seed {self.seed}",
                 f"--duration {self.duration_s:g} --clients {self.clients}",
+                f"--replication {self.replication_factor}" if self.replication_factor > 1 else "",
                 steps,
                 broken,
             )
@@ -255,6 +285,8 @@ def run_simulation(
             checks.insert(0, check_idempotency(history))
         else:
             await _final_checks(sim, workload, history, wopts, total, checks)
+            if sopts.replication_factor > 1:
+                checks.append(await _replica_check(sim))
         return SimResult(
             seed=seed,
             workload=workload,
@@ -268,6 +300,7 @@ def run_simulation(
             broken=sim.broken,
             duration_s=wopts.duration_s,
             clients=wopts.clients,
+            replication_factor=sopts.replication_factor,
         )
 
     return simulate(main, seed=seed, services=[service], options=sopts)
@@ -285,13 +318,50 @@ async def _final_checks(
             checks.insert(0, check_list_append(history))
 
 
+async def _replica_check(sim: Simulation) -> CheckResult:
+    """Replica consistency at the end: within the authority's final epoch, every live
+    replica of every partition holds the same committed state (per-partition digests,
+    `txrpc ring verify`'s comparison). Phase 2 reaches followers after the clients hear
+    "committed", so the digests are read once nothing is in doubt (bounded)."""
+    groups: dict[Any, dict[str, Any]] = {}
+    async with sim.client("verifier") as cluster:
+        with trio.move_on_after(30):
+            while True:
+                shard_map = await cluster._fetch_map()
+                replies: dict[str, Any] = {}
+                for node in shard_map.nodes:
+                    if node.name in sim.down:
+                        continue
+                    try:
+                        client = await cluster.router._client_for(node)
+                        replies[node.name] = await client.options(timeout=10, retries_max=1).call("repl.digests")
+                    except txrpc.RpcError as exc:
+                        replies[node.name] = str(exc)
+                held = {
+                    name: {int(p): (int(rows), str(digest)) for p, rows, digest in reply["partitions"]}
+                    for name, reply in replies.items()
+                    if isinstance(reply, dict) and int(reply["epoch"]) == shard_map.epoch
+                }
+                groups = {}
+                for partition in sorted({p for parts in held.values() for p in parts}):
+                    members = [m for m in shard_map.replica_sets[partition] if m in held]
+                    groups[(shard_map.epoch, partition)] = {m: held[m].get(partition, (0, "")) for m in members}
+                in_doubt = sum(int(r["in_doubt"]) for r in replies.values() if isinstance(r, dict))
+                if check_replica_consistency(groups).valid and not in_doubt:
+                    break
+                await trio.sleep(0.5)
+    return check_replica_consistency(groups)
+
+
 def fault_schedules(
     nodes: Sequence[str] = (COORDINATOR, "s0", "s1", "s2"),
     clients: Sequence[str] = ("c0", "c1"),
     duration_s: float = 5.0,
     max_faults: int = 6,
+    replicated: bool = False,
 ) -> Any:
-    """A Hypothesis strategy of fault schedules over ``nodes`` (needs ``hypothesis``)."""
+    """A Hypothesis strategy of fault schedules over ``nodes`` (needs ``hypothesis``);
+    ``replicated`` adds the authority's faults (mark-down, rejoin of a shard node)."""
     from hypothesis import strategies as st
 
     everyone = [*nodes, *clients]
@@ -311,6 +381,9 @@ def fault_schedules(
         st.builds(Fault, times, st.just("skew"), node, st.just(""), st.sampled_from([-30.0, 5.0, 3600.0])),
         st.builds(Fault, times, st.just("heal")),
     )
+    if replicated:
+        shard = st.sampled_from([n for n in nodes if n != COORDINATOR])
+        fault = st.one_of(fault, st.builds(Fault, times, st.sampled_from(REPLICA_FAULTS), shard))
     return st.lists(fault, max_size=max_faults).map(tuple)
 
 
@@ -320,6 +393,7 @@ def random_schedule(
     clients: Sequence[str] = ("c0", "c1"),
     duration_s: float = 5.0,
     max_faults: int = 6,
+    replicated: bool = False,
 ) -> tuple[Fault, ...]:
     """A random schedule drawn from ``rng`` (the same space as :func:`fault_schedules`,
     without Hypothesis): what ``txrpc sim explore`` runs."""
@@ -327,8 +401,10 @@ def random_schedule(
     faults = []
     for _ in range(rng.randint(0, max_faults)):
         at = round(rng.uniform(0.0, duration_s), 2)
-        kind = rng.choice(FAULT_KINDS)
-        if kind in ("crash", "restart", "isolate"):
+        kind = rng.choice([k for k in FAULT_KINDS if replicated or k not in REPLICA_FAULTS])
+        if kind in REPLICA_FAULTS:
+            faults.append(Fault(at, kind, rng.choice([n for n in nodes if n != COORDINATOR])))
+        elif kind in ("crash", "restart", "isolate"):
             faults.append(Fault(at, kind, rng.choice(list(nodes))))
         elif kind in ("partition", "partition-one-way"):
             faults.append(Fault(at, kind, rng.choice(everyone), rng.choice(everyone)))

@@ -53,6 +53,7 @@ BROKEN_SWITCHES = (
     "coordinator.commit_without_all_votes",
     "participant.release_locks_at_prepare",
     "server.skip_request_log_lookup",
+    "replication.follower_skips_commit",
 )
 
 
@@ -112,6 +113,10 @@ class SimOptions:
     tick_s: float = 0.0005
     #: Protocol-breaking switches (test-only) turned on for this run.
     broken: frozenset[str] = frozenset()
+    #: Copies of each partition (shards are replica sets of this many nodes; 1: none).
+    replication_factor: int = 1
+    #: The coordinator marks a replica down after this long without heartbeats (0: off).
+    failure_timeout_s: float = 0.0
 
 
 class Simulation:
@@ -133,7 +138,9 @@ class Simulation:
         )
         self.services = list(services)
         self.data_dir = data_dir
-        self.config = _sim_config(data_dir, self.options.shards, self.options.partitions)
+        self.config = _sim_config(
+            data_dir, self.options.shards, self.options.partitions, self.options.replication_factor
+        )
         self.shard_names = [node.name for node in self.config.shard_map.nodes]
         self.envs: dict[str, SimNode] = {}
         self.client_names: list[str] = []
@@ -230,6 +237,7 @@ class Simulation:
                     tx_timeout_s=options.tx_timeout_s,
                     phase_timeout_s=options.phase_timeout_s,
                     rng_seed=self.rng.getrandbits(32),
+                    failure_timeout_s=options.failure_timeout_s,
                     task_status=task_status,
                 )
             else:
@@ -354,10 +362,10 @@ class Simulation:
         return self.in_doubt()
 
 
-def _sim_config(data_dir: Path, shards: int, partitions: int) -> ClusterConfig:
+def _sim_config(data_dir: Path, shards: int, partitions: int, replication_factor: int = 1) -> ClusterConfig:
     lines = [
         "[cluster]",
-        "replication_factor = 1",
+        f"replication_factor = {replication_factor}",
         f"partitions = {partitions}",
         f'data_dir = "{data_dir}"',
         "",
