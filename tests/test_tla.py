@@ -1,4 +1,4 @@
-"""The TLA+ model of the commit protocol (specs/tla/), model-checked with TLC.
+"""The TLA+ models of the commit and replication protocols (specs/tla/), model-checked with TLC.
 
 * The protocol's spec passes its small configurations: safety (every invariant and the
   action property) and liveness (Termination under fairness, with faults that stop).
@@ -33,8 +33,8 @@ MUTANT_DIR = TLA_DIR / "mutants"
 
 NO_ERROR = "Model checking completed. No error has been found."
 # The small configurations run by `make test`; the deep ones by `make spec-deep`.
-SMALL_CONFIGS = ["MCSafety.cfg", "MCLiveness.cfg"]
-DEEP_CONFIGS = ["MCDeepSafety.cfg", "MCDeepTwoTx.cfg", "MCDeepLiveness.cfg"]
+SMALL_CONFIGS = ["MCSafety.cfg", "MCLiveness.cfg", "MCReplication.cfg"]
+DEEP_CONFIGS = ["MCDeepSafety.cfg", "MCDeepTwoTx.cfg", "MCDeepLiveness.cfg", "MCDeepReplication.cfg"]
 MUTANT_CONFIGS = sorted(MUTANT_DIR.glob("*.cfg"))
 
 RUN_TIMEOUT_S = 600
