@@ -696,6 +696,7 @@ class Participant:
         svc = txrpc.Service("repl")
         svc.add_method(self._repl_prepare, name="prepare", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_commit, name="commit", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_commit_many, name="commit_many", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_abort, name="abort", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_install_map, name="install_map", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_snapshot, name="snapshot", allow=txrpc.ROLE_PEER)
@@ -767,6 +768,24 @@ class Participant:
                 self.replication.meta.pop(rid, None)
                 applied = True
         return "ok" if applied else "unknown"
+
+    async def _repl_commit_many(self, txids: list[int]) -> int:
+        """Coalesced commit notices (:meth:`_repl_commit` each, at once: their writes
+        share the group commit). They never conflict with each other: a record that
+        conflicts with another waits here until that one is applied, so both cannot be
+        pending together. Returns how many records were applied."""
+        if not isinstance(txids, list) or len(txids) > 10_000 or not all(type(t) is int and t > 0 for t in txids):
+            raise txrpc.InvalidArgument("txids must be a list of at most 10000 positive integers")
+        applied = [0]
+
+        async def one(txid: int) -> None:
+            if await self._repl_commit(txid) == "ok":
+                applied[0] += 1
+
+        async with trio.open_nursery() as nursery:
+            for txid in txids:
+                nursery.start_soon(one, txid)
+        return applied[0]
 
     async def _repl_abort(self, txid: int) -> str:
         if type(txid) is not int or txid <= 0:

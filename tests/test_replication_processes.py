@@ -102,14 +102,17 @@ def test_primary_killed_fails_over_rejoins_and_replicas_agree(procs: Processes) 
                 stop.set()
             # Money is neither created nor destroyed, whatever the failover did to
             # transactions in flight (in-doubt ones are resolved by the new primaries).
-            with trio.fail_after(30):
+            seen: list[Any] = []
+            with trio.move_on_after(30):
                 while True:
                     try:
-                        if await total(cluster) == 100 * len(ACCOUNTS):
+                        seen.append(await total(cluster))
+                        if seen[-1] == 100 * len(ACCOUNTS):
                             break
-                    except txrpc.TransactionAborted:
-                        pass  # an in-doubt transaction still holds a lock
+                    except txrpc.TransactionAborted as exc:
+                        seen.append(exc)  # an in-doubt transaction still holds a lock
                     await trio.sleep(0.2)
+            assert seen and seen[-1] == 100 * len(ACCOUNTS), f"totals seen: {seen[-5:]}"
             return counts
 
     counts = trio.run(main)

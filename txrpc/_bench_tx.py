@@ -95,7 +95,7 @@ async def _ours_workload(config_path: Path, clients: int, seconds: float, accoun
             async with trio.open_nursery() as nursery:
                 for n in names:
                     nursery.start_soon(open_one, n)
-        for workload in ("cross-shard (2 of 3)", "1 shard (1 phase)"):
+        for workload in ("cross-shard (2 of 3)", "1 shard"):
             latencies: list[float] = []
             attempts = [0]
             rng = random.Random(7)
