@@ -181,6 +181,10 @@ class Participant:
         self.recovered = False
         self.replication = replication
         self._leased_txids: list[int] = []
+        # The epoch whose replica set received each replicated write set (own prepares
+        # and records held for other primaries), until it commits or aborts here: a
+        # catch-up snapshot waits for the ones replicated before the joiner joined.
+        self._replicated_epoch: dict[int, int] = {}
         if replication is not None:
             replication.participant = self
 
@@ -594,6 +598,7 @@ class Participant:
         self._busy[txid] = done = trio.Event()
         try:
             await self.store.apply_commit(txid, writes)
+            self._replicated_epoch.pop(txid, None)
             if self.replication is not None and self.replication.resyncing:
                 self.replication.touched.update(k for k, _, _ in writes)
             self._prepared_at.pop(txid, None)
@@ -612,6 +617,7 @@ class Participant:
             followers = self._followers_to_tell(txid)
             await self.store.delete_prepare(txid)
         self._prepared_at.pop(txid, None)
+        self._replicated_epoch.pop(txid, None)
         if self.replication is not None:
             self.replication.meta.pop(txid, None)
         self._wake(self.core.abort(txid, "aborted by the coordinator"), txid)
@@ -669,11 +675,16 @@ class Participant:
         if not self.replication.owns(keys):
             return f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
         read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
+        if writes:
+            self._replicated_epoch[txid] = self.replication.guard.epoch  # before the plan is made
         the_plan, _ = await self.replication.send_prepare(txid, writes, read_keys)
+        if writes:
+            self._replicated_epoch[txid] = min(self._replicated_epoch.get(txid, the_plan.epoch), the_plan.epoch)
         return the_plan
 
     async def _abort_replicas(self, txid: int, replicas: Plan | str | None) -> None:
         """Tell the followers that took ``txid``'s record that it will not commit."""
+        self._replicated_epoch.pop(txid, None)
         if isinstance(replicas, Plan) and self.replication is not None:
             took = [f for f in replicas.by_follower if f not in replicas.failures]
             if took:
@@ -735,6 +746,7 @@ class Participant:
             )
         locks = [(k, Mode.X) for k, _, _ in share]
         await self.replication.wait_for_locks(rid, locks)
+        await self.replication.fence(origin, [k for k, _, _ in share])  # the epoch may have moved meanwhile
         meta = {"origin": origin}
         self._busy[rid] = done = trio.Event()
         try:
@@ -743,6 +755,7 @@ class Participant:
             self.core.restore_prepared(rid, write_map, locks, trio.current_time())
             self.core.locks.mark_prepared(rid)
             self._prepared_at[rid] = trio.current_time()
+            self._replicated_epoch[rid] = txrpc.current_call().metadata["epoch"]
             self.replication.meta[rid] = meta
         finally:
             del self._busy[rid]
@@ -824,12 +837,28 @@ class Participant:
         if type(call_epoch) is int and call_epoch > self.replication.guard.epoch:
             await self.replication.refresh()
         if after is None:
-            barrier = self.replication.installed_at
+            # Own transactions and inherited records alike: a record this new primary
+            # inherited from a deposed one was not sent to the joiner either.
+            # Wait for every write set this node holds that was replicated at an epoch
+            # before the joiner's (so not to the joiner), and every one recovered from
+            # disk: the snapshot must contain their outcome.
+            join_epoch = call_epoch if type(call_epoch) is int else self.replication.guard.epoch
+            partition_of = self.replication.guard.shard_map.partition_of
+            wanted_now = set(partitions)
+
+            def unreplicated() -> bool:
+                for txid, tx in list(self.core.txs.items()):
+                    if not tx.writes or not any(partition_of(k) in wanted_now for k in tx.writes):
+                        continue
+                    epoch = self._replicated_epoch.get(txid)
+                    if (epoch is not None and epoch < join_epoch) or (
+                        epoch is None and tx.state is TxState.PREPARED
+                    ):
+                        return True
+                return False
+
             with trio.move_on_after(self.replication.timeout_s * 6) as scope:
-                while any(
-                    tx.state is TxState.PREPARED and txid > 0 and self._prepared_at.get(txid, -math.inf) <= barrier
-                    for txid, tx in list(self.core.txs.items())
-                ):
+                while unreplicated():
                     await trio.sleep(0.02)
             if scope.cancelled_caught:
                 raise txrpc.Unavailable("transactions prepared before the new epoch are still in doubt; retry")
@@ -857,7 +886,26 @@ class Participant:
                 raise txrpc.FailedPrecondition(
                     f"node {self.shard} is not a follower of partition {p} at epoch {shard_map.epoch}"
                 )
-        # Records from before this epoch of these partitions are superseded by the snapshot.
+        # This node's own transactions prepared before it joined (e.g. from before a
+        # crash) are resolved first, by the coordinator: their outcome, applied later,
+        # would overwrite newer rows of the snapshot.
+        def own_pending() -> bool:
+            return any(
+                txid > 0
+                and tx.state is TxState.PREPARED
+                and self._prepared_at.get(txid, -math.inf) < replication.installed_at
+                and any(shard_map.partition_of(k) in wanted for k in tx.writes)
+                for txid, tx in list(self.core.txs.items())
+            )
+
+        with trio.move_on_after(replication.timeout_s * 6):
+            while own_pending():
+                await trio.sleep(0.05)
+        if own_pending():
+            raise txrpc.Unavailable(
+                f"node {self.shard} still has transactions in doubt from before it joined; retry the catch-up"
+            )
+        # Replicated records from before this epoch are superseded by the snapshot.
         for rid, tx in list(self.core.txs.items()):
             before = self._prepared_at.get(rid, -math.inf) < replication.installed_at
             if rid < 0 and tx.state is TxState.PREPARED and before:
@@ -929,7 +977,9 @@ class Participant:
         wanted = set(partitions)
 
         def pending() -> bool:
-            return any(
+            # Records still being taken (an older epoch's, accepted just before this one
+            # was installed) or held: their outcome is applied here first.
+            return any(rid < 0 for rid in self._busy) or any(
                 tx.state is TxState.PREPARED and any(shard_map.partition_of(k) in wanted for k in tx.writes)
                 for tx in list(self.core.txs.values())
             )
