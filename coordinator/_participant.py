@@ -745,15 +745,27 @@ class Participant:
                 f"transaction {txid} was already {self.core.finished[rid].value} on follower {self.shard}"
             )
         locks = [(k, Mode.X) for k, _, _ in share]
-        await self.replication.wait_for_locks(rid, locks)
-        await self.replication.fence(origin, [k for k, _, _ in share])  # the epoch may have moved meanwhile
-        meta = {"origin": origin}
-        self._busy[rid] = done = trio.Event()
-        try:
-            await self.store.write_prepare(rid, share, [(k, m.value) for k, m in locks], meta)
+        while True:
+            await self.replication.wait_for_locks(rid, locks)
+            await self.replication.fence(origin, [k for k, _, _ in share])  # the epoch may have moved meanwhile
+            if self.replication.conflicts(rid, locks):
+                continue  # taken while the map was fetched: wait again (bounded by wait_for_locks)
+            if rid in self.core.txs:
+                return "ok"  # a resend that overtook this one
+            # The locks are taken before the durable write (no await in between since the
+            # check), so nothing can take them while the record is being written.
             write_map = {k: (TOMBSTONE if d else v) for k, d, v in share}
             self.core.restore_prepared(rid, write_map, locks, trio.current_time())
             self.core.locks.mark_prepared(rid)
+            break
+        meta = {"origin": origin}
+        self._busy[rid] = done = trio.Event()
+        try:
+            try:
+                await self.store.write_prepare(rid, share, [(k, m.value) for k, m in locks], meta)
+            except BaseException:
+                self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
+                raise
             self._prepared_at[rid] = trio.current_time()
             self._replicated_epoch[rid] = txrpc.current_call().metadata["epoch"]
             self.replication.meta[rid] = meta

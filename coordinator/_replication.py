@@ -27,6 +27,7 @@ import trio
 
 import txrpc
 from storage._shard_store import WriteSet
+from txrpc import _env
 from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
 from txrpc._shardmap import ShardMap
 
@@ -299,6 +300,8 @@ class Replication:
         call_epoch = ctx.metadata.get(EPOCH_METADATA_KEY)
         if type(call_epoch) is not int:
             raise txrpc.InvalidArgument("replication calls carry the sender's epoch in metadata 'epoch'")
+        if _env.broken("replication.follower_ignores_epoch"):
+            return  # test-only broken protocol (simulator): no fencing
         if call_epoch > self.guard.epoch:
             await self.refresh()
             if call_epoch > self.guard.epoch:
@@ -324,23 +327,25 @@ class Replication:
                     f"as a follower (replicas: {list(members)})"
                 )
 
+    def conflicts(self, txid: int, locks: list[tuple[Any, Mode]]) -> bool:
+        """Does another transaction hold a lock that conflicts with ``locks``?"""
+        assert self.participant is not None
+        table = self.participant.core.locks
+        return any(
+            holder != txid and not compatible(held, mode)
+            for resource, mode in locks
+            for holder, held in table.holders(resource).items()
+        )
+
     async def wait_for_locks(self, txid: int, locks: list[tuple[Any, Mode]]) -> None:
         """Wait (bounded by ``lock_wait_s``) until no other transaction holds a lock that
         conflicts with ``locks``: replicated prepare records are applied in the order
         their primary serialized them, because a conflicting later one waits here for
         the earlier one's outcome."""
-        assert self.participant is not None
-        table = self.participant.core.locks
         with trio.move_on_after(self.lock_wait_s) as scope:
-            while True:
-                blocked = False
-                for resource, mode in locks:
-                    for holder, held in table.holders(resource).items():
-                        if holder != txid and not compatible(held, mode):
-                            blocked = True
-                if not blocked:
-                    return
+            while self.conflicts(txid, locks):
                 await self._lock_changed.wait()
+            return
         if scope.cancelled_caught:
             raise txrpc.Unavailable(
                 f"follower {self.node}: transaction {txid} waits for an earlier transaction's outcome on its keys",

@@ -54,6 +54,7 @@ BROKEN_SWITCHES = (
     "participant.release_locks_at_prepare",
     "server.skip_request_log_lookup",
     "replication.follower_skips_commit",
+    "replication.follower_ignores_epoch",
 )
 
 
