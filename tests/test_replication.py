@@ -91,6 +91,20 @@ async def total(cluster: txrpc.Cluster, names: list[str]) -> int:
     return sum([await cluster.call(n, "bank.balance", n) for n in names])
 
 
+async def explain(local: LocalCluster) -> str:
+    """For a failed conservation check: where a key's value in a commit log does not
+    follow from the one before it (every transfer moves 1)."""
+    lines = []
+    for name, participant in local.participants.items():
+        last: dict[str, tuple[Any, int, int]] = {}
+        for position, txid, writes in await participant.store.log_entries(0, 100_000):
+            for key, _, value in writes:
+                if key in last and txid != 0 and abs(value - last[key][0]) != 1:
+                    lines.append(f"{name} {key}: {last[key]} -> {(value, txid, position)}")
+                last[key] = (value, txid, position)
+    return "\n".join(lines) or "no jump in any commit log"
+
+
 async def test_replicated_transfers_leave_every_replica_equal(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 2)
@@ -211,7 +225,7 @@ async def test_a_node_marked_down_catches_up_and_rejoins_while_transfers_run(tmp
         # The ring's order is back: n0 is primary again of its keys.
         assert {n: shard_map.primary_of(n).name for n in names} == ring_primary
         await transfers(cluster, names, 10, seed=5)
-        assert await total(cluster, names) == 100 * len(names)
+        assert await total(cluster, names) == 100 * len(names), await explain(local)
         await assert_replicas_equal(local)
         held = await local.participants["n0"].store.items()
         assert sorted(k for k in held if k.startswith("acct")) == sorted(names)
