@@ -597,10 +597,13 @@ class Participant:
             return
         self._busy[txid] = done = trio.Event()
         try:
+            if self.replication is not None and self.replication.resyncing:
+                # Before the write is queued, not after it is durable: a catch-up page
+                # filtered in between would otherwise be queued behind this newer write
+                # and overwrite it with the older snapshot value.
+                self.replication.touched.update(k for k, _, _ in writes)
             await self.store.apply_commit(txid, writes)
             self._replicated_epoch.pop(txid, None)
-            if self.replication is not None and self.replication.resyncing:
-                self.replication.touched.update(k for k, _, _ in writes)
             self._prepared_at.pop(txid, None)
             self._wake(self.core.committed(txid))
         finally:
