@@ -123,7 +123,6 @@ BAD_CONFIGS = [
         "larger than the node count",
     ),
     ("replication_factor = 2", "replication_factor = 0", "cluster.replication_factor", "integer >= 1"),
-    ("replication_factor = 2", "", "cluster.replication_factor", "required"),
     ('host = "localhost"', 'host = "localhost:7502"', "nodes[1].host", "put the port in the 'port' field"),
     ('host = "localhost"', 'host = "local host"', "nodes[1].host", "not a host name or IP address"),
     ('host = "localhost"', 'host = "-bad-.example"', "nodes[1].host", "not a host name or IP address"),
@@ -351,3 +350,18 @@ def test_wire_names_the_placement() -> None:
         ShardMap.build(small_nodes(1), replication_factor=1, partitions=1).to_wire()["placement"]
         == PLACEMENT_VERSION
     )
+
+
+def test_replication_factor_defaults_to_three_or_the_node_count() -> None:
+    three = ClusterConfig.from_toml(
+        "[cluster]\npartitions = 64\n"
+        + "".join(f'[[nodes]]\nname = "n{i}"\nhost = "127.0.0.1"\nport = {7600 + i}\n' for i in range(4)),
+        source="t.toml",
+    )
+    assert three.shard_map.replication_factor == 3
+    two = ClusterConfig.from_toml(
+        "[cluster]\npartitions = 64\n"
+        + "".join(f'[[nodes]]\nname = "n{i}"\nhost = "127.0.0.1"\nport = {7600 + i}\n' for i in range(2)),
+        source="t.toml",
+    )
+    assert two.shard_map.replication_factor == 2

@@ -600,6 +600,7 @@ def _node_from_table(raw: object, field: str, known: Sequence[str]) -> NodeSpec:
 
 # --- the configuration file ---------------------------------------------------------
 
+REPLICATION_FACTOR_DEFAULT = 3
 CLUSTER_FIELDS = ("epoch", "replication_factor", "partitions", "data_dir", "services")
 COORDINATOR_FIELDS = ("host", "port", "data_dir", "failure_timeout_s")
 NODE_FIELDS = ("name", "host", "port", "zone", "weight", "data_dir")
@@ -671,7 +672,7 @@ class ClusterConfig:
     def _from_document(cls, document: dict[str, Any], source: str, base_dir: Path) -> ClusterConfig:
         _check_table(document, "", TOP_LEVEL_TABLES, required=("cluster", "nodes"))
         cluster = _check_table(
-            document["cluster"], "cluster", CLUSTER_FIELDS, required=("replication_factor",)
+            document["cluster"], "cluster", CLUSTER_FIELDS, required=()
         )
 
         def directory(value: object, field: str) -> Path:
@@ -706,7 +707,8 @@ class ClusterConfig:
 
         epoch = _check_int(cluster.get("epoch", 1), "cluster.epoch", 1, EPOCH_MAX)
         partitions = _check_partitions(cluster.get("partitions", PARTITIONS_DEFAULT), "cluster.partitions")
-        replication_factor = cluster["replication_factor"]
+        # Default: 3 copies (or one per node when there are fewer nodes).
+        replication_factor = cluster.get("replication_factor", min(REPLICATION_FACTOR_DEFAULT, len(nodes)))
         if type(replication_factor) is not int or replication_factor < 1:
             raise ConfigError(
                 f"must be an integer >= 1, got {_describe(replication_factor)}",
