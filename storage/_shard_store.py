@@ -61,6 +61,8 @@ class ShardStore:
         self._cache: OrderedDict[str, tuple[bool, Any]] = OrderedDict()
         self.next_position = 1
         self._opened = False
+        self._writes_started = 0
+        self._writes_in_flight = 0
         # Replication facts of the prepare records found by open() (txid -> {"local": bool,
         # "origin": node}); see write_prepare.
         self.prepare_meta: dict[int, dict[str, Any]] = {}
@@ -109,8 +111,13 @@ class ShardStore:
             ).first()
             return (False, None) if row is None else (True, decode(row.value))
 
+        started = self._writes_started
+        quiet = self._writes_in_flight == 0
         found = await self.database.read(read)
-        self._remember(key, found)
+        if quiet and self._writes_started == started:
+            # No write was in flight or began during the read: what it read is current.
+            # (Otherwise the cache could keep a value older than a write it missed.)
+            self._remember(key, found)
         return found
 
     def _remember(self, key: str, entry: tuple[bool, Any]) -> None:
@@ -178,14 +185,21 @@ class ShardStore:
         in one local transaction. Returns the entry's log position."""
         position = self.next_position
         self.next_position += 1
+        # The cache takes the new values now, in log-position order: entries that are
+        # written concurrently (one group-commit batch) may finish in any order, and
+        # updating the cache as each finishes could leave an older value in it.
+        for key, deleted, value in writes:
+            self._remember(key, (False, None) if deleted else (True, value))
+        self._writes_started += 1
+        self._writes_in_flight += 1
         entry = _CommitEntry(self.shard, position, txid, writes, time.time())
         try:
             result: int = await self.appender.append(COMMITS, entry)
         except BaseException:
             self._cache.clear()  # the outcome may be unknown: re-read from the database
             raise
-        for key, deleted, value in writes:
-            self._remember(key, (False, None) if deleted else (True, value))
+        finally:
+            self._writes_in_flight -= 1
         return result
 
     # --- log and digest -------------------------------------------------------------------

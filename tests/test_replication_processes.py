@@ -1,11 +1,13 @@
 """Replicated shards as real processes (R = 3 on 3 nodes): a primary SIGKILLed during a
 transfer workload, failed over with `txrpc ring mark-down`, restarted and brought back
-with `txrpc ring rejoin` while transfers run; totals conserved and `txrpc ring verify`
-finds every replica set equal."""
+with `txrpc ring rejoin` while transfers run, then a fourth node added with `txrpc ring
+add-node`; totals conserved, `txrpc ring verify` finds every replica set equal, and each
+node's commit log rebuilds its state (`txrpc replay --shard`)."""
 
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +31,12 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         yield processes
     finally:
         processes.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def txrpc_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -99,6 +107,19 @@ def test_primary_killed_fails_over_rejoins_and_replicas_agree(procs: Processes) 
                 with trio.fail_after(90):
                     while counts["committed"] < before + 20:
                         await trio.sleep(0.05)
+                # A fourth node joins: listed in the file, started, added; about a quarter
+                # of the copies move to it while transfers run.
+                with procs.config_path.open("a") as config_file:
+                    config_file.write(f'\n[[nodes]]\nname = "d"\nhost = "127.0.0.1"\nport = {free_port()}\n')
+                procs.start("d")
+                await trio.to_thread.run_sync(procs.wait_ready, "d")
+                added = await trio.to_thread.run_sync(txrpc_cli, "ring", "add-node", "d", "--config", config_path)
+                assert added.returncode == 0, added.stdout + added.stderr
+                assert "epoch 6" in added.stdout
+                before = counts["committed"]
+                with trio.fail_after(90):
+                    while counts["committed"] < before + 20:
+                        await trio.sleep(0.05)
                 stop.set()
             # Money is neither created nor destroyed, whatever the failover did to
             # transactions in flight (in-doubt ones are resolved by the new primaries).
@@ -124,12 +145,12 @@ def test_primary_killed_fails_over_rejoins_and_replicas_agree(procs: Processes) 
         trio.run(trio.sleep, 0.2)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "every replica set agrees" in verified.stdout
-    assert "epoch 4" in verified.stdout
+    assert "epoch 6" in verified.stdout
     # Each node's commit log (its own commits, replicated ones, and the rejoined node's
     # catch-up snapshot) rebuilds exactly its committed state in an empty store.
     procs.stop()
     data = procs.config_path.parent / "data"
-    for node in NODES:
+    for node in [*NODES, "d"]:
         rebuilt = txrpc_cli(
             "replay", "--db", str(data / node), "--shard", node, "--into", str(procs.config_path.parent / f"r-{node}")
         )
