@@ -128,11 +128,18 @@ class Cluster:
             raise
         # Start from the authority's map when it is reachable (the file's may be older,
         # or list nodes the cluster has not added yet); the file's otherwise.
-        with trio.move_on_after(MAP_FETCH_AT_START_S):
-            try:
-                await self.router.refresh()
-            except (RpcError, OSError) as exc:
-                log.info("shard map not fetched from the coordinator: %s", exc)
+        try:
+            with trio.move_on_after(MAP_FETCH_AT_START_S):
+                try:
+                    await self.router.refresh()
+                except (RpcError, OSError) as exc:
+                    log.info("shard map not fetched from the coordinator: %s", exc)
+        except BaseException:
+            # Cancelled (or worse) while opening: close what was opened, or its task
+            # groups would outlive this call (found by the simulator).
+            with trio.CancelScope(shield=True):
+                await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(

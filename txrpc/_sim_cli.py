@@ -155,6 +155,7 @@ def sim_explore(
     rng = random.Random(seed)
     nodes = ("keyed",) if workload == "idempotency" else ("coordinator", "s0", "s1", "s2")
     failures = []
+    crashed: list[str] = []
     ops = 0
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"exploring {workload}", total=schedules)
@@ -165,18 +166,31 @@ def sim_explore(
             faults = random_schedule(rng, nodes, names, duration, faults_max, replicated=replicated)
             wopts = _workload_options(clients, duration)
             options = SimOptions(replication_factor=replication if replicated else 1)
-            result = run_simulation(
-                run_seed, workload=workload, faults=faults, workload_options=wopts, options=options
-            )
+            try:
+                result = run_simulation(
+                    run_seed, workload=workload, faults=faults, workload_options=wopts, options=options
+                )
+            except Exception as exc:  # a crash of the run is a finding too: say how to replay it
+                steps = " ".join(f"--fault {f.cli()}" for f in faults)
+                command = (
+                    f"txrpc sim run --workload {workload} --seed {run_seed} --duration {duration:g} "
+                    f"--clients {clients} --replication {options.replication_factor} {steps}"
+                )
+                console.print(f"[red]the run crashed: {type(exc).__name__}: {exc}[/]\nreplay: {command}")
+                crashed.append(command)
+                progress.advance(task)
+                continue
             ops += sum(result.counts().values())
             if not result.valid:
                 failures.append(result)
                 console.print(result.report())
             progress.advance(task)
-    console.print(f"{schedules} schedules, {ops} operations, {len(failures)} violations")
+    console.print(f"{schedules} schedules, {ops} operations, {len(failures)} violations, {len(crashed)} crashed runs")
     for result in failures:
         console.print(f"replay: {result.replay_command()}")
-    sys.exit(1 if failures else 0)
+    for command in crashed:
+        console.print(f"replay (crashed): {command}")
+    sys.exit(1 if failures or crashed else 0)
 
 
 @click.command("sim")
