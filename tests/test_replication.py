@@ -324,3 +324,32 @@ async def test_heartbeats_mark_a_dead_primary_down_and_transfers_go_on(tmp_path:
         assert await transfers(cluster, names, 20, seed=9) > 0
         assert await total(cluster, names) == 100 * len(names)
         await assert_replicas_equal(local)
+
+
+async def test_cancelled_while_a_cluster_opens_leaves_no_task_group_behind(tmp_path: Path) -> None:
+    """Opening a cluster fetches the authority's map (bounded); a cancellation that lands
+    there must close what was opened (found by the simulator: trio's cancel-scope stack
+    was corrupted). The coordinator here accepts connections and never answers."""
+    import socket
+
+    from _cluster_helpers import free_ports
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        node_port = free_ports(1)[0]
+        config = txrpc.ClusterConfig.from_toml(
+            f'[cluster]\npartitions = 64\ndata_dir = "{tmp_path}"\n[coordinator]\nhost = "127.0.0.1"\n'
+            f'port = {port}\n[[nodes]]\nname = "n0"\nhost = "127.0.0.1"\nport = {node_port}\n',
+            source="silent.toml",
+        )
+        for _ in range(3):
+            with trio.move_on_after(0.3) as scope:
+                async with txrpc.cluster(config):
+                    await trio.sleep_forever()
+            assert scope.cancelled_caught
+        await trio.sleep(0.01)  # the task's cancel-scope stack is intact
+    finally:
+        silent.close()

@@ -137,8 +137,8 @@ class Cluster:
         except BaseException:
             # Cancelled (or worse) while opening: close what was opened, or its task
             # groups would outlive this call (found by the simulator).
-            with trio.CancelScope(shield=True):
-                await self.__aexit__(None, None, None)
+            # (Not under a shield: the task groups being closed were opened outside it.)
+            await self.__aexit__(None, None, None)
             raise
         return self
 
