@@ -115,6 +115,14 @@ class Coordinator:
 
     # --- the shard-map authority -----------------------------------------------------------------
 
+    def _map(self) -> ShardMap:
+        assert self.shard_map is not None, "not the shard-map authority"
+        return self.shard_map
+
+    def _check_node(self, node: Any) -> None:
+        if not isinstance(node, str) or node not in self._map():
+            raise txrpc.InvalidArgument(f"no node named {node!r} in the shard map")
+
     def _replicated(self) -> bool:
         return self.shard_map is not None and self.shard_map.replication_factor > 1
 
@@ -152,11 +160,9 @@ class Coordinator:
     async def rejoin(self, node: str) -> dict[str, Any]:
         """Bring ``node`` back into the replica sets the ring places it in (after it was
         marked down and runs again): see :meth:`_move`."""
-        assert self.shard_map is not None
-        if not isinstance(node, str) or node not in self.shard_map:
-            raise txrpc.InvalidArgument(f"no node named {node!r} in the shard map")
+        self._check_node(node)
         async with self._map_lock:
-            current = self.shard_map
+            current = self._map()
             placement = current.with_nodes(current.nodes, epoch=current.epoch)
             target = []
             for members, ranked in zip(current.replica_sets, placement.replica_sets, strict=True):
@@ -179,7 +185,7 @@ class Coordinator:
         except (KeyError, TypeError, ConfigError) as exc:
             raise txrpc.InvalidArgument(f"not a node: {exc}") from None
         async with self._map_lock:
-            current = self.shard_map
+            current = self._map()
             if spec.name in current:
                 raise txrpc.FailedPrecondition(f"node {spec.name!r} is already in the shard map")
             nodes = (*current.nodes, spec)
@@ -188,11 +194,9 @@ class Coordinator:
     async def remove_node(self, node: str) -> dict[str, Any]:
         """Move every partition off ``node`` to the members the ring picks instead, then
         drop it from the map: see :meth:`_move`."""
-        assert self.shard_map is not None
-        if not isinstance(node, str) or node not in self.shard_map:
-            raise txrpc.InvalidArgument(f"no node named {node!r} in the shard map")
+        self._check_node(node)
         async with self._map_lock:
-            current = self.shard_map
+            current = self._map()
             nodes = tuple(n for n in current.nodes if n.name != node)
             if len(nodes) < current.replication_factor:
                 raise txrpc.FailedPrecondition(
@@ -302,6 +306,7 @@ class Coordinator:
         }
 
     async def _install(self, shard_map: ShardMap, why: str) -> tuple[list[str], list[str]]:
+        """Make ``shard_map`` the current map: durable first, then published."""
         await self._store_map(shard_map)
         self.shard_map = shard_map
         log.warning("shard map epoch %d: %s", shard_map.epoch, why)
@@ -320,18 +325,13 @@ class Coordinator:
         return self._clients[name]
 
     async def _change_map(self, node: str, how: str) -> dict[str, Any]:
-        assert self.shard_map is not None
-        if not isinstance(node, str) or node not in self.shard_map:
-            raise txrpc.InvalidArgument(f"no node named {node!r} in the shard map")
+        self._check_node(node)
         async with self._map_lock:
             try:
-                new = self.shard_map.without_replica(node) if how == "mark_down" else self.shard_map.with_primary(node)
+                new = self._map().without_replica(node) if how == "mark_down" else self._map().with_primary(node)
             except ConfigError as exc:
                 raise txrpc.FailedPrecondition(str(exc)) from None
-            await self._store_map(new)  # durable before anyone hears of it
-            self.shard_map = new
-            log.warning("shard map epoch %d: %s %s", new.epoch, how.replace("_", "-"), node)
-            published, unreachable = await self._publish(new)
+            published, unreachable = await self._install(new, f"{how.replace('_', '-')} {node}")
         return {"epoch": new.epoch, "published": published, "unreachable": unreachable}
 
     async def _publish(self, shard_map: ShardMap) -> tuple[list[str], list[str]]:

@@ -206,8 +206,6 @@ class Participant:
             self.core.restore_prepared(txid, write_map, [(r, Mode(m)) for r, m in locks], now)
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = -math.inf  # ask the coordinator at once
-        if self.replication is not None:
-            self.replication.meta.update(self.store.prepare_meta)
         self.recovered = True
         if records:
             log.info("shard %s recovered %d prepared transactions", self.shard, len(records))
@@ -301,9 +299,8 @@ class Participant:
         async def handler(*args: Any, **kwargs: Any) -> Any:
             ctx = txrpc.current_call()
             if self.epoch_guard is not None and "epoch" in ctx.metadata and args:
-                call_epoch = ctx.metadata["epoch"]
-                if self.replication is not None and type(call_epoch) is int and call_epoch > self.epoch_guard.epoch:
-                    await self.replication.refresh()  # the caller knows a newer map: fetch it
+                if self.replication is not None:
+                    await self.replication.follow_call_epoch()  # the caller may know a newer map
                 self.epoch_guard.check(key=args[0])  # WRONG_EPOCH / not the primary: nothing ran
             txid = ctx.metadata.get("txid")
             if txid is None:
@@ -621,8 +618,6 @@ class Participant:
             await self.store.delete_prepare(txid)
         self._prepared_at.pop(txid, None)
         self._replicated_epoch.pop(txid, None)
-        if self.replication is not None:
-            self.replication.meta.pop(txid, None)
         self._wake(self.core.abort(txid, "aborted by the coordinator"), txid)
         if followers:
             await self.replication.send_outcome(txid_of(txid), followers, "abort")  # type: ignore[union-attr]
@@ -680,7 +675,7 @@ class Participant:
         read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
         if writes:
             self._replicated_epoch[txid] = self.replication.guard.epoch  # before the plan is made
-        the_plan, _ = await self.replication.send_prepare(txid, writes, read_keys)
+        the_plan = await self.replication.send_prepare(txid, writes, read_keys)
         if writes:
             self._replicated_epoch[txid] = min(self._replicated_epoch.get(txid, the_plan.epoch), the_plan.epoch)
         return the_plan
@@ -699,9 +694,9 @@ class Participant:
         if not self.replication.owns(read_keys):
             epoch = self.replication.guard.epoch
             return f"node {self.shard} is no longer the primary of the keys it read (epoch {epoch})"
-        _, failures = await self.replication.send_prepare(txid, [], read_keys)
-        if failures:
-            return "epoch not confirmed by every replica: " + _describe_failures(failures)
+        fenced = await self.replication.send_prepare(txid, [], read_keys)
+        if fenced.failures:
+            return "epoch not confirmed by every replica: " + _describe_failures(fenced.failures)
         return ""
 
     # --- replication (follower side) ---------------------------------------------------------
@@ -771,7 +766,6 @@ class Participant:
                 raise
             self._prepared_at[rid] = trio.current_time()
             self._replicated_epoch[rid] = txrpc.current_call().metadata["epoch"]
-            self.replication.meta[rid] = meta
         finally:
             del self._busy[rid]
             done.set()
@@ -793,7 +787,6 @@ class Participant:
                     await self.abort(rid)
                     return "ok"
                 await self._apply(rid)
-                self.replication.meta.pop(rid, None)
                 applied = True
         return "ok" if applied else "unknown"
 
@@ -844,20 +837,17 @@ class Participant:
         resolved: those were not replicated to the joining replica, so the snapshot must
         include their outcome; later ones reach it by replication."""
         assert self.replication is not None
-        if not isinstance(partitions, list) or not all(type(p) is int for p in partitions):
-            raise txrpc.InvalidArgument("partitions must be a list of integers")
+        _check_partitions(partitions)
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise txrpc.InvalidArgument("limit must be in 1..10000")
-        call_epoch = txrpc.current_call().metadata.get("epoch")
-        if type(call_epoch) is int and call_epoch > self.replication.guard.epoch:
-            await self.replication.refresh()
+        call_epoch = await self.replication.follow_call_epoch()
         if after is None:
             # Own transactions and inherited records alike: a record this new primary
             # inherited from a deposed one was not sent to the joiner either.
             # Wait for every write set this node holds that was replicated at an epoch
             # before the joiner's (so not to the joiner), and every one recovered from
             # disk: the snapshot must contain their outcome.
-            join_epoch = call_epoch if type(call_epoch) is int else self.replication.guard.epoch
+            join_epoch = call_epoch if call_epoch is not None else self.replication.guard.epoch
             partition_of = self.replication.guard.shard_map.partition_of
             wanted_now = set(partitions)
 
@@ -889,11 +879,8 @@ class Participant:
         deleted. Returns ``{"rows": int, "deleted": int}``."""
         assert self.replication is not None
         replication = self.replication
-        if not isinstance(partitions, list) or not all(type(p) is int for p in partitions):
-            raise txrpc.InvalidArgument("partitions must be a list of integers")
-        call_epoch = txrpc.current_call().metadata.get("epoch")
-        if type(call_epoch) is int and call_epoch > replication.guard.epoch:
-            await replication.refresh()
+        _check_partitions(partitions)
+        await replication.follow_call_epoch()
         shard_map = replication.guard.shard_map
         wanted = set(partitions)
         for p in wanted:
@@ -926,7 +913,6 @@ class Participant:
             if rid < 0 and tx.state is TxState.PREPARED and before:
                 if any(shard_map.partition_of(k) in wanted for k in tx.writes):
                     await self.store.delete_prepare(rid)
-                    replication.meta.pop(rid, None)
                     self._wake(self.core.abort(rid, "superseded by a catch-up snapshot"), rid)
         replication.resyncing |= wanted
         replication.touched.clear()
@@ -978,11 +964,8 @@ class Participant:
         """Delete this node's rows of ``partitions``, which it no longer replicates (they
         moved to other nodes). Refused for a partition it still replicates."""
         assert self.replication is not None
-        if not isinstance(partitions, list) or not all(type(p) is int for p in partitions):
-            raise txrpc.InvalidArgument("partitions must be a list of integers")
-        call_epoch = txrpc.current_call().metadata.get("epoch")
-        if type(call_epoch) is int and call_epoch > self.replication.guard.epoch:
-            await self.replication.refresh()
+        _check_partitions(partitions)
+        await self.replication.follow_call_epoch()
         shard_map = self.replication.guard.shard_map
         for p in partitions:
             if not 0 <= p < shard_map.partitions or self.shard in shard_map.replica_sets[p]:
@@ -1078,6 +1061,11 @@ class Participant:
             return {"txid": txid, "state": "read_only"}
         self.core.abort(txid, "unknown when its outcome was asked")  # no locks: only remembered
         return {"txid": txid, "state": "aborted"}
+
+
+def _check_partitions(partitions: Any) -> None:
+    if not isinstance(partitions, list) or not all(type(p) is int for p in partitions):
+        raise txrpc.InvalidArgument("partitions must be a list of integers")
 
 
 def _describe_failures(failures: dict[str, str]) -> str:

@@ -113,7 +113,6 @@ class Replication:
         self._nursery: trio.Nursery | None = None
         self._notices: dict[str, list[int]] = {}  # follower -> commit notices not sent yet
         self._flushing: set[str] = set()
-        self.meta: dict[int, dict[str, Any]] = {}  # record id -> {"origin"} of replicated records
         self._lock_changed = trio.Event()
         self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0}
         self.installed_at = trio.current_time()  # when the current epoch's map was installed
@@ -179,9 +178,10 @@ class Replication:
 
     async def send_prepare(
         self, txid: int, writes: WriteSet, read_keys: Iterable[Any]
-    ) -> tuple[Plan, dict[str, str]]:
-        """Send the prepare record to every follower concerned; returns the plan and the
-        followers that did *not* acknowledge it, with why (empty: all have it durable)."""
+    ) -> Plan:
+        """Send the prepare record to every follower concerned; returns the plan, whose
+        ``failures`` name the followers that did *not* acknowledge it, with why (empty:
+        all have it durable)."""
         the_plan = plan(self.guard.shard_map, self.node, writes, read_keys)
         failures: dict[str, str] = {}
 
@@ -208,7 +208,7 @@ class Replication:
             for follower, share in the_plan.by_follower.items():
                 nursery.start_soon(send, follower, share)
         the_plan.failures = failures
-        return the_plan, failures
+        return the_plan
 
     async def send_outcome(self, txid: int, followers: Iterable[str], outcome: str) -> dict[str, str]:
         """Tell ``followers`` the outcome (``"commit"``/``"abort"``); returns who did not
@@ -293,23 +293,30 @@ class Replication:
         self._lock_changed.set()
         self._lock_changed = trio.Event()
 
+    async def follow_call_epoch(self) -> int | None:
+        """The epoch the call being served carries (None if it carries none); when it
+        is newer than this node's, the map is fetched from the authority first."""
+        call_epoch = txrpc.current_call().metadata.get(EPOCH_METADATA_KEY)
+        if type(call_epoch) is not int:
+            return None
+        if call_epoch > self.guard.epoch:
+            await self.refresh()
+        return call_epoch
+
     async def fence(self, origin: str, keys: Iterable[Any]) -> None:
         """Refuse the replication call being served unless it comes from the primary of
         ``keys`` at this follower's epoch (see the module docstring)."""
-        ctx = txrpc.current_call()
-        call_epoch = ctx.metadata.get(EPOCH_METADATA_KEY)
-        if type(call_epoch) is not int:
-            raise txrpc.InvalidArgument("replication calls carry the sender's epoch in metadata 'epoch'")
         if _env.broken("replication.follower_ignores_epoch"):
             return  # test-only broken protocol (simulator): no fencing
+        call_epoch = await self.follow_call_epoch()
+        if call_epoch is None:
+            raise txrpc.InvalidArgument("replication calls carry the sender's epoch in metadata 'epoch'")
         if call_epoch > self.guard.epoch:
-            await self.refresh()
-            if call_epoch > self.guard.epoch:
-                raise txrpc.Unavailable(
-                    f"follower {self.node} is at epoch {self.guard.epoch}, behind the sender's {call_epoch}; "
-                    "it could not fetch the newer map yet",
-                    {"not_started": True},
-                )
+            raise txrpc.Unavailable(
+                f"follower {self.node} is at epoch {self.guard.epoch}, behind the sender's {call_epoch}; "
+                "it could not fetch the newer map yet",
+                {"not_started": True},
+            )
         shard_map = self.guard.shard_map
         if call_epoch < shard_map.epoch:
             self.stats["refused"] += 1

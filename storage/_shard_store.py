@@ -63,9 +63,6 @@ class ShardStore:
         self._opened = False
         self._writes_started = 0
         self._writes_in_flight = 0
-        # Replication facts of the prepare records found by open() (txid -> {"local": bool,
-        # "origin": node}); see write_prepare.
-        self.prepare_meta: dict[int, dict[str, Any]] = {}
 
     async def open(self) -> list[tuple[int, WriteSet, list[tuple[Any, str]]]]:
         """Load the log position and return the prepare records (recovery input)."""
@@ -80,17 +77,13 @@ class ShardStore:
                 .where(prepared.c.shard == shard)
                 .order_by(prepared.c.txid)
             ).all()
-            records = []
-            for r in rows:
-                locks, meta = _prepare_locks_from_wire(decode(r.locks))
-                records.append((int(r.txid), _writes_from_wire(decode(r.writes)), locks))
-                if meta:
-                    metas[int(r.txid)] = meta
+            records = [
+                (int(r.txid), _writes_from_wire(decode(r.writes)), _prepare_locks_from_wire(decode(r.locks)))
+                for r in rows
+            ]
             return int(top or 0), records
 
-        metas: dict[int, dict[str, Any]] = {}
         top, records = await self.database.read(load)
-        self.prepare_meta = metas
         self.next_position = top + 1
         self._opened = True
         return records
@@ -164,8 +157,7 @@ class ShardStore:
         meta: dict[str, Any] | None = None,
     ) -> None:
         """Make the prepare record (write set + locks) durable. ``meta`` (replication:
-        ``{"local": bool, "origin": node}``) is kept with it and comes back from
-        :meth:`open` in :attr:`prepare_meta`."""
+        ``{"origin": node}``, for inspection) is kept with it."""
         lock_list = [[_resource_to_wire(r), m] for r, m in locks]
         row = {
             "shard": self.shard,
@@ -335,11 +327,10 @@ def _resource_to_wire(resource: Any) -> Any:
     return list(resource) if isinstance(resource, tuple) else resource
 
 
-def _prepare_locks_from_wire(data: Any) -> tuple[list[tuple[Any, str]], dict[str, Any]]:
-    if isinstance(data, dict):
-        meta = {k: v for k, v in data.items() if k != "locks"}
-        return _locks_from_wire(data["locks"]), meta
-    return _locks_from_wire(data), {}
+def _prepare_locks_from_wire(data: Any) -> list[tuple[Any, str]]:
+    """The lock list of a prepare record: a plain list, or a map with ``locks`` and the
+    replication facts (see ``write_prepare``)."""
+    return _locks_from_wire(data["locks"] if isinstance(data, dict) else data)
 
 
 def _locks_from_wire(data: Any) -> list[tuple[Any, str]]:

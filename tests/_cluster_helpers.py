@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,16 @@ from coordinator import Coordinator, Participant, run_coordinator, run_shard
 from txrpc._shardmap import ClusterConfig
 
 ROOT = Path(__file__).parent.parent
+
+
+def load_bank_service() -> txrpc.Service:
+    """The bank service of ``examples/bank/service.py`` (the examples are not a package)."""
+    spec = importlib.util.spec_from_file_location("bank_example", ROOT / "examples/bank/service.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    service: txrpc.Service = module.bank
+    return service
 
 
 def free_ports(count: int) -> list[int]:

@@ -4,22 +4,19 @@ fencing of a deposed primary, and in-doubt transactions inherited by a new prima
 
 from __future__ import annotations
 
-import importlib.util
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
-from _cluster_helpers import ROOT, LocalCluster, local_cluster
+from _cluster_helpers import LocalCluster, load_bank_service, local_cluster
 
 import txrpc
 
-spec = importlib.util.spec_from_file_location("bank_example", ROOT / "examples/bank/service.py")
-assert spec is not None and spec.loader is not None
-bank_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bank_module)
-bank = bank_module.bank
+bank = load_bank_service()
+T = TypeVar("T")
 
 
 def accounts(cfg: txrpc.ClusterConfig, per_node: int) -> list[str]:
@@ -85,6 +82,30 @@ async def transfers(cluster: txrpc.Cluster, names: list[str], count: int, seed: 
         except txrpc.TransactionAborted:
             pass
     return done
+
+
+async def during_transfers(
+    cluster: txrpc.Cluster, names: list[str], seed: int, change: Callable[[], Awaitable[T]]
+) -> tuple[T, int]:
+    """Run ``change()`` while transfers commit one after another (from a little before
+    to a little after it); its result and how many transfers committed."""
+    stop = trio.Event()
+    moved = 0
+
+    async def workload() -> None:
+        nonlocal moved
+        next_seed = seed
+        while not stop.is_set():
+            moved += await transfers(cluster, names, 1, seed=next_seed)
+            next_seed += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(workload)
+        await trio.sleep(0.25)
+        result = await change()
+        await trio.sleep(0.25)
+        stop.set()
+    return result, moved
 
 
 async def total(cluster: txrpc.Cluster, names: list[str]) -> int:
@@ -202,24 +223,11 @@ async def test_a_node_marked_down_catches_up_and_rejoins_while_transfers_run(tmp
         local.crash("n0")
         await transfers(cluster, names, 20, seed=4)  # n0 misses these
         await local.start_shard("n0")  # stale data, old prepared records: recovers, learns epoch 2
-
-        stop = trio.Event()
-        moved = [0]
-
-        async def workload() -> None:
-            seed = 10
-            while not stop.is_set():
-                moved[0] += await transfers(cluster, names, 1, seed=seed)
-                seed += 1
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(workload)
-            await trio.sleep(0.3)
-            result = await local.coordinator.rejoin("n0")  # copies while transfers commit
-            await trio.sleep(0.3)
-            stop.set()
+        coordinator = local.coordinator
+        # It copies its partitions while transfers commit.
+        result, moved = await during_transfers(cluster, names, 10, lambda: coordinator.rejoin("n0"))
         assert result["epochs"] == [3, 4] and result["rows"] > 0
-        assert moved[0] > 0
+        assert moved > 0
         shard_map = local.coordinator.shard_map
         assert shard_map is not None and shard_map.epoch == 4
         # The ring's order is back: n0 is primary again of its keys.
@@ -257,26 +265,12 @@ async def test_add_node_and_remove_node_move_about_a_share_of_the_data_while_tra
                     await t.bank.open_account(name, 100)
             local.config = four  # the operator lists n3 in the file and starts it
             await local.start_shard("n3")
-            assert local.coordinator is not None
-
-            stop = trio.Event()
-            moved = [0]
-
-            async def workload() -> None:
-                seed = 100
-                while not stop.is_set():
-                    moved[0] += await transfers(cluster, names, 1, seed=seed)
-                    seed += 1
-
-            async with trio.open_nursery() as inner:
-                inner.start_soon(workload)
-                await trio.sleep(0.2)
-                added = await local.coordinator.add_node(
-                    {"name": "n3", "host": "127.0.0.1", "port": ports[4]}
-                )
-                await trio.sleep(0.2)
-                stop.set()
-            assert moved[0] > 0
+            coordinator = local.coordinator
+            assert coordinator is not None
+            added, moved = await during_transfers(
+                cluster, names, 100, lambda: coordinator.add_node({"name": "n3", "host": "127.0.0.1", "port": ports[4]})
+            )
+            assert moved > 0
             shard_map = local.coordinator.shard_map
             assert shard_map is not None and "n3" in shard_map
             # R = 3 of 4 nodes: n3 takes about a quarter of all the copies (the ring's share).
@@ -353,3 +347,57 @@ async def test_cancelled_while_a_cluster_opens_leaves_no_task_group_behind(tmp_p
         await trio.sleep(0.01)  # the task's cancel-scope stack is intact
     finally:
         silent.close()
+
+
+async def test_promote_moves_primaries_and_refusals_are_typed(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 2)
+        for name in names:
+            async with cluster.transaction() as t:
+                await t.bank.open_account(name, 100)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        result, moved = await during_transfers(cluster, names, 30, lambda: coordinator.promote("n1"))
+        assert result["epoch"] == 2 and moved > 0
+        shard_map = coordinator.shard_map
+        assert shard_map is not None and all(members[0] == "n1" for members in shard_map.replica_sets)
+        assert await transfers(cluster, names, 10, seed=31) > 0
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
+        # Bad requests get a typed error and change nothing.
+        with pytest.raises(txrpc.InvalidArgument, match="no node named"):
+            await coordinator.mark_down("nobody")
+        follower = local.participants["n2"]
+        async with txrpc.connect("127.0.0.1", local.config.shard_map.node("n2").port) as client:
+            with pytest.raises(txrpc.InvalidArgument, match="positive integers"):
+                await client.call("repl.commit_many", [1, -2])
+            with pytest.raises(txrpc.InvalidArgument, match="epoch"):
+                await client.call("repl.prepare", 5, [["acct0", False, 1]], origin="n1")  # no epoch: refused
+        assert follower.core.in_doubt() == []
+        assert coordinator.shard_map is shard_map
+
+
+async def test_the_last_replica_of_a_partition_cannot_be_marked_down(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, [bank], replication_factor=1) as local:
+        assert local.coordinator is not None
+        before = local.coordinator.shard_map
+        with pytest.raises(txrpc.FailedPrecondition, match="last replica"):
+            await local.coordinator.mark_down("n0")
+        assert local.coordinator.shard_map is before
+
+
+def test_verify_reports_differing_replicas_and_stale_epochs() -> None:
+    from txrpc._ring_cli import compare_digests
+    from txrpc._shardmap import NodeSpec, ShardMap
+
+    shard_map = ShardMap.build(
+        [NodeSpec(f"n{i}", "127.0.0.1", 7700 + i) for i in range(3)], replication_factor=3, partitions=4
+    )
+    same = {"epoch": 1, "in_doubt": 0, "partitions": [[0, 2, "aa"], [3, 1, "bb"]]}
+    differs = {"epoch": 1, "in_doubt": 0, "partitions": [[0, 2, "aa"], [3, 1, "cc"]]}
+    stale = {"epoch": 0, "in_doubt": 0, "partitions": [[0, 9, "zz"]]}
+    agree = compare_digests(shard_map, {"n0": same, "n1": same, "n2": "unreachable"})
+    assert agree.differences == [] and agree.partitions_compared == 2
+    report = compare_digests(shard_map, {"n0": same, "n1": differs, "n2": stale})
+    assert [d.split(":")[0] for d in report.differences] == ["partition 3"]
+    assert report.nodes_differing == {"n0", "n1"} and report.stale == ["n2"]

@@ -63,6 +63,14 @@ async def transfers_until(cluster: txrpc.Cluster, stop: trio.Event, seed: int, c
             await trio.sleep(0.05)
 
 
+async def more_commits(counts: dict[str, int], wanted: int, timeout_s: float = 90) -> None:
+    """Wait until the workload has committed ``wanted`` more transfers."""
+    target = counts["committed"] + wanted
+    with trio.fail_after(timeout_s):
+        while counts["committed"] < target:
+            await trio.sleep(0.05)
+
+
 async def total(cluster: txrpc.Cluster) -> int:
     return sum([int(await cluster.call(n, "bank.balance", n)) for n in ACCOUNTS])
 
@@ -85,28 +93,20 @@ def test_primary_killed_fails_over_rejoins_and_replicas_agree(procs: Processes) 
             async with trio.open_nursery() as nursery:
                 for seed in range(4):
                     nursery.start_soon(transfers_until, cluster, stop, seed, counts)
-                with trio.fail_after(60):
-                    while counts["committed"] < 40:
-                        await trio.sleep(0.05)
+                await more_commits(counts, 40)
                 procs.kill9(victim)
                 await trio.sleep(0.5)
                 marked = await trio.to_thread.run_sync(txrpc_cli, "ring", "mark-down", victim, "--config", config_path)
                 assert marked.returncode == 0, marked.stdout + marked.stderr
                 assert "epoch 2" in marked.stdout
-                before = counts["committed"]
-                with trio.fail_after(90):
-                    while counts["committed"] < before + 40:
-                        await trio.sleep(0.05)
+                await more_commits(counts, 40)
                 # The victim comes back with stale data and rejoins while transfers run.
                 procs.start(victim)
                 await trio.to_thread.run_sync(procs.wait_ready, victim)
                 joined = await trio.to_thread.run_sync(txrpc_cli, "ring", "rejoin", victim, "--config", config_path)
                 assert joined.returncode == 0, joined.stdout + joined.stderr
                 assert "epoch 4" in joined.stdout
-                before = counts["committed"]
-                with trio.fail_after(90):
-                    while counts["committed"] < before + 20:
-                        await trio.sleep(0.05)
+                await more_commits(counts, 20)
                 # A fourth node joins: listed in the file, started, added; about a quarter
                 # of the copies move to it while transfers run.
                 with procs.config_path.open("a") as config_file:
@@ -116,10 +116,7 @@ def test_primary_killed_fails_over_rejoins_and_replicas_agree(procs: Processes) 
                 added = await trio.to_thread.run_sync(txrpc_cli, "ring", "add-node", "d", "--config", config_path)
                 assert added.returncode == 0, added.stdout + added.stderr
                 assert "epoch 6" in added.stdout
-                before = counts["committed"]
-                with trio.fail_after(90):
-                    while counts["committed"] < before + 20:
-                        await trio.sleep(0.05)
+                await more_commits(counts, 20)
                 stop.set()
             # Money is neither created nor destroyed, whatever the failover did to
             # transactions in flight (in-doubt ones are resolved by the new primaries).

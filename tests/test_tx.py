@@ -3,21 +3,16 @@ each on its own SQLite file."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 
 import pytest
 import trio
-from _cluster_helpers import ROOT, local_cluster
+from _cluster_helpers import load_bank_service, local_cluster
 
 import txrpc
 
-spec = importlib.util.spec_from_file_location("bank_example", ROOT / "examples/bank/service.py")
-assert spec is not None and spec.loader is not None
-bank_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bank_module)
-bank = bank_module.bank
+bank = load_bank_service()
 
 
 def accounts_on_distinct_shards(cfg: txrpc.ClusterConfig, count: int) -> list[str]:

@@ -119,6 +119,22 @@ class Cluster:
             return self.router.shard_map
         return ShardMap.from_wire(wire)
 
+    async def replica_digests(self, skip: Iterable[str] = ()) -> tuple[ShardMap, dict[str, Any]]:
+        """The authority's current map and every node's ``repl.digests`` reply (or the
+        error text, for a node that did not answer); nodes in ``skip`` are not asked.
+        Compare them with :func:`digest_table`."""
+        shard_map = await self._fetch_map()
+        replies: dict[str, Any] = {}
+        for node in shard_map.nodes:
+            if node.name in skip:
+                continue
+            try:
+                client = await self.router._client_for(node)
+                replies[node.name] = await client.options(timeout=30, retries_max=1).call("repl.digests")
+            except RpcError as exc:
+                replies[node.name] = str(exc)
+        return shard_map, replies
+
     async def __aenter__(self) -> Cluster:
         await self.router.__aenter__()
         try:
@@ -467,3 +483,24 @@ def cluster(
     """A :class:`Cluster` from a ``cluster.toml`` path (or a loaded config)."""
     loaded = config if isinstance(config, ClusterConfig) else load_cluster_config(config)
     return Cluster(loaded, limits=limits, rng=rng, credentials=credentials)
+
+
+def digest_table(shard_map: ShardMap, replies: dict[str, Any]) -> dict[int, dict[str, tuple[int, str]]]:
+    """``{partition: {replica: (rows, digest)}}`` for every partition some replica has
+    data of, from ``repl.digests`` replies given at ``shard_map``'s epoch (others, and
+    error texts, are left out); a replica without rows of a partition counts as
+    ``(0, "")``. Replicas agree when each partition's values are all equal."""
+    held = {
+        name: {int(p): (int(rows), str(digest)) for p, rows, digest in reply["partitions"]}
+        for name, reply in replies.items()
+        if isinstance(reply, dict) and int(reply["epoch"]) == shard_map.epoch
+    }
+    return {
+        partition: {m: held[m].get(partition, (0, "")) for m in shard_map.replica_sets[partition] if m in held}
+        for partition in sorted({p for partitions in held.values() for p in partitions})
+    }
+
+
+def replicas_in_doubt(replies: dict[str, Any]) -> int:
+    """Transactions still in doubt across ``repl.digests`` replies."""
+    return sum(int(reply["in_doubt"]) for reply in replies.values() if isinstance(reply, dict))

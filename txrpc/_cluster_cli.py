@@ -18,6 +18,7 @@ from rich.table import Table
 
 from ._client import connect
 from ._errors import RpcError
+from ._security import Credentials
 from ._shardmap import ClusterConfig, ConfigError, load_cluster_config
 
 console = Console()
@@ -132,23 +133,33 @@ def tx_group() -> None:
     """Inspect and resolve transactions at the coordinator."""
 
 
+def admin_credentials(config: ClusterConfig) -> Credentials | None:
+    """With ``[security]``, admin commands present the first admin's certificate (or token)."""
+    security = config.security
+    if security is None:
+        return None
+    return security.credentials_for(security.admins[0] if security.admins else None)
+
+
+def call_coordinator(config: ClusterConfig, method: str, *args: Any, timeout_s: float = 10.0) -> Any:
+    """One admin call to ``config``'s coordinator (raises ``RpcError``); run from sync code."""
+    if config.coordinator is None:
+        raise click.ClickException(f"{config.source} has no [coordinator] table")
+    host, port = config.coordinator.host, config.coordinator.port
+
+    async def main() -> Any:
+        async with connect(host, port, credentials=admin_credentials(config)) as client:
+            return await client.options(timeout=timeout_s).call(method, *args)
+
+    return trio.run(main)
+
+
 def _coordinator_call(config_path: str, method: str, *args: Any) -> Any:
     config = _load(config_path)
     if config.coordinator is None:
         raise click.BadParameter(f"{config_path} has no [coordinator] table", param_hint="--config")
-    host, port = config.coordinator.host, config.coordinator.port
-    # With [security], admin commands present the first admin's certificate (or token).
-    security = config.security
-    credentials = None
-    if security is not None:
-        credentials = security.credentials_for(security.admins[0] if security.admins else None)
-
-    async def main() -> Any:
-        async with connect(host, port, credentials=credentials) as client:
-            return await client.options(timeout=10).call(method, *args)
-
     try:
-        return trio.run(main)
+        return call_coordinator(config, method, *args)
     except RpcError as exc:
         click.echo(f"error: {exc.code.name}: {exc.message}", err=True)
         sys.exit(1)

@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
 from rich.console import Console
@@ -302,21 +301,18 @@ async def _replicas_agree(c: Cluster) -> tuple[bool, str] | None:
     """Every node's per-partition digests, compared per replica set (None at R = 1).
     Phase 2 reaches the followers just after the clients hear "committed": retried
     briefly until nothing is in doubt."""
+    from ._cluster import replicas_in_doubt
     from ._ring_cli import compare_digests
 
-    shard_map = await c._fetch_map()
+    shard_map = c.router.shard_map
     if shard_map.replication_factor == 1:
         return None
     report = None
     with trio.move_on_after(10):
         while True:
-            replies: dict[str, Any] = {}
-            for node in shard_map.nodes:
-                client = await c.router._client_for(node)
-                replies[node.name] = await client.options(timeout=30).call("repl.digests")
+            shard_map, replies = await c.replica_digests()
             report = compare_digests(shard_map, replies)
-            in_doubt = sum(int(r["in_doubt"]) for r in replies.values())
-            if not report.differences and not in_doubt:
+            if not report.differences and not replicas_in_doubt(replies):
                 copies = shard_map.replication_factor
                 return True, f"[green]{report.partitions_compared} partitions × {copies} replicas agree[/]"
             await trio.sleep(0.2)

@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ._client import connect
+from ._cluster import digest_table
+from ._cluster_cli import admin_credentials, call_coordinator
 from ._errors import RpcError
 from ._ring import HashRing, RebalancePlan, RingNode, load_bound
-from ._security import Credentials
 from ._shardmap import NODE_NAME_PATTERN, ClusterConfig, ConfigError, NodeSpec, ShardMap, load_cluster_config
 
 BAR_WIDTH = 24
@@ -251,13 +252,6 @@ def _yes(value: bool) -> str:
 # --- the live cluster: failover by hand, and replica verification ---------------------------
 
 
-def _admin_credentials(config: ClusterConfig) -> Credentials | None:
-    security = config.security
-    if security is None:
-        return None
-    return security.credentials_for(security.admins[0] if security.admins else None)
-
-
 def _load_config(config_path: Path) -> ClusterConfig:
     try:
         return load_cluster_config(config_path)
@@ -265,20 +259,18 @@ def _load_config(config_path: Path) -> ClusterConfig:
         raise click.ClickException(str(exc)) from None
 
 
-def _change_map(config_path: Path, method: str, node: str) -> None:
-    config = _load_config(config_path)
-    if config.coordinator is None:
-        raise click.ClickException(f"{config.source} has no [coordinator] table (the shard-map authority)")
-    host, port = config.coordinator.host, config.coordinator.port
-
-    async def main() -> Any:
-        async with connect(host, port, credentials=_admin_credentials(config)) as client:
-            return await client.options(timeout=30).call(method, node)
-
+def _authority_call(config: ClusterConfig, method: str, argument: Any, *, timeout_s: float, status: str) -> Any:
+    """Ask the shard-map authority (the coordinator) for a change, with a spinner."""
     try:
-        result = trio.run(main)
+        with Console().status(status):
+            return call_coordinator(config, method, argument, timeout_s=timeout_s)
     except RpcError as exc:
         raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+
+
+def _change_map(config_path: Path, method: str, node: str) -> None:
+    config = _load_config(config_path)
+    result = _authority_call(config, method, node, timeout_s=30, status=f"{method} {node}")
     console = Console()
     console.print(
         f"shard map epoch [bold]{result['epoch']}[/]; published to {', '.join(result['published']) or 'no node'}"
@@ -313,19 +305,7 @@ def mark_down(node: str, config_path: Path) -> None:
 
 
 def _move_command(config: ClusterConfig, method: str, argument: Any, status: str) -> dict[str, Any]:
-    if config.coordinator is None:
-        raise click.ClickException(f"{config.source} has no [coordinator] table (the shard-map authority)")
-    host, port = config.coordinator.host, config.coordinator.port
-
-    async def main() -> Any:
-        async with connect(host, port, credentials=_admin_credentials(config)) as client:
-            return await client.options(timeout=1300).call(method, argument)
-
-    try:
-        with Console().status(status):
-            result: dict[str, Any] = trio.run(main)
-    except RpcError as exc:
-        raise click.ClickException(f"{exc.code.name}: {exc.message}") from None
+    result: dict[str, Any] = _authority_call(config, method, argument, timeout_s=1300, status=status)
     return result
 
 
@@ -388,7 +368,7 @@ def verify(config_path: Path) -> None:
     """Ask every replica for the digests of its partitions and compare them per replica
     set. Exit status 1 if two replicas of one partition differ in one epoch."""
     config = _load_config(config_path)
-    credentials = _admin_credentials(config)
+    credentials = admin_credentials(config)
 
     async def ask(node: NodeSpec) -> dict[str, Any] | str:
         try:
@@ -410,7 +390,7 @@ def verify(config_path: Path) -> None:
         return replies
 
     replies = trio.run(main)
-    shard_map = _current_map(config, credentials)
+    shard_map = _current_map(config)
     report = compare_digests(shard_map, replies)
     console = Console()
     table = Table(title=f"{config.source}: replica digests", box=box.SIMPLE_HEAVY)
@@ -439,18 +419,12 @@ def verify(config_path: Path) -> None:
     )
 
 
-def _current_map(config: ClusterConfig, credentials: Credentials | None) -> ShardMap:
+def _current_map(config: ClusterConfig) -> ShardMap:
     """The authority's map (the coordinator's), or the file's when there is none."""
     if config.coordinator is None:
         return config.shard_map
-    host, port = config.coordinator.host, config.coordinator.port
-
-    async def main() -> ShardMap:
-        async with connect(host, port, credentials=credentials) as client:
-            return ShardMap.from_wire(await client.options(timeout=10, retries_max=0).call("coord.shard_map"))
-
     try:
-        return trio.run(main)
+        return ShardMap.from_wire(call_coordinator(config, "coord.shard_map"))
     except (RpcError, OSError):
         return config.shard_map
 
@@ -469,20 +443,10 @@ def compare_digests(shard_map: ShardMap, replies: dict[str, dict[str, Any] | str
     replica with no rows of a partition counts as empty. Replies at another epoch are
     listed in ``stale`` and not compared."""
     report = DigestReport()
-    current = {
-        name: reply
-        for name, reply in replies.items()
-        if isinstance(reply, dict) and int(reply["epoch"]) == shard_map.epoch
-    }
-    report.stale = sorted(n for n, r in replies.items() if isinstance(r, dict) and n not in current)
-    held = {
-        name: {int(p): (int(rows), str(digest)) for p, rows, digest in reply["partitions"]}
-        for name, reply in current.items()
-    }
-    with_data = {p for partitions in held.values() for p in partitions}
-    for partition in sorted(with_data):
-        members = [m for m in shard_map.replica_sets[partition] if m in current]
-        values = {name: held[name].get(partition, (0, "")) for name in members}
+    report.stale = sorted(
+        name for name, reply in replies.items() if isinstance(reply, dict) and int(reply["epoch"]) != shard_map.epoch
+    )
+    for partition, values in digest_table(shard_map, replies).items():
         report.partitions_compared += 1
         if len(set(values.values())) > 1:
             report.differences.append(

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 import txrpc
+from txrpc._cluster import digest_table, replicas_in_doubt
 
 from ._checkers import (
     CheckResult,
@@ -327,27 +328,10 @@ async def _replica_check(sim: Simulation) -> CheckResult:
     async with sim.client("verifier") as cluster:
         with trio.move_on_after(30):
             while True:
-                shard_map = await cluster._fetch_map()
-                replies: dict[str, Any] = {}
-                for node in shard_map.nodes:
-                    if node.name in sim.down:
-                        continue
-                    try:
-                        client = await cluster.router._client_for(node)
-                        replies[node.name] = await client.options(timeout=10, retries_max=1).call("repl.digests")
-                    except txrpc.RpcError as exc:
-                        replies[node.name] = str(exc)
-                held = {
-                    name: {int(p): (int(rows), str(digest)) for p, rows, digest in reply["partitions"]}
-                    for name, reply in replies.items()
-                    if isinstance(reply, dict) and int(reply["epoch"]) == shard_map.epoch
-                }
-                groups = {}
-                for partition in sorted({p for parts in held.values() for p in parts}):
-                    members = [m for m in shard_map.replica_sets[partition] if m in held]
-                    groups[(shard_map.epoch, partition)] = {m: held[m].get(partition, (0, "")) for m in members}
-                in_doubt = sum(int(r["in_doubt"]) for r in replies.values() if isinstance(r, dict))
-                if check_replica_consistency(groups).valid and not in_doubt:
+                shard_map, replies = await cluster.replica_digests(skip=sim.down)
+                table = digest_table(shard_map, replies)
+                groups = {(shard_map.epoch, partition): values for partition, values in table.items()}
+                if check_replica_consistency(groups).valid and not replicas_in_doubt(replies):
                     break
                 await trio.sleep(0.5)
     return check_replica_consistency(groups)
