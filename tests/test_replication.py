@@ -108,6 +108,12 @@ async def during_transfers(
     return result, moved
 
 
+async def open_accounts(cluster: txrpc.Cluster, names: list[str], balance: int = 100) -> None:
+    for name in names:
+        async with cluster.transaction() as t:  # single-shard: coordinator-decided when replicated
+            await t.bank.open_account(name, balance)
+
+
 async def total(cluster: txrpc.Cluster, names: list[str]) -> int:
     return sum([await cluster.call(n, "bank.balance", n) for n in names])
 
@@ -129,9 +135,7 @@ async def explain(local: LocalCluster) -> str:
 async def test_replicated_transfers_leave_every_replica_equal(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 2)
-        for name in names:
-            async with cluster.transaction() as t:  # single-shard: one-phase, replicated
-                await t.bank.open_account(name, 100)
+        await open_accounts(cluster, names)
         assert await transfers(cluster, names, 30, seed=1) > 0
         assert await total(cluster, names) == 100 * len(names)
         await assert_replicas_equal(local)
@@ -145,9 +149,7 @@ async def test_replicated_transfers_leave_every_replica_equal(tmp_path: Path) ->
 async def test_follower_refuses_an_older_epoch_so_a_deposed_primary_cannot_commit(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 1)
-        for name in names:
-            async with cluster.transaction() as t:
-                await t.bank.open_account(name, 100)
+        await open_accounts(cluster, names)
         account = names[0]
         old_primary = local.config.shard_map.primary_of(account).name
         assert local.coordinator is not None
@@ -175,9 +177,7 @@ async def test_follower_refuses_an_older_epoch_so_a_deposed_primary_cannot_commi
 async def test_primary_crash_with_prepared_transactions_fails_over(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 2)
-        for name in names:
-            async with cluster.transaction() as t:
-                await t.bank.open_account(name, 100)
+        await open_accounts(cluster, names)
         await transfers(cluster, names, 10, seed=2)
         victim = local.config.shard_map.primary_of(names[0]).name
         other = next(n for n in names if local.config.shard_map.primary_of(n).name != victim)
@@ -214,9 +214,7 @@ async def test_primary_crash_with_prepared_transactions_fails_over(tmp_path: Pat
 async def test_a_node_marked_down_catches_up_and_rejoins_while_transfers_run(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 3)
-        for name in names:
-            async with cluster.transaction() as t:
-                await t.bank.open_account(name, 100)
+        await open_accounts(cluster, names)
         assert local.coordinator is not None
         ring_primary = {n: local.config.shard_map.primary_of(n).name for n in names}
         await local.coordinator.mark_down("n0")
@@ -260,9 +258,7 @@ async def test_add_node_and_remove_node_move_about_a_share_of_the_data_while_tra
             await local.start_shard(name)
         async with txrpc.cluster(three) as cluster:
             names = [f"acct{i}" for i in range(60)]
-            for name in names:
-                async with cluster.transaction() as t:
-                    await t.bank.open_account(name, 100)
+            await open_accounts(cluster, names)
             local.config = four  # the operator lists n3 in the file and starts it
             await local.start_shard("n3")
             coordinator = local.coordinator
@@ -302,9 +298,7 @@ async def test_heartbeats_mark_a_dead_primary_down_and_transfers_go_on(tmp_path:
         tmp_path, [bank], replication_factor=3, coordinator={"failure_timeout_s": 1.0}
     ) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 2)
-        for name in names:
-            async with cluster.transaction() as t:
-                await t.bank.open_account(name, 100)
+        await open_accounts(cluster, names)
         assert local.coordinator is not None and local.coordinator.shard_map is not None
         assert local.coordinator.shard_map.epoch == 1
         await trio.sleep(1.5)  # healthy nodes answer their heartbeats: nothing changes
@@ -352,9 +346,7 @@ async def test_cancelled_while_a_cluster_opens_leaves_no_task_group_behind(tmp_p
 async def test_promote_moves_primaries_and_refusals_are_typed(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 2)
-        for name in names:
-            async with cluster.transaction() as t:
-                await t.bank.open_account(name, 100)
+        await open_accounts(cluster, names)
         coordinator = local.coordinator
         assert coordinator is not None
         result, moved = await during_transfers(cluster, names, 30, lambda: coordinator.promote("n1"))
