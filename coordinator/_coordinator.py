@@ -14,6 +14,7 @@ import trio
 import txrpc
 from storage import CoordinatorLog, DecisionExists, KvTransaction
 from txrpc import _env
+from txrpc._service import _current_call_or_none
 from txrpc._shardmap import ConfigError, NodeSpec, ShardMap
 
 from ._coordinator_core import CoordinatorCore, CoordTx, Decision, Phase
@@ -25,6 +26,12 @@ AUTHORITY_NAMESPACE = "txrpc.authority"
 HEARTBEAT_INTERVAL_S_DEFAULT = 0.5
 CATCH_UP_TIMEOUT_S = 600.0
 
+
+
+def _caller_identity() -> str:
+    """The authenticated caller's identity, or "" when this server does not authenticate."""
+    ctx = _current_call_or_none()
+    return ctx.identity if ctx is not None and ctx.secured else ""
 
 class Coordinator:
     """Serve :meth:`service` with a ``txrpc.Server`` and run :meth:`run` beside it.
@@ -400,7 +407,7 @@ class Coordinator:
             if block_end is not None:
                 await self.log.write_block(block_end)
                 self.core.block_written(block_end)
-        tx = self.core.begin(trio.current_time(), timeout_s)
+        tx = self.core.begin(trio.current_time(), timeout_s, owner=_caller_identity())
         return {"txid": tx.txid, "timeout_s": tx.deadline - trio.current_time()}
 
     async def lease(self, count: int = 16) -> dict[str, Any]:
@@ -414,7 +421,7 @@ class Coordinator:
             if block_end is not None:
                 await self.log.write_block(block_end)
                 self.core.block_written(block_end)
-        first, count = self.core.lease(count)
+        first, count = self.core.lease(count, owner=_caller_identity())
         return {"first": first, "count": count, "timeout_s": self.core.tx_timeout_s}
 
     async def commit(self, txid: int, participants: list[str]) -> dict[str, Any]:
@@ -423,6 +430,7 @@ class Coordinator:
         unknown = [p for p in participants if p not in self.nodes]
         if unknown:
             raise txrpc.InvalidArgument(f"unknown participants {unknown}; known: {sorted(self.nodes)}")
+        self._check_owner(txid, "commit")
         kind, tx = self.core.start_commit(txid, tuple(participants), trio.current_time())
         if kind == "one_phase" and self._replicated():
             kind = "prepare"  # replicated shards never decide alone: see specs/replication.md
@@ -435,6 +443,10 @@ class Coordinator:
                 # have committed it in one phase (no record is written for that): ask it.
                 kind, tx = self.core.redrive_one_phase(txid, tuple(participants), trio.current_time())
                 if kind == "one_phase":
+                    assert tx is not None
+                    # Its owner is unknown here (from before the restart): the
+                    # participant, which knows it, checks the caller instead.
+                    tx.on_behalf_of = _caller_identity()
                     log.info("coordinator: re-driving %d as one-phase commit (no record)", txid)
             if kind == "unknown":
                 raise txrpc.TransactionAborted(
@@ -459,6 +471,22 @@ class Coordinator:
                     await self._two_phase(tx)
         return self._outcome(tx)
 
+    def _check_owner(self, txid: int, what: str) -> None:
+        """On a coordinator that authenticates callers: a transaction is its owner's (the
+        identity that began or leased it) to commit, abort or ask about; peers and admins
+        may touch any. Another client is refused and the transaction is unaffected."""
+        ctx = _current_call_or_none()
+        if ctx is None or not ctx.secured or not ctx.roles.isdisjoint(txrpc.ROLE_PEER_OR_ADMIN):
+            return
+        if type(txid) is not int:
+            raise txrpc.InvalidArgument("txid must be an integer")
+        owner = self.core.owner_of(txid)
+        if owner and owner != ctx.identity:
+            raise txrpc.PermissionDenied(
+                f"{ctx.identity!r} may not {what} transaction {txid}: it belongs to another caller",
+                {"txid": txid},
+            )
+
     def _outcome(self, tx: CoordTx) -> dict[str, Any]:
         if tx.decision is Decision.COMMIT:
             return {"outcome": "committed", "txid": tx.txid}
@@ -475,6 +503,7 @@ class Coordinator:
         """The client gives up on ``txid`` (idempotent); the ``participants`` it touched
         are told to abort (in the background) so their locks are freed at once."""
         known = [p for p in participants or () if p in self.nodes]
+        self._check_owner(txid, "abort")
         tx = self.core.txs.get(txid)
         if tx is not None and tx.phase is Phase.PREPARING:
             return "ok"  # the commit in progress decides
@@ -504,6 +533,7 @@ class Coordinator:
 
     async def decision(self, txid: int) -> str | None:
         """For participants in doubt: ``"commit"``, ``"abort"``, or None (ask again)."""
+        self._check_owner(txid, "ask for the decision of")
         tx = self.core.get(txid)
         if tx is not None:
             d = self.core.decision(txid)
@@ -572,9 +602,16 @@ class Coordinator:
             while True:
                 try:
                     with trio.fail_at(deadline):
-                        result = await self._participant_call(participant, "tx.commit_one_phase", tx.txid)
+                        if tx.on_behalf_of:
+                            result = await self._participant_call(
+                                participant, "tx.commit_one_phase", tx.txid, tx.on_behalf_of
+                            )
+                        else:
+                            result = await self._participant_call(participant, "tx.commit_one_phase", tx.txid)
                     self.core.one_phase_result(tx, result["outcome"] == "committed", result.get("reason", ""))
                     return
+                except txrpc.PermissionDenied:
+                    raise  # the caller is not the transaction's owner: nothing was done
                 except (txrpc.RpcError, trio.TooSlowError) as exc:
                     if isinstance(exc, trio.TooSlowError) or trio.current_time() >= deadline:
                         # The participant may have committed: the outcome is not ours to guess.

@@ -7,6 +7,7 @@ writes the durable records it is told to. See ``specs/commit-protocol.md``.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 from collections import OrderedDict
@@ -36,6 +37,11 @@ class CoordTx:
     acked: set[str] = dataclasses.field(default_factory=set)
     reason: str = ""
     heuristic: bool = False
+    owner: str = ""
+    """The identity that began or leased it ("" when the coordinator does not
+    authenticate callers, or the transaction is from before a restart)."""
+    on_behalf_of: str = ""
+    """Who asked to re-drive a one-phase commit whose owner is unknown here."""
 
     @property
     def decision(self) -> Decision | None:
@@ -52,6 +58,9 @@ class CoordTx:
 
 
 FINISHED_REMEMBERED_MAX = 100_000
+LEASES_REMEMBERED_MAX = 100_000
+"""Leases (and single ``begin`` ids) whose ids may still begin, with their owners. An id
+from an older one is refused as unknown (retryable: the client leases afresh)."""
 
 
 class CoordinatorCore:
@@ -71,6 +80,10 @@ class CoordinatorCore:
         self.first_txid = 1  # ids below this belong to an earlier incarnation
         self.txs: dict[int, CoordTx] = {}
         self.finished: OrderedDict[int, CoordTx] = OrderedDict()
+        # Leases of this incarnation, in id order: first id, end (exclusive), owner.
+        self._lease_firsts: list[int] = []
+        self._lease_ends: list[int] = []
+        self._lease_owners: list[str] = []
 
     # --- ids -------------------------------------------------------------------------------
 
@@ -110,27 +123,54 @@ class CoordinatorCore:
             return self.next_txid + max(count, self.txid_block_size)
         return None
 
-    def lease(self, count: int) -> tuple[int, int]:
-        """Hand out ``count`` consecutive txids for a client to use (no per-transaction
+    def lease(self, count: int, owner: str = "") -> tuple[int, int]:
+        """Hand out ``count`` consecutive txids for ``owner`` to use (no per-transaction
         state until its commit or abort arrives). Returns ``(first, count)``."""
         assert self.next_txid + count <= self.block_end, "write the id block first (needs_block_for)"
         first = self.next_txid
         self.next_txid += count
+        self._remember_lease(first, count, owner)
         return first, count
 
+    def _remember_lease(self, first: int, count: int, owner: str) -> None:
+        if len(self._lease_firsts) >= LEASES_REMEMBERED_MAX:
+            drop = LEASES_REMEMBERED_MAX // 2
+            del self._lease_firsts[:drop], self._lease_ends[:drop], self._lease_owners[:drop]
+        self._lease_firsts.append(first)
+        self._lease_ends.append(first + count)
+        self._lease_owners.append(owner)
+
+    def _lease_of(self, txid: int) -> int | None:
+        """Index of the remembered lease holding ``txid``, or None."""
+        i = bisect.bisect_right(self._lease_firsts, txid) - 1
+        if i >= 0 and txid < self._lease_ends[i]:
+            return i
+        return None
+
+    def owner_of(self, txid: int) -> str:
+        """Who began or leased ``txid`` ("" if unknown or unauthenticated)."""
+        tx = self.get(txid)
+        if tx is not None:
+            return tx.owner
+        i = self._lease_of(txid)
+        return "" if i is None else self._lease_owners[i]
+
     def _adopt_leased(self, txid: int, now: float) -> CoordTx | None:
-        """A txid this incarnation handed out but has no state for: it begins now."""
-        if self.first_txid <= txid < self.next_txid and txid not in self.finished:
-            tx = CoordTx(txid, Phase.ACTIVE, now + self.tx_timeout_s)
+        """A txid this incarnation leased (and still remembers) but has no state for:
+        it begins now, owned by its lease's owner."""
+        i = self._lease_of(txid)
+        if i is not None and txid not in self.finished:
+            tx = CoordTx(txid, Phase.ACTIVE, now + self.tx_timeout_s, owner=self._lease_owners[i])
             self.txs[txid] = tx
             return tx
         return None
 
-    def begin(self, now: float, timeout_s: float | None = None) -> CoordTx:
+    def begin(self, now: float, timeout_s: float | None = None, owner: str = "") -> CoordTx:
         assert self.next_txid < self.block_end, "write the id block first (needs_block)"
         txid = self.next_txid
         self.next_txid += 1
-        tx = CoordTx(txid, Phase.ACTIVE, now + (timeout_s or self.tx_timeout_s))
+        self._remember_lease(txid, 1, owner)  # a lease of one: adoptable again if forgotten
+        tx = CoordTx(txid, Phase.ACTIVE, now + (timeout_s or self.tx_timeout_s), owner=owner)
         self.txs[txid] = tx
         return tx
 

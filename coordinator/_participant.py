@@ -477,8 +477,21 @@ class Participant:
         self._check_caller_may_decide(txid, "abort")
         return await self.abort(txid)
 
-    async def _commit_one_phase_from_caller(self, txid: int) -> dict[str, Any]:
+    async def _commit_one_phase_from_caller(self, txid: int, on_behalf_of: str = "") -> dict[str, Any]:
+        """``on_behalf_of``: a peer (the coordinator re-driving a one-phase commit whose
+        owner it no longer knows) names the client that asked; only the transaction's
+        owner may have it committed."""
         self._check_caller_may_decide(txid, "commit")
+        if on_behalf_of:
+            ctx = txrpc.current_call()
+            if type(on_behalf_of) is not str:
+                raise txrpc.InvalidArgument("on_behalf_of must be an identity (a string)")
+            tx = self.core.txs.get(txid)
+            if ctx.secured and tx is not None and tx.owner and tx.owner != on_behalf_of:
+                raise txrpc.PermissionDenied(
+                    f"{on_behalf_of!r} may not commit transaction {txid}: it belongs to another caller",
+                    {"not_started": True},
+                )
         return await self.commit_one_phase(txid)
 
     async def _serialize(self, txid: int) -> None:

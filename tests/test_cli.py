@@ -113,7 +113,8 @@ def test_serve_bad_spec_is_a_usage_error() -> None:
     assert result.exit_code == 2 and "not a txrpc.Service" in result.output
 
 
-def test_bank_demo_runs_a_cluster_and_conserves_money() -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "mutual-tls"])
+def test_bank_demo_runs_a_cluster_and_conserves_money(tls: bool) -> None:
     out = subprocess.run(
         [
             sys.executable,
@@ -126,6 +127,7 @@ def test_bank_demo_runs_a_cluster_and_conserves_money() -> None:
             "8",
             "--accounts",
             "40",
+            *(["--tls"] if tls else []),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -136,6 +138,8 @@ def test_bank_demo_runs_a_cluster_and_conserves_money() -> None:
     assert "150/150" in out.stdout
     assert "total conserved, no negative balance" in out.stdout
     assert "40,000 / 40,000" in out.stdout
+    assert "replicas agree" in out.stdout
+    assert ("mutual TLS" in out.stdout) == tls
     assert "cluster stopped" in out.stdout
 
 

@@ -183,3 +183,27 @@ def test_core_an_unanswered_one_phase_commit_of_this_incarnation_is_asked_again(
     core.one_phase_unanswered(tx)
     kind, again = core.start_commit(tx.txid, ("n0",), 2.0)  # not "wait" for an attempt that is over
     assert kind == "one_phase" and again is not None and again.decision is None
+
+
+def test_core_remembers_who_leased_or_began_each_txid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ownership for the coordinator's checks, and a bounded memory of leases: an id
+    from a forgotten lease is unknown (the client's commit is refused retryably)."""
+    import coordinator._coordinator_core as core_module
+
+    monkeypatch.setattr(core_module, "LEASES_REMEMBERED_MAX", 4)
+    core = CoordinatorCore(txid_block_size=1000)
+    core.block_written(core.needs_block_for(100) or 0)
+    first, count = core.lease(3, owner="alice")
+    began = core.begin(0.0, owner="bob")
+    assert [core.owner_of(first + i) for i in range(count)] == ["alice"] * 3
+    assert core.owner_of(began.txid) == "bob" and core.owner_of(began.txid + 1) == ""
+    kind, tx = core.start_commit(first + 1, ("n0", "n1"), 0.0)
+    assert kind == "prepare" and tx is not None and tx.owner == "alice"
+    for _ in range(3):  # the fifth lease makes room by forgetting the oldest two
+        core.lease(2, owner="carol")
+    assert core.owner_of(first) == ""
+    assert core.owner_of(first + 1) == "alice"  # still known: it began
+    assert core.start_commit(first + 2, ("n0",), 0.0) == ("unknown", None)
+    assert core.owner_of(began.txid) == "bob"
+    kind, tx = core.start_commit(began.txid, ("n0",), 0.0)
+    assert kind == "one_phase" and tx is not None and tx.owner == "bob"

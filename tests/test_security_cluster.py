@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 from _cluster_helpers import ROOT, LocalCluster, cluster_toml
+from test_replication import assert_replicas_equal
 from test_tx import accounts_on_distinct_shards, bank
 
 import txrpc
@@ -27,18 +28,19 @@ token_secret_file = "{certs}/token.secret"
 """
 
 
-def secure_config(tmp_path: Path, nodes: int = 2) -> ClusterConfig:
+def secure_config(tmp_path: Path, nodes: int = 2, replication_factor: int = 1) -> ClusterConfig:
     certs = tmp_path / "certs"
     names = ["coordinator", *(f"n{i}" for i in range(nodes)), "client", "admin", "mallory"]
     _certs.make_dev_certs(certs, names)
-    text = cluster_toml(tmp_path / "data", nodes) + SECURITY_TOML.format(certs=certs)
+    toml = cluster_toml(tmp_path / "data", nodes, replication_factor=replication_factor)
+    text = toml + SECURITY_TOML.format(certs=certs)
     (tmp_path / "cluster.toml").write_text(text)
     return ClusterConfig.from_toml(text, source="secure-cluster.toml")
 
 
 @asynccontextmanager
-async def secure_cluster(tmp_path: Path, nodes: int = 2) -> AsyncIterator[LocalCluster]:
-    config = secure_config(tmp_path, nodes)
+async def secure_cluster(tmp_path: Path, nodes: int = 2, replication_factor: int = 1) -> AsyncIterator[LocalCluster]:
+    config = secure_config(tmp_path, nodes, replication_factor)
     async with trio.open_nursery() as nursery:
         local = LocalCluster(config, nursery, [bank])
         await local.start_coordinator()
@@ -180,6 +182,125 @@ async def test_admin_methods_at_the_coordinator(tmp_path: Path) -> None:
         with pytest.raises(txrpc.Unauthenticated):
             async with txrpc.connect(*address, credentials=token_only) as client:
                 await client.call("coord.lease", 1)
+
+
+async def test_another_client_cannot_commit_abort_or_ask_about_a_transaction(tmp_path: Path) -> None:
+    """Transactions are their owner's at the coordinator too: txids are small integers,
+    easy to guess, so another identity naming one is refused, and the transaction (or a
+    leased id not yet used) is unaffected."""
+    async with secure_cluster(tmp_path) as local:
+        config = local.config
+        assert config.coordinator is not None
+        coordinator = (config.coordinator.host, config.coordinator.port)
+        a, b = accounts_on_distinct_shards(config, 2)
+        participants = sorted({config.shard_map.primary_of(n).name for n in (a, b)})
+        with txrpc.use_credentials(as_(config, "client")):
+            async with txrpc.cluster(config) as cluster:
+                for name in (a, b):
+                    async with cluster.transaction() as t:
+                        await t.bank.open_account(name, 100)
+                async with (
+                    txrpc.connect(*coordinator, credentials=as_(config, "mallory")) as mallory,
+                    txrpc.connect(*coordinator, credentials=as_(config, "admin")) as admin,
+                ):
+                    async with cluster.transaction() as t:
+                        await t.bank.withdraw(a, 25)
+                        txid = t.txid
+                        unused = cluster._leased[-1]  # leased by the client, not begun yet
+                        for target in (txid, unused):
+                            with pytest.raises(txrpc.PermissionDenied, match="another caller"):
+                                await mallory.call("coord.commit", target, participants)
+                            with pytest.raises(txrpc.PermissionDenied, match="another caller"):
+                                await mallory.call("coord.abort", target, participants)
+                            with pytest.raises(txrpc.PermissionDenied, match="another caller"):
+                                await mallory.call("coord.decision", target)
+                        await t.bank.deposit(b, 25)
+                    assert await mallory.call("coord.lease", 1)  # her own ids work as usual
+                    assert await admin.call("coord.decision", txid) == "commit"  # peers and admins may ask
+                    async with cluster.transaction() as t:  # the unused id is still good
+                        assert t.txid == unused
+                        assert [await t.bank.balance(n) for n in (a, b)] == [75, 125]
+
+
+async def test_after_a_coordinator_restart_only_the_owner_can_redrive_a_one_phase_commit(tmp_path: Path) -> None:
+    """A restarted coordinator no longer knows who owns an earlier transaction; a commit
+    of a single-shard one is driven again at the shard, which does know: another
+    identity is refused there, and the transaction stays as its owner left it."""
+    async with secure_cluster(tmp_path) as local:
+        config = local.config
+        assert config.coordinator is not None
+        coordinator = (config.coordinator.host, config.coordinator.port)
+        (a,) = accounts_on_distinct_shards(config, 1)
+        shard = config.shard_map.primary_of(a)
+        with txrpc.use_credentials(as_(config, "client")):
+            async with txrpc.cluster(config) as cluster:
+                async with cluster.transaction() as t:
+                    await t.bank.open_account(a, 100)
+                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+                meta = {"txid": txid, "op_seq": 1, "epoch": config.shard_map.epoch}
+                async with txrpc.connect(*shard.address) as raw:
+                    assert await raw.options(metadata=meta).call("bank.deposit", a, 5) == 105
+                local.crash("coordinator")
+                await trio.sleep(0.1)
+                await local.start_coordinator()
+                assert local.coordinator is not None and txid < local.coordinator.core.first_txid
+                async with txrpc.connect(*coordinator, credentials=as_(config, "mallory")) as mallory:
+                    with pytest.raises(txrpc.PermissionDenied, match="another caller"):
+                        await mallory.call("coord.commit", txid, [shard.name])
+                assert local.participants[shard.name].core.txs[txid].state is TxState.ACTIVE
+                again = await cluster.coordinator.call("coord.commit", txid, [shard.name])
+                assert again["outcome"] == "committed"
+                async with cluster.transaction() as t:
+                    assert await t.bank.balance(a) == 105
+
+
+async def test_replication_and_ring_methods_are_for_peers_and_admins(tmp_path: Path) -> None:
+    """With replication: a client cannot send a follower the primary's messages, nor
+    change the shard map; the data and the map stay as they were."""
+    async with secure_cluster(tmp_path, nodes=2, replication_factor=2) as local:
+        config = local.config
+        assert config.coordinator is not None
+        coordinator = (config.coordinator.host, config.coordinator.port)
+        a, b = accounts_on_distinct_shards(config, 2)
+        with txrpc.use_credentials(as_(config, "client")):
+            async with txrpc.cluster(config) as cluster:
+                for name in (a, b):
+                    async with cluster.transaction() as t:
+                        await t.bank.open_account(name, 100)
+                epoch = cluster.router.shard_map.epoch
+                mallory_creds = as_(config, "mallory")
+                for node in config.shard_map.nodes:
+                    async with txrpc.connect(*node.address, credentials=mallory_creds) as mallory:
+                        for method, args in (
+                            ("repl.prepare", (10**6, [[a, 1, b"x"]])),
+                            ("repl.commit", (10**6,)),
+                            ("repl.commit_many", ([10**6],)),
+                            ("repl.abort", (10**6,)),
+                            ("repl.install_map", ({},)),
+                            ("repl.snapshot", ([0], 0, 100)),
+                            ("repl.catch_up", ("n0", [0])),
+                            ("repl.drop_partitions", ([0, 1, 2],)),
+                        ):
+                            with pytest.raises(txrpc.PermissionDenied, match="peer"):
+                                await mallory.call(method, *args)
+                async with txrpc.connect(*coordinator, credentials=mallory_creds) as mallory:
+                    for method, args in (
+                        ("coord.mark_down", ("n0",)),
+                        ("coord.promote", ("n1",)),
+                        ("coord.rejoin", ("n0",)),
+                        ("coord.add_node", ("n9", "127.0.0.1", 1)),
+                        ("coord.remove_node", ("n1",)),
+                    ):
+                        with pytest.raises(txrpc.PermissionDenied, match="admin"):
+                            await mallory.call(method, *args)
+                    assert (await mallory.call("coord.shard_map"))["epoch"] == epoch  # reading it is open
+                async with cluster.transaction() as t:
+                    await t.bank.withdraw(a, 10)
+                    await t.bank.deposit(b, 10)
+                assert (await cluster.coordinator.call("coord.shard_map"))["epoch"] == epoch
+                await assert_replicas_equal(local)
+                async with cluster.transaction() as t:
+                    assert [await t.bank.balance(n) for n in (a, b)] == [90, 110]
 
 
 def test_security_table_is_checked(tmp_path: Path) -> None:
