@@ -87,6 +87,69 @@ async def test_basic_calls(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
         assert await client.add(2**70, 1) == 2**70 + 1
 
 
+def test_which_async_handlers_never_suspend() -> None:
+    """Only a plain ``async def`` with no suspension point is run inline."""
+    from txrpc._service import _never_suspends
+
+    async def adds(a: int, b: int) -> int:
+        return a + b
+
+    async def awaits() -> None:
+        await trio.sleep(0)
+
+    async def uses_async_with(lock: trio.Lock) -> None:
+        async with lock:
+            pass
+
+    async def uses_async_for(stream: Any) -> list[Any]:
+        return [x async for x in stream]
+
+    def plain() -> int:
+        return 1
+
+    class Handlers:
+        async def method(self) -> int:
+            return 2
+
+    import functools
+
+    @functools.wraps(adds)
+    async def wrapped(a: int, b: int) -> int:
+        return a - b
+
+    assert _never_suspends(adds) and _never_suspends(Handlers().method)
+    for fn in (awaits, uses_async_with, uses_async_for, plain, functools.partial(adds, 1), wrapped):
+        assert not _never_suspends(fn), fn
+
+
+async def test_handlers_that_never_suspend_run_on_the_read_loop() -> None:
+    """An ``async def`` without ``await`` runs on the connection's read loop (no task of
+    its own); one that awaits gets its own task. Both see their call's context."""
+    svc = txrpc.Service()
+
+    @svc.method
+    async def task_of_plain() -> tuple[int, float]:
+        return id(trio.lowlevel.current_task()), txrpc.current_call().remaining_s()
+
+    @svc.method
+    async def task_of_awaiting() -> tuple[int, float]:
+        await trio.lowlevel.checkpoint()
+        return id(trio.lowlevel.current_task()), txrpc.current_call().remaining_s()
+
+    assert svc.methods["task_of_plain"].never_suspends
+    assert not svc.methods["task_of_awaiting"].never_suspends
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(svc).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            first, remaining = await client.options(timeout=30).task_of_plain()
+            second, _ = await client.task_of_plain()
+            assert first == second  # the same task: the connection's read loop
+            assert 0 < remaining <= 30  # the call's own deadline, not the loop's
+            awaited = {(await client.task_of_awaiting())[0] for _ in range(3)}
+            assert first not in awaited
+        await server.shutdown()
+
+
 async def test_dotted_service_names() -> None:
     bank = txrpc.Service("bank.accounts")
 

@@ -405,7 +405,7 @@ class _ServerConnection:
                             )
                         elif spec.idempotent or (event.metadata and KEY_METADATA in event.metadata):
                             nursery.start_soon(self._run_keyed, spec, event)
-                        elif spec.is_async:
+                        elif spec.is_async and not spec.never_suspends:
                             nursery.start_soon(self._run_async, spec, event)
                         else:
                             self._run_inline(spec, event)
@@ -486,10 +486,20 @@ class _ServerConnection:
             self._reply_error(call.id, Code.DEADLINE_EXCEEDED, expired)
 
     def _run_inline(self, spec: MethodSpec, call: wire.Call) -> None:
+        """A plain function, or an ``async def`` that cannot suspend
+        (``MethodSpec.never_suspends``): run to completion here, on the read loop."""
         self.server.calls_started += 1
-        token = _current_call.set(self._context(call, math.inf))
+        token = _current_call.set(self._context(call, self._deadline(call)))
         try:
             value = spec.fn(*call.args, **call.kwargs)
+            if spec.never_suspends:
+                try:
+                    value.send(None)
+                except StopIteration as done:
+                    value = done.value
+                else:  # cannot happen: the code has no suspension point
+                    value.close()
+                    raise RuntimeError(f"{spec.name} suspended although its code cannot")
         except RpcError as exc:
             self._reply_error(call.id, exc.code, exc.message, exc.details)
         except TypeError as exc:

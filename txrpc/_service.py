@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import dis
 import functools
 import inspect
 import math
@@ -99,6 +100,10 @@ class MethodSpec:
     allow: frozenset[str] | None = None
     """Roles allowed to call the method (any one suffices); None: every authenticated
     caller. Enforced by a server with ``security=`` (``specs/security.md``)."""
+    never_suspends: bool = False
+    """An ``async def`` whose body has no ``await``, ``async for`` or ``async with``:
+    it cannot suspend, so the server runs it to completion on the spot, like a plain
+    function, without a task and a cancel scope of its own."""
     _signature: inspect.Signature | None = None
 
     def arguments_fit(self, args: Iterable[Any], kwargs: dict[str, Any]) -> str | None:
@@ -122,6 +127,27 @@ def _roles(roles: Iterable[str]) -> frozenset[str]:
     if not out or not all(type(r) is str and r for r in out):
         raise ValueError("allow must name at least one role")
     return out
+
+
+_SUSPENDING_OPCODES = frozenset(
+    name for name in ("YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH")
+    if name in dis.opmap
+)
+
+
+def _never_suspends(fn: Callable[..., Any]) -> bool:
+    """True only for a plain ``async def`` function (or a method of one) whose own code
+    has no suspension point. Anything else (partials, callable objects, decorated
+    wrappers, generators) is not inspected and answers False."""
+    target = getattr(fn, "__func__", fn)  # a bound method: its function
+    if not inspect.iscoroutinefunction(target) or not hasattr(target, "__code__"):
+        return False
+    if getattr(target, "__wrapped__", None) is not None:
+        return False  # a decorator may hide awaits in what it wraps
+    code = target.__code__
+    if not code.co_flags & inspect.CO_COROUTINE:
+        return False
+    return not any(ins.opname in _SUSPENDING_OPCODES for ins in dis.get_instructions(code))
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -237,7 +263,7 @@ class Service:
         if qualified in self.methods:
             raise ValueError(f"method {qualified!r} is registered twice")
         rule = self.allow if allow is None else _roles(allow)
-        spec = MethodSpec(qualified, fn, _is_async(fn), idempotent, dict(options), rule)
+        spec = MethodSpec(qualified, fn, _is_async(fn), idempotent, dict(options), rule, _never_suspends(fn))
         self.methods[qualified] = spec
         return spec
 
