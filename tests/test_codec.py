@@ -29,12 +29,15 @@ from hypothesis import strategies as st
 from txrpc import Code, Limits
 from txrpc._codec import (
     FRAME_BYTES_LIMIT,
+    LARGE_BYTES_MIN,
     FrameDecoder,
     FrameError,
     canonical,
     decode_value,
+    encode_frame,
     encode_value,
     frame,
+    has_large_bytes,
 )
 from txrpc._connection import (
     Call,
@@ -107,6 +110,115 @@ def test_values_round_trip_through_frames_in_any_chunking(values: list[Any], cut
     assert len(decoded) == len(values)
     for original, copy in zip(values, decoded, strict=True):
         assert same_value(original, copy), (original, copy)
+
+
+large_bytes = st.builds(
+    lambda size, fill: bytes([fill]) * size,
+    st.sampled_from([LARGE_BYTES_MIN, LARGE_BYTES_MIN + 1, 65_791, 1 << 20, (1 << 24) - 1, 1 << 24]),
+    st.integers(0, 255),
+)
+top_level_values = (
+    cbor_values | large_bytes | st.lists(cbor_values | large_bytes, max_size=4) | st.tuples(large_bytes, cbor_values)
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(message=st.dictionaries(texts, top_level_values, max_size=5), cuts=st.lists(st.integers(0, 1 << 25), max_size=6))
+def test_large_byte_strings_are_framed_exactly_as_cbor2_would(message: dict[str, Any], cuts: list[int]) -> None:
+    """The large-value path (byte strings copied once, not through cbor2) writes the
+    very bytes ``frame(encode_value(...))`` writes, and they decode to the message in
+    any chunking."""
+    large = any(has_large_bytes(v) for v in message.values())
+    data, length = encode_frame(message, large)
+    assert data == frame(encode_value(message))
+    assert length == len(data) - 4
+    decoder = FrameDecoder(FRAME_BYTES_LIMIT)
+    bodies = [body for piece in chunked(data, cuts) for body in decoder.feed(piece)]
+    assert len(bodies) == 1 and decoder.buffered_bytes == 0
+    decoded = decode_value(bodies[0])
+    assert same_value({k: list(v) if type(v) is tuple else v for k, v in message.items()}, decoded)
+
+
+def test_a_frame_dribbled_byte_by_byte_is_buffered_compactly() -> None:
+    """Small pieces of a pending frame are copied into one buffer (not kept as one view
+    each), large ones are kept as views; either way the body comes out whole, once."""
+    body = encode_value(b"y" * 200_000)
+    data = frame(body)
+    decoder = FrameDecoder(1 << 20)
+    for i in range(50_000):
+        assert decoder.feed(data[i : i + 1]) == []
+    assert len(decoder._parts) == 1 and decoder.buffered_bytes == 50_000
+    assert decoder.bytes_wanted == len(body) - (50_000 - 4)
+    assert decoder.feed(data[50_000:150_000]) == []  # large: kept as a view
+    assert len(decoder._parts) == 2
+    assert decoder.feed(data[150_000:]) == [body]
+    assert decoder.buffered_bytes == 0 and decoder.bytes_wanted == 0
+
+
+def full_path(body: bytes, depth_max: int = 64) -> Any:
+    """decode_value through cbor2 alone (a memoryview never takes the large-message path)."""
+    return decode_value(memoryview(body), depth_max)
+
+
+def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
+    try:
+        return "value", fn(*args)
+    except FrameError:
+        return "error", None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    message=st.dictionaries(texts, top_level_values, min_size=1, max_size=5),
+    damage=st.lists(st.tuples(st.integers(0, 1 << 25), st.integers(0, 255)), max_size=3),
+    cut=st.none() | st.integers(0, 1 << 25),
+)
+def test_large_messages_decode_exactly_as_cbor2_decodes_them(
+    message: dict[str, Any], damage: list[tuple[int, int]], cut: int | None
+) -> None:
+    """The large-message path agrees with cbor2 on every body: the same value for a
+    good one, a FrameError for a damaged or truncated one that cbor2 refuses."""
+    body = encode_value(message)
+    assert same_value(decode_value(body), full_path(body))
+    broken = bytearray(body)
+    for position, byte in damage:
+        broken[position % len(broken)] = byte
+    if cut is not None:
+        del broken[max(1, cut % len(broken)) :]
+    fast, slow = outcome(decode_value, bytes(broken)), outcome(full_path, bytes(broken))
+    assert fast[0] == slow[0] and (fast[0] == "error" or same_value(fast[1], slow[1])), (fast, slow)
+
+
+def test_large_message_edge_cases_match_cbor2() -> None:
+    big = b"z" * LARGE_BYTES_MIN
+    cases = [
+        encode_value({b"bytes key": big}),  # not text keys: cbor2 decodes the whole
+        encode_value({"a": big, "n": nested(70)}),  # too deep inside
+        encode_value({"a": [big, nested(62)]}),  # exactly deep enough inside an array
+        encode_value({"a": [big, nested(63)]}),  # one too deep
+        b"\xbf" + encode_value("a") + encode_value(big) + b"\xff",  # indefinite map
+        b"\xa2" + encode_value("a") + encode_value(big) + encode_value("a") + b"\x00",  # duplicate key
+        encode_value({"a": big}) + b"\x00",  # trailing byte
+        b"\xa1" + encode_value("a") + b"\x5b" + (1 << 63).to_bytes(8, "big") + big,  # absurd length
+    ]
+    for body in cases:
+        assert len(body) >= LARGE_BYTES_MIN
+        fast, slow = outcome(decode_value, body), outcome(full_path, body)
+        assert fast[0] == slow[0] and (fast[0] == "error" or same_value(fast[1], slow[1])), body[:16]
+
+
+def nested(levels: int) -> Any:
+    value: Any = 0
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_has_large_bytes_looks_at_the_top_level_only() -> None:
+    big = b"x" * LARGE_BYTES_MIN
+    assert has_large_bytes(big) and has_large_bytes([1, big]) and has_large_bytes((big,))
+    assert not has_large_bytes(big[:-1]) and not has_large_bytes([[big]]) and not has_large_bytes({"k": big})
+    assert not has_large_bytes(bytearray(big))  # only exact bytes take the fast path
 
 
 @pytest.mark.parametrize(

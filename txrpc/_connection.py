@@ -16,7 +16,7 @@ import enum
 import math
 from typing import Any
 
-from ._codec import FrameDecoder, FrameError, check_keys, decode_value, encode_value, frame
+from ._codec import FrameDecoder, FrameError, check_keys, decode_value, encode_frame, has_large_bytes
 from ._errors import Code
 from ._limits import Limits
 
@@ -243,13 +243,13 @@ class Connection:
         peer_max = self.peer_limits.get("frame_bytes_max", self.limits.frame_bytes_max)
         return min(peer_max, self.limits.frame_bytes_max)
 
-    def _encode(self, message: dict[str, Any]) -> bytes:
-        body = encode_value(message)
-        if len(body) > self._frame_limit_to_peer():
+    def _encode(self, message: dict[str, Any], large: bool = False) -> bytes:
+        data, length = encode_frame(message, large)
+        if length > self._frame_limit_to_peer():
             raise LocalProtocolError(
-                f"message of {len(body)} bytes exceeds frame_bytes_max {self._frame_limit_to_peer()}"
+                f"message of {length} bytes exceeds frame_bytes_max {self._frame_limit_to_peer()}"
             )
-        return frame(body)
+        return data
 
     # --- sending ------------------------------------------------------------------
 
@@ -315,7 +315,7 @@ class Connection:
             message["d"] = max(0.0, float(deadline_s))
         if metadata:
             message["md"] = metadata
-        data = self._encode(message)
+        data = self._encode(message, has_large_bytes(args))
         self.inflight.add(call_id)
         return data
 
@@ -326,7 +326,7 @@ class Connection:
         message: dict[str, Any] = {"t": 2, "i": call_id, "r": value}
         if metadata:
             message["md"] = metadata
-        return self._encode(message)
+        return self._encode(message, has_large_bytes(value))
 
     def send_error(
         self, call_id: int, code: int, message: str, details: dict[str, Any] | None = None
