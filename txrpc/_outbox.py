@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import trio
 
 LARGE_CHUNK_BYTES = 64 * 1024
@@ -28,6 +30,9 @@ class Outbox:
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._space_lot = trio.lowlevel.ParkingLot()
         self._closing = False
+        self._sending = False  # the writer is inside send_all
+        # A plain TCP stream can take a small write at once, without the writer task.
+        self._socket = stream.socket if type(stream) is trio.SocketStream else None
         self.broken: BaseException | None = None
 
     @property
@@ -41,6 +46,34 @@ class Outbox:
         self._queued_bytes += len(data)
         if self._writer_lot:
             self._writer_lot.unpark()
+
+    def write_now(self) -> None:
+        """Write what is queued from the calling task, now, if that is cheap and safe: a
+        plain socket, the writer idle, a small batch. What the kernel does not take at
+        once (or any error) is left to the writer task. Saves a scheduler round per
+        message on an idle connection (lower latency); busy connections should keep
+        to the writer, which coalesces."""
+        chunks = self._chunks
+        if self._socket is None or self._sending or not chunks or self._closing:
+            return
+        if self._queued_bytes >= LARGE_CHUNK_BYTES:
+            return
+        fd = self._socket.fileno()  # each time: -1 once closed (a cached number could be reused)
+        if fd < 0:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            written = os.write(fd, data)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        except OSError:
+            return  # the writer meets the same error and reports it
+        if written == len(data):
+            chunks.clear()
+            self._queued_bytes = 0
+        elif written:
+            chunks[:] = [data[written:]]
+            self._queued_bytes = len(data) - written
 
     async def wait_for_space(self) -> None:
         """Wait until at most ``buffer_bytes_max`` are queued (returns at once if so)."""
@@ -59,11 +92,15 @@ class Outbox:
             self._writer_lot.unpark()
 
     async def _send(self, data: bytes) -> None:
-        if self._send_stall_timeout_s is None:
-            await self._stream.send_all(data)
-        else:
-            with trio.fail_after(self._send_stall_timeout_s):
+        self._sending = True
+        try:
+            if self._send_stall_timeout_s is None:
                 await self._stream.send_all(data)
+            else:
+                with trio.fail_after(self._send_stall_timeout_s):
+                    await self._stream.send_all(data)
+        finally:
+            self._sending = False
 
     async def run(self) -> None:
         """The writer task: returns after :meth:`close_after_flush` once all is written.

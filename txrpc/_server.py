@@ -424,6 +424,8 @@ class _ServerConnection:
                     elif type(event) is wire.GoAway:
                         pass  # the client starts nothing new here; in-flight calls finish
                     # Pong, Hello (rejected by the state machine) need nothing.
+                if not self.scopes:
+                    outbox.write_now()  # nothing else will answer soon: no need to wait for the writer
         if idle.cancelled_caught:
             raise wire.RemoteProtocolError(f"idle for idle_timeout_s ({limits.idle_timeout_s} s)", Code.UNAVAILABLE)
 

@@ -1,0 +1,87 @@
+"""The outbox's direct write (``write_now``): a plain socket takes a small batch at once,
+without the writer task; what the kernel does not take stays queued, in order."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from txrpc._outbox import Outbox
+
+
+async def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        accepted: list[trio.SocketStream] = []
+
+        async def accept() -> None:
+            accepted.append(await listeners[0].accept())
+
+        nursery.start_soon(accept)
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+    await listeners[0].aclose()
+    return client, accepted[0]
+
+
+async def receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    data = bytearray()
+    with trio.fail_after(10):
+        while len(data) < size:
+            data += await stream.receive_some(size - len(data))
+    return bytes(data)
+
+
+async def test_write_now_sends_without_the_writer_task() -> None:
+    a, b = await socket_pair()
+    outbox = Outbox(a, buffer_bytes_max=1 << 20)
+    outbox.put_nowait(b"hello ")
+    outbox.put_nowait(b"world")
+    outbox.write_now()  # no writer task is running at all
+    assert outbox.queued_bytes == 0
+    assert await receive_exactly(b, 11) == b"hello world"
+    await a.aclose()
+    outbox.put_nowait(b"late")
+    outbox.write_now()  # closed: nothing is written, nothing raised; the writer reports it
+    assert outbox.queued_bytes == 4
+    await b.aclose()
+
+
+async def test_what_the_kernel_does_not_take_is_left_to_the_writer_in_order() -> None:
+    a, b = await socket_pair()
+    outbox = Outbox(a, buffer_bytes_max=64 << 20)
+    sent = bytearray()
+    # Fill the socket buffers (the peer is not reading) until a direct write is partial.
+    for i in range(100_000):
+        piece = bytes([i % 251]) * 4000
+        outbox.put_nowait(piece)
+        sent += piece
+        outbox.write_now()
+        if outbox.queued_bytes:
+            break
+    assert outbox.queued_bytes, "the kernel never pushed back"
+    for i in range(3):  # more behind what is left
+        outbox.put_nowait(bytes([i]) * 1000)
+        sent += bytes([i]) * 1000
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        received = await receive_exactly(b, len(sent))
+        outbox.close_after_flush()
+    assert received == bytes(sent)
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_write_now_leaves_other_streams_and_large_batches_to_the_writer() -> None:
+    left, _right = trio.testing.memory_stream_pair()
+    outbox = Outbox(left, buffer_bytes_max=1 << 20)
+    outbox.put_nowait(b"x")
+    outbox.write_now()
+    assert outbox.queued_bytes == 1  # not a plain socket: only the writer writes
+    a, b = await socket_pair()
+    outbox = Outbox(a, buffer_bytes_max=1 << 20)
+    outbox.put_nowait(b"y" * (64 * 1024))
+    outbox.write_now()
+    assert outbox.queued_bytes == 64 * 1024  # large: the writer sends it (no copy, no hurry)
+    await a.aclose()
+    await b.aclose()
