@@ -28,6 +28,10 @@ CATCH_UP_TIMEOUT_S = 600.0
 
 
 
+COMMIT_BATCH_MAX = 256
+"""Transactions per ``tx.commit_many`` message in phase 2."""
+
+
 def _caller_identity() -> str:
     """The authenticated caller's identity, or "" when this server does not authenticate."""
     ctx = _current_call_or_none()
@@ -75,6 +79,9 @@ class Coordinator:
         self._nursery: trio.Nursery | None = None
         self._block_lock = trio.Lock()
         self._done: dict[int, trio.Event] = {}
+        # Phase-2 commits waiting to be sent, per participant; one sender task each sends
+        # them in batches (tx.commit_many), one batch in flight at a time.
+        self._commits_to_send: dict[str, list[CoordTx]] = {}
         self.ready = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -683,10 +690,21 @@ class Coordinator:
 
     async def _phase_two(self, tx: CoordTx) -> None:
         """Tell every writing participant the decision, retrying until acknowledged
-        (commit) or for a bounded time (abort: participants may also ask; presumed abort)."""
+        (commit) or for a bounded time (abort: participants may also ask; presumed abort).
+        Commits go through each participant's batch sender (:meth:`_send_commits`)."""
         commit = tx.decision is Decision.COMMIT
-        targets = tx.writers if commit else self.core.abort_targets(tx)
-        method = "tx.commit" if commit else "tx.abort"
+        if commit:
+            assert self._nursery is not None
+            for participant in tx.writers:
+                queue = self._commits_to_send.get(participant)
+                if queue is None:
+                    self._commits_to_send[participant] = [tx]
+                    self._nursery.start_soon(self._send_commits, participant)
+                else:
+                    queue.append(tx)
+            return
+        targets = self.core.abort_targets(tx)
+        method = "tx.abort"
 
         async def tell(participant: str) -> None:
             attempt = 0
@@ -707,12 +725,60 @@ class Coordinator:
                 nursery.start_soon(tell, participant)
         for participant in targets:
             self.core.acked(tx, participant)
-        if commit:
-            assert tx.phase is Phase.COMMITTED
-            await self.log.mark_done(tx.txid, set(targets))
-        elif tx.phase is not Phase.ABORTED:
+        if tx.phase is not Phase.ABORTED:
             # Read-only voters need no abort; an unreachable shard asks or times out.
             self.core.finish_abort(tx)
+
+    async def _send_commits(self, participant: str) -> None:
+        """Phase-2 commits to ``participant``, in batches of up to ``COMMIT_BATCH_MAX``:
+        whatever queued while the previous batch was in flight goes in the next one (one
+        message and one handler run at the shard for many transactions, its writes in
+        one group commit). Retried until acknowledged, like single commits; a
+        transaction is done (its done mark written) when every writer acknowledged it."""
+        queue = self._commits_to_send[participant]
+        attempt = 0
+        try:
+            while queue:
+                batch = queue[:COMMIT_BATCH_MAX]
+                try:
+                    answers = await self._participant_call(participant, "tx.commit_many", [tx.txid for tx in batch])
+                    crash_point("coordinator.during_phase_two")
+                except (txrpc.RpcError, trio.TooSlowError) as exc:
+                    attempt += 1
+                    log.info("coordinator: commit of %d txs to %s failed (%s); retrying", len(batch), participant, exc)
+                    await trio.sleep(self._backoff(attempt))
+                    continue
+                attempt = 0
+                del queue[: len(batch)]
+                done = []
+                for tx, answer in zip(batch, answers, strict=True):
+                    if answer != "ok":
+                        log.warning("coordinator: commit(%d) at %s: %s; retrying", tx.txid, participant, answer)
+                        queue.append(tx)
+                    elif self.core.acked(tx, participant):
+                        done.append(tx)
+                if done:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._mark_done, done)  # not waited for: the next batch goes now
+                if len(done) < len(batch) and queue:
+                    await trio.sleep(self._backoff(1))  # a refused commit: not in a tight loop
+        finally:
+            del self._commits_to_send[participant]
+
+    async def _mark_done(self, txs: list[CoordTx]) -> None:
+        """Done marks of finished commits (one group commit for all of them). A lost mark
+        only means phase 2 is re-driven (idempotently) after a restart."""
+
+        async def mark(tx: CoordTx) -> None:
+            assert tx.phase is Phase.COMMITTED
+            try:
+                await self.log.mark_done(tx.txid, set(tx.writers))
+            except Exception as exc:
+                log.warning("coordinator: done mark of %d not written (%s); re-driven after a restart", tx.txid, exc)
+
+        async with trio.open_nursery() as nursery:
+            for tx in txs:
+                nursery.start_soon(mark, tx)
 
     def _signal(self, tx: CoordTx) -> None:
         event = self._done.pop(tx.txid, None)

@@ -44,6 +44,10 @@ AUTOCOMMIT_TXID_BASE = 2**62  # local single-shard transactions: always younger 
 AUTOCOMMIT_ATTEMPTS_MAX = 5
 
 
+
+COMMIT_MANY_MAX = 1024
+"""Transactions in one ``tx.commit_many`` (the coordinator sends at most 256)."""
+
 class _Conflict(Exception):
     """This transaction lost a lock conflict (wait-die) or its lock wait timed out."""
 
@@ -444,6 +448,7 @@ class Participant:
         svc = txrpc.Service("tx")
         svc.add_method(self.prepare, name="prepare", allow=txrpc.ROLE_PEER)
         svc.add_method(self.commit, name="commit", allow=txrpc.ROLE_PEER)
+        svc.add_method(self.commit_many, name="commit_many", allow=txrpc.ROLE_PEER)
         # A client aborts, or commits in one phase, its own transaction at the shard (the
         # single-shard fast path); anyone else's only a peer may.
         svc.add_method(self._abort_from_caller, name="abort")
@@ -598,6 +603,30 @@ class Participant:
         if _env.buggify("participant.slow_commit_ack"):
             await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
         return "ok"
+
+    async def commit_many(self, txids: list[int]) -> list[str]:
+        """Phase 2 for several transactions at once (the coordinator batches them): each
+        committed as by :meth:`commit`, concurrently (their writes share group commits).
+        Answers, in order, ``"ok"`` or the error of that transaction's commit."""
+        if (
+            type(txids) is not list
+            or not 0 < len(txids) <= COMMIT_MANY_MAX
+            or not all(type(t) is int and t > 0 for t in txids)
+            or len(set(txids)) != len(txids)
+        ):
+            raise txrpc.InvalidArgument(f"txids must be 1..{COMMIT_MANY_MAX} distinct positive integers")
+        answers = [""] * len(txids)
+
+        async def one(index: int, txid: int) -> None:
+            try:
+                answers[index] = await self.commit(txid)
+            except txrpc.RpcError as exc:
+                answers[index] = f"{exc.code.name}: {exc.message}"
+
+        async with trio.open_nursery() as nursery:
+            for index, txid in enumerate(txids):
+                nursery.start_soon(one, index, txid)
+        return answers
 
     async def _apply(self, txid: int) -> None:
         tx = self.core.txs[txid]

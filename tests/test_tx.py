@@ -214,6 +214,80 @@ async def test_duplicate_and_late_protocol_messages_are_harmless(tmp_path: Path)
         assert await cluster.call(bob, "bank.balance", bob) == 14
 
 
+async def test_commit_many_answers_each_transaction(tmp_path: Path) -> None:
+    """tx.commit_many (phase 2, batched): each txid committed as by tx.commit, answered
+    in order; a transaction not prepared there gets its own error, the others commit."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.primary_of("acct0")
+        names = [n for n in (f"acct{i}" for i in range(100)) if shard_map.primary_of(n) == node][:2]
+        await open_accounts(cluster, names, 10)
+        epoch = shard_map.epoch
+        async with txrpc.connect(*node.address) as shard:
+            txids = []
+            for name, amount in zip(names, (1, 2), strict=True):  # two accounts: no lock conflict
+                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+                meta = {"txid": txid, "op_seq": 1, "epoch": epoch}
+                await shard.options(metadata=meta).call("bank.deposit", name, amount)
+                assert (await shard.call("tx.prepare", txid))["vote"] == "yes"
+                txids.append(txid)
+            answers = await shard.call("tx.commit_many", [txids[0], 999_999, txids[1]])
+            assert answers[0] == answers[2] == "ok"
+            assert answers[1].startswith("FAILED_PRECONDITION") and "not prepared" in answers[1]
+            assert await shard.call("tx.commit_many", txids) == ["ok", "ok"]  # idempotent
+            for bad in ([], [0], [txids[0], txids[0]], ["1"], list(range(1, 2000))):
+                with pytest.raises(txrpc.InvalidArgument):
+                    await shard.call("tx.commit_many", bad)
+        assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 12]
+
+
+async def test_phase_two_commits_are_batched_per_participant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent cross-shard commits reach each shard as tx.commit_many batches (fewer
+    messages than transactions), and every transaction is committed exactly once."""
+    from coordinator import Participant
+
+    sizes: list[int] = []
+    real = Participant.commit_many
+
+    async def counting(self: Participant, txids: list[int]) -> list[str]:
+        sizes.append(len(txids))
+        return await real(self, txids)
+
+    monkeypatch.setattr(Participant, "commit_many", counting)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 24)
+        await open_accounts(cluster, names, 100)
+        pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(0, len(names), 2)]
+        sizes.clear()
+
+        async def transfers(src: str, dst: str) -> None:
+            for _ in range(10):
+
+                async def transfer(t: txrpc.Transaction) -> None:
+                    await t.bank.withdraw(src, 1)
+                    await t.bank.deposit(dst, 1)
+
+                await cluster.run_transaction(transfer, attempts=50)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for src, dst in pairs:
+                    nursery.start_soon(transfers, src, dst)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        with trio.fail_after(10):
+            while coordinator._commits_to_send:  # phase 2 runs after the clients hear "committed"
+                await trio.sleep(0.01)
+        primary = local.config.shard_map.primary_of
+        cross = [(s, d) for s, d in pairs if primary(s) != primary(d)]
+        assert sum(sizes) == 2 * 10 * len(cross)  # each cross-shard commit reached both shards once
+        assert max(sizes) > 1 and len(sizes) < sum(sizes)
+        balances = [await cluster.call(n, "bank.balance", n) for n in names]
+        assert sum(balances) == 100 * len(names)
+
+
 async def test_commit_is_idempotent_and_unknown_txids_are_aborted(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         alice, bob = accounts_on_distinct_shards(local.config, 2)
