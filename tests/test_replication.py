@@ -367,6 +367,10 @@ async def test_promote_moves_primaries_and_refusals_are_typed(tmp_path: Path) ->
                 await client.call("repl.prepare", 5, [["acct0", False, 1]], origin="n1")  # no epoch: refused
         assert follower.core.in_doubt() == []
         assert coordinator.shard_map is shard_map
+        # Three nodes at R = 3: none can leave (every partition would lose a replica).
+        with pytest.raises(txrpc.FailedPrecondition, match="would leave 2 nodes for replication factor 3"):
+            await coordinator.remove_node("n2")
+        assert coordinator.shard_map is shard_map
 
 
 async def test_the_last_replica_of_a_partition_cannot_be_marked_down(tmp_path: Path) -> None:
