@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
-from _cluster_helpers import LocalCluster, load_bank_service, local_cluster
+from _cluster_helpers import LocalCluster, free_ports, load_bank_service, local_cluster
 
 import txrpc
 
@@ -380,6 +380,27 @@ async def test_the_last_replica_of_a_partition_cannot_be_marked_down(tmp_path: P
         with pytest.raises(txrpc.FailedPrecondition, match="last replica"):
             await local.coordinator.mark_down("n0")
         assert local.coordinator.shard_map is before
+
+
+async def test_a_joiner_that_cannot_catch_up_is_taken_out_again(tmp_path: Path) -> None:
+    """add-node of a node nobody runs: its catch-up fails, the authority puts the previous
+    replica sets back at a new epoch and refuses the move; transfers go on, nothing lost."""
+    async with local_cluster(tmp_path, [bank], replication_factor=2) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 2)
+        await open_accounts(cluster, names)
+        coordinator = local.coordinator
+        assert coordinator is not None and coordinator.shard_map is not None
+        before = coordinator.shard_map
+        (port,) = free_ports(1)  # nothing listens there
+        with pytest.raises(txrpc.Unavailable, match="could not catch up"):
+            await coordinator.add_node({"name": "n9", "host": "127.0.0.1", "port": port})
+        after = coordinator.shard_map
+        assert after is not None and after.epoch == before.epoch + 2
+        assert after.replica_sets == before.replica_sets
+        assert [n.name for n in after.nodes] == [n.name for n in before.nodes]
+        assert await transfers(cluster, names, 10, seed=5) > 0
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
 
 
 def test_verify_reports_differing_replicas_and_stale_epochs() -> None:
