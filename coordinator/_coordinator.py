@@ -5,6 +5,7 @@ decision queries from participants, and admin. Decisions come from
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -596,10 +597,14 @@ class Coordinator:
 
     # --- the protocol ------------------------------------------------------------------------------
 
-    async def _participant_call(self, participant: str, method: str, *args: Any) -> Any:
+    async def _participant_call(self, participant: str, method: str, *args: Any, deadline: float = math.inf) -> Any:
+        """``method(*args)`` at ``participant``, bounded by ``phase_timeout_s`` and by
+        ``deadline``; ``trio.TooSlowError`` when either passes. (One cancel scope, opened
+        directly: on the coordinator's hot path a scope costs as much as the call.)"""
         client = self._clients[participant]
-        with trio.fail_after(self.phase_timeout_s):
+        with trio.CancelScope(deadline=min(deadline, trio.current_time() + self.phase_timeout_s)):
             return await client.call(method, *args)
+        raise trio.TooSlowError
 
     async def _one_phase(self, tx: CoordTx) -> None:
         (participant,) = tx.participants
@@ -608,13 +613,14 @@ class Coordinator:
         try:
             while True:
                 try:
-                    with trio.fail_at(deadline):
-                        if tx.on_behalf_of:
-                            result = await self._participant_call(
-                                participant, "tx.commit_one_phase", tx.txid, tx.on_behalf_of
-                            )
-                        else:
-                            result = await self._participant_call(participant, "tx.commit_one_phase", tx.txid)
+                    if tx.on_behalf_of:
+                        result = await self._participant_call(
+                            participant, "tx.commit_one_phase", tx.txid, tx.on_behalf_of, deadline=deadline
+                        )
+                    else:
+                        result = await self._participant_call(
+                            participant, "tx.commit_one_phase", tx.txid, deadline=deadline
+                        )
                     self.core.one_phase_result(tx, result["outcome"] == "committed", result.get("reason", ""))
                     return
                 except txrpc.PermissionDenied:
@@ -640,8 +646,8 @@ class Coordinator:
 
         async def ask(participant: str) -> None:
             try:
-                with trio.fail_at(max(tx.deadline, trio.current_time() + 0.001)):
-                    answer = await self._participant_call(participant, "tx.prepare", tx.txid)
+                deadline = max(tx.deadline, trio.current_time() + 0.001)
+                answer = await self._participant_call(participant, "tx.prepare", tx.txid, deadline=deadline)
                 votes[participant] = (answer["vote"], answer.get("reason", ""))
             except (txrpc.RpcError, trio.TooSlowError) as exc:
                 votes[participant] = ("unreachable", f"{type(exc).__name__}: {exc}")
