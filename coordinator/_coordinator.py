@@ -438,7 +438,14 @@ class Coordinator:
         unknown = [p for p in participants if p not in self.nodes]
         if unknown:
             raise txrpc.InvalidArgument(f"unknown participants {unknown}; known: {sorted(self.nodes)}")
-        self._check_owner(txid, "commit")
+        if not self._check_owner(txid, "commit"):
+            record = await self.log.get(txid)
+            if record is not None and record["outcome"] == "commit":
+                return {"outcome": "committed", "txid": txid}
+            raise txrpc.TransactionAborted(
+                f"transaction {txid} is unknown to the coordinator (its lease was forgotten, or it expired)",
+                {"txid": txid, "retryable": True, "unknown_txid": True},
+            )
         kind, tx = self.core.start_commit(txid, tuple(participants), trio.current_time())
         if kind == "one_phase" and self._replicated():
             kind = "prepare"  # replicated shards never decide alone: see specs/replication.md
@@ -479,21 +486,30 @@ class Coordinator:
                     await self._two_phase(tx)
         return self._outcome(tx)
 
-    def _check_owner(self, txid: int, what: str) -> None:
+    def _check_owner(self, txid: int, what: str) -> bool:
         """On a coordinator that authenticates callers: a transaction is its owner's (the
         identity that began or leased it) to commit, abort or ask about; peers and admins
-        may touch any. Another client is refused and the transaction is unaffected."""
+        may touch any. Another client is refused and the transaction is unaffected.
+
+        Returns False when an ordinary client names an id of this incarnation whose
+        owner is not known here (a forgotten lease, a transaction finished long ago, an
+        id never handed out): it may then learn a recorded outcome but change nothing.
+        (Ids of an earlier incarnation have no known owner either; the shard, which
+        knows, checks the caller on the coordinator's behalf.)"""
         ctx = _current_call_or_none()
         if ctx is None or not ctx.secured or not ctx.roles.isdisjoint(txrpc.ROLE_PEER_OR_ADMIN):
-            return
+            return True
         if type(txid) is not int:
             raise txrpc.InvalidArgument("txid must be an integer")
         owner = self.core.owner_of(txid)
-        if owner and owner != ctx.identity:
-            raise txrpc.PermissionDenied(
-                f"{ctx.identity!r} may not {what} transaction {txid}: it belongs to another caller",
-                {"txid": txid},
-            )
+        if owner:
+            if owner != ctx.identity:
+                raise txrpc.PermissionDenied(
+                    f"{ctx.identity!r} may not {what} transaction {txid}: it belongs to another caller",
+                    {"txid": txid},
+                )
+            return True
+        return txid < self.core.first_txid
 
     def _outcome(self, tx: CoordTx) -> dict[str, Any]:
         if tx.decision is Decision.COMMIT:
@@ -511,7 +527,8 @@ class Coordinator:
         """The client gives up on ``txid`` (idempotent); the ``participants`` it touched
         are told to abort (in the background) so their locks are freed at once."""
         known = [p for p in participants or () if p in self.nodes]
-        self._check_owner(txid, "abort")
+        if not self._check_owner(txid, "abort"):
+            return "ok"  # whose it is is not known here: nothing to do on an ordinary client's word
         tx = self.core.txs.get(txid)
         if tx is not None and tx.phase is Phase.PREPARING:
             return "ok"  # the commit in progress decides
@@ -530,18 +547,27 @@ class Coordinator:
             if record is None or record["outcome"] != "commit":
                 assert self._nursery is not None
                 for participant in known:
-                    self._nursery.start_soon(self._tell_abort, participant, txid)
+                    self._nursery.start_soon(self._tell_abort, participant, txid, _caller_identity())
         return "ok"
 
-    async def _tell_abort(self, participant: str, txid: int) -> None:
+    async def _tell_abort(self, participant: str, txid: int, on_behalf_of: str = "") -> None:
+        """Abort ``txid`` at ``participant``; ``on_behalf_of`` names the client that asked
+        when the coordinator does not know the owner (the shard checks it)."""
         try:
-            await self._participant_call(participant, "tx.abort", txid)
+            if on_behalf_of:
+                await self._participant_call(participant, "tx.abort", txid, on_behalf_of)
+            else:
+                await self._participant_call(participant, "tx.abort", txid)
         except (txrpc.RpcError, trio.TooSlowError) as exc:
             log.info("coordinator: abort(%d) to %s failed (%s); its idle timeout frees it", txid, participant, exc)
 
     async def decision(self, txid: int) -> str | None:
         """For participants in doubt: ``"commit"``, ``"abort"``, or None (ask again)."""
-        self._check_owner(txid, "ask for the decision of")
+        if not self._check_owner(txid, "ask for the decision of"):
+            record = await self.log.get(txid)
+            if record is not None:
+                return "commit" if record["outcome"] == "commit" else "abort"
+            return "abort"  # nothing recorded: it cannot commit (not adoptable); nothing remembered
         tx = self.core.get(txid)
         if tx is not None:
             d = self.core.decision(txid)
@@ -747,7 +773,7 @@ class Coordinator:
             while queue:
                 batch = queue[:COMMIT_BATCH_MAX]
                 try:
-                    answers = await self._participant_call(participant, "tx.commit_many", [tx.txid for tx in batch])
+                    answers = await self._commit_batch(participant, [tx.txid for tx in batch])
                     crash_point("coordinator.during_phase_two")
                 except (txrpc.RpcError, trio.TooSlowError) as exc:
                     attempt += 1
@@ -757,19 +783,39 @@ class Coordinator:
                 attempt = 0
                 del queue[: len(batch)]
                 done = []
+                refused = 0
                 for tx, answer in zip(batch, answers, strict=True):
                     if answer != "ok":
                         log.warning("coordinator: commit(%d) at %s: %s; retrying", tx.txid, participant, answer)
                         queue.append(tx)
+                        refused += 1
                     elif self.core.acked(tx, participant):
-                        done.append(tx)
+                        done.append(tx)  # (an ack that leaves others to wait for is not a refusal)
                 if done:
                     assert self._nursery is not None
                     self._nursery.start_soon(self._mark_done, done)  # not waited for: the next batch goes now
-                if len(done) < len(batch) and queue:
+                if refused:
                     await trio.sleep(self._backoff(1))  # a refused commit: not in a tight loop
         finally:
             del self._commits_to_send[participant]
+
+    async def _commit_batch(self, participant: str, txids: list[int]) -> list[str]:
+        """``tx.commit_many(txids)``, answers checked (one per txid); a shard without it
+        (an older version) gets one ``tx.commit`` per txid instead."""
+        try:
+            answers = await self._participant_call(participant, "tx.commit_many", txids)
+        except txrpc.Unimplemented:
+            answers = []
+            for txid in txids:
+                try:
+                    answers.append(await self._participant_call(participant, "tx.commit", txid))
+                except txrpc.Unavailable:
+                    raise  # the shard is unreachable: the whole batch is retried
+                except txrpc.RpcError as exc:
+                    answers.append(f"{exc.code.name}: {exc.message}")
+        if not isinstance(answers, list) or len(answers) != len(txids):
+            raise txrpc.Internal(f"{participant} answered tx.commit_many with {answers!r:.80} for {len(txids)} txids")
+        return [a if isinstance(a, str) else repr(a) for a in answers]
 
     async def _mark_done(self, txs: list[CoordTx]) -> None:
         """Done marks of finished commits (one group commit for all of them). A lost mark

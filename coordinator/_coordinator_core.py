@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import enum
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 
 class Phase(enum.Enum):
@@ -58,9 +58,19 @@ class CoordTx:
 
 
 FINISHED_REMEMBERED_MAX = 100_000
-LEASES_REMEMBERED_MAX = 100_000
-"""Leases (and single ``begin`` ids) whose ids may still begin, with their owners. An id
-from an older one is refused as unknown (retryable: the client leases afresh)."""
+LEASES_PER_OWNER_MAX = 10_000
+"""Leases with ids still unused that one identity may hold (an authenticating
+coordinator remembers their owner until every id has begun). Beyond it the identity's
+oldest lease is forgotten: its unused ids become unknown (a commit is refused
+retryably and the client leases afresh). A hoarder only evicts its own leases."""
+UNANSWERED_REMEMBERED_MAX = 100_000
+
+
+@dataclasses.dataclass(slots=True)
+class _Lease:
+    end: int
+    owner: str
+    unused: int
 
 
 class CoordinatorCore:
@@ -80,10 +90,14 @@ class CoordinatorCore:
         self.first_txid = 1  # ids below this belong to an earlier incarnation
         self.txs: dict[int, CoordTx] = {}
         self.finished: OrderedDict[int, CoordTx] = OrderedDict()
-        # Leases of this incarnation, in id order: first id, end (exclusive), owner.
+        # Ownership (only on a coordinator that authenticates callers: owners_tracked).
+        # Leases of this incarnation with ids not yet begun, by first id; the sorted firsts
+        # may hold forgotten ones (skipped, compacted now and then).
+        self.owners_tracked = False
+        self._leases: dict[int, _Lease] = {}
         self._lease_firsts: list[int] = []
-        self._lease_ends: list[int] = []
-        self._lease_owners: list[str] = []
+        self._leases_of_owner: dict[str, deque[int]] = {}
+        self._unanswered: OrderedDict[int, str] = OrderedDict()  # one-phase attempts forgotten
 
     # --- ids -------------------------------------------------------------------------------
 
@@ -129,47 +143,72 @@ class CoordinatorCore:
         assert self.next_txid + count <= self.block_end, "write the id block first (needs_block_for)"
         first = self.next_txid
         self.next_txid += count
-        self._remember_lease(first, count, owner)
+        if owner:
+            self.owners_tracked = True
+            self._leases[first] = _Lease(first + count, owner, count)
+            self._lease_firsts.append(first)  # ids only grow: stays sorted
+            mine = self._leases_of_owner.setdefault(owner, deque())
+            mine.append(first)
+            while len(mine) > LEASES_PER_OWNER_MAX:
+                self._leases.pop(mine.popleft(), None)
+            if len(self._lease_firsts) > 2 * len(self._leases) + 1024:
+                self._lease_firsts = sorted(self._leases)
         return first, count
 
-    def _remember_lease(self, first: int, count: int, owner: str) -> None:
-        if len(self._lease_firsts) >= LEASES_REMEMBERED_MAX:
-            drop = LEASES_REMEMBERED_MAX // 2
-            del self._lease_firsts[:drop], self._lease_ends[:drop], self._lease_owners[:drop]
-        self._lease_firsts.append(first)
-        self._lease_ends.append(first + count)
-        self._lease_owners.append(owner)
-
-    def _lease_of(self, txid: int) -> int | None:
-        """Index of the remembered lease holding ``txid``, or None."""
-        i = bisect.bisect_right(self._lease_firsts, txid) - 1
-        if i >= 0 and txid < self._lease_ends[i]:
-            return i
-        return None
+    def _lease_of(self, txid: int) -> tuple[int, _Lease] | None:
+        """The remembered lease holding ``txid`` (its first id and record), or None.
+        Leases are disjoint and handed out in id order, so only the last one starting at
+        or before ``txid`` can hold it (forgotten ones stay in the list until compacted)."""
+        firsts = self._lease_firsts
+        i = bisect.bisect_right(firsts, txid) - 1
+        if i < 0:
+            return None
+        lease = self._leases.get(firsts[i])
+        if lease is None or txid >= lease.end:
+            return None
+        return firsts[i], lease
 
     def owner_of(self, txid: int) -> str:
-        """Who began or leased ``txid`` ("" if unknown or unauthenticated)."""
+        """Who began or leased ``txid`` ("" if unknown here or not authenticated)."""
         tx = self.get(txid)
         if tx is not None:
             return tx.owner
-        i = self._lease_of(txid)
-        return "" if i is None else self._lease_owners[i]
+        if txid in self._unanswered:
+            return self._unanswered[txid]
+        found = self._lease_of(txid)
+        return "" if found is None else found[1].owner
 
     def _adopt_leased(self, txid: int, now: float) -> CoordTx | None:
-        """A txid this incarnation leased (and still remembers) but has no state for:
-        it begins now, owned by its lease's owner."""
-        i = self._lease_of(txid)
-        if i is not None and txid not in self.finished:
-            tx = CoordTx(txid, Phase.ACTIVE, now + self.tx_timeout_s, owner=self._lease_owners[i])
-            self.txs[txid] = tx
-            return tx
-        return None
+        """A txid this incarnation handed out but has no state for: it begins now. When
+        owners are tracked, only an id whose lease (or forgotten one-phase attempt) is
+        remembered, owned by that lease's owner."""
+        if txid in self.finished:
+            return None
+        if not self.owners_tracked:
+            if not self.first_txid <= txid < self.next_txid:
+                return None
+            owner = ""
+        elif txid in self._unanswered:
+            owner = self._unanswered.pop(txid)
+        else:
+            found = self._lease_of(txid)
+            if found is None:
+                return None
+            first, lease = found
+            owner = lease.owner
+            lease.unused -= 1
+            if lease.unused <= 0:
+                del self._leases[first]
+        tx = CoordTx(txid, Phase.ACTIVE, now + self.tx_timeout_s, owner=owner)
+        self.txs[txid] = tx
+        return tx
 
     def begin(self, now: float, timeout_s: float | None = None, owner: str = "") -> CoordTx:
         assert self.next_txid < self.block_end, "write the id block first (needs_block)"
         txid = self.next_txid
         self.next_txid += 1
-        self._remember_lease(txid, 1, owner)  # a lease of one: adoptable again if forgotten
+        if owner:
+            self.owners_tracked = True
         tx = CoordTx(txid, Phase.ACTIVE, now + (timeout_s or self.tx_timeout_s), owner=owner)
         self.txs[txid] = tx
         return tx
@@ -257,6 +296,10 @@ class CoordinatorCore:
         commit asks the participant again instead of waiting for this one."""
         if tx.phase is Phase.PREPARING and self.txs.get(tx.txid) is tx:
             del self.txs[tx.txid]
+            if self.owners_tracked:  # the retry adopts it again, for the same owner
+                self._unanswered[tx.txid] = tx.owner
+                while len(self._unanswered) > UNANSWERED_REMEMBERED_MAX:
+                    self._unanswered.popitem(last=False)
 
     def vote(self, tx: CoordTx, participant: str, vote: str, reason: str = "") -> Decision | None:
         """Record a vote; returns the decision once it is determined (COMMIT must then

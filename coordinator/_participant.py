@@ -478,8 +478,11 @@ class Participant:
                 f"transaction {txid} is prepared: only the coordinator decides it", {"not_started": True}
             )
 
-    async def _abort_from_caller(self, txid: int) -> str:
+    async def _abort_from_caller(self, txid: int, on_behalf_of: str = "") -> str:
+        """``on_behalf_of``: as for ``commit_one_phase`` (the coordinator passes on a
+        client's abort of a transaction whose owner it does not know)."""
         self._check_caller_may_decide(txid, "abort")
+        self._check_on_behalf_of(txid, on_behalf_of, "abort")
         return await self.abort(txid)
 
     async def _commit_one_phase_from_caller(self, txid: int, on_behalf_of: str = "") -> dict[str, Any]:
@@ -487,17 +490,20 @@ class Participant:
         owner it no longer knows) names the client that asked; only the transaction's
         owner may have it committed."""
         self._check_caller_may_decide(txid, "commit")
-        if on_behalf_of:
-            ctx = txrpc.current_call()
-            if type(on_behalf_of) is not str:
-                raise txrpc.InvalidArgument("on_behalf_of must be an identity (a string)")
-            tx = self.core.txs.get(txid)
-            if ctx.secured and tx is not None and tx.owner and tx.owner != on_behalf_of:
-                raise txrpc.PermissionDenied(
-                    f"{on_behalf_of!r} may not commit transaction {txid}: it belongs to another caller",
-                    {"not_started": True},
-                )
+        self._check_on_behalf_of(txid, on_behalf_of, "commit")
         return await self.commit_one_phase(txid)
+
+    def _check_on_behalf_of(self, txid: int, on_behalf_of: str, what: str) -> None:
+        if not on_behalf_of:
+            return
+        if type(on_behalf_of) is not str:
+            raise txrpc.InvalidArgument("on_behalf_of must be an identity (a string)")
+        tx = self.core.txs.get(txid)
+        if txrpc.current_call().secured and tx is not None and tx.owner and tx.owner != on_behalf_of:
+            raise txrpc.PermissionDenied(
+                f"{on_behalf_of!r} may not {what} transaction {txid}: it belongs to another caller",
+                {"not_started": True},
+            )
 
     async def _serialize(self, txid: int) -> None:
         """Wait while another protocol message of ``txid`` is writing."""
@@ -622,6 +628,9 @@ class Participant:
                 answers[index] = await self.commit(txid)
             except txrpc.RpcError as exc:
                 answers[index] = f"{exc.code.name}: {exc.message}"
+            except Exception as exc:  # one failing commit must not fail the others' answers
+                log.error("node %s: commit of %d failed", self.shard, txid, exc_info=exc)
+                answers[index] = f"INTERNAL: {type(exc).__name__}: {exc}"
 
         async with trio.open_nursery() as nursery:
             for index, txid in enumerate(txids):

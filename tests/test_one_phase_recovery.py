@@ -186,11 +186,12 @@ def test_core_an_unanswered_one_phase_commit_of_this_incarnation_is_asked_again(
 
 
 def test_core_remembers_who_leased_or_began_each_txid(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ownership for the coordinator's checks, and a bounded memory of leases: an id
-    from a forgotten lease is unknown (the client's commit is refused retryably)."""
+    """Ownership for the coordinator's checks, kept per identity and bounded: one
+    identity hoarding leases forgets only its own oldest (their unused ids become
+    unknown), never another's; a lease is let go once every id has begun."""
     import coordinator._coordinator_core as core_module
 
-    monkeypatch.setattr(core_module, "LEASES_REMEMBERED_MAX", 4)
+    monkeypatch.setattr(core_module, "LEASES_PER_OWNER_MAX", 2)
     core = CoordinatorCore(txid_block_size=1000)
     core.block_written(core.needs_block_for(100) or 0)
     first, count = core.lease(3, owner="alice")
@@ -199,11 +200,29 @@ def test_core_remembers_who_leased_or_began_each_txid(monkeypatch: pytest.Monkey
     assert core.owner_of(began.txid) == "bob" and core.owner_of(began.txid + 1) == ""
     kind, tx = core.start_commit(first + 1, ("n0", "n1"), 0.0)
     assert kind == "prepare" and tx is not None and tx.owner == "alice"
-    for _ in range(3):  # the fifth lease makes room by forgetting the oldest two
-        core.lease(2, owner="carol")
-    assert core.owner_of(first) == ""
-    assert core.owner_of(first + 1) == "alice"  # still known: it began
-    assert core.start_commit(first + 2, ("n0",), 0.0) == ("unknown", None)
-    assert core.owner_of(began.txid) == "bob"
+    for _ in range(50):  # mallory hoards: only her own leases are forgotten
+        core.lease(2, owner="mallory")
+    assert core.owner_of(first) == "alice" and core.owner_of(first + 2) == "alice"
+    flood_first = core.lease(2, owner="mallory")[0]
+    assert core.owner_of(flood_first - 100) == ""  # her early ones are gone
+    assert core.start_commit(flood_first - 100, ("n0",), 0.0) == ("unknown", None)
+    core.lease(1, owner="alice")
+    core.lease(1, owner="alice")  # alice's third lease: her first is forgotten
+    assert core.owner_of(first) == "" and core.start_commit(first, ("n0",), 0.0) == ("unknown", None)
     kind, tx = core.start_commit(began.txid, ("n0",), 0.0)
     assert kind == "one_phase" and tx is not None and tx.owner == "bob"
+    core.one_phase_unanswered(tx)  # forgotten attempt: the retry adopts it for bob again
+    assert core.owner_of(began.txid) == "bob"
+    kind, again = core.start_commit(began.txid, ("n0",), 1.0)
+    assert kind == "one_phase" and again is not None and again.owner == "bob"
+
+
+def test_core_without_owners_adopts_any_id_it_handed_out() -> None:
+    """A coordinator that does not authenticate (no owners) adopts any id of this
+    incarnation it has no state for, as before ownership existed."""
+    core = CoordinatorCore(txid_block_size=1000)
+    core.block_written(core.needs_block_for(10) or 0)
+    first, _ = core.lease(10)
+    assert not core.owners_tracked and not core._leases
+    kind, tx = core.start_commit(first + 9, ("n0", "n1"), 0.0)
+    assert kind == "prepare" and tx is not None and tx.owner == ""

@@ -150,6 +150,27 @@ async def test_handlers_that_never_suspend_run_on_the_read_loop() -> None:
         await server.shutdown()
 
 
+async def test_context_variables_set_by_an_inline_handler_stay_with_its_call() -> None:
+    import contextvars
+
+    tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="none")
+    svc = txrpc.Service()
+
+    @svc.method
+    async def set_and_get(value: str) -> str:
+        before = tenant.get()
+        tenant.set(value)
+        return before
+
+    assert svc.methods["set_and_get"].never_suspends
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(svc).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            assert await client.set_and_get("a") == "none"
+            assert await client.set_and_get("b") == "none"  # not "a": nothing leaked
+        await server.shutdown()
+
+
 async def test_dotted_service_names() -> None:
     bank = txrpc.Service("bank.accounts")
 

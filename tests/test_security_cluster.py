@@ -222,6 +222,39 @@ async def test_another_client_cannot_commit_abort_or_ask_about_a_transaction(tmp
                         assert [await t.bank.balance(n) for n in (a, b)] == [75, 125]
 
 
+async def test_a_lease_flood_evicts_only_the_flooders_leases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator remembers a bounded number of leases per identity: a client
+    flooding it with leases forgets its own, not another's; an id whose lease was
+    forgotten can no longer be touched by anyone but a peer or admin (nothing changes on
+    an ordinary client's word) and its owner's commit is refused retryably."""
+    import coordinator._coordinator_core as core_module
+
+    monkeypatch.setattr(core_module, "LEASES_PER_OWNER_MAX", 4)
+    async with secure_cluster(tmp_path) as local:
+        config = local.config
+        assert config.coordinator is not None
+        coordinator = (config.coordinator.host, config.coordinator.port)
+        async with (
+            txrpc.connect(*coordinator, credentials=as_(config, "client")) as alice,
+            txrpc.connect(*coordinator, credentials=as_(config, "mallory")) as mallory,
+        ):
+            forgotten = (await alice.call("coord.lease", 1))["first"]
+            kept = (await alice.call("coord.lease", 2))["first"]
+            for _ in range(20):
+                await mallory.call("coord.lease", 1)
+            for txid in (forgotten, kept):  # mallory's flood pushed out only her own leases
+                with pytest.raises(txrpc.PermissionDenied, match="another caller"):
+                    await mallory.call("coord.abort", txid, ["n0"])
+            for _ in range(3):  # alice's own hoard pushes her oldest lease out
+                await alice.call("coord.lease", 1)
+            assert await mallory.call("coord.abort", forgotten, ["n0"]) == "ok"  # changes nothing
+            assert await mallory.call("coord.decision", forgotten) == "abort"
+            with pytest.raises(txrpc.Aborted, match="unknown") as refused:
+                await alice.call("coord.commit", forgotten, [])
+            assert refused.value.details.get("retryable") and refused.value.details.get("unknown_txid")
+            assert (await alice.call("coord.commit", kept, []))["outcome"] == "committed"
+
+
 async def test_after_a_coordinator_restart_only_the_owner_can_redrive_a_one_phase_commit(tmp_path: Path) -> None:
     """A restarted coordinator no longer knows who owns an earlier transaction; a commit
     of a single-shard one is driven again at the shard, which does know: another

@@ -235,6 +235,21 @@ async def test_commit_many_answers_each_transaction(tmp_path: Path) -> None:
             assert answers[0] == answers[2] == "ok"
             assert answers[1].startswith("FAILED_PRECONDITION") and "not prepared" in answers[1]
             assert await shard.call("tx.commit_many", txids) == ["ok", "ok"]  # idempotent
+            # A commit that fails in an unexpected way is that txid's answer, not the batch's.
+            participant = local.participants[node.name]
+            real_commit = participant.commit
+
+            async def failing(txid: int) -> str:
+                if txid == txids[0]:
+                    raise RuntimeError("disk on fire")
+                return await real_commit(txid)
+
+            participant.commit = failing  # type: ignore[method-assign]
+            try:
+                answers = await shard.call("tx.commit_many", txids)
+            finally:
+                participant.commit = real_commit  # type: ignore[method-assign]
+            assert answers[0].startswith("INTERNAL") and "disk on fire" in answers[0] and answers[1] == "ok"
             for bad in ([], [0], [txids[0], txids[0]], ["1"], list(range(1, 2000))):
                 with pytest.raises(txrpc.InvalidArgument):
                     await shard.call("tx.commit_many", bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import math
@@ -489,9 +490,14 @@ class _ServerConnection:
 
     def _run_inline(self, spec: MethodSpec, call: wire.Call) -> None:
         """A plain function, or an ``async def`` that cannot suspend
-        (``MethodSpec.never_suspends``): run to completion here, on the read loop."""
+        (``MethodSpec.never_suspends``): run to completion here, on the read loop, in a
+        copy of its context (what the handler sets in context variables stays with the
+        call, as it would in a task of its own)."""
         self.server.calls_started += 1
-        token = _current_call.set(self._context(call, self._deadline(call)))
+        contextvars.copy_context().run(self._run_inline_here, spec, call)
+
+    def _run_inline_here(self, spec: MethodSpec, call: wire.Call) -> None:
+        _current_call.set(self._context(call, self._deadline(call)))
         try:
             value = spec.fn(*call.args, **call.kwargs)
             if spec.never_suspends:
@@ -510,8 +516,6 @@ class _ServerConnection:
             self._reply_internal(spec, call, exc)
         else:
             self._reply_result(call.id, value)
-        finally:
-            _current_call.reset(token)
 
     async def _run_async(self, spec: MethodSpec, call: wire.Call) -> None:
         self.server.calls_started += 1
