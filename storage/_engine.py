@@ -167,7 +167,7 @@ def _sqlite_engine(
             if read_only:
                 cursor.execute("PRAGMA query_only = ON")
             else:
-                mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = _switch_to_wal(cursor, busy_timeout_s)
                 if str(mode).lower() != "wal":
                     raise StorageError(
                         f"SQLite database {shown} refused WAL mode (journal_mode is {mode}); "
@@ -190,6 +190,21 @@ def _sqlite_engine(
             raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
 
     return engine
+
+
+def _switch_to_wal(cursor: Any, busy_timeout_s: float) -> Any:
+    """``PRAGMA journal_mode = WAL``, retried while the database is locked: switching a
+    fresh database to WAL needs an exclusive lock, and SQLite answers "database is
+    locked" at once there instead of waiting out the busy timeout (seen when several
+    processes open a new database together). Bounded by ``busy_timeout_s``."""
+    give_up_at = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            return cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= give_up_at:
+                raise
+            time.sleep(0.005)
 
 
 def _postgres_engine(url: sa.URL, *, read_only: bool, connect_timeout_s: float, pool_size: int) -> Engine:
