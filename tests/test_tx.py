@@ -40,6 +40,16 @@ async def total(cluster: txrpc.Cluster, names: list[str]) -> int:
     return sum([await cluster.call(n, "bank.balance", n) for n in names])
 
 
+async def transfer(cluster: txrpc.Cluster, src: str, dst: str, amount: int, attempts: int) -> None:
+    """Move ``amount`` from ``src`` to ``dst`` in one transaction, retried on conflicts."""
+
+    async def body(t: txrpc.Transaction) -> None:
+        await t.bank.withdraw(src, amount)
+        await t.bank.deposit(dst, amount)
+
+    await cluster.run_transaction(body, attempts=attempts)
+
+
 async def test_cross_shard_transfer_commits_atomically(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         alice, bob = accounts_on_distinct_shards(local.config, 2)
@@ -109,13 +119,8 @@ async def test_concurrent_transfers_conserve_the_total(tmp_path: Path) -> None:
             for _ in range(15):
                 src, dst = r.sample(names, 2)
                 amount = r.randint(1, 30)
-
-                async def transfer(t: txrpc.Transaction) -> None:
-                    await t.bank.withdraw(src, amount)
-                    await t.bank.deposit(dst, amount)
-
                 try:
-                    await cluster.run_transaction(transfer, attempts=20)
+                    await transfer(cluster, src, dst, amount, attempts=20)
                     committed += 1
                 except txrpc.TransactionAborted as exc:
                     assert "insufficient funds" in exc.reason
@@ -137,12 +142,7 @@ async def test_opposite_transfers_do_not_deadlock(tmp_path: Path) -> None:
 
         async def ping_pong(src: str, dst: str) -> None:
             for _ in range(20):
-
-                async def transfer(t: txrpc.Transaction) -> None:
-                    await t.bank.withdraw(src, 1)
-                    await t.bank.deposit(dst, 1)
-
-                await cluster.run_transaction(transfer, attempts=100)
+                await transfer(cluster, src, dst, 1, attempts=100)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
@@ -279,12 +279,7 @@ async def test_phase_two_commits_are_batched_per_participant(
 
         async def transfers(src: str, dst: str) -> None:
             for _ in range(10):
-
-                async def transfer(t: txrpc.Transaction) -> None:
-                    await t.bank.withdraw(src, 1)
-                    await t.bank.deposit(dst, 1)
-
-                await cluster.run_transaction(transfer, attempts=50)
+                await transfer(cluster, src, dst, 1, attempts=50)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
@@ -345,12 +340,7 @@ async def test_coordinator_log_and_shard_stores_on_postgres(tmp_path: Path, post
             r = random.Random(seed)
             for _ in range(10):
                 src, dst = r.sample(names, 2)
-
-                async def transfer(t: txrpc.Transaction) -> None:
-                    await t.bank.withdraw(src, 5)
-                    await t.bank.deposit(dst, 5)
-
-                await cluster.run_transaction(transfer, attempts=50)
+                await transfer(cluster, src, dst, 5, attempts=50)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:

@@ -107,16 +107,20 @@ def decode_value(data: bytes | memoryview, depth_max: int = 64) -> Any:
         except _NotAMessage:
             pass  # not text keys: cbor2 decodes the whole, as for any other value
     buffer = io.BytesIO(data)
-    decoder = _decoder(buffer, depth_max)
+    value = _decode_one(_decoder(buffer, depth_max))
+    if buffer.tell() != len(data):
+        raise FrameError(f"{len(data) - buffer.tell()} trailing bytes after the CBOR item")
+    return value
+
+
+def _decode_one(decoder: cbor2.CBORDecoder) -> Any:
+    """One item from ``decoder``; any decoding failure becomes a :class:`FrameError`."""
     try:
-        value = decoder.decode()
+        return decoder.decode()
     except cbor2.CBORDecodeError as exc:
         raise FrameError(f"malformed CBOR: {exc}") from None
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
         raise FrameError(f"malformed CBOR: {type(exc).__name__}: {exc}") from None
-    if buffer.tell() != len(data):
-        raise FrameError(f"{len(data) - buffer.tell()} trailing bytes after the CBOR item")
-    return value
 
 
 def _decoder(buffer: io.BytesIO, depth_max: int) -> cbor2.CBORDecoder:
@@ -185,12 +189,7 @@ class _LargeMessage:
 
     def _item(self, position: int, decoder: cbor2.CBORDecoder) -> tuple[Any, int]:
         self.buffer.seek(position)
-        try:
-            value = decoder.decode()
-        except cbor2.CBORDecodeError as exc:
-            raise FrameError(f"malformed CBOR: {exc}") from None
-        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
-            raise FrameError(f"malformed CBOR: {type(exc).__name__}: {exc}") from None
+        value = _decode_one(decoder)
         return value, self.buffer.tell()
 
     def _byte(self, position: int) -> int:
@@ -240,10 +239,7 @@ def encode_frame(message: dict[str, Any], large: bool = False) -> tuple[bytes, i
     top-level value :func:`has_large_bytes`) the same bytes are built without passing
     the large byte strings through cbor2: each is copied once, by the final join."""
     if not large:
-        try:
-            body = cbor2.dumps(message)
-        except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
-            raise TypeError(f"value cannot be encoded as CBOR: {exc}") from None
+        body = encode_value(message)
         return len(body).to_bytes(PREFIX_BYTES, "big") + body, len(body)
     parts = [b"", _head(5, len(message))]
     for key, value in message.items():
