@@ -298,6 +298,53 @@ async def test_phase_two_commits_are_batched_per_participant(
         assert sum(balances) == 100 * len(names)
 
 
+async def test_a_shard_without_commit_many_gets_single_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Phase 2 against a shard of an older version (no tx.commit_many: UNIMPLEMENTED):
+    the coordinator falls back to one tx.commit per transaction, and every cross-shard
+    transfer still commits exactly once on both shards."""
+    from coordinator import Participant
+
+    real_service = Participant._internal_service
+    singles: list[int] = []
+    real_commit = Participant.commit
+
+    def older(self: Participant) -> txrpc.Service:
+        svc = real_service(self)
+        del svc.methods["tx.commit_many"]  # as a shard built before commit_many existed
+        return svc
+
+    async def counting(self: Participant, txid: int) -> str:
+        singles.append(txid)
+        return await real_commit(self, txid)
+
+    monkeypatch.setattr(Participant, "_internal_service", older)
+    monkeypatch.setattr(Participant, "commit", counting)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 6)
+        await open_accounts(cluster, names, 100)
+        pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
+        primary = local.config.shard_map.primary_of
+        cross = [(s, d) for s, d in pairs if primary(s) != primary(d)]
+        assert cross
+        singles.clear()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for src, dst in cross:
+                    nursery.start_soon(transfer, cluster, src, dst, 1, 50)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        with trio.fail_after(10):
+            while coordinator._commits_to_send:
+                await trio.sleep(0.01)
+        # Each committed cross-shard transfer reached both its shards as a single commit.
+        assert len(singles) == 2 * len(cross)
+        assert len(set(singles)) == len(cross)
+        expected = {n: 100 - sum(s == n for s, _ in cross) + sum(d == n for _, d in cross) for n in names}
+        assert {n: await cluster.call(n, "bank.balance", n) for n in names} == expected
+
+
 async def test_commit_is_idempotent_and_unknown_txids_are_aborted(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         alice, bob = accounts_on_distinct_shards(local.config, 2)
