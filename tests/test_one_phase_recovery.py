@@ -226,3 +226,23 @@ def test_core_without_owners_adopts_any_id_it_handed_out() -> None:
     assert not core.owners_tracked and not core._leases
     kind, tx = core.start_commit(first + 9, ("n0", "n1"), 0.0)
     assert kind == "prepare" and tx is not None and tx.owner == ""
+
+
+def test_core_forgotten_one_phase_attempts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unanswered one-phase attempts are remembered (for their owner's retry) up to
+    UNANSWERED_REMEMBERED_MAX; beyond it the oldest is forgotten, and its id is then
+    unknown: a retry is refused retryably instead of adopted for anyone."""
+    import coordinator._coordinator_core as core_module
+
+    monkeypatch.setattr(core_module, "UNANSWERED_REMEMBERED_MAX", 3)
+    core = CoordinatorCore(txid_block_size=1000)
+    core.block_written(core.needs_block_for(10) or 0)
+    txs = [core.begin(0.0, owner=f"client{i}") for i in range(5)]
+    for tx in txs:
+        assert core.start_commit(tx.txid, ("n0",), 0.0) == ("one_phase", tx)
+        core.one_phase_unanswered(tx)
+    assert len(core._unanswered) == 3
+    assert [core.owner_of(tx.txid) for tx in txs] == ["", "", "client2", "client3", "client4"]
+    assert core.start_commit(txs[0].txid, ("n0",), 1.0) == ("unknown", None)
+    kind, again = core.start_commit(txs[4].txid, ("n0",), 1.0)
+    assert kind == "one_phase" and again is not None and again.owner == "client4"
