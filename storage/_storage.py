@@ -41,6 +41,7 @@ async def open_storage(
     create: bool = True,
     batching: bool = True,
     pipelined_fsync: bool = False,
+    inline_writes: bool = True,
     batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT,
     queue_records_max: int = QUEUE_RECORDS_MAX_DEFAULT,
     readers_max: int = READERS_MAX_DEFAULT,
@@ -51,6 +52,8 @@ async def open_storage(
     ``pipelined_fsync`` (SQLite): flush the WAL beside the writer instead of inside each
     commit (see :class:`GroupCommitAppender`); only for readers that ``sync()`` before
     acting on a durable record they read, as the request log's server driver does.
+    ``inline_writes`` (SQLite): write group-commit batches on the event loop's thread,
+    never waiting there for another process's lock (see :class:`GroupCommitAppender`).
 
     Raises what :func:`open_engine` raises. On exit the appender drains its queue
     (or, if cancelled, fails what is queued with ``StorageClosed``) and the engine's
@@ -65,6 +68,7 @@ async def open_storage(
             database,
             batching=batching,
             pipelined_fsync=pipelined_fsync,
+            inline_writes=inline_writes,
             batch_records_max=batch_records_max,
             queue_records_max=queue_records_max,
         ) as appender:

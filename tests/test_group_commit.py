@@ -315,3 +315,76 @@ async def test_group_commit_outpaces_one_transaction_per_record(sqlite_url: str)
 
     single, grouped = await rate(False), await rate(True)
     assert math.isfinite(single) and grouped > 3 * single, (single, grouped)
+
+
+class ThreadRecordingKind(JournalKind):
+    """A journal kind that also records which thread wrote each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def _write(self, conn: sa.Connection, writers: Sequence[str]) -> list[int | storage.Rejected]:
+        import threading
+
+        self.threads.append(threading.get_ident())
+        return super()._write(conn, writers)
+
+
+async def test_inline_batches_never_wait_on_the_event_loop_for_another_process(sqlite_url: str) -> None:
+    """SQLite batches are written on the event loop's thread; while another connection
+    (another process) holds the write lock, the batch waits on a worker thread instead,
+    the loop keeps running, and the record is committed once the lock is let go."""
+    import sqlite3
+    import threading
+
+    kind = ThreadRecordingKind()
+    async with opened(sqlite_url) as st:
+        assert st.appender.inline_writes
+        assert await st.appender.append(kind, "first") == 1
+        assert kind.threads == [threading.get_ident()]
+        other = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+            ticks = 0
+            result: list[int] = []
+
+            async def append() -> None:
+                result.append(await st.appender.append(kind, "second"))
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(append)
+                    for _ in range(20):  # the loop is not blocked while the record waits
+                        await trio.sleep(0.01)
+                        ticks += 1
+                    assert not result and ticks == 20
+                    other.execute("COMMIT")
+            assert result == [2]
+        finally:
+            other.close()
+        assert len(kind.threads) == 2 and kind.threads[1] != threading.get_ident()
+        assert st.appender.stats.batches_on_thread == 1
+        assert await st.appender.append(kind, "third") == 3  # and back inline
+        assert kind.threads[2] == threading.get_ident()
+    assert journal_rows(sqlite_url) == {1: "first", 2: "second", 3: "third"}
+
+
+async def test_inline_writes_checkpoint_the_wal_between_batches(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With inline writes SQLite's own checkpoint-in-commit is off; the flusher copies
+    the WAL into the database file on a worker thread every CHECKPOINT_RECORDS."""
+    import storage._appender as appender_module
+
+    monkeypatch.setattr(appender_module, "CHECKPOINT_RECORDS", 50)
+    path = sqlite_url.removeprefix("sqlite:///")
+    kind = JournalKind()
+    async with opened(sqlite_url) as st:
+        await st.appender.append(kind, "warm-up")
+        size_before = os.path.getsize(path)
+        for i in range(300):
+            await st.appender.append(kind, f"w{i}-" + "x" * 200)
+        assert st.appender.stats.checkpoints >= 5
+        assert os.path.getsize(path) > size_before  # pages reached the database file
+    assert len(journal_rows(sqlite_url)) == 301
