@@ -552,10 +552,12 @@ class Participant:
                 nonlocal replicas
                 replicas = await self._send_prepare_replicas(txid, writes, locks)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(write_local)
-                if self._replicated():
+            if self._replicated():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write_local)
                     nursery.start_soon(replicate)
+            else:
+                await write_local()
             if local_error is not None:
                 log.error("shard %s: prepare record of %d not written: %s", self.shard, txid, local_error)
                 self.core.prepare_failed(txid, f"prepare record not durable: {local_error}")

@@ -228,4 +228,6 @@ def _write_done(conn: Connection, marks: Sequence[tuple[str, int, bytes]]) -> li
 
 
 DECISIONS: RecordKind[dict[str, Any], None] = RecordKind("decision", _write_decisions)
-DONE_MARKS: RecordKind[tuple[str, int, bytes], None] = RecordKind("decision_done", _write_done)
+# Not needed for safety (see mark_done): committed when its writer wakes, flushed by
+# the next durable batch.
+DONE_MARKS: RecordKind[tuple[str, int, bytes], None] = RecordKind("decision_done", _write_done, durable=False)

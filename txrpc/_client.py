@@ -90,6 +90,9 @@ class CallOptions:
         return dataclasses.replace(self, metadata=tuple(metadata.items()), **changes)
 
 
+_ONE_ATTEMPT = CallOptions(retries_max=0)
+
+
 class _Channel:
     """One connection of a client: the sans-IO state, the outbox and the waiting calls."""
 
@@ -378,6 +381,15 @@ class Client:
             raise AttributeError(name)
         return MethodProxy(self, name, self._default)
 
+    async def _call_once(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], metadata: dict[str, Any]
+    ) -> Any:
+        """``self.options(metadata=metadata, retries_max=0).call(method, *args, **kwargs)``
+        without building the options (the cluster client's per-operation path)."""
+        if self._default.metadata:
+            metadata = {**dict(self._default.metadata), **metadata}
+        return await self._invoke_with_retries(method, args, kwargs, _ONE_ATTEMPT, metadata)
+
     async def _invoke(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions) -> Any:
         if options.timeout_s is None:
             return await self._invoke_with_retries(method, args, kwargs, options)
@@ -387,9 +399,15 @@ class Client:
         raise DeadlineExceeded(f"{method}: no answer within timeout of {options.timeout_s} s")
 
     async def _invoke_with_retries(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: CallOptions,
+        metadata: dict[str, Any] | None = None,
     ) -> Any:
-        metadata = dict(options.metadata) if options.metadata else None
+        if metadata is None and options.metadata:
+            metadata = dict(options.metadata)
         key = options.idempotency_key
         if key is None and options.idempotent:
             key = self.new_idempotency_key()

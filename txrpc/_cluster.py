@@ -322,9 +322,7 @@ class Transaction:
                 if self.age is not None:
                     metadata["age"] = self.age
                 try:
-                    return await client.options(metadata=metadata, retries_max=0).call(
-                        method, *args, **kwargs
-                    )
+                    return await client._call_once(method, args, kwargs, metadata)
                 except WrongEpoch as exc:
                     if retries >= router.epoch_retries_max:
                         raise
