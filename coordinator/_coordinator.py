@@ -267,9 +267,11 @@ class Coordinator:
             tuple(by_name.values()),
             tuple(interim_sets),
         )
-        await self._install(interim, f"{what}: {sum(map(len, joining.values()))} partition copies join as followers")
         copied = {"rows": 0, "deleted": 0}
         failures: dict[str, str] = {}
+        previous = ShardMap(  # what an abandoned move goes back to, at the epoch after the interim one
+            interim.epoch + 1, current.replication_factor, current.partitions, current.nodes, current.replica_sets
+        )
 
         async def catch_up(name: str, partitions: list[int]) -> None:
             try:
@@ -283,15 +285,24 @@ class Coordinator:
             except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
                 failures[name] = str(exc) or type(exc).__name__
 
-        async with trio.open_nursery() as nursery:
-            for name, partitions in sorted(joining.items()):
-                nursery.start_soon(catch_up, name, partitions)
+        try:
+            joined = sum(map(len, joining.values()))
+            await self._install(interim, f"{what}: {joined} partition copies join as followers")
+            async with trio.open_nursery() as nursery:
+                for name, partitions in sorted(joining.items()):
+                    nursery.start_soon(catch_up, name, partitions)
+        except BaseException:
+            # Interrupted (the caller went away: its deadline, a dropped connection, the
+            # coordinator stopping): a joiner that may not have caught up must not stay
+            # a member of its sets (a later failover could make it primary of data it
+            # never copied). Abandoned like a failed catch-up; the operator retries.
+            # (Found by the simulator: a rejoin cancelled mid-copy left the replica set
+            # with an empty follower for good.)
+            with trio.CancelScope(shield=True):
+                await self._install(previous, f"{what} interrupted: abandoned")
+            raise
         if failures:
-            await self._install(
-                ShardMap(interim.epoch + 1, current.replication_factor, current.partitions, current.nodes,
-                         current.replica_sets),
-                f"{what} abandoned",
-            )  # fmt: skip
+            await self._install(previous, f"{what} abandoned")
             raise txrpc.Unavailable(
                 f"{what}: could not catch up "
                 + "; ".join(f"{n}: {why}" for n, why in sorted(failures.items()))

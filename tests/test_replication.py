@@ -237,6 +237,54 @@ async def test_a_node_marked_down_catches_up_and_rejoins_while_transfers_run(tmp
         assert sorted(k for k in held if k.startswith("acct")) == sorted(names)
 
 
+async def test_an_interrupted_rejoin_takes_the_joiner_out_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin's rejoin call goes away while the joiner is still copying (its deadline,
+    Ctrl-C, a dropped connection): the authority does not leave the half-copied node in
+    the replica sets (a failover could make it primary of data it never copied) — it
+    puts the previous sets back at a new epoch; a later rejoin completes. (Found by the
+    simulator, where the fault schedule's end cancelled a rejoin mid-copy.)"""
+    from coordinator import Participant
+
+    slow = [True]
+    real_snapshot = Participant._repl_snapshot
+
+    async def slow_snapshot(self: Participant, *args: Any, **kwargs: Any) -> Any:
+        if slow[0]:
+            await trio.sleep(30)
+        return await real_snapshot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Participant, "_repl_snapshot", slow_snapshot)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 3)
+        await open_accounts(cluster, names)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        await coordinator.mark_down("n0")
+        local.crash("n0")
+        await transfers(cluster, names, 10, seed=4)  # n0 misses these
+        await local.start_shard("n0")
+        before = coordinator.shard_map
+        assert before is not None and all("n0" not in members for members in before.replica_sets)
+        with trio.move_on_after(1.0) as scope:
+            await cluster.coordinator.options(retries_max=0).call("coord.rejoin", "n0")
+        assert scope.cancelled_caught  # the caller gave up while n0 was copying
+        with trio.fail_after(10):
+            while coordinator.shard_map is None or coordinator.shard_map.epoch < before.epoch + 2:
+                await trio.sleep(0.02)
+        after = coordinator.shard_map
+        assert after.epoch == before.epoch + 2 and after.replica_sets == before.replica_sets
+        await transfers(cluster, names, 10, seed=5)
+        assert await total(cluster, names) == 100 * len(names), await explain(local)
+        await assert_replicas_equal(local)
+        slow[0] = False
+        result = await coordinator.rejoin("n0")
+        assert result["epochs"] == [after.epoch + 1, after.epoch + 2]
+        assert await total(cluster, names) == 100 * len(names), await explain(local)
+        await assert_replicas_equal(local)
+
+
 def _toml(data_dir: Path, ports: list[int], nodes: int, replication_factor: int = 3) -> str:
     lines = ["[cluster]", f"replication_factor = {replication_factor}", "partitions = 256", f'data_dir = "{data_dir}"',
              "", "[coordinator]", 'host = "127.0.0.1"', f"port = {ports[0]}", ""]  # fmt: skip

@@ -35,7 +35,7 @@ def digest(result) -> str:  # type: ignore[no-untyped-def]
 FAULTS = (
     Fault(0.3, "crash", "s1"),
     Fault(0.8, "restart", "s1"),
-    Fault(0.5, "drop", "coordinator", "s0", 0.05),
+    Fault(0.5, "drop", "coordinator", "s0", 0.15),
     Fault(0.9, "reorder", "s0", "coordinator", 0.2),
     Fault(1.2, "crash", "coordinator"),
     Fault(1.5, "restart", "coordinator"),

@@ -155,9 +155,13 @@ class _Pipe:
 
     def _push(self, deliver_at: float, data: bytes) -> None:
         self.last_deliver_at = max(self.last_deliver_at, deliver_at)
-        heapq.heappush(self.queue, _Chunk(deliver_at, self.net.next_seq(), data))
+        chunk = _Chunk(deliver_at, self.net.next_seq(), data)
+        heapq.heappush(self.queue, chunk)
         self.queued_bytes += len(data)
-        self._notify()
+        if self.queue[0] is chunk:
+            # Only a new head changes what the reader waits for (it sleeps until the
+            # head's delivery time); a later chunk would wake it for nothing.
+            self._notify()
 
     async def read(self, max_bytes: int) -> bytes:
         while True:
@@ -171,9 +175,10 @@ class _Pipe:
             now = trio.current_time()
             if self.queue and self.queue[0].deliver_at <= now:
                 chunk = heapq.heappop(self.queue)
+                if self.queued_bytes > PIPE_BYTES_MAX:
+                    self._notify()  # a sender may wait for room
                 self.queued_bytes -= len(chunk.data)
                 self.partial = chunk.data
-                self._notify()  # a sender may wait for room
                 continue
             if not self.queue and self.eof:
                 await trio.lowlevel.checkpoint()
