@@ -560,24 +560,30 @@ class Participant:
                 await write_local()
             if local_error is not None:
                 log.error("shard %s: prepare record of %d not written: %s", self.shard, txid, local_error)
-                self.core.prepare_failed(txid, f"prepare record not durable: {local_error}")
+                granted = self.core.prepare_failed(txid, f"prepare record not durable: {local_error}")
                 await self._abort_replicas(txid, replicas)
-                self._wake([], txid)
+                self._wake(granted, txid)
                 return {"vote": "no", "reason": f"prepare record not durable: {local_error}"}
-            if not self.core.prepared(txid):  # aborted while the record was being written
-                await self.store.delete_prepare(txid)
-                await self._abort_replicas(txid, replicas)
-                return {"vote": "no", "reason": "aborted during prepare"}
             refusal = replicas if isinstance(replicas, str) else ""
             if isinstance(replicas, Plan) and replicas.failures:
                 refusal = "prepare record not on every replica: " + _describe_failures(replicas.failures)
             if refusal:
+                # Decided here, before the transaction counts as prepared: a no voter
+                # aborts on its own. (It used to be marked prepared first, so this abort
+                # did nothing: locks held, and never asked about since no prepare time
+                # was kept, until the coordinator's abort came -- which a coordinator
+                # crash loses. Found by the simulator: a follower down, then the
+                # coordinator; termination check.)
                 log.info("shard %s: votes no on %d: %s", self.shard, txid, refusal)
-                self.core.prepare_failed(txid, refusal)
+                granted = self.core.prepare_failed(txid, refusal)
                 await self.store.delete_prepare(txid)
                 await self._abort_replicas(txid, replicas)
-                self._wake([], txid)
+                self._wake(granted, txid)
                 return {"vote": "no", "reason": refusal}
+            if not self.core.prepared(txid):  # aborted while the record was being written
+                await self.store.delete_prepare(txid)
+                await self._abort_replicas(txid, replicas)
+                return {"vote": "no", "reason": "aborted during prepare"}
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = trio.current_time()
             if _env.broken("participant.release_locks_at_prepare"):

@@ -149,11 +149,16 @@ class ParticipantCore:
         tx.state = TxState.PREPARED
         return True
 
-    def prepare_failed(self, txid: int, reason: str) -> None:
+    def prepare_failed(self, txid: int, reason: str) -> list[Any]:
+        """The prepare could not be made durable (here or on a replica): this shard votes
+        no and aborts the transaction on its own, as a no voter may. Returns the lock
+        requests granted as a result. (Only while PREPARING: once :meth:`prepared` said
+        yes, only the coordinator's word ends it.)"""
         tx = self.txs.get(txid)
         if tx is not None and tx.state is TxState.PREPARING:
             tx.state = TxState.ACTIVE
-            self.abort(txid, reason)
+            return self.abort(txid, reason)
+        return []
 
     def restore_prepared(
         self, txid: int, writes: dict[Any, Any], locks: list[tuple[Any, Mode]], now: float

@@ -237,6 +237,32 @@ async def test_a_node_marked_down_catches_up_and_rejoins_while_transfers_run(tmp
         assert sorted(k for k in held if k.startswith("acct")) == sorted(names)
 
 
+async def test_a_prepare_refused_for_lack_of_a_replica_aborts_at_once(tmp_path: Path) -> None:
+    """A follower is down and not yet marked down: the primary cannot make its prepare
+    record durable on every replica, votes no, and aborts the transaction itself (locks
+    free at once, nothing left in doubt) -- it does not wait for the coordinator's
+    abort, which a coordinator crash would lose. (Found by the simulator: the
+    transaction stayed prepared, its locks held, and was never asked about.)"""
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        name = next(n for n in (f"acct{i}" for i in range(1000)) if shard_map.primary_of(n).name == "n0")
+        await open_accounts(cluster, [name])
+        local.crash("n2")  # a follower of every partition (R = 3 of 3 nodes)
+        participant = local.participants["n0"]
+        async with txrpc.connect(*shard_map.node("n0").address) as shard:
+            txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+            meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
+            assert await shard.options(metadata=meta).call("bank.deposit", name, 5) == 105
+            with trio.fail_after(30):
+                answer = await shard.call("tx.prepare", txid)
+            assert answer["vote"] == "no" and "not on every replica" in answer["reason"]
+            # Decided at the shard itself: no coordinator abort was sent.
+            assert txid not in participant.core.txs and participant.core.in_doubt() == []
+            assert not participant.core.locks.held_by(txid)
+            async with cluster.transaction() as t:  # the account is free at once
+                assert await t.bank.balance(name) == 100
+
+
 async def test_an_interrupted_rejoin_takes_the_joiner_out_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
