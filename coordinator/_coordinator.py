@@ -91,7 +91,7 @@ class Coordinator:
         """Recover from the log, then drive phase 2 and expire abandoned transactions."""
         block_end, undone = await self.log.load()
         redo = self.core.recover(block_end, undone)
-        await self._load_map()
+        abandoned_move = await self._load_map()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for name, (host, port) in sorted(self.nodes.items()):
@@ -99,6 +99,9 @@ class Coordinator:
                     host, port, limits=self.limits, connect_now=False, rng=random.Random(self.rng.random())
                 )
                 self._clients[name] = await nursery.start(_hold_client, client)
+            if abandoned_move:
+                assert self.shard_map is not None
+                nursery.start_soon(self._publish, self.shard_map)
             for txid in redo:
                 log.info("coordinator: re-driving phase 2 of %d", txid)
                 nursery.start_soon(self._phase_two, self.core.txs[txid])
@@ -141,21 +144,44 @@ class Coordinator:
     def _replicated(self) -> bool:
         return self.shard_map is not None and self.shard_map.replication_factor > 1
 
-    async def _load_map(self) -> None:
+    async def _load_map(self) -> bool:
+        """The durable map (or the configured one, stored). A move this coordinator was
+        making when it stopped (its interim map is durable, with the sets it came from)
+        is abandoned: those sets come back at a new epoch. Returns True then (the caller
+        publishes the map)."""
         if self.shard_map is None:
-            return
-        stored = await KvTransaction(self.log.database, namespace=AUTHORITY_NAMESPACE).get("shard_map")
+            return False
+        reader = KvTransaction(self.log.database, namespace=AUTHORITY_NAMESPACE)
+        stored = await reader.get("shard_map")
         if stored is not None:
             durable = ShardMap.from_wire(stored)
             if durable.epoch >= self.shard_map.epoch:
                 self.shard_map = durable
-                return
+                moving_from = await reader.get("move_previous")
+                if moving_from is None:
+                    return False
+                came_from = ShardMap.from_wire(moving_from)
+                self.shard_map = ShardMap(
+                    durable.epoch + 1, came_from.replication_factor, came_from.partitions, came_from.nodes,
+                    came_from.replica_sets,
+                )  # fmt: skip
+                await self._store_map(self.shard_map)
+                log.warning("shard map epoch %d: a move interrupted by a restart is abandoned", self.shard_map.epoch)
+                return True
         await self._store_map(self.shard_map)
+        return False
 
-    async def _store_map(self, shard_map: ShardMap) -> None:
+    async def _store_map(self, shard_map: ShardMap, moving_from: ShardMap | None = None) -> None:
+        """``shard_map`` durable; with ``moving_from`` (a move's interim map), the sets
+        to go back to if this coordinator stops before the move ends."""
         tx = KvTransaction(self.log.database, namespace=AUTHORITY_NAMESPACE)
         await tx.get("shard_map")
+        had_move = await tx.get("move_previous") is not None
         tx.put("shard_map", shard_map.to_wire())
+        if moving_from is not None:
+            tx.put("move_previous", moving_from.to_wire())
+        elif had_move:
+            tx.delete("move_previous")
         await tx.commit(self.log.appender)
 
     async def get_shard_map(self) -> dict[str, Any]:
@@ -287,7 +313,7 @@ class Coordinator:
 
         try:
             joined = sum(map(len, joining.values()))
-            await self._install(interim, f"{what}: {joined} partition copies join as followers")
+            await self._install(interim, f"{what}: {joined} partition copies join as followers", moving_from=previous)
             async with trio.open_nursery() as nursery:
                 for name, partitions in sorted(joining.items()):
                     nursery.start_soon(catch_up, name, partitions)
@@ -302,7 +328,8 @@ class Coordinator:
                 await self._install(previous, f"{what} interrupted: abandoned")
             raise
         if failures:
-            await self._install(previous, f"{what} abandoned")
+            with trio.CancelScope(shield=True):
+                await self._install(previous, f"{what} abandoned")
             raise txrpc.Unavailable(
                 f"{what}: could not catch up "
                 + "; ".join(f"{n}: {why}" for n, why in sorted(failures.items()))
@@ -331,9 +358,11 @@ class Coordinator:
             "unreachable": unreachable,
         }
 
-    async def _install(self, shard_map: ShardMap, why: str) -> tuple[list[str], list[str]]:
+    async def _install(
+        self, shard_map: ShardMap, why: str, moving_from: ShardMap | None = None
+    ) -> tuple[list[str], list[str]]:
         """Make ``shard_map`` the current map: durable first, then published."""
-        await self._store_map(shard_map)
+        await self._store_map(shard_map, moving_from)
         self.shard_map = shard_map
         log.warning("shard map epoch %d: %s", shard_map.epoch, why)
         return await self._publish(shard_map)

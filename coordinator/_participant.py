@@ -574,11 +574,23 @@ class Participant:
                 # was kept, until the coordinator's abort came -- which a coordinator
                 # crash loses. Found by the simulator: a follower down, then the
                 # coordinator; termination check.)
+                # The record goes first, the locks after: freed locks with the record
+                # still on disk could let a conflicting transaction prepare, and both
+                # would come back, conflicting, at a restart.
                 log.info("shard %s: votes no on %d: %s", self.shard, txid, refusal)
-                granted = self.core.prepare_failed(txid, refusal)
-                await self.store.delete_prepare(txid)
+                try:
+                    await self.store.delete_prepare(txid)
+                except Exception as exc:
+                    # The record may stay: keep the transaction prepared (locks held);
+                    # the coordinator's abort, or asking it (presumed abort), ends it.
+                    log.warning("shard %s: prepare record of %d not dropped: %s", self.shard, txid, exc)
+                    if self.core.prepared(txid):
+                        self.core.locks.mark_prepared(txid)
+                        self._prepared_at[txid] = trio.current_time()
+                    await self._abort_replicas(txid, replicas)
+                    return {"vote": "no", "reason": refusal}
                 await self._abort_replicas(txid, replicas)
-                self._wake(granted, txid)
+                self._wake(self.core.prepare_failed(txid, refusal), txid)
                 return {"vote": "no", "reason": refusal}
             if not self.core.prepared(txid):  # aborted while the record was being written
                 await self.store.delete_prepare(txid)

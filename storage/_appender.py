@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import enum
 import itertools
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -57,6 +58,11 @@ T = TypeVar("T")
 BATCH_RECORDS_MAX_DEFAULT = 256
 QUEUE_RECORDS_MAX_DEFAULT = 4096
 CHECKPOINT_RECORDS = 2048
+INLINE_BATCH_S_MAX = 0.005
+"""An inline batch that took longer (a slow disk's fsync) sends the next batches to a
+worker thread for ``INLINE_PAUSE_S``: the event loop waits at most this long, about
+once per pause."""
+INLINE_PAUSE_S = 10.0
 """Inline writes: records committed between two WAL checkpoints (SQLite's own default
 is every 1000 pages of WAL, a few thousand such records)."""
 
@@ -177,6 +183,8 @@ class AppenderStats:
     #: and were written on a worker thread; WAL checkpoints run between batches.
     batches_on_thread: int = 0
     checkpoints: int = 0
+    #: ``inline_writes``: inline batches slower than INLINE_BATCH_S_MAX (threads for a while).
+    inline_pauses: int = 0
 
 
 class GroupCommitAppender:
@@ -228,6 +236,7 @@ class GroupCommitAppender:
         self._writer_waits = True  # the writer connection's busy timeout is the engine's (else 0)
         self._engine_busy_ms: int | None = None
         self._records_since_checkpoint = 0
+        self._inline_paused_until = -math.inf
         self.pipelined_fsync = pipelined_fsync and batching and database.dialect == "sqlite"
         self._unsynced: list[tuple[_Pending, Any]] = []
         self._sync_waiters: list[_SyncWaiter] = []
@@ -472,17 +481,39 @@ class GroupCommitAppender:
             trio.lowlevel.reschedule(task)
 
     async def _run_batch(self, batch: list[_Pending]) -> list[Any]:
-        if self.inline_writes and storage_threads.inline.get() is None:  # (the simulator has its own)
+        if self.inline_writes:
+            self._records_since_checkpoint += len(batch)  # (whichever way it is written)
+        if (
+            self.inline_writes
+            and self._writer is not None  # (opening it may wait: that is done on a thread)
+            and trio.current_time() >= self._inline_paused_until
+            and storage_threads.inline.get() is None  # (the simulator has its own)
+        ):
             await trio.lowlevel.checkpoint_if_cancelled()
+            started = trio.current_time()
             try:
-                results = self._write_batch_sync(batch, inline=True)
+                results = self._write_inline(batch)
             except _WriterBusy:
                 self.stats.batches_on_thread += 1  # another process holds the write lock
+            except BaseException:
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await run_blocking(self._release_writer, limiter=self.database.write_thread_limiter)
+                raise
             else:
-                self._records_since_checkpoint += len(batch)
+                if trio.current_time() - started > INLINE_BATCH_S_MAX:
+                    # A slow disk (its fsync) would stop the event loop on every batch:
+                    # worker threads for a while, then try again.
+                    self._inline_paused_until = trio.current_time() + INLINE_PAUSE_S
+                    self.stats.inline_pauses += 1
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return results
         return await run_blocking(self._write_batch_sync, batch, limiter=self.database.write_thread_limiter)
+
+    @trio.lowlevel.enable_ki_protection
+    def _write_inline(self, batch: list[_Pending]) -> list[Any]:
+        # KI-protected: a Ctrl-C must not land between COMMIT and the writers' wake-up
+        # (they would be told "rolled back" of a committed batch).
+        return self._write_batch_sync(batch, inline=True)
 
     async def _checkpoint_if_due(self) -> None:
         """Inline writes: the WAL checkpoint SQLite would have run inside a commit, on a
@@ -499,7 +530,8 @@ class GroupCommitAppender:
             await run_blocking(checkpoint, limiter=self.database.write_thread_limiter)
             self.stats.checkpoints += 1
         except Exception:
-            self._release_writer()  # a fresh connection for the next batch; SQLite retries later
+            # A fresh connection for the next batch; SQLite retries the checkpoint later.
+            await run_blocking(self._release_writer, limiter=self.database.write_thread_limiter)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
@@ -579,8 +611,10 @@ class GroupCommitAppender:
         except BaseException:
             # Start the next batch on a fresh connection, as if each batch took its own;
             # the batch's own error (e.g. a failed COMMIT: outcome unknown) is what counts.
-            with contextlib.suppress(Exception):
-                self._release_writer()
+            # (Inline, the caller lets it go on a worker thread: closing may checkpoint.)
+            if not inline:
+                with contextlib.suppress(Exception):
+                    self._release_writer()
             raise
 
     def _release_writer(self) -> None:

@@ -341,7 +341,8 @@ async def test_inline_batches_never_wait_on_the_event_loop_for_another_process(s
     kind = ThreadRecordingKind()
     async with opened(sqlite_url) as st:
         assert st.appender.inline_writes
-        assert await st.appender.append(kind, "first") == 1
+        await st.appender.append(JournalKind(), "warm-up")  # opens the writer (on a thread)
+        assert await st.appender.append(kind, "first") == 2
         assert kind.threads == [threading.get_ident()]
         other = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
         try:
@@ -360,14 +361,39 @@ async def test_inline_batches_never_wait_on_the_event_loop_for_another_process(s
                         ticks += 1
                     assert not result and ticks == 20
                     other.execute("COMMIT")
-            assert result == [2]
+            assert result == [3]
         finally:
             other.close()
         assert len(kind.threads) == 2 and kind.threads[1] != threading.get_ident()
         assert st.appender.stats.batches_on_thread == 1
-        assert await st.appender.append(kind, "third") == 3  # and back inline
+        assert await st.appender.append(kind, "third") == 4  # and back inline
         assert kind.threads[2] == threading.get_ident()
-    assert journal_rows(sqlite_url) == {1: "first", 2: "second", 3: "third"}
+    assert journal_rows(sqlite_url) == {1: "warm-up", 2: "first", 3: "second", 4: "third"}
+
+
+async def test_a_slow_inline_batch_sends_the_next_ones_to_a_thread_for_a_while(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk must not stop the event loop batch after batch: an inline batch slower
+    than INLINE_BATCH_S_MAX sends the following ones to a worker thread for
+    INLINE_PAUSE_S, then inline is tried again."""
+    import threading
+
+    import storage._appender as appender_module
+
+    kind = ThreadRecordingKind()
+    async with opened(sqlite_url) as st:
+        await st.appender.append(kind, "opens-the-writer")  # on a thread
+        await st.appender.append(kind, "fast")
+        monkeypatch.setattr(appender_module, "INLINE_BATCH_S_MAX", -1.0)  # every batch is "slow"
+        monkeypatch.setattr(appender_module, "INLINE_PAUSE_S", 0.2)
+        await st.appender.append(kind, "slow")  # inline, too slow: pause
+        await st.appender.append(kind, "paused")  # on a thread
+        await trio.sleep(0.3)
+        await st.appender.append(kind, "again")  # inline again
+        loop = threading.get_ident()
+        assert [t == loop for t in kind.threads] == [False, True, True, False, True]
+        assert st.appender.stats.inline_pauses == 2
 
 
 async def test_inline_writes_checkpoint_the_wal_between_batches(

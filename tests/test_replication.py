@@ -263,6 +263,41 @@ async def test_a_prepare_refused_for_lack_of_a_replica_aborts_at_once(tmp_path: 
                 assert await t.bank.balance(name) == 100
 
 
+async def test_a_move_cut_short_by_a_coordinator_restart_is_abandoned(tmp_path: Path) -> None:
+    """The coordinator stops (crash, kill -9) after a move's interim map is durable and
+    before the copies are done: on restart it does not keep the half-copied joiner in
+    the sets -- the sets the move came from come back at a new epoch and are published."""
+    from txrpc._shardmap import ShardMap
+
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 2)
+        await open_accounts(cluster, names)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        await coordinator.mark_down("n0")
+        before = coordinator.shard_map
+        assert before is not None
+        # What _move makes durable first: n0 back as a follower of every set (no copy yet).
+        interim = ShardMap(
+            before.epoch + 1, before.replication_factor, before.partitions, before.nodes,
+            tuple((*members, "n0") for members in before.replica_sets),
+        )  # fmt: skip
+        await coordinator._store_map(interim, moving_from=before)
+        local.crash("coordinator")
+        await trio.sleep(0.1)
+        restarted = await local.start_coordinator()
+        after = restarted.shard_map
+        assert after is not None and after.epoch == interim.epoch + 1
+        assert after.replica_sets == before.replica_sets
+        with trio.fail_after(10):  # published: the shards installed it
+            while any(p.replication is None or p.replication.guard.epoch != after.epoch
+                      for p in local.participants.values()):  # fmt: skip
+                await trio.sleep(0.05)
+        assert await transfers(cluster, names, 5, seed=6) > 0
+        assert await total(cluster, names) == 100 * len(names), await explain(local)
+        await assert_replicas_equal(local)
+
+
 async def test_an_interrupted_rejoin_takes_the_joiner_out_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

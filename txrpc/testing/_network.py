@@ -208,8 +208,10 @@ class SimStream(trio.abc.Stream):
         pipe = self._out
         if pipe.reset or pipe.reader_closed:
             raise trio.BrokenResourceError("connection reset (simulated)")
-        while pipe.queued_bytes > PIPE_BYTES_MAX and not pipe.reset:
+        while pipe.queued_bytes > PIPE_BYTES_MAX and not pipe.reset and not pipe.reader_closed:
             await pipe.changed.wait()
+        if pipe.reset or pipe.reader_closed:
+            raise trio.BrokenResourceError("connection reset (simulated)")
         pipe.write(bytes(data))
 
     async def wait_send_all_might_not_block(self) -> None:
