@@ -298,6 +298,53 @@ async def test_phase_two_commits_are_batched_per_participant(
         assert sum(balances) == 100 * len(names)
 
 
+async def test_phase_two_sender_does_not_back_off_while_another_shard_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard that acknowledged its share of a commit while the other shard has not yet
+    is not a refusal: the sender goes straight on with the next batch (no backoff sleep;
+    an earlier version paused there, throttling phase 2 to the slowest shard)."""
+    from coordinator import Coordinator, Participant
+
+    backoffs: list[int] = []
+    real_backoff = Coordinator._backoff
+    real_commit = Participant.commit
+
+    def counting_backoff(self: Coordinator, attempt: int) -> float:
+        backoffs.append(attempt)
+        return real_backoff(self, attempt)
+
+    async def slow_on_n1(self: Participant, txid: int) -> str:
+        if self.shard == "n1":
+            await trio.sleep(0.05)
+        return await real_commit(self, txid)
+
+    monkeypatch.setattr(Coordinator, "_backoff", counting_backoff)
+    monkeypatch.setattr(Participant, "commit", slow_on_n1)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 12)
+        await open_accounts(cluster, names, 100)
+        primary = local.config.shard_map.primary_of
+        pairs = [(a, b) for a in names for b in names if {primary(a).name, primary(b).name} == {"n0", "n1"}][:6]
+        assert pairs
+        backoffs.clear()
+
+        async def transfers(src: str, dst: str) -> None:
+            for _ in range(5):
+                await transfer(cluster, src, dst, 1, attempts=50)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for src, dst in pairs:
+                    nursery.start_soon(transfers, src, dst)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        with trio.fail_after(10):
+            while coordinator._commits_to_send:
+                await trio.sleep(0.01)
+        assert backoffs == []  # nothing was refused: no sender slept
+
+
 async def test_a_shard_without_commit_many_gets_single_commits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
