@@ -376,7 +376,10 @@ class FaultProxy:
                 delay_s = toxics.latency_s
                 if toxics.jitter_s:
                     delay_s = max(0.0, delay_s + self.rng.uniform(-toxics.jitter_s, toxics.jitter_s))
-                await send.send((trio.current_time() + delay_s, data))
+                try:
+                    await send.send((trio.current_time() + delay_s, data))
+                except trio.BrokenResourceError:
+                    return  # the writer side already ended this connection
 
     async def _write(
         self,
