@@ -160,11 +160,7 @@ class Coordinator:
                 moving_from = await reader.get("move_previous")
                 if moving_from is None:
                     return False
-                came_from = ShardMap.from_wire(moving_from)
-                self.shard_map = ShardMap(
-                    durable.epoch + 1, came_from.replication_factor, came_from.partitions, came_from.nodes,
-                    came_from.replica_sets,
-                )  # fmt: skip
+                self.shard_map = ShardMap.from_wire(moving_from).with_epoch(durable.epoch + 1)
                 await self._store_map(self.shard_map)
                 log.warning("shard map epoch %d: a move interrupted by a restart is abandoned", self.shard_map.epoch)
                 return True
@@ -295,9 +291,7 @@ class Coordinator:
         )
         copied = {"rows": 0, "deleted": 0}
         failures: dict[str, str] = {}
-        previous = ShardMap(  # what an abandoned move goes back to, at the epoch after the interim one
-            interim.epoch + 1, current.replication_factor, current.partitions, current.nodes, current.replica_sets
-        )
+        previous = current.with_epoch(interim.epoch + 1)  # what an abandoned move goes back to
 
         async def catch_up(name: str, partitions: list[int]) -> None:
             try:

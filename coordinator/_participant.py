@@ -568,15 +568,11 @@ class Participant:
             if isinstance(replicas, Plan) and replicas.failures:
                 refusal = "prepare record not on every replica: " + _describe_failures(replicas.failures)
             if refusal:
-                # Decided here, before the transaction counts as prepared: a no voter
-                # aborts on its own. (It used to be marked prepared first, so this abort
-                # did nothing: locks held, and never asked about since no prepare time
-                # was kept, until the coordinator's abort came -- which a coordinator
-                # crash loses. Found by the simulator: a follower down, then the
-                # coordinator; termination check.)
-                # The record goes first, the locks after: freed locks with the record
-                # still on disk could let a conflicting transaction prepare, and both
-                # would come back, conflicting, at a restart.
+                # Decided before the transaction counts as prepared: a no voter aborts
+                # on its own, not on the coordinator's abort (a coordinator crash loses
+                # that; found by the simulator). The record goes before the locks: freed
+                # locks with the record still on disk could let a conflicting transaction
+                # prepare, and both would come back at a restart.
                 log.info("shard %s: votes no on %d: %s", self.shard, txid, refusal)
                 try:
                     await self.store.delete_prepare(txid)

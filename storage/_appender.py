@@ -58,13 +58,13 @@ T = TypeVar("T")
 BATCH_RECORDS_MAX_DEFAULT = 256
 QUEUE_RECORDS_MAX_DEFAULT = 4096
 CHECKPOINT_RECORDS = 2048
+"""Inline writes: records committed between two WAL checkpoints (SQLite's own default
+is every 1000 pages of WAL, a few thousand such records)."""
 INLINE_BATCH_S_MAX = 0.005
 """An inline batch that took longer (a slow disk's fsync) sends the next batches to a
 worker thread for ``INLINE_PAUSE_S``: the event loop waits at most this long, about
 once per pause."""
 INLINE_PAUSE_S = 10.0
-"""Inline writes: records committed between two WAL checkpoints (SQLite's own default
-is every 1000 pages of WAL, a few thousand such records)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -234,7 +234,7 @@ class GroupCommitAppender:
         self.database = database
         self.inline_writes = inline_writes and batching and database.dialect == "sqlite"
         self._writer_waits = True  # the writer connection's busy timeout is the engine's (else 0)
-        self._engine_busy_ms: int | None = None
+        self._engine_busy_ms = 0  # read from the writer connection when it is opened
         self._records_since_checkpoint = 0
         self._inline_paused_until = -math.inf
         self.pipelined_fsync = pipelined_fsync and batching and database.dialect == "sqlite"
@@ -591,10 +591,13 @@ class GroupCommitAppender:
             self._writer_lazy = False
             self._writer_waits = True
             if self.inline_writes:  # checkpoints are the flusher's (_checkpoint_if_due)
-                writer.connection.driver_connection.execute("PRAGMA wal_autocheckpoint = 0")  # type: ignore[union-attr]
+                driver = writer.connection.driver_connection
+                driver.execute("PRAGMA wal_autocheckpoint = 0")  # type: ignore[union-attr]
+                # The engine's busy timeout (its connect hook set it), for thread batches.
+                self._engine_busy_ms = int(driver.execute("PRAGMA busy_timeout").fetchone()[0])  # type: ignore[union-attr]
         if self._writer_waits == inline:
             # Inline, never wait for another process's lock (the event loop would stop).
-            busy_ms = 0 if inline else self._busy_timeout_ms(writer)
+            busy_ms = 0 if inline else self._engine_busy_ms
             writer.connection.driver_connection.execute(f"PRAGMA busy_timeout = {busy_ms}")  # type: ignore[union-attr]
             self._writer_waits = not inline
         try:
@@ -636,15 +639,6 @@ class GroupCommitAppender:
         except Exception:
             with contextlib.suppress(Exception):
                 conn.invalidate()
-
-    def _busy_timeout_ms(self, writer: Connection) -> int:
-        if self._engine_busy_ms is None:
-            # What the engine's connect hook set on every connection: read from a pooled one.
-            with self.database.engine.connect() as conn:
-                self._engine_busy_ms = int(
-                    conn.connection.driver_connection.execute("PRAGMA busy_timeout").fetchone()[0]  # type: ignore[union-attr]
-                )
-        return self._engine_busy_ms
 
     def _write_in_transaction(
         self, conn: Connection, batch: list[_Pending], flush: bool, *, inline: bool = False

@@ -414,3 +414,22 @@ async def test_inline_writes_checkpoint_the_wal_between_batches(
         assert st.appender.stats.checkpoints >= 5
         assert os.path.getsize(path) > size_before  # pages reached the database file
     assert len(journal_rows(sqlite_url)) == 301
+
+
+async def test_inline_batches_are_protected_from_ctrl_c(sqlite_url: str) -> None:
+    """An inline batch runs KI-protected: a KeyboardInterrupt cannot land between its
+    COMMIT and its writers' wake-up (they would hear "rolled back" of a committed batch)."""
+    import threading
+
+    protected: list[tuple[bool, bool]] = []  # (on the loop's thread, KI-protected)
+
+    def write(conn: sa.Connection, records: Sequence[str]) -> list[None]:
+        protected.append((threading.get_ident() == loop, trio.lowlevel.currently_ki_protected()))
+        return [None] * len(records)
+
+    kind: storage.RecordKind[str, None] = storage.RecordKind("test.ki", write)
+    loop = threading.get_ident()
+    async with opened(sqlite_url) as st:
+        await st.appender.append(kind, "opens-the-writer")  # on a thread
+        await st.appender.append(kind, "inline")
+    assert protected[1] == (True, True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from _cluster_helpers import load_bank_service, local_cluster
+from _cluster_helpers import LocalCluster, load_bank_service, local_cluster
 
 import txrpc
 
@@ -48,6 +48,28 @@ async def transfer(cluster: txrpc.Cluster, src: str, dst: str, amount: int, atte
         await t.bank.deposit(dst, amount)
 
     await cluster.run_transaction(body, attempts=attempts)
+
+
+async def transfers_until_phase_two_drains(
+    local: LocalCluster, cluster: txrpc.Cluster, pairs: list[tuple[str, str]], rounds: int
+) -> None:
+    """``rounds`` transfers of 1 along each pair, the pairs concurrently; returns once the
+    coordinator has no phase-2 commit left to send (phase 2 runs after the clients hear
+    "committed")."""
+
+    async def along(src: str, dst: str) -> None:
+        for _ in range(rounds):
+            await transfer(cluster, src, dst, 1, attempts=50)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for src, dst in pairs:
+                nursery.start_soon(along, src, dst)
+    coordinator = local.coordinator
+    assert coordinator is not None
+    with trio.fail_after(10):
+        while coordinator._commits_to_send:
+            await trio.sleep(0.01)
 
 
 async def test_cross_shard_transfer_commits_atomically(tmp_path: Path) -> None:
@@ -276,20 +298,7 @@ async def test_phase_two_commits_are_batched_per_participant(
         await open_accounts(cluster, names, 100)
         pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(0, len(names), 2)]
         sizes.clear()
-
-        async def transfers(src: str, dst: str) -> None:
-            for _ in range(10):
-                await transfer(cluster, src, dst, 1, attempts=50)
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for src, dst in pairs:
-                    nursery.start_soon(transfers, src, dst)
-        coordinator = local.coordinator
-        assert coordinator is not None
-        with trio.fail_after(10):
-            while coordinator._commits_to_send:  # phase 2 runs after the clients hear "committed"
-                await trio.sleep(0.01)
+        await transfers_until_phase_two_drains(local, cluster, pairs, 10)
         primary = local.config.shard_map.primary_of
         cross = [(s, d) for s, d in pairs if primary(s) != primary(d)]
         assert sum(sizes) == 2 * 10 * len(cross)  # each cross-shard commit reached both shards once
@@ -328,20 +337,7 @@ async def test_phase_two_sender_does_not_back_off_while_another_shard_is_slow(
         pairs = [(a, b) for a in names for b in names if {primary(a).name, primary(b).name} == {"n0", "n1"}][:6]
         assert pairs
         backoffs.clear()
-
-        async def transfers(src: str, dst: str) -> None:
-            for _ in range(5):
-                await transfer(cluster, src, dst, 1, attempts=50)
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for src, dst in pairs:
-                    nursery.start_soon(transfers, src, dst)
-        coordinator = local.coordinator
-        assert coordinator is not None
-        with trio.fail_after(10):
-            while coordinator._commits_to_send:
-                await trio.sleep(0.01)
+        await transfers_until_phase_two_drains(local, cluster, pairs, 5)
         assert backoffs == []  # nothing was refused: no sender slept
 
 
@@ -376,15 +372,7 @@ async def test_a_shard_without_commit_many_gets_single_commits(
         cross = [(s, d) for s, d in pairs if primary(s) != primary(d)]
         assert cross
         singles.clear()
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for src, dst in cross:
-                    nursery.start_soon(transfer, cluster, src, dst, 1, 50)
-        coordinator = local.coordinator
-        assert coordinator is not None
-        with trio.fail_after(10):
-            while coordinator._commits_to_send:
-                await trio.sleep(0.01)
+        await transfers_until_phase_two_drains(local, cluster, cross, 1)
         # Each committed cross-shard transfer reached both its shards as a single commit.
         assert len(singles) == 2 * len(cross)
         assert len(set(singles)) == len(cross)
