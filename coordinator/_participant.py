@@ -822,6 +822,11 @@ class Participant:
             write_map = {k: (TOMBSTONE if d else v) for k, d, v in share}
             self.core.restore_prepared(rid, write_map, locks, trio.current_time())
             self.core.locks.mark_prepared(rid)
+            # The epoch it was taken at, from now on (not once durable): a catch-up that
+            # starts while it is being written must see a record of the join epoch, not
+            # a stale one to drop (found by test_replication_processes: it was dropped).
+            self._replicated_epoch[rid] = txrpc.current_call().metadata["epoch"]
+            self._prepared_at[rid] = trio.current_time()
             break
         meta = {"origin": origin}
         self._busy[rid] = done = trio.Event()
@@ -829,10 +834,10 @@ class Participant:
             try:
                 await self.store.write_prepare(rid, share, [(k, m.value) for k, m in locks], meta)
             except BaseException:
+                self._replicated_epoch.pop(rid, None)
+                self._prepared_at.pop(rid, None)
                 self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
                 raise
-            self._prepared_at[rid] = trio.current_time()
-            self._replicated_epoch[rid] = txrpc.current_call().metadata["epoch"]
         finally:
             del self._busy[rid]
             done.set()
@@ -974,13 +979,21 @@ class Participant:
             raise txrpc.Unavailable(
                 f"node {self.shard} still has transactions in doubt from before it joined; retry the catch-up"
             )
-        # Replicated records from before this epoch are superseded by the snapshot.
+        # Replicated records taken before this epoch (or recovered from disk: no epoch
+        # known) are superseded by the snapshot. Records of this epoch are not: the
+        # primaries' snapshots leave their transactions out (replicated here), and
+        # their outcome is applied here when it comes.
         for rid, tx in list(self.core.txs.items()):
-            before = self._prepared_at.get(rid, -math.inf) < replication.installed_at
-            if rid < 0 and tx.state is TxState.PREPARED and before:
-                if any(shard_map.partition_of(k) in wanted for k in tx.writes):
-                    await self.store.delete_prepare(rid)
-                    self._wake(self.core.abort(rid, "superseded by a catch-up snapshot"), rid)
+            if rid >= 0 or not any(shard_map.partition_of(k) in wanted for k in tx.writes):
+                continue
+            await self._serialize(rid)  # one being written: decided once it is durable
+            record = self.core.txs.get(rid)
+            taken = self._replicated_epoch.get(rid)
+            if record is not None and record.state is TxState.PREPARED and (taken is None or taken < shard_map.epoch):
+                await self.store.delete_prepare(rid)
+                self._replicated_epoch.pop(rid, None)
+                self._prepared_at.pop(rid, None)
+                self._wake(self.core.abort(rid, "superseded by a catch-up snapshot"), rid)
         replication.resyncing |= wanted
         replication.touched.clear()
         copied = deleted = 0

@@ -346,6 +346,70 @@ async def test_an_interrupted_rejoin_takes_the_joiner_out_again(
         await assert_replicas_equal(local)
 
 
+async def test_a_record_taken_at_the_join_epoch_while_the_catch_up_starts_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A joiner takes a prepare record at the join epoch, and its catch-up starts while
+    that record is still being written: the record is the joiner's share of a
+    transaction the primary's snapshot will not contain (it was replicated to the
+    joiner), so it must not count as a stale one from before the join. (Found by
+    test_replication_processes in CI: the record was dropped as "superseded", the
+    joiner had answered "ok", the commit notice found nothing to apply, and the joiner,
+    primary after the move, served a balance one transfer old: money was created.)"""
+    from coordinator import Participant
+
+    gate, entered = trio.Event(), trio.Event()
+    real_catch_up = Participant._repl_catch_up
+
+    async def gated_catch_up(self: Participant, partitions: list[int]) -> Any:
+        entered.set()
+        await gate.wait()
+        return await real_catch_up(self, partitions)
+
+    monkeypatch.setattr(Participant, "_repl_catch_up", gated_catch_up)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        coordinator = local.coordinator
+        assert coordinator is not None
+        shard_map = local.config.shard_map
+        name = next(n for n in (f"acct{i}" for i in range(1000)) if shard_map.primary_of(n).name == "n1")
+        await open_accounts(cluster, [name])
+        await coordinator.mark_down("n0")
+        local.crash("n0")
+        await local.start_shard("n0")
+        joiner = local.participants["n0"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(coordinator.rejoin, "n0")
+            with trio.fail_after(10):
+                await entered.wait()  # the join epoch is installed; n0 is about to catch up
+            interim = coordinator.shard_map
+            assert interim is not None and "n0" in interim.replicas_of(name)
+            async with txrpc.connect(*interim.node("n1").address) as shard:
+                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+                meta = {"txid": txid, "op_seq": 1, "epoch": interim.epoch}
+                assert await shard.options(metadata=meta).call("bank.deposit", name, 5) == 105
+                votes: list[Any] = []
+
+                async def prepare() -> None:
+                    votes.append(await shard.call("tx.prepare", txid))
+
+                async with joiner.store.database.write_lock:  # n0's record write is held up
+                    nursery.start_soon(prepare)
+                    with trio.fail_after(10):
+                        while not any(rid < 0 for rid in joiner.core.txs):
+                            await trio.sleep(0.01)
+                    gate.set()  # the catch-up starts while the record is being written
+                    await trio.sleep(0.2)
+                with trio.fail_after(10):
+                    while not votes:
+                        await trio.sleep(0.01)
+                assert votes[0]["vote"] == "yes"
+        # The move is done (the snapshot did not wait for this transaction: it was
+        # replicated to n0). Its commit reaches n0 by replication.
+        await cluster.coordinator.call("coord.commit", txid, ["n1"])
+        assert await cluster.call(name, "bank.balance", name) == 105
+        await assert_replicas_equal(local)
+
+
 def _toml(data_dir: Path, ports: list[int], nodes: int, replication_factor: int = 3) -> str:
     lines = ["[cluster]", f"replication_factor = {replication_factor}", "partitions = 256", f'data_dir = "{data_dir}"',
              "", "[coordinator]", 'host = "127.0.0.1"', f"port = {ports[0]}", ""]  # fmt: skip
