@@ -23,6 +23,10 @@ class SimulatedNode(Protocol):
     #: Set when the simulator crashed the node: it may not touch its storage any more.
     crashed: bool
 
+    def storage_delay_s(self) -> float:
+        """How long the next blocking storage call waits first (a slow disk; 0: none)."""
+        ...
+
 
 class NodeCrashed(BaseException):
     """Raised to code of a simulated node that keeps running after the node crashed
@@ -43,6 +47,13 @@ async def run_blocking(
         if node.crashed:
             raise NodeCrashed("this simulated node crashed; its storage is gone for it")
         await trio.lowlevel.checkpoint_if_cancelled()
+        delay_s = node.storage_delay_s()
+        if delay_s > 0:
+            # A slow disk: the call starts later (other tasks run meanwhile), as a write
+            # queued behind a slow fsync would; nothing of it has happened yet.
+            await trio.sleep(delay_s)
+            if node.crashed:
+                raise NodeCrashed("this simulated node crashed; its storage is gone for it")
         result = fn(*args)
         await trio.lowlevel.cancel_shielded_checkpoint()
         return result

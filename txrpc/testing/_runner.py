@@ -173,6 +173,8 @@ class SimResult:
     duration_s: float = 0.0
     clients: int = 0
     replication_factor: int = 1
+    #: How many times each ``buggify`` point fired.
+    buggified: dict[str, int] = field(default_factory=dict)
 
     @property
     def committed(self) -> int:
@@ -214,6 +216,8 @@ class SimResult:
             f"  operations: {self.counts()}  simulated {self.simulated_s:.1f}s  crashes {len(self.crashes)}",
             f"  network: {self.network}",
         ]
+        if self.buggified:
+            lines.append(f"  buggify fired: {dict(sorted(self.buggified.items()))}")
         if self.broken:
             lines.append(f"  broken on purpose: {', '.join(sorted(self.broken))}")
         ordered = sorted(self.faults, key=lambda f: f.at_s)
@@ -302,6 +306,7 @@ def run_simulation(
             duration_s=wopts.duration_s,
             clients=wopts.clients,
             replication_factor=sopts.replication_factor,
+            buggified=dict(sim.buggified),
         )
 
     return simulate(main, seed=seed, services=[service], options=sopts)

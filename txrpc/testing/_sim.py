@@ -18,6 +18,7 @@ connections; storage stays), :meth:`Simulation.restart` (same storage), pause
 
 from __future__ import annotations
 
+import collections
 import gc
 import heapq
 import itertools
@@ -47,6 +48,8 @@ T = TypeVar("T")
 COORDINATOR = "coordinator"
 #: Seconds since the epoch at simulated time 0 (any fixed value; the wall clock is simulated).
 WALL_EPOCH_S = 1_800_000_000.0
+#: The longest a `storage.slow_io` buggify delay makes a storage call wait (simulated s).
+STORAGE_DELAY_S_MAX = 0.005
 #: Protocol-breaking switches the simulator can turn on (see ``txrpc._env.broken``).
 BROKEN_SWITCHES = (
     "coordinator.skip_decision_write",
@@ -86,6 +89,13 @@ class SimNode:
 
     def buggify(self, name: str) -> bool:
         return self.sim._buggify(self.node, name)
+
+    def storage_delay_s(self) -> float:
+        """``buggify("storage.slow_io")``: a storage call waits up to 5 ms first (a slow
+        disk), which widens every window in which a write is in flight."""
+        if self.buggify("storage.slow_io"):
+            return self.sim._buggify_rng.uniform(0.0, STORAGE_DELAY_S_MAX)
+        return 0.0
 
     def crash_point(self, name: str) -> None:
         self.sim._crash_point(self.node, name)
@@ -152,6 +162,8 @@ class Simulation:
         self._fault_rng = random.Random(self.rng.getrandbits(64))
         self._buggify_rng = random.Random(self.rng.getrandbits(64))
         self._buggify_enabled: dict[str, bool] = {}
+        #: How many times each ``buggify`` point fired.
+        self.buggified: collections.Counter[str] = collections.Counter()
         self._scopes: dict[str, trio.CancelScope] = {}
         self._stopped: dict[str, trio.Event] = {}
         self.down: set[str] = set()
@@ -329,7 +341,10 @@ class Simulation:
         enabled = self._buggify_enabled.get(name)
         if enabled is None:
             enabled = self._buggify_enabled[name] = self._buggify_rng.random() < self.options.buggify_p
-        return enabled and self._buggify_rng.random() < 0.25
+        if enabled and self._buggify_rng.random() < 0.25:
+            self.buggified[name] += 1
+            return True
+        return False
 
     # -- clients -----------------------------------------------------------------------
 
