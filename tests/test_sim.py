@@ -99,8 +99,11 @@ def test_crash_points_at_the_protocol_edges(point: str) -> None:
 
 
 def test_buggify_points_fire_and_keep_the_guarantees() -> None:
-    result = run_simulation(9, workload="bank", options=SimOptions(buggify_p=1.0), workload_options=SHORT)
+    options = SimOptions(buggify_p=1.0)
+    result = run_simulation(9, workload="bank", options=options, workload_options=SHORT)
     assert_valid(result)
+    assert "--buggify 1" in result.replay_command()  # the replay has them too
+    assert options.buggify_p == 1.0  # the run's end (heal) turned them off for that run only
     points = ("participant.slow_prepare", "participant.slow_commit_ack", "coordinator.slow_decision_write",
               "storage.slow_io")  # fmt: skip
     assert all(result.buggified.get(point, 0) > 0 for point in points), result.buggified
@@ -241,6 +244,28 @@ def test_primary_loss_failover_rejoin_and_a_deposed_primary_keep_the_guarantees(
     assert result.counts()["ok"] > 20
 
 
+# Ring moves with R = 3 of 4 nodes: a node removed (the others copy its partitions), a
+# primary lost and failed over meanwhile, the removed node added back (it copies about
+# three quarters of the partitions and becomes primary of some): all while transfers run.
+RING = SimOptions(shards=4, replication_factor=3)
+RING_MOVES = (
+    Fault(0.3, "remove-node", "s3"),
+    Fault(0.7, "crash", "s1"),
+    Fault(0.8, "mark-down", "s1"),
+    Fault(1.0, "restart", "s1"),
+    Fault(1.1, "add-node", "s3"),
+    Fault(1.5, "rejoin", "s1"),
+)
+
+
+@pytest.mark.parametrize("workload", ["bank", "list-append"])
+def test_ring_moves_while_transactions_run_keep_the_guarantees(workload: str) -> None:
+    result = run_simulation(4, workload=workload, faults=RING_MOVES, options=RING, workload_options=SHORT)
+    assert_valid(result)
+    assert "--shards 4 --replication 3" in result.replay_command()
+    assert result.counts()["ok"] > 20
+
+
 def test_catches_a_follower_that_acknowledges_commits_it_drops() -> None:
     options = dataclasses.replace(REPLICATED, broken=frozenset({"replication.follower_skips_commit"}))
     broken = run_simulation(1, workload="bank", faults=(), options=options, workload_options=SHORT)
@@ -270,6 +295,34 @@ def test_generated_schedules_with_replica_faults() -> None:
     run()
 
 
+def test_generated_schedules_with_ring_moves() -> None:
+    """R = 3 of 4 nodes: nodes removed and added back, marked down and rejoined, under
+    generated network and node faults and buggify."""
+
+    @settings(
+        max_examples=max(EXAMPLES // 4, 3),
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        faults=fault_schedules((*NODES, "s3"), ("c0", "c1", "c2"), duration_s=2.0, replicated=True),
+        moved=st.sampled_from(["s0", "s1", "s2", "s3"]),
+        removed_at=st.floats(0.1, 1.0).map(lambda t: round(t, 2)),
+        back_after=st.floats(0.1, 1.0).map(lambda t: round(t, 2)),
+    )
+    def run(seed: int, faults: tuple[Fault, ...], moved: str, removed_at: float, back_after: float) -> None:
+        # Always one node removed and added back, among whatever else the schedule does.
+        move = (Fault(removed_at, "remove-node", moved), Fault(removed_at + back_after, "add-node", moved))
+        options = dataclasses.replace(RING, buggify_p=0.5)
+        result = run_simulation(seed, workload="bank", faults=(*faults, *move), options=options, workload_options=SHORT)
+        assert_valid(result)
+
+    run()
+
+
 # A primary cut off from the authority while it is failed over, then reachable again: it
 # never installed the new epoch and still serves the clients that have not learned it.
 DEPOSED = (Fault(0.5, "partition", "coordinator", "s0"), Fault(0.55, "mark-down", "s0"), Fault(0.8, "heal"))
@@ -292,3 +345,18 @@ def test_catches_a_follower_that_takes_writes_from_a_deposed_primary() -> None:
             assert_valid(honest)
             return
     pytest.fail("no seed in 0..15 exposed the follower that ignores epochs")
+
+
+def test_sim_explore_runs_ring_moves_from_the_command_line() -> None:
+    from click.testing import CliRunner
+
+    from txrpc.cli import cli
+
+    runner = CliRunner()
+    explored = runner.invoke(
+        cli, ["sim", "explore", "--shards", "4", "--replication", "3", "--buggify", "0.5", "--schedules", "2"]
+    )
+    assert explored.exit_code == 0, explored.output
+    assert "2 schedules" in explored.output and "0 violations" in explored.output
+    refused = runner.invoke(cli, ["sim", "run", "--shards", "2", "--replication", "3"])
+    assert refused.exit_code != 0 and "at least as many --shards" in refused.output

@@ -88,8 +88,10 @@ def _workload_options(clients: int, duration: float) -> Any:
 @click.option("--buggify", type=float, default=0.0, show_default=True, help="Probability that a buggify point is on.")
 @click.option("--broken", multiple=True, help="Turn on a test-only protocol-breaking switch (to see it caught).")
 @click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Save the history as JSON lines.")
-@click.option("--replication", type=click.IntRange(1, 3), default=1, show_default=True,
-              help="Replication factor of the 3 shards (faults mark-down:NODE and rejoin:NODE need > 1).")  # fmt: skip
+@click.option("--shards", type=click.IntRange(1, 8), default=3, show_default=True, help="Shard nodes s0, s1, ...")
+@click.option("--replication", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Replication factor, at most --shards (the faults mark-down, rejoin, remove-node and "
+                   "add-node need > 1).")  # fmt: skip
 def sim_run(
     workload: str,
     seed: int,
@@ -100,10 +102,14 @@ def sim_run(
     buggify: float,
     broken: tuple[str, ...],
     history: Path | None,
+    shards: int,
     replication: int,
 ) -> None:
     """One seeded run under a fault schedule; exits 1 if a checker finds a violation."""
     from .testing import BROKEN_SWITCHES, SimOptions, run_simulation
+
+    if replication > shards:
+        raise click.BadParameter(f"--replication {replication} needs at least as many --shards (got {shards})")
 
     unknown = set(broken) - set(BROKEN_SWITCHES)
     if unknown:
@@ -116,7 +122,11 @@ def sim_run(
         except ValueError:
             raise click.BadParameter(f"{item!r}: expected NAME=PROBABILITY") from None
     options = SimOptions(
-        crash_points=points, buggify_p=buggify, broken=frozenset(broken), replication_factor=replication
+        shards=shards,
+        crash_points=points,
+        buggify_p=buggify,
+        broken=frozenset(broken),
+        replication_factor=replication,
     )
     started = time.perf_counter()
     result = run_simulation(
@@ -143,17 +153,31 @@ def sim_run(
 @click.option("--duration", type=float, default=2.0, show_default=True)
 @click.option("--faults-max", type=int, default=6, show_default=True, help="Fault steps per schedule, at most.")
 @click.option("--clients", type=int, default=3, show_default=True)
-@click.option("--replication", type=click.IntRange(1, 3), default=1, show_default=True,
-              help="Replication factor (> 1 adds the authority's faults: mark-down, rejoin).")  # fmt: skip
+@click.option("--shards", type=click.IntRange(1, 8), default=3, show_default=True, help="Shard nodes s0, s1, ...")
+@click.option("--replication", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Replication factor, at most --shards (> 1 adds the authority's faults: mark-down, "
+                   "rejoin, remove-node, add-node).")  # fmt: skip
+@click.option("--buggify", type=float, default=0.0, show_default=True, help="Probability that a buggify point is on.")
 def sim_explore(
-    workload: str, schedules: int, seed: int, duration: float, faults_max: int, clients: int, replication: int
+    workload: str,
+    schedules: int,
+    seed: int,
+    duration: float,
+    faults_max: int,
+    clients: int,
+    shards: int,
+    replication: int,
+    buggify: float,
 ) -> None:
     """Run many random fault schedules; print each failing seed and schedule (exit 1 if any)."""
     from .testing import SimOptions, run_simulation
     from .testing._runner import random_schedule
 
+    if replication > shards:
+        raise click.BadParameter(f"--replication {replication} needs at least as many --shards (got {shards})")
     rng = random.Random(seed)
-    nodes = ("keyed",) if workload == "idempotency" else ("coordinator", "s0", "s1", "s2")
+    shard_names = tuple(f"s{i}" for i in range(shards))
+    nodes = ("keyed",) if workload == "idempotency" else ("coordinator", *shard_names)
     failures = []
     crashed: list[str] = []
     ops = 0
@@ -165,7 +189,7 @@ def sim_explore(
             replicated = replication > 1 and workload != "idempotency"
             faults = random_schedule(rng, nodes, names, duration, faults_max, replicated=replicated)
             wopts = _workload_options(clients, duration)
-            options = SimOptions(replication_factor=replication if replicated else 1)
+            options = SimOptions(shards=shards, replication_factor=replication if replicated else 1, buggify_p=buggify)
             try:
                 result = run_simulation(
                     run_seed, workload=workload, faults=faults, workload_options=wopts, options=options
@@ -174,7 +198,8 @@ def sim_explore(
                 steps = " ".join(f"--fault {f.cli()}" for f in faults)
                 command = (
                     f"txrpc sim run --workload {workload} --seed {run_seed} --duration {duration:g} "
-                    f"--clients {clients} --replication {options.replication_factor} {steps}"
+                    f"--clients {clients} --shards {shards} --replication {options.replication_factor} "
+                    f"--buggify {buggify:g} {steps}"
                 )
                 console.print(f"[red]the run crashed: {type(exc).__name__}: {exc}[/]\nreplay: {command}")
                 crashed.append(command)

@@ -70,9 +70,13 @@ FAULT_KINDS = (
     "heal",
     "mark-down",
     "rejoin",
+    "remove-node",
+    "add-node",
 )
-#: Fault kinds that only make sense with replication (they ask the shard-map authority).
-REPLICA_FAULTS = ("mark-down", "rejoin")
+#: Fault kinds that only make sense with replication (they ask the shard-map authority):
+#: `txrpc ring mark-down | rejoin | remove-node | add-node NODE`. A node removed keeps
+#: running (empty of its partitions) and can be added back.
+REPLICA_FAULTS = ("mark-down", "rejoin", "remove-node", "add-node")
 
 
 @dataclass(frozen=True)
@@ -138,18 +142,22 @@ async def apply_fault(sim: Simulation, fault: Fault) -> None:
     elif kind == "heal":
         net.heal()
     elif kind in REPLICA_FAULTS:
-        await _authority(sim, "coord.mark_down" if kind == "mark-down" else "coord.rejoin", a)
+        argument: Any = a
+        if kind == "add-node":
+            host, port = sim.config.shard_map.node(a).address
+            argument = {"name": a, "host": host, "port": port}
+        await _authority(sim, "coord." + kind.replace("-", "_"), argument)
 
 
-async def _authority(sim: Simulation, method: str, node: str) -> None:
-    """An operator's `txrpc ring mark-down|rejoin NODE` (refusals and failures are part
-    of the run: e.g. rejoining a node that is down)."""
+async def _authority(sim: Simulation, method: str, argument: Any) -> None:
+    """An operator's `txrpc ring mark-down|rejoin|remove-node|add-node NODE` (refusals
+    and failures are part of the run: e.g. rejoining a node that is down)."""
     async with sim.client("operator") as cluster:
         try:
             with trio.move_on_after(60):
-                await cluster.coordinator.options(retries_max=0).call(method, node)
+                await cluster.coordinator.options(retries_max=0).call(method, argument)
         except txrpc.RpcError as exc:
-            log.info("%s %s refused: %s", method, node, exc)
+            log.info("%s %s refused: %s", method, argument, exc)
 
 
 async def _nemesis(sim: Simulation, faults: Sequence[Fault], start: float) -> None:
@@ -175,6 +183,9 @@ class SimResult:
     replication_factor: int = 1
     #: How many times each ``buggify`` point fired.
     buggified: dict[str, int] = field(default_factory=dict)
+    shards: int = 3
+    buggify_p: float = 0.0
+    crash_points: dict[str, float] = field(default_factory=dict)
 
     @property
     def committed(self) -> int:
@@ -197,13 +208,17 @@ class SimResult:
         hash_seed = os.environ.get("PYTHONHASHSEED")
         steps = " ".join(f"--fault {f.cli()}" for f in sorted(self.faults, key=lambda f: f.at_s))
         broken = " ".join(f"--broken {b}" for b in sorted(self.broken))
+        points = " ".join(f"--crash-point {name}={p:g}" for name, p in sorted(self.crash_points.items()))
         prefix = f"PYTHONHASHSEED={hash_seed} " if hash_seed else ""
         return " ".join(
             x
             for x in (
                 f"{prefix}txrpc sim run --workload {self.workload} --seed {self.seed}",
                 f"--duration {self.duration_s:g} --clients {self.clients}",
+                f"--shards {self.shards}" if self.shards != 3 else "",
                 f"--replication {self.replication_factor}" if self.replication_factor > 1 else "",
+                f"--buggify {self.buggify_p:g}" if self.buggify_p else "",
+                points,
                 steps,
                 broken,
             )
@@ -307,6 +322,9 @@ def run_simulation(
             clients=wopts.clients,
             replication_factor=sopts.replication_factor,
             buggified=dict(sim.buggified),
+            shards=sopts.shards,
+            buggify_p=sopts.buggify_p,
+            crash_points=dict(sopts.crash_points),
         )
 
     return simulate(main, seed=seed, services=[service], options=sopts)

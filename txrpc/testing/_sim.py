@@ -19,6 +19,7 @@ connections; storage stays), :meth:`Simulation.restart` (same storage), pause
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import heapq
 import itertools
@@ -142,7 +143,8 @@ class Simulation:
         options: SimOptions | None = None,
     ) -> None:
         self.seed = seed
-        self.options = options or SimOptions()
+        # A copy: heal() turns crash points and buggify off for this run only.
+        self.options = dataclasses.replace(options) if options is not None else SimOptions()
         self.rng = random.Random(seed)
         self.network = SimNetwork(
             random.Random(self.rng.getrandbits(64)), default=self.options.link.copy(), tick_s=self.options.tick_s
