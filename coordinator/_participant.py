@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 import txrpc
-from storage import ShardStore, StorageClosed
+from storage import BatchFailed, ShardStore, StorageClosed
 from storage._shard_store import WriteSet
 from txrpc import _env
 from txrpc._routing import EpochGuard
@@ -832,16 +832,29 @@ class Participant:
         self._busy[rid] = done = trio.Event()
         try:
             try:
-                await self.store.write_prepare(rid, share, [(k, m.value) for k, m in locks], meta)
+                # Shielded: a record the primary gave up on (its timeout, a dropped
+                # connection) may still become durable; memory must say what disk says,
+                # or a restart finds a record nothing holds the locks of.
+                with trio.CancelScope(shield=True):
+                    await self.store.write_prepare(rid, share, [(k, m.value) for k, m in locks], meta)
+            except BatchFailed as exc:
+                if exc.outcome_unknown:  # it may be on disk: kept, resolved like any record
+                    raise
+                self._drop_unwritten(rid)
+                raise
             except BaseException:
-                self._replicated_epoch.pop(rid, None)
-                self._prepared_at.pop(rid, None)
-                self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
+                self._drop_unwritten(rid)
                 raise
         finally:
             del self._busy[rid]
             done.set()
         return "ok"
+
+    def _drop_unwritten(self, rid: int) -> None:
+        """A replicated record whose durable write certainly failed: forget it."""
+        self._replicated_epoch.pop(rid, None)
+        self._prepared_at.pop(rid, None)
+        self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
 
     async def _repl_commit(self, txid: int) -> str:
         """A primary committed ``txid``: apply its replicated records here (idempotent;
@@ -858,7 +871,8 @@ class Participant:
                     # commit but drops the record: its copy silently falls behind.
                     await self.abort(rid)
                     return "ok"
-                await self._apply(rid)
+                with trio.CancelScope(shield=True):  # durable and in memory together
+                    await self._apply(rid)
                 applied = True
         return "ok" if applied else "unknown"
 
@@ -905,40 +919,44 @@ class Participant:
     ) -> dict[str, Any]:
         """A page of this primary's committed rows of ``partitions`` (key order, keys
         after ``after``) for a replica catching up. The first page waits (bounded) until
-        every transaction prepared before this node installed its current epoch is
-        resolved: those were not replicated to the joining replica, so the snapshot must
-        include their outcome; later ones reach it by replication."""
+        every transaction this node is preparing or holds prepared with writes in those
+        partitions when the page is asked for is resolved, so the snapshot contains their
+        outcome: those replicated at an older epoch (or inherited, or recovered) never
+        reached the joiner, and those of the join epoch may have been applied at the
+        joiner already -- by another primary's commit notice, before its catch-up began
+        -- or dropped there (a restarted joiner's records have no epoch): a page older
+        than them would overwrite them. Later ones reach the joiner by replication, while
+        its catch-up runs, and a page never overwrites what they wrote."""
         assert self.replication is not None
         _check_partitions(partitions)
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise txrpc.InvalidArgument("limit must be in 1..10000")
         call_epoch = await self.replication.follow_call_epoch()
+        if call_epoch is not None and call_epoch > self.replication.guard.epoch:
+            # Still behind the joiner's epoch: later prepares here would leave it out.
+            raise txrpc.Unavailable(
+                f"node {self.shard} is at epoch {self.replication.guard.epoch}, behind the joiner's {call_epoch}; "
+                "it could not fetch the newer map yet",
+                {"not_started": True},
+            )
         if after is None:
-            # Own transactions and inherited records alike: a record this new primary
-            # inherited from a deposed one was not sent to the joiner either.
-            # Wait for every write set this node holds that was replicated at an epoch
-            # before the joiner's (so not to the joiner), and every one recovered from
-            # disk: the snapshot must contain their outcome.
-            join_epoch = call_epoch if call_epoch is not None else self.replication.guard.epoch
             partition_of = self.replication.guard.shard_map.partition_of
             wanted_now = set(partitions)
+            in_flight = (TxState.PREPARING, TxState.PREPARED)
+            waiting = [
+                tx
+                for tx in list(self.core.txs.values())
+                if tx.state in in_flight and tx.writes and any(partition_of(k) in wanted_now for k in tx.writes)
+            ]
 
-            def unreplicated() -> bool:
-                for txid, tx in list(self.core.txs.items()):
-                    if not tx.writes or not any(partition_of(k) in wanted_now for k in tx.writes):
-                        continue
-                    epoch = self._replicated_epoch.get(txid)
-                    if (epoch is not None and epoch < join_epoch) or (
-                        epoch is None and tx.state is TxState.PREPARED
-                    ):
-                        return True
-                return False
+            def unresolved() -> bool:
+                return any(self.core.txs.get(tx.txid) is tx and tx.state in in_flight for tx in waiting)
 
             with trio.move_on_after(self.replication.timeout_s * 6) as scope:
-                while unreplicated():
+                while unresolved():
                     await trio.sleep(0.02)
             if scope.cancelled_caught:
-                raise txrpc.Unavailable("transactions prepared before the new epoch are still in doubt; retry")
+                raise txrpc.Unavailable("transactions prepared here before the snapshot are still in doubt; retry")
         wanted = set(partitions)
         rows = await self.store.partition_rows(self.replication.guard.shard_map.partition_of, wanted, after, limit)
         return {"rows": [[k, v] for k, v in rows], "done": len(rows) < limit}
