@@ -36,7 +36,7 @@ from ._participant_core import (
     TxState,
     Vote,
 )
-from ._replication import Plan, Replication, record_id, txid_of
+from ._replication import ORIGIN_SLOTS, Plan, Replication, record_id, txid_of
 
 log = logging.getLogger("txrpc.participant")
 
@@ -210,6 +210,11 @@ class Participant:
             self.core.restore_prepared(txid, write_map, [(r, Mode(m)) for r, m in locks], now)
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = -math.inf  # ask the coordinator at once
+            meta = self.store.record_meta.get(txid, {})
+            if txid < 0 and self.replication is not None:
+                self.replication.restore_origin(txid, meta.get("origin"))
+            if txid < 0 and type(meta.get("epoch")) is int:
+                self._replicated_epoch[txid] = meta["epoch"]  # (a catch-up keeps one of its epoch)
         self.recovered = True
         if records:
             log.info("shard %s recovered %d prepared transactions", self.shard, len(records))
@@ -828,7 +833,7 @@ class Participant:
             self._replicated_epoch[rid] = txrpc.current_call().metadata["epoch"]
             self._prepared_at[rid] = trio.current_time()
             break
-        meta = {"origin": origin}
+        meta = {"origin": origin, "epoch": self._replicated_epoch[rid]}
         self._busy[rid] = done = trio.Event()
         try:
             try:
@@ -1146,11 +1151,8 @@ class Participant:
                 return {"txid": txid, "state": "prepared" if tx.state is TxState.PREPARED else "active"}
             final = self.core.finished.get(txid)
             logged = await self.store.is_committed(txid)
-            if not logged and self.replication is not None:
-                for index in range(len(self.replication.guard.shard_map.nodes)):
-                    if await self.store.is_committed(record_id(txid, index)):
-                        logged = True
-                        break
+            if not logged and self.replication is not None:  # a replicated record of it, any origin
+                logged = await self.store.is_committed_in(record_id(txid, ORIGIN_SLOTS - 1), record_id(txid, 0))
             if txid not in self.core.txs and self.core.finished.get(txid) is final:
                 break  # nothing changed during the read
         if logged:

@@ -42,10 +42,14 @@ ClientFor = Callable[[str], Awaitable[txrpc.Client]]
 """Returns a (held) client for the node of that name."""
 
 ORIGIN_SLOTS = 1024
-"""A follower keeps a replicated record of transaction ``txid`` from the primary at
-index ``i`` (in the map's node list) under the id ``-(txid * ORIGIN_SLOTS + i)``: one
-transaction may reach one follower from several primaries (and the node may be a
-participant of it too, under ``txid`` itself)."""
+"""A follower keeps a replicated record of transaction ``txid`` from a primary under the
+id ``-(txid * ORIGIN_SLOTS + slot)``, ``slot`` being the number the follower gave that
+primary when it first heard from it (stable for the life of the process, and restored
+from the records' own ``origin`` at a restart -- not the primary's place in the map's
+node list, which moves when a node is added or removed: two primaries of one
+transaction then shared an id across the change). One transaction may reach one
+follower from several primaries (and the node may be a participant of it too, under
+``txid`` itself)."""
 
 
 def record_id(txid: int, origin_index: int) -> int:
@@ -120,6 +124,10 @@ class Replication:
         # commits wrote meanwhile (a snapshot row never overwrites those: they are newer).
         self.resyncing: set[int] = set()
         self.touched: set[str] = set()
+        # Follower side: the slot of each primary's records (see ORIGIN_SLOTS), and the
+        # slots of records recovered from disk.
+        self._origin_slots: dict[str, int] = {}
+        self._recovered_slots: set[int] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery that background sends (:meth:`send_outcome_soon`) run in."""
@@ -235,19 +243,35 @@ class Replication:
         return failures
 
     def origin_index(self, origin: str) -> int:
-        for index, node in enumerate(self.guard.shard_map.nodes):
-            if node.name == origin:
-                if index >= ORIGIN_SLOTS:
-                    raise txrpc.FailedPrecondition(f"replication supports at most {ORIGIN_SLOTS} nodes")
-                return index
-        raise txrpc.FailedPrecondition(f"no node named {origin!r} in the shard map at epoch {self.guard.epoch}")
+        """The slot of records from primary ``origin`` (see :data:`ORIGIN_SLOTS`)."""
+        slot = self._origin_slots.get(origin)
+        if slot is not None:
+            return slot
+        if origin not in self.guard.shard_map:
+            raise txrpc.FailedPrecondition(f"no node named {origin!r} in the shard map at epoch {self.guard.epoch}")
+        used = self._slots_in_use()
+        slot = next((i for i in range(ORIGIN_SLOTS) if i not in used), None)
+        if slot is None:
+            raise txrpc.FailedPrecondition(f"replication supports at most {ORIGIN_SLOTS} primaries per follower")
+        self._origin_slots[origin] = slot
+        return slot
+
+    def restore_origin(self, record: int, origin: str | None) -> None:
+        """Recovery: a replicated record found on disk keeps its slot (for ``origin``,
+        when its meta names it and no other primary has that slot yet)."""
+        slot = (-record) % ORIGIN_SLOTS
+        self._recovered_slots.add(slot)
+        if origin and origin not in self._origin_slots and slot not in self._origin_slots.values():
+            self._origin_slots[origin] = slot
+
+    def _slots_in_use(self) -> set[int]:
+        return set(self._origin_slots.values()) | self._recovered_slots
 
     def records_of(self, txid: int) -> list[int]:
         """The replicated records of ``txid`` this node holds (from any primary)."""
         assert self.participant is not None
         txs = self.participant.core.txs
-        slots = min(len(self.guard.shard_map.nodes), ORIGIN_SLOTS)
-        return [rid for i in range(slots) if (rid := record_id(txid, i)) in txs]
+        return [rid for i in sorted(self._slots_in_use()) if (rid := record_id(txid, i)) in txs]
 
     def followers_of_tx(self, writes: WriteSet, read_keys: Iterable[Any] = ()) -> list[str]:
         return sorted(plan(self.guard.shard_map, self.node, writes, read_keys).by_follower)

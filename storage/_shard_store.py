@@ -63,9 +63,12 @@ class ShardStore:
         self._opened = False
         self._writes_started = 0
         self._writes_in_flight = 0
+        #: txid -> the meta its prepare record was written with (filled by :meth:`open`).
+        self.record_meta: dict[int, dict[str, Any]] = {}
 
     async def open(self) -> list[tuple[int, WriteSet, list[tuple[Any, str]]]]:
-        """Load the log position and return the prepare records (recovery input)."""
+        """Load the log position and return the prepare records (recovery input); the
+        ``meta`` each was written with (``write_prepare``) is left in :attr:`record_meta`."""
         shard = self.shard
 
         def load(conn: Connection) -> tuple[int, list[tuple[int, WriteSet, list[tuple[Any, str]]]]]:
@@ -77,13 +80,17 @@ class ShardStore:
                 .where(prepared.c.shard == shard)
                 .order_by(prepared.c.txid)
             ).all()
-            records = [
-                (int(r.txid), _writes_from_wire(decode(r.writes)), _prepare_locks_from_wire(decode(r.locks)))
-                for r in rows
-            ]
+            records = []
+            for r in rows:
+                locks = decode(r.locks)
+                if isinstance(locks, dict):
+                    meta[int(r.txid)] = {k: v for k, v in locks.items() if k != "locks"}
+                records.append((int(r.txid), _writes_from_wire(decode(r.writes)), _prepare_locks_from_wire(locks)))
             return int(top or 0), records
 
+        meta: dict[int, dict[str, Any]] = {}
         top, records = await self.database.read(load)
+        self.record_meta = meta
         self.next_position = top + 1
         self._opened = True
         return records
@@ -141,6 +148,21 @@ class ShardStore:
             row = conn.execute(
                 sa.select(commit_log.c.position)
                 .where(commit_log.c.shard == shard, commit_log.c.txid == txid)
+                .limit(1)
+            ).first()
+            return row is not None
+
+        return await self.database.read(read)
+
+    async def is_committed_in(self, low: int, high: int) -> bool:
+        """Has any txid in ``low..high`` (inclusive) a commit-log entry here? (The ids of
+        one transaction's replicated records form such a range.)"""
+        shard = self.shard
+
+        def read(conn: Connection) -> bool:
+            row = conn.execute(
+                sa.select(commit_log.c.position)
+                .where(commit_log.c.shard == shard, commit_log.c.txid.between(low, high))
                 .limit(1)
             ).first()
             return row is not None

@@ -481,10 +481,11 @@ async def test_a_join_epoch_commit_applied_before_the_catch_up_is_not_overwritte
 async def test_a_joiner_restarted_before_its_catch_up_loses_no_join_epoch_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The joiner takes a record at the join epoch, restarts (it recovers the record
-    with no epoch known), and its catch-up drops it as an old one: the primary's
-    snapshot waits for that transaction, so the copy has its outcome. (Found by an
-    independent review: the joiner ended one write behind.)"""
+    """The joiner takes a record at the join epoch and restarts: it recovers the record
+    with the epoch it was taken at (so its catch-up keeps it) and the slot of its
+    primary, and the primary's snapshot waits for that transaction anyway, so the copy
+    has its outcome. (Found by an independent review: the recovered record had no
+    epoch, the catch-up dropped it as an old one, and the joiner ended one write behind.)"""
     from coordinator import Coordinator
 
     real_publish = Coordinator._publish
@@ -519,7 +520,11 @@ async def test_a_joiner_restarted_before_its_catch_up_loses_no_join_epoch_record
                 await n1.options(metadata=meta).call("bank.deposit", a, 5)
                 assert (await n1.call("tx.prepare", txid))["vote"] == "yes"  # n0 took its record
             local.crash("n0")
-            await local.start_shard("n0")  # recovers the record; the epoch it was taken at is unknown
+            restarted = await local.start_shard("n0")  # recovers the record, with its epoch and origin
+            (rid,) = [rid for rid in restarted.core.txs if rid < 0]
+            assert restarted._replicated_epoch[rid] == interim.epoch
+            assert restarted.replication is not None and restarted.replication.records_of(txid) == [rid]
+            assert restarted.replication.origin_index("n1") == (-rid) % 1024
             go.set()
             await trio.sleep(0.3)  # n1's snapshot waits for the transaction
             await cluster.coordinator.call("coord.commit", txid, ["n1"])
@@ -627,6 +632,69 @@ def _toml(data_dir: Path, ports: list[int], nodes: int, replication_factor: int 
     for index in range(nodes):
         lines += ["[[nodes]]", f'name = "n{index}"', 'host = "127.0.0.1"', f"port = {ports[index + 1]}", ""]
     return "\n".join(lines)
+
+
+async def test_records_of_one_transaction_from_two_primaries_stay_apart_when_the_node_list_shifts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower keys each primary's record of a transaction by a slot of its own for
+    that primary. A node added with a name that sorts first shifts every node's place in
+    the map's list: a transaction prepared at one primary before the change and at
+    another after it must still leave two records at the follower, not one. (Found by an
+    independent review: the second was taken for a resend of the first, and the
+    follower never applied its write.)"""
+    from _cluster_helpers import free_ports
+
+    from coordinator import Participant
+
+    ports = free_ports(5)
+    three = txrpc.ClusterConfig.from_toml(_toml(tmp_path, ports, 3), source="three.toml")
+    four_toml = _toml(tmp_path, ports, 3) + f'\n[[nodes]]\nname = "m0"\nhost = "127.0.0.1"\nport = {ports[4]}\n'
+    four = txrpc.ClusterConfig.from_toml(four_toml, source="four.toml")
+    a, b = _primary_key(three.shard_map, "n1"), _primary_key(three.shard_map, "n0")
+    gate, entered = trio.Event(), trio.Event()
+    real_catch_up = Participant._repl_catch_up
+
+    async def gated_catch_up(self: Participant, partitions: list[int]) -> Any:
+        entered.set()
+        await gate.wait()
+        return await real_catch_up(self, partitions)
+
+    monkeypatch.setattr(Participant, "_repl_catch_up", gated_catch_up)
+    async with trio.open_nursery() as nursery:
+        local = LocalCluster(three, nursery, [bank])
+        coordinator = await local.start_coordinator()
+        for name in ("n0", "n1", "n2"):
+            await local.start_shard(name)
+        async with txrpc.cluster(three) as cluster:
+            await open_accounts(cluster, [a, b])
+            local.config = four
+            await local.start_shard("m0")
+            assert coordinator.shard_map is not None
+            epoch = coordinator.shard_map.epoch
+            txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+            async with txrpc.connect(*three.shard_map.node("n1").address) as n1, txrpc.connect(
+                *three.shard_map.node("n0").address
+            ) as n0:
+                meta = {"txid": txid, "op_seq": 1, "epoch": epoch}
+                await n1.options(metadata=meta).call("bank.withdraw", a, 1)
+                await n0.options(metadata=meta).call("bank.deposit", b, 1)
+                assert (await n1.call("tx.prepare", txid))["vote"] == "yes"  # before the change
+                nursery.start_soon(coordinator.add_node, {"name": "m0", "host": "127.0.0.1", "port": ports[4]})
+                with trio.fail_after(10):
+                    await entered.wait()  # the interim epoch: m0 first in the node list
+                assert (await n0.call("tx.prepare", txid))["vote"] == "yes"  # after it
+            follower = local.participants["n2"]
+            assert follower.replication is not None
+            assert len(follower.replication.records_of(txid)) == 2
+            await cluster.coordinator.call("coord.commit", txid, ["n0", "n1"])
+            gate.set()
+            with trio.fail_after(20):
+                while coordinator.shard_map.epoch < epoch + 2:
+                    await trio.sleep(0.05)
+            assert await total(cluster, [a, b]) == 200, await explain(local)
+            await assert_replicas_equal(local)
+        await local.stop()
 
 
 async def test_add_node_and_remove_node_move_about_a_share_of_the_data_while_transfers_run(tmp_path: Path) -> None:
