@@ -197,7 +197,7 @@ class Participant:
         return [*self.user_services, self.internal, *extra]
 
     def _replicated(self) -> bool:
-        return self.replication is not None and self.replication.guard.shard_map.replication_factor > 1
+        return self.replication is not None and self.replication.guard.shard_map.replicated
 
     # --- recovery and background work --------------------------------------------------------
 
