@@ -189,6 +189,8 @@ class Participant:
         # and records held for other primaries), until it commits or aborts here: a
         # catch-up snapshot waits for the ones replicated before the joiner joined.
         self._replicated_epoch: dict[int, int] = {}
+        #: Own prepared transactions: the followers that took their prepare record.
+        self._holders: dict[int, list[str]] = {}
         if replication is not None:
             replication.participant = self
 
@@ -526,9 +528,13 @@ class Participant:
         if action is PrepareAction.VOTE:
             assert vote is not None
             self._wake(granted, txid if vote is Vote.NO else None)
-            if vote is Vote.YES and held:
+            if vote is Vote.READ_ONLY and held:
                 # Read-only here: nothing to make durable, but a deposed primary's reads
-                # must not commit — check the epoch with the followers.
+                # must not commit — check the epoch with the followers. (A re-prepare of a
+                # transaction already prepared needs no check: its record, read locks
+                # included, was made durable on the replicas of its epoch, which a new
+                # primary inherits. This check ran on that re-prepare instead of on the
+                # read-only vote, where stale reads committed.)
                 refusal = await self._fence_reads(txid, held)
                 if refusal:
                     return {"vote": "no", "reason": refusal}
@@ -599,6 +605,8 @@ class Participant:
                 return {"vote": "no", "reason": "aborted during prepare"}
             self.core.locks.mark_prepared(txid)
             self._prepared_at[txid] = trio.current_time()
+            if isinstance(replicas, Plan):  # (a yes vote: every follower took its share)
+                self._holders[txid] = sorted(f for f, share in replicas.by_follower.items() if share)
             if _env.broken("participant.release_locks_at_prepare"):
                 # Test-only broken protocol (simulator): others may read and overwrite
                 # what this transaction is about to commit.
@@ -674,6 +682,7 @@ class Participant:
             await self.store.apply_commit(txid, writes)
             self._replicated_epoch.pop(txid, None)
             self._prepared_at.pop(txid, None)
+            self._holders.pop(txid, None)
             self._wake(self.core.committed(txid))
         finally:
             del self._busy[txid]
@@ -690,6 +699,7 @@ class Participant:
             await self.store.delete_prepare(txid)
         self._prepared_at.pop(txid, None)
         self._replicated_epoch.pop(txid, None)
+        self._holders.pop(txid, None)
         self._wake(self.core.abort(txid, "aborted by the coordinator"), txid)
         if followers:
             await self.replication.send_outcome(txid_of(txid), followers, "abort")  # type: ignore[union-attr]
@@ -728,7 +738,14 @@ class Participant:
     # --- replication (primary side) ---------------------------------------------------------------
 
     def _followers_to_tell(self, txid: int) -> list[str]:
-        """The followers a primary tells the outcome of ``txid`` (none on a follower)."""
+        """The followers a primary tells the outcome of ``txid`` (none on a follower):
+        those that took its prepare record -- whatever the map says now (after a
+        switchover or a move this node may no longer be their primary, but they hold the
+        record and its locks until they hear) -- or, for a record recovered from disk or
+        inherited, the followers of its keys at the current epoch."""
+        holders = self._holders.get(txid)
+        if holders is not None:
+            return holders
         if not self._replicated():
             return []
         assert self.replication is not None

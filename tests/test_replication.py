@@ -174,6 +174,38 @@ async def test_follower_refuses_an_older_epoch_so_a_deposed_primary_cannot_commi
         assert await cluster.call(account, "bank.balance", account) == 100
 
 
+async def test_a_deposed_primary_cannot_make_a_stale_read_part_of_a_commit(tmp_path: Path) -> None:
+    """A transaction only reads at a primary that was deposed and never heard of it (its
+    vote there is read-only: no record to replicate) and writes elsewhere: the read-only
+    vote is fenced with the followers, which refuse the old epoch, so the transaction
+    aborts instead of committing a write computed from the stale read. (The fence ran
+    only on a re-prepare of a transaction already prepared, never on a read-only vote.)"""
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        coordinator = local.coordinator
+        assert coordinator is not None
+        shard_map = local.config.shard_map
+        source = _primary_key(shard_map, "n1")
+        target = _primary_key(shard_map, "n2")
+        await open_accounts(cluster, [source, target])
+        deposed = local.participants["n1"]
+        assert deposed.replication is not None
+        stale = deposed.replication.guard.shard_map
+        await coordinator.mark_down("n1")
+        deposed.replication.guard._shard_map = stale  # it missed the new map
+        deposed.replication.map_source = None  # and cannot ask the authority
+        assert coordinator.shard_map is not None
+        cluster.router._shard_map = coordinator.shard_map  # this client knows the new map
+        assert await cluster.call(source, "bank.deposit", source, 50) == 150  # at the new primary
+        async with txrpc.cluster(local.config) as stale_client:
+            stale_client.router._shard_map = stale  # a client that has not heard either
+            with pytest.raises(txrpc.TransactionAborted, match=r"not the primary|epoch"):
+                async with stale_client.transaction() as t:
+                    seen = await t.bank.balance(source)  # read at n1: the stale 100
+                    assert seen == 100
+                    await t.bank.deposit(target, seen)  # a write computed from it, at n2
+        assert await cluster.call(target, "bank.balance", target) == 100  # not committed
+
+
 async def test_primary_crash_with_prepared_transactions_fails_over(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 2)
@@ -259,7 +291,9 @@ async def test_a_prepare_refused_for_lack_of_a_replica_aborts_at_once(tmp_path: 
             # Decided at the shard itself: no coordinator abort was sent.
             assert txid not in participant.core.txs and participant.core.in_doubt() == []
             assert not participant.core.locks.held_by(txid)
-            async with cluster.transaction() as t:  # the account is free at once
+            assert local.coordinator is not None
+            await local.coordinator.mark_down("n2")  # (reads too need every replica of the epoch)
+            async with cluster.transaction() as t:  # the account is free
                 assert await t.bank.balance(name) == 100
 
 
@@ -407,6 +441,37 @@ async def test_a_record_taken_at_the_join_epoch_while_the_catch_up_starts_is_kep
                 assert any(rid < 0 for rid in joiner.core.txs), "n0 dropped its record of the join epoch"
                 # n1's snapshot waits for the transaction; its commit reaches n0 too.
                 await cluster.coordinator.call("coord.commit", txid, ["n1"])
+        assert await cluster.call(name, "bank.balance", name) == 105
+        await assert_replicas_equal(local)
+
+
+async def test_a_primary_switched_over_tells_the_followers_that_took_its_record(tmp_path: Path) -> None:
+    """A transaction prepared at n1, then n0 promoted (n1 is a follower now), then the
+    commit: n1 tells the followers that took its prepare record at once -- it is not
+    their primary any more, but they hold the record and its locks until they hear (they
+    waited for the termination protocol before: a stall after every switchover or move)."""
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        coordinator = local.coordinator
+        assert coordinator is not None and coordinator.shard_map is not None
+        shard_map = local.config.shard_map
+        name = next(
+            n for n in (f"acct{i}" for i in range(5000))
+            if shard_map.primary_of(n).name == "n1" and "n0" in shard_map.replicas_of(n)
+        )  # fmt: skip
+        await open_accounts(cluster, [name])
+        for participant in local.participants.values():
+            participant.decision_wait_s = 60.0  # the termination protocol would be too late
+        txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+        async with txrpc.connect(*shard_map.node("n1").address) as n1:
+            meta = {"txid": txid, "op_seq": 1, "epoch": coordinator.shard_map.epoch}
+            await n1.options(metadata=meta).call("bank.deposit", name, 5)
+            assert (await n1.call("tx.prepare", txid))["vote"] == "yes"
+        await coordinator.promote("n0")
+        assert coordinator.shard_map.primary_of(name).name == "n0"
+        await cluster.coordinator.call("coord.commit", txid, ["n1"])
+        with trio.fail_after(5):
+            while any(rid < 0 for p in local.participants.values() for rid in p.core.txs):
+                await trio.sleep(0.02)
         assert await cluster.call(name, "bank.balance", name) == 105
         await assert_replicas_equal(local)
 

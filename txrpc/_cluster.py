@@ -325,6 +325,8 @@ class Transaction:
                 try:
                     return await client._call_once(method, args, kwargs, metadata)
                 except WrongEpoch as exc:
+                    # Nothing ran there (the epoch check comes first): as if never sent.
+                    self._unsend(node.name, op_seq)
                     if retries >= router.epoch_retries_max:
                         raise
                     retries += 1
@@ -342,11 +344,7 @@ class Transaction:
                             {"retryable": True, "txid": self.txid},
                         )
                         raise self._failed from None
-                    if op_seq == 1:  # it never ran there: not a participant after all
-                        self.participants.discard(node.name)
-                        del self._op_seq_by_node[node.name]
-                    else:
-                        self._op_seq_by_node[node.name] = op_seq - 1
+                    self._unsend(node.name, op_seq)
                     if not await router.newer_map_after_unavailable(shard_map):
                         raise
                     retries += 1
@@ -360,6 +358,15 @@ class Transaction:
             "transaction deadline passed during an operation", {"txid": self.txid, "retryable": True}
         )
         raise self._failed
+
+    def _unsend(self, node: str, op_seq: int) -> None:
+        """Operation ``op_seq`` never ran at ``node``: the next one there reuses its
+        number (a shard refuses a transaction it does not know whose op_seq is > 1)."""
+        if op_seq == 1:  # not a participant after all
+            self.participants.discard(node)
+            del self._op_seq_by_node[node]
+        else:
+            self._op_seq_by_node[node] = op_seq - 1
 
     async def _abort(self) -> None:
         """Tell the shards we touched (so their locks are free before we return) and the
