@@ -481,7 +481,7 @@ class Coordinator:
                 {"txid": txid, "retryable": True, "unknown_txid": True},
             )
         kind, tx = self.core.start_commit(txid, tuple(participants), trio.current_time())
-        if kind == "one_phase" and self.shard_map is not None and self.shard_map.replicated:
+        if kind == "one_phase" and self._replicated():
             kind = "prepare"  # replicated shards never decide alone: see specs/replication.md
         if kind == "unknown":
             record = await self.log.get(txid)

@@ -199,7 +199,7 @@ class Participant:
         return [*self.user_services, self.internal, *extra]
 
     def _replicated(self) -> bool:
-        return self.replication is not None and self.replication.guard.shard_map.replicated
+        return self.replication is not None and self.replication.guard.shard_map.replication_factor > 1
 
     # --- recovery and background work --------------------------------------------------------
 

@@ -28,7 +28,6 @@ import trio
 from ._client import Client, connect
 from ._errors import (
     Aborted,
-    FailedPrecondition,
     NotFound,
     OutcomeUnknown,
     RpcError,
@@ -401,19 +400,12 @@ class Transaction:
         straight to it: the coordinator keeps no record of it); several go through the
         coordinator's two-phase commit. Both are idempotent by txid."""
         router = self._cluster.router
-        if len(participants) == 1 and not router.shard_map.replicated:
+        if len(participants) == 1 and router.shard_map.replication_factor == 1:
             client = await router._client_for(router.shard_map.node(participants[0]))
-            try:
-                result = await client.options(retries_max=0).call("tx.commit_one_phase", self.txid)
-            except FailedPrecondition as exc:
-                if not exc.details.get("replicated"):
-                    raise
-                # The shard has a follower now (a move copies it at R = 1): nothing was
-                # done there; the coordinator decides, in two phases.
-            else:
-                if result["outcome"] != "committed":
-                    raise Aborted(result.get("reason") or "aborted", {"retryable": True})
-                return
+            result = await client.options(retries_max=0).call("tx.commit_one_phase", self.txid)
+            if result["outcome"] != "committed":
+                raise Aborted(result.get("reason") or "aborted", {"retryable": True})
+            return
         await self._cluster.coordinator.options(retries_max=0).call("coord.commit", self.txid, participants)
 
     async def _commit(self) -> None:

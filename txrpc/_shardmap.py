@@ -241,9 +241,6 @@ class ShardMap:
     _primaries: list[NodeSpec] = dataclasses.field(init=False, repr=False, compare=False)
     _shift: int = dataclasses.field(init=False, repr=False, compare=False)
     _wire: dict[str, Any] | None = dataclasses.field(init=False, repr=False, compare=False, default=None)
-    #: Do commits need followers' copies? ``replication_factor > 1``, or a partition
-    #: being copied to a joining node at ``R = 1`` (its set holds two members meanwhile).
-    replicated: bool = dataclasses.field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         _check_int(self.epoch, "epoch", 1, EPOCH_MAX)
@@ -299,7 +296,6 @@ class ShardMap:
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "_primaries", [by_name[members[0]] for members in sets])
         object.__setattr__(self, "_shift", HASH_BITS - bits)
-        object.__setattr__(self, "replicated", self.replication_factor > 1 or any(len(m) > 1 for m in sets))
 
     # --- building -------------------------------------------------------------------
 
