@@ -223,6 +223,7 @@ class Coordinator:
             raise txrpc.InvalidArgument(f"not a node: {exc}") from None
         async with self._map_lock:
             current = self._map()
+            self._check_movable(current, f"add-node {spec.name}")
             if spec.name in current:
                 raise txrpc.FailedPrecondition(f"node {spec.name!r} is already in the shard map")
             nodes = (*current.nodes, spec)
@@ -234,6 +235,7 @@ class Coordinator:
         self._check_node(node)
         async with self._map_lock:
             current = self._map()
+            self._check_movable(current, f"remove-node {node}")
             nodes = tuple(n for n in current.nodes if n.name != node)
             if len(nodes) < current.replication_factor:
                 raise txrpc.FailedPrecondition(
@@ -241,6 +243,18 @@ class Coordinator:
                     f"{current.replication_factor}"
                 )
             return await self._move(nodes, self._rebalanced(current, nodes), f"remove-node {node}")
+
+    @staticmethod
+    def _check_movable(current: ShardMap, what: str) -> None:
+        """Online moves copy partitions while transactions run and rely on replication to
+        bring the joiner every commit made meanwhile, and on the followers to fence the
+        old primary after the hand-over. At R = 1 there is neither: refused."""
+        if current.replication_factor < 2:
+            raise txrpc.FailedPrecondition(
+                f"{what}: online moves need replication_factor >= 2 (this cluster has 1: nothing would "
+                "carry the commits made during the copy to the new node, nor fence the old primary "
+                "after it). Raise replication_factor, or stop the writers and rebuild the shards."
+            )
 
     @staticmethod
     def _rebalanced(current: ShardMap, nodes: tuple[NodeSpec, ...]) -> tuple[tuple[str, ...], ...]:

@@ -1030,10 +1030,11 @@ class Participant:
             record = self.core.txs.get(rid)
             taken = self._replicated_epoch.get(rid)
             if record is not None and record.state is TxState.PREPARED and (taken is None or taken < shard_map.epoch):
-                await self.store.delete_prepare(rid)
-                self._replicated_epoch.pop(rid, None)
-                self._prepared_at.pop(rid, None)
-                self._wake(self.core.abort(rid, "superseded by a catch-up snapshot"), rid)
+                with trio.CancelScope(shield=True):  # on disk and in memory together
+                    await self.store.delete_prepare(rid)
+                    self._replicated_epoch.pop(rid, None)
+                    self._prepared_at.pop(rid, None)
+                    self._wake(self.core.abort(rid, "superseded by a catch-up snapshot"), rid)
         replication.resyncing |= wanted
         replication.touched.clear()
         copied = deleted = 0

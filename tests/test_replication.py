@@ -762,6 +762,29 @@ async def test_records_of_one_transaction_from_two_primaries_stay_apart_when_the
         await local.stop()
 
 
+async def test_moves_are_refused_at_replication_factor_one(tmp_path: Path) -> None:
+    """R = 1: an online move would copy a partition while nothing replicates the commits
+    made meanwhile to the new node, nor fences the old primary after the hand-over
+    (found by review: writes were lost both ways), so add-node and remove-node are
+    refused with a typed error that says what to do, and the map does not change."""
+    from _cluster_helpers import free_ports
+
+    ports = free_ports(5)
+    three = txrpc.ClusterConfig.from_toml(_toml(tmp_path, ports, 3, replication_factor=1), source="three.toml")
+    async with trio.open_nursery() as nursery:
+        local = LocalCluster(three, nursery, [bank])
+        coordinator = await local.start_coordinator()
+        for node in ("n0", "n1", "n2"):
+            await local.start_shard(node)
+        before = coordinator.shard_map
+        with pytest.raises(txrpc.FailedPrecondition, match="replication_factor >= 2"):
+            await coordinator.add_node({"name": "n3", "host": "127.0.0.1", "port": ports[4]})
+        with pytest.raises(txrpc.FailedPrecondition, match="replication_factor >= 2"):
+            await coordinator.remove_node("n2")
+        assert coordinator.shard_map == before
+        await local.stop()
+
+
 async def test_add_node_and_remove_node_move_about_a_share_of_the_data_while_transfers_run(tmp_path: Path) -> None:
     from _cluster_helpers import free_ports
 
