@@ -415,8 +415,14 @@ class Participant:
                 try:
                     await self.coordinator.options(retries_max=0).call("coord.commit", txid, [self.shard])
                     return result
-                except txrpc.TransactionAborted as exc:
-                    if not exc.retryable:
+                except txrpc.Aborted as exc:  # (TransactionAborted arrives as its wire code)
+                    # The coordinator's word: aborted. Its locks go now, not at the idle
+                    # timeout (later calls on the key would die meanwhile).
+                    await self.abort(txid)
+                    if exc.details.get("unknown_txid"):
+                        # Leased from a coordinator that has forgotten them (it restarted).
+                        self._leased_txids.clear()
+                    if not exc.details.get("retryable"):
                         raise
                     last = exc
                     continue
