@@ -537,10 +537,10 @@ class Participant:
             if vote is Vote.READ_ONLY and held:
                 # Read-only here: nothing to make durable, but a deposed primary's reads
                 # must not commit — check the epoch with the followers. (A re-prepare of a
-                # transaction already prepared needs no check: its record, read locks
-                # included, was made durable on the replicas of its epoch, which a new
-                # primary inherits. This check ran on that re-prepare instead of on the
-                # read-only vote, where stale reads committed.)
+                # transaction already prepared needs no check: its first yes vote was
+                # fenced at its epoch, its write locks are held by the replicas, which a
+                # new primary inherits. This check ran on that re-prepare instead of on
+                # the read-only vote, where stale reads committed.)
                 refusal = await self._fence_reads(txid, held)
                 if refusal:
                     return {"vote": "no", "reason": refusal}
@@ -768,9 +768,10 @@ class Participant:
         if not self.replication.owns(keys):
             return f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
         read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
+        scanned = any(r == SCAN_RESOURCE and mode == Mode.S.value for r, mode in locks)
         if writes:
             self._replicated_epoch[txid] = self.replication.guard.epoch  # before the plan is made
-        the_plan = await self.replication.send_prepare(txid, writes, read_keys)
+        the_plan = await self.replication.send_prepare(txid, writes, read_keys, scanned=scanned)
         if writes:
             self._replicated_epoch[txid] = min(self._replicated_epoch.get(txid, the_plan.epoch), the_plan.epoch)
         return the_plan
@@ -789,7 +790,10 @@ class Participant:
         if not self.replication.owns(read_keys):
             epoch = self.replication.guard.epoch
             return f"node {self.shard} is no longer the primary of the keys it read (epoch {epoch})"
-        fenced = await self.replication.send_prepare(txid, [], read_keys)
+        # A scan holds no key locks (the shard-wide scan lock): every follower of this
+        # node's partitions confirms the epoch then.
+        scanned = held.get(SCAN_RESOURCE) is Mode.S
+        fenced = await self.replication.send_prepare(txid, [], read_keys, scanned=scanned)
         if fenced.failures:
             return "epoch not confirmed by every replica: " + _describe_failures(fenced.failures)
         return ""

@@ -78,10 +78,13 @@ class Plan:
         self.failures: dict[str, str] = {}  # follower -> why it did not take the record
 
 
-def plan(shard_map: ShardMap, node: str, writes: WriteSet, read_keys: Iterable[Any]) -> Plan:
+def plan(
+    shard_map: ShardMap, node: str, writes: WriteSet, read_keys: Iterable[Any], *, scanned: bool = False
+) -> Plan:
     """Which followers a transaction of ``node`` must reach at ``shard_map``'s epoch: the
     followers of every partition it wrote (with those writes) or read (to check the epoch:
-    a stale read must not commit)."""
+    a stale read must not commit) -- every partition ``node`` is primary of, if it
+    ``scanned`` (a scan reads the whole shard)."""
     by_follower: dict[str, WriteSet] = {}
     for key, deleted, value in writes:
         for follower in shard_map.followers_of(key):
@@ -90,6 +93,11 @@ def plan(shard_map: ShardMap, node: str, writes: WriteSet, read_keys: Iterable[A
         if isinstance(key, str):
             for follower in shard_map.followers_of(key):
                 by_follower.setdefault(follower, [])
+    if scanned:
+        for members in shard_map.replica_sets:
+            if members[0] == node:
+                for follower in members[1:]:
+                    by_follower.setdefault(follower, [])
     by_follower.pop(node, None)
     return Plan(shard_map.epoch, by_follower)
 
@@ -185,12 +193,12 @@ class Replication:
         return all(not isinstance(k, str) or shard_map.primary_of(k).name == self.node for k in keys)
 
     async def send_prepare(
-        self, txid: int, writes: WriteSet, read_keys: Iterable[Any]
+        self, txid: int, writes: WriteSet, read_keys: Iterable[Any], *, scanned: bool = False
     ) -> Plan:
-        """Send the prepare record to every follower concerned; returns the plan, whose
-        ``failures`` name the followers that did *not* acknowledge it, with why (empty:
-        all have it durable)."""
-        the_plan = plan(self.guard.shard_map, self.node, writes, read_keys)
+        """Send the prepare record to every follower concerned (see :func:`plan`); returns
+        the plan, whose ``failures`` name the followers that did *not* acknowledge it,
+        with why (empty: all have it durable)."""
+        the_plan = plan(self.guard.shard_map, self.node, writes, read_keys, scanned=scanned)
         failures: dict[str, str] = {}
 
         async def send(follower: str, share: WriteSet) -> None:

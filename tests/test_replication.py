@@ -18,6 +18,14 @@ import txrpc
 bank = load_bank_service()
 T = TypeVar("T")
 
+audit = txrpc.Service("audit")
+
+
+@audit.transactional
+async def scan_sum(tx: Any, key: str, prefix: str) -> int:
+    """The sum of every balance under ``prefix`` on ``key``'s shard (a scan: no key locks)."""
+    return sum(int(value) for _, value in await tx.scan(prefix))
+
 
 def accounts(cfg: txrpc.ClusterConfig, per_node: int) -> list[str]:
     names: list[str] = []
@@ -204,6 +212,38 @@ async def test_a_deposed_primary_cannot_make_a_stale_read_part_of_a_commit(tmp_p
                     assert seen == 100
                     await t.bank.deposit(target, seen)  # a write computed from it, at n2
         assert await cluster.call(target, "bank.balance", target) == 100  # not committed
+
+
+async def test_a_deposed_primary_cannot_make_a_stale_scan_part_of_a_commit(tmp_path: Path) -> None:
+    """As above, with the read a scan: it holds the shard-wide scan lock and no key
+    lock, so the read-only vote is fenced with every follower of the shard's partitions.
+    (Found by review: a scan named no keys, no follower was asked, and it committed.)"""
+    async with local_cluster(tmp_path, [bank, audit], replication_factor=3) as local, txrpc.cluster(
+        local.config
+    ) as cluster:
+        coordinator = local.coordinator
+        assert coordinator is not None
+        shard_map = local.config.shard_map
+        source = _primary_key(shard_map, "n1")
+        target = _primary_key(shard_map, "n2")
+        await open_accounts(cluster, [source, target])
+        deposed = local.participants["n1"]
+        assert deposed.replication is not None
+        stale = deposed.replication.guard.shard_map
+        await coordinator.mark_down("n1")
+        deposed.replication.guard._shard_map = stale
+        deposed.replication.map_source = None
+        assert coordinator.shard_map is not None
+        cluster.router._shard_map = coordinator.shard_map
+        assert await cluster.call(source, "bank.deposit", source, 50) == 150
+        async with txrpc.cluster(local.config) as stale_client:
+            stale_client.router._shard_map = stale
+            with pytest.raises(txrpc.TransactionAborted, match=r"not the primary|epoch"):
+                async with stale_client.transaction() as t:
+                    seen = await t.audit.scan_sum(source, source)  # at n1: the stale 100
+                    assert seen == 100
+                    await t.bank.deposit(target, seen)
+        assert await cluster.call(target, "bank.balance", target) == 100
 
 
 async def test_primary_crash_with_prepared_transactions_fails_over(tmp_path: Path) -> None:

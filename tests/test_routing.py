@@ -373,3 +373,55 @@ async def fake_connect(port: int, cluster: ClusterClient, newer: ShardMap) -> As
         return name, metadata
 
     yield FakeClient("a" if port == 1 else "b", answer)
+
+
+async def test_operations_refused_out_of_order_never_reuse_an_op_seq() -> None:
+    """Two operations of one transaction run concurrently at one node and both meet a
+    new epoch (nothing ran); the later-numbered one's refusal arrives first and it runs
+    under its number at once. The earlier one's refusal must not wind the node's counter
+    back over that number: a reused (txid, op_seq) is answered with the stored result of
+    the operation that ran under it, and the new operation would silently not run.
+    (Found by review.) The node is a stand-in that answers in a scripted order, which a
+    real shard cannot be made to do deterministically; the bookkeeping is the client's."""
+    from types import SimpleNamespace
+
+    from txrpc._cluster import Transaction
+
+    class ScriptedNode:
+        def __init__(self) -> None:
+            self.refuse = {"b": 0.05, "c": 0.01}  # first attempts: WRONG_EPOCH, c's first
+
+        async def _call_once(self, method: str, args: Any, kwargs: Any, metadata: dict[str, Any]) -> Any:
+            delay = self.refuse.pop(method, None)
+            if delay is not None:
+                await trio.sleep(delay)
+                raise txrpc.WrongEpoch("a newer epoch (nothing ran)", {})
+            return metadata["op_seq"]
+
+    node = ScriptedNode()
+    spec = SimpleNamespace(name="x")
+    shard_map = SimpleNamespace(primary_of=lambda key: spec, epoch=1)
+
+    async def client_for(_: Any) -> ScriptedNode:
+        return node
+
+    async def learn(_: Any, __: Any) -> bool:
+        return True
+
+    router = SimpleNamespace(
+        shard_map=shard_map, _client_for=client_for, _learn=learn, epoch_retries_max=3, _backoff_s=lambda _: 0.0
+    )
+    transaction = Transaction(SimpleNamespace(router=router), None)  # type: ignore[arg-type]
+    transaction.txid = 7
+    ran: dict[str, int] = {}
+
+    async def operation(name: str) -> None:
+        ran[name] = await transaction._operation("k", name, (), {})
+
+    await operation("a")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(operation, "b")
+        await trio.sleep(0.001)  # b takes op_seq 2, then c takes 3
+        nursery.start_soon(operation, "c")
+    await operation("d")
+    assert len(set(ran.values())) == 4, f"an op_seq was reused: {ran}"

@@ -360,7 +360,12 @@ class Transaction:
 
     def _unsend(self, node: str, op_seq: int) -> None:
         """Operation ``op_seq`` never ran at ``node``: the next one there reuses its
-        number (a shard refuses a transaction it does not know whose op_seq is > 1)."""
+        number (a shard refuses a transaction it does not know whose op_seq is > 1) --
+        unless a later number was handed out meanwhile (operations of one transaction
+        running concurrently): then the gap stays, for a reused number would be answered
+        with the stored result of the operation that ran under it."""
+        if self._op_seq_by_node.get(node) != op_seq:
+            return
         if op_seq == 1:  # not a participant after all
             self.participants.discard(node)
             del self._op_seq_by_node[node]
