@@ -309,13 +309,14 @@ class Participant:
         @functools.wraps(spec.fn)
         async def handler(*args: Any, **kwargs: Any) -> Any:
             ctx = txrpc.current_call()
+            epoch: int | None = None
             if self.epoch_guard is not None and "epoch" in ctx.metadata and args:
                 if self.replication is not None:
                     await self.replication.follow_call_epoch()  # the caller may know a newer map
-                self.epoch_guard.check(key=args[0])  # WRONG_EPOCH / not the primary: nothing ran
+                epoch = self.epoch_guard.check(key=args[0]).epoch  # WRONG_EPOCH / not the primary: nothing ran
             txid = ctx.metadata.get("txid")
             if txid is None:
-                return await self._autocommit(spec, args, kwargs, ctx.deadline)
+                return await self._autocommit(spec, args, kwargs, ctx.deadline, epoch)
             if type(txid) is not int or txid <= 0:
                 raise txrpc.InvalidArgument("metadata 'txid' must be a positive integer")
             op_seq = ctx.metadata.get("op_seq", 0)
@@ -328,7 +329,7 @@ class Participant:
             age = ctx.metadata.get("age")
             if type(age) is int and 0 < age <= txid:
                 self.core.locks.set_age(txid, age)
-            return await self._run_operation(spec, txid, op_seq, args, kwargs, ctx.deadline, ctx.identity)
+            return await self._run_operation(spec, txid, op_seq, args, kwargs, ctx.deadline, ctx.identity, epoch)
 
         return handler
 
@@ -341,6 +342,7 @@ class Participant:
         kwargs: dict[str, Any],
         deadline: float,
         owner: str = "",
+        epoch: int | None = None,
     ) -> Any:
         now = trio.current_time()
         action, value = self.core.begin_operation(txid, op_seq, now, deadline)
@@ -355,6 +357,8 @@ class Participant:
         tx: ParticipantTx = value
         if not tx.owner:
             tx.owner = owner
+        if tx.epoch is None and epoch is not None:
+            tx.epoch = epoch  # (prepare refuses it if the map has changed since)
         finished = False
         try:
             error: txrpc.RpcError
@@ -396,14 +400,21 @@ class Participant:
                 self._wake(self.core.abort(txid, "an operation was cancelled"), txid)
 
     async def _autocommit(
-        self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float
+        self,
+        spec: MethodSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float,
+        epoch: int | None = None,
     ) -> Any:
         """A transactional method called outside a transaction: its own local transaction."""
         last: BaseException | None = None
         for attempt in range(AUTOCOMMIT_ATTEMPTS_MAX):
             txid = await self._next_autocommit_txid()
+            if attempt and epoch is not None and self.epoch_guard is not None:
+                epoch = self.epoch_guard.check(key=args[0]).epoch  # (a retry: the map may have moved)
             try:
-                result = await self._run_operation(spec, txid, 0, args, kwargs, deadline)
+                result = await self._run_operation(spec, txid, 0, args, kwargs, deadline, epoch=epoch)
             except txrpc.TransactionAborted as exc:
                 if not exc.retryable:
                     raise
@@ -529,6 +540,23 @@ class Participant:
         every replica of the current epoch)."""
         await self._serialize(txid)
         held = self.core.locks.held_by(txid) if self._replicated() else {}
+        tx = self.core.txs.get(txid)
+        if (
+            tx is not None
+            and tx.state is TxState.ACTIVE
+            and tx.epoch is not None
+            and self.replication is not None
+            and tx.epoch != self.replication.guard.epoch
+        ):
+            # The map changed since its first operation here: this node may have stopped
+            # being the primary of what it read and become it again meanwhile (a move out
+            # and back), its locks guarding nothing while another primary committed
+            # writes to those keys. (Found by the simulator: a move storm, a stale read
+            # committed with the fence passing at the new epoch.)
+            now_epoch = self.replication.guard.epoch
+            reason = f"the shard map changed during the transaction (epoch {tx.epoch} -> {now_epoch})"
+            self._wake(self.core.abort(txid, reason), txid)
+            return {"vote": "no", "reason": reason}
         action, vote, reason, granted = self.core.prepare(txid)
         assert action is not PrepareAction.WAIT, "prepare writes are serialized per txid"
         if action is PrepareAction.VOTE:

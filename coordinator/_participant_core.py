@@ -45,6 +45,7 @@ class ParticipantTx:
     abort_reason: str = ""
     running_ops: int = 0
     owner: str = ""  # the caller identity that ran its first operation here ("" = unknown)
+    epoch: int | None = None  # the shard map's epoch at its first operation here (replicated)
 
 
 class Vote(enum.Enum):

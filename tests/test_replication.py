@@ -783,11 +783,12 @@ async def test_records_of_one_transaction_from_two_primaries_stay_apart_when_the
             ) as n0:
                 meta = {"txid": txid, "op_seq": 1, "epoch": epoch}
                 await n1.options(metadata=meta).call("bank.withdraw", a, 1)
-                await n0.options(metadata=meta).call("bank.deposit", b, 1)
                 assert (await n1.call("tx.prepare", txid))["vote"] == "yes"  # before the change
                 nursery.start_soon(coordinator.add_node, {"name": "m0", "host": "127.0.0.1", "port": ports[4]})
                 with trio.fail_after(10):
                     await entered.wait()  # the interim epoch: m0 first in the node list
+                meta = {"txid": txid, "op_seq": 1, "epoch": epoch + 1}
+                await n0.options(metadata=meta).call("bank.deposit", b, 1)
                 assert (await n0.call("tx.prepare", txid))["vote"] == "yes"  # after it
             follower = local.participants["n2"]
             assert follower.replication is not None
