@@ -185,9 +185,8 @@ class Participant:
         self.recovered = False
         self.replication = replication
         self._leased_txids: list[int] = []
-        # The epoch whose replica set received each replicated write set (own prepares
-        # and records held for other primaries), until it commits or aborts here: a
-        # catch-up snapshot waits for the ones replicated before the joiner joined.
+        # Replicated records held for other primaries: the epoch each was taken at (a
+        # catch-up drops the older ones), until it commits or aborts here.
         self._replicated_epoch: dict[int, int] = {}
         #: Own prepared transactions: the followers that took their prepare record.
         self._holders: dict[int, list[str]] = {}
@@ -797,16 +796,10 @@ class Participant:
             return f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
         read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
         scanned = any(r == SCAN_RESOURCE and mode == Mode.S.value for r, mode in locks)
-        if writes:
-            self._replicated_epoch[txid] = self.replication.guard.epoch  # before the plan is made
-        the_plan = await self.replication.send_prepare(txid, writes, read_keys, scanned=scanned)
-        if writes:
-            self._replicated_epoch[txid] = min(self._replicated_epoch.get(txid, the_plan.epoch), the_plan.epoch)
-        return the_plan
+        return await self.replication.send_prepare(txid, writes, read_keys, scanned=scanned)
 
     async def _abort_replicas(self, txid: int, replicas: Plan | str | None) -> None:
         """Tell the followers that took ``txid``'s record that it will not commit."""
-        self._replicated_epoch.pop(txid, None)
         if isinstance(replicas, Plan) and self.replication is not None:
             took = [f for f in replicas.by_follower if f not in replicas.failures]
             if took:
@@ -897,24 +890,17 @@ class Participant:
                 # or a restart finds a record nothing holds the locks of.
                 with trio.CancelScope(shield=True):
                     await self.store.write_prepare(rid, share, [(k, m.value) for k, m in locks], meta)
-            except BatchFailed as exc:
-                if exc.outcome_unknown:  # it may be on disk: kept, resolved like any record
-                    raise
-                self._drop_unwritten(rid)
-                raise
-            except BaseException:
-                self._drop_unwritten(rid)
+            except BaseException as exc:
+                # An unknown outcome may be on disk: kept, resolved like any record.
+                if not (isinstance(exc, BatchFailed) and exc.outcome_unknown):
+                    self._replicated_epoch.pop(rid, None)
+                    self._prepared_at.pop(rid, None)
+                    self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
                 raise
         finally:
             del self._busy[rid]
             done.set()
         return "ok"
-
-    def _drop_unwritten(self, rid: int) -> None:
-        """A replicated record whose durable write certainly failed: forget it."""
-        self._replicated_epoch.pop(rid, None)
-        self._prepared_at.pop(rid, None)
-        self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
 
     async def _repl_commit(self, txid: int) -> str:
         """A primary committed ``txid``: apply its replicated records here (idempotent;

@@ -114,15 +114,21 @@ def test_buggify_points_fire_and_keep_the_guarantees() -> None:
 NODES = ("coordinator", "s0", "s1", "s2")
 
 
-@pytest.mark.parametrize("workload", ["bank", "list-append"])
-def test_generated_fault_schedules(workload: str) -> None:
-    @settings(
-        max_examples=EXAMPLES,
+def explored(max_examples: int) -> settings:
+    """Hypothesis settings of a generated-schedule test: reproducible (derandomized, no
+    example database), no deadline (a run takes seconds), ``max_examples`` schedules."""
+    return settings(
+        max_examples=max_examples,
         deadline=None,
         derandomize=True,
         suppress_health_check=list(HealthCheck),
         database=None,
     )
+
+
+@pytest.mark.parametrize("workload", ["bank", "list-append"])
+def test_generated_fault_schedules(workload: str) -> None:
+    @explored(EXAMPLES)
     @given(seed=st.integers(0, 2**32 - 1), faults=fault_schedules(NODES, ("c0", "c1", "c2"), duration_s=2.0))
     def run(seed: int, faults: tuple[Fault, ...]) -> None:
         assert_valid(run_simulation(seed, workload=workload, faults=faults, workload_options=SHORT))
@@ -276,13 +282,7 @@ def test_catches_a_follower_that_acknowledges_commits_it_drops() -> None:
 
 
 def test_generated_schedules_with_replica_faults() -> None:
-    @settings(
-        max_examples=max(EXAMPLES // 2, 3),
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-        database=None,
-    )
+    @explored(max(EXAMPLES // 2, 3))
     @given(
         seed=st.integers(0, 2**32 - 1),
         faults=fault_schedules(NODES, ("c0", "c1", "c2"), duration_s=2.0, replicated=True),
@@ -323,13 +323,7 @@ def test_generated_schedules_with_ring_moves() -> None:
     """R = 3 of 4 nodes: nodes removed and added back, marked down and rejoined, under
     generated network and node faults and buggify."""
 
-    @settings(
-        max_examples=max(EXAMPLES // 4, 3),
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-        database=None,
-    )
+    @explored(max(EXAMPLES // 4, 3))
     @given(
         seed=st.integers(0, 2**32 - 1),
         faults=fault_schedules((*NODES, "s3"), ("c0", "c1", "c2"), duration_s=2.0, replicated=True),

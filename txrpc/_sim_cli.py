@@ -11,8 +11,9 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -20,6 +21,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
 
 WORKLOAD_CHOICE = click.Choice(["bank", "list-append", "idempotency"])
 #: The target of ``txrpc bench sim`` (issue: thousands of schedules must fit in minutes).
@@ -78,6 +80,23 @@ def _workload_options(clients: int, duration: float) -> Any:
     return WorkloadOptions(clients=clients, duration_s=duration)
 
 
+def _cluster_shape(command: F) -> F:
+    """The simulated cluster's ``--shards`` and ``--replication`` options."""
+    command = click.option(
+        "--replication", type=click.IntRange(1, 8), default=1, show_default=True,
+        help="Replication factor, at most --shards (> 1 adds the authority's faults: mark-down, rejoin, "
+             "remove-node, add-node).",
+    )(command)  # fmt: skip
+    return click.option(
+        "--shards", type=click.IntRange(1, 8), default=3, show_default=True, help="Shard nodes s0, s1, ..."
+    )(command)
+
+
+def _check_shape(shards: int, replication: int) -> None:
+    if replication > shards:
+        raise click.BadParameter(f"--replication {replication} needs at least as many --shards (got {shards})")
+
+
 @sim.command("run")
 @click.option("--workload", type=WORKLOAD_CHOICE, default="bank", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, envvar="TXRPC_SIM_SEED")
@@ -88,10 +107,7 @@ def _workload_options(clients: int, duration: float) -> Any:
 @click.option("--buggify", type=float, default=0.0, show_default=True, help="Probability that a buggify point is on.")
 @click.option("--broken", multiple=True, help="Turn on a test-only protocol-breaking switch (to see it caught).")
 @click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Save the history as JSON lines.")
-@click.option("--shards", type=click.IntRange(1, 8), default=3, show_default=True, help="Shard nodes s0, s1, ...")
-@click.option("--replication", type=click.IntRange(1, 8), default=1, show_default=True,
-              help="Replication factor, at most --shards (the faults mark-down, rejoin, remove-node and "
-                   "add-node need > 1).")  # fmt: skip
+@_cluster_shape
 def sim_run(
     workload: str,
     seed: int,
@@ -108,8 +124,7 @@ def sim_run(
     """One seeded run under a fault schedule; exits 1 if a checker finds a violation."""
     from .testing import BROKEN_SWITCHES, SimOptions, run_simulation
 
-    if replication > shards:
-        raise click.BadParameter(f"--replication {replication} needs at least as many --shards (got {shards})")
+    _check_shape(shards, replication)
 
     unknown = set(broken) - set(BROKEN_SWITCHES)
     if unknown:
@@ -153,10 +168,7 @@ def sim_run(
 @click.option("--duration", type=float, default=2.0, show_default=True)
 @click.option("--faults-max", type=int, default=6, show_default=True, help="Fault steps per schedule, at most.")
 @click.option("--clients", type=int, default=3, show_default=True)
-@click.option("--shards", type=click.IntRange(1, 8), default=3, show_default=True, help="Shard nodes s0, s1, ...")
-@click.option("--replication", type=click.IntRange(1, 8), default=1, show_default=True,
-              help="Replication factor, at most --shards (> 1 adds the authority's faults: mark-down, "
-                   "rejoin, remove-node, add-node).")  # fmt: skip
+@_cluster_shape
 @click.option("--buggify", type=float, default=0.0, show_default=True, help="Probability that a buggify point is on.")
 def sim_explore(
     workload: str,
@@ -173,8 +185,7 @@ def sim_explore(
     from .testing import SimOptions, run_simulation
     from .testing._runner import random_schedule
 
-    if replication > shards:
-        raise click.BadParameter(f"--replication {replication} needs at least as many --shards (got {shards})")
+    _check_shape(shards, replication)
     rng = random.Random(seed)
     shard_names = tuple(f"s{i}" for i in range(shards))
     nodes = ("keyed",) if workload == "idempotency" else ("coordinator", *shard_names)
