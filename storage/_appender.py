@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import enum
 import itertools
+import logging
 import math
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -55,15 +56,19 @@ from ._threads import run_blocking
 R = TypeVar("R")
 T = TypeVar("T")
 
+log = logging.getLogger("txrpc.storage.appender")
+
 BATCH_RECORDS_MAX_DEFAULT = 256
 QUEUE_RECORDS_MAX_DEFAULT = 4096
 CHECKPOINT_RECORDS = 2048
 """Inline writes: records committed between two WAL checkpoints (SQLite's own default
 is every 1000 pages of WAL, a few thousand such records)."""
 INLINE_BATCH_S_MAX = 0.005
-"""An inline batch that took longer (a slow disk's fsync) sends the next batches to a
-worker thread for ``INLINE_PAUSE_S``: the event loop waits at most this long, about
-once per pause."""
+"""``INLINE_SLOW_BATCHES`` inline batches in a row that each took longer (a slow disk's
+fsync) send the next batches to a worker thread for ``INLINE_PAUSE_S``: the event loop
+waits this long at most a few times per pause. (One slow batch alone proves little: a
+garbage collection or a busy neighbour on a 2-core machine takes that long too.)"""
+INLINE_SLOW_BATCHES = 3
 INLINE_PAUSE_S = 10.0
 
 
@@ -143,16 +148,23 @@ class _State(enum.Enum):
     WITHDRAWN = "withdrawn"
 
 
-class _Pending:
-    __slots__ = ("error", "kind", "record", "state", "task", "value")
+#: ``append_nowait``: called with (result, None) or (None, error) once the record is done.
+Done = Callable[[Any, BaseException | None], None]
 
-    def __init__(self, kind: RecordKind[Any, Any], record: Any, task: trio.lowlevel.Task) -> None:
+
+class _Pending:
+    __slots__ = ("done", "error", "kind", "record", "state", "task", "value")
+
+    def __init__(
+        self, kind: RecordKind[Any, Any], record: Any, task: trio.lowlevel.Task | None, done: Done | None = None
+    ) -> None:
         self.kind = kind
         self.record = record
         self.state = _State.QUEUED
         # The writer, parked until its record is done (None once it stopped waiting).
         # Rescheduled directly: a trio.Event per record costs measurably more.
-        self.task: trio.lowlevel.Task | None = task
+        self.task = task
+        self.done = done  # or, for append_nowait, what to call instead
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -183,7 +195,8 @@ class AppenderStats:
     #: and were written on a worker thread; WAL checkpoints run between batches.
     batches_on_thread: int = 0
     checkpoints: int = 0
-    #: ``inline_writes``: inline batches slower than INLINE_BATCH_S_MAX (threads for a while).
+    #: ``inline_writes``: INLINE_SLOW_BATCHES inline batches in a row slower than
+    #: INLINE_BATCH_S_MAX (threads for a while).
     inline_pauses: int = 0
 
 
@@ -237,6 +250,7 @@ class GroupCommitAppender:
         self._engine_busy_ms = 0  # read from the writer connection when it is opened
         self._records_since_checkpoint = 0
         self._inline_paused_until = -math.inf
+        self._inline_slow = 0  # inline batches in a row slower than INLINE_BATCH_S_MAX
         self.pipelined_fsync = pipelined_fsync and batching and database.dialect == "sqlite"
         self._unsynced: list[tuple[_Pending, Any]] = []
         self._sync_waiters: list[_SyncWaiter] = []
@@ -280,15 +294,7 @@ class GroupCommitAppender:
         after the caller stopped waiting — a caller that must know reads it back.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closing:
-            raise StorageClosed(f"the appender for {self.database.url} is closed")
-        if not self._running:
-            raise RuntimeError("the appender's flusher is not running: use open_appender() or start run()")
-        if len(self._queue) >= self.queue_records_max:
-            raise AppendQueueFull(
-                f"{len(self._queue)} records already wait for a group commit on {self.database.url} "
-                f"(queue_records_max={self.queue_records_max}); retry later"
-            )
+        self._check_open()
         pending = _Pending(kind, record, trio.lowlevel.current_task())
         self._queue.append(pending)
         self._wakeup.set()
@@ -304,6 +310,33 @@ class GroupCommitAppender:
         if pending.error is not None:
             raise pending.error
         return cast(T, pending.value)
+
+    def append_nowait(
+        self, kind: RecordKind[R, T], record: R, done: Callable[[T | None, BaseException | None], None]
+    ) -> None:
+        """Queue ``record`` without waiting: ``done(result, None)`` — or ``done(None, error)``
+        with what :meth:`append` would have raised — is called once the batch carrying it
+        is durable (or failed), from the flusher's task. ``done`` must not block or
+        raise (what it raises is logged and dropped). Raises, without queueing, what
+        :meth:`append` raises before queueing (:class:`AppendQueueFull`, ...).
+
+        For callers with no task of their own to park: nothing can withdraw the record,
+        so it is always written (or failed with its batch, or at close).
+        """
+        self._check_open()
+        self._queue.append(_Pending(kind, record, None, done))
+        self._wakeup.set()
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise StorageClosed(f"the appender for {self.database.url} is closed")
+        if not self._running:
+            raise RuntimeError("the appender's flusher is not running: use open_appender() or start run()")
+        if len(self._queue) >= self.queue_records_max:
+            raise AppendQueueFull(
+                f"{len(self._queue)} records already wait for a group commit on {self.database.url} "
+                f"(queue_records_max={self.queue_records_max}); retry later"
+            )
 
     async def sync(self) -> None:
         """Return once everything committed to the database so far — by this appender or
@@ -479,6 +512,12 @@ class GroupCommitAppender:
         if task is not None:
             pending.task = None
             trio.lowlevel.reschedule(task)
+        elif pending.done is not None:
+            done, pending.done = pending.done, None
+            try:
+                done(value, error)
+            except Exception:
+                log.exception("the done callback of a %r record raised (ignored)", pending.kind)
 
     async def _run_batch(self, batch: list[_Pending]) -> list[Any]:
         if self.inline_writes:
@@ -500,11 +539,16 @@ class GroupCommitAppender:
                     await run_blocking(self._release_writer, limiter=self.database.write_thread_limiter)
                 raise
             else:
-                if trio.current_time() - started > INLINE_BATCH_S_MAX:
-                    # A slow disk (its fsync) would stop the event loop on every batch:
-                    # worker threads for a while, then try again.
-                    self._inline_paused_until = trio.current_time() + INLINE_PAUSE_S
-                    self.stats.inline_pauses += 1
+                if trio.current_time() - started <= INLINE_BATCH_S_MAX:
+                    self._inline_slow = 0
+                else:
+                    self._inline_slow += 1
+                    if self._inline_slow >= INLINE_SLOW_BATCHES:
+                        # A slow disk (its fsync) would stop the event loop on every
+                        # batch: worker threads for a while, then try again.
+                        self._inline_slow = 0
+                        self._inline_paused_until = trio.current_time() + INLINE_PAUSE_S
+                        self.stats.inline_pauses += 1
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return results
         return await run_blocking(self._write_batch_sync, batch, limiter=self.database.write_thread_limiter)

@@ -21,6 +21,11 @@ atomicity are guarded here:
 ``complete(..., extra_writes=f)`` runs ``f(conn)`` in the same transaction (and the
 same savepoint) as the completion: both commit or neither does.
 
+``begin_and_run`` is the one-write path for handlers that never suspend: when the
+key is new and the batch is written on the event loop's own thread (SQLite inline
+writes), the handler runs *inside* the batch's transaction and its outcome is
+inserted as a completed row there, so the row is never seen in progress at all.
+
 Times are seconds on the caller's clock, passed in as ``now``; storage never reads
 a clock. Leases and retention are compared against stored times, so the caller's
 clock must survive restarts (wall-clock seconds, injected).
@@ -31,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,6 +118,32 @@ class RequestLogStats:
 
 
 ExtraWrites = Callable[[Connection], object]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a handler run by :meth:`RequestLog.begin_and_run` produced.
+
+    ``record`` False: a transient failure (nothing is recorded; a retry runs afresh).
+    Otherwise exactly one of ``response`` (CBOR) or ``error`` is recorded, with
+    ``extra_writes(conn)`` in the same savepoint. ``value`` is opaque to the log and
+    handed back to the caller in :class:`RanResult`.
+    """
+
+    response: bytes | None = None
+    error: StoredError | None = None
+    record: bool = True
+    extra_writes: ExtraWrites | None = None
+    value: Any = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RanResult:
+    """:meth:`RequestLog.begin_and_run` ran the handler: its ``outcome`` and the
+    completed row it is recorded as (None when ``outcome.record`` was False)."""
+
+    outcome: Outcome
+    record: RequestRecord | None
 
 
 def _record(row: Row[Any]) -> RequestRecord:
@@ -561,27 +593,134 @@ def _write_begins(conn: Connection, records: Sequence[_Begin]) -> list[BeginResu
         pk = (r.identity, r.key)
         if pk in inserted:
             first = firsts[pk]
-            record = RequestRecord(
-                identity=first.identity,
-                key=first.key,
-                method=first.method,
-                fingerprint=first.fingerprint,
-                state=RequestState.IN_PROGRESS,
-                attempt=1,
-                response=None,
-                error=None,
-                created_at=first.now,
-                completed_at=None,
-                lease_expires_at=first.now + first.lease_s,
-                replay_count=0,
-                last_replayed_at=None,
-                request=first.request,
-            )
-            results.append(BeginResult(new=r is first, record=record))
+            results.append(BeginResult(new=r is first, record=_in_progress(first)))
         else:
             assert pk in existing, "a row must exist after INSERT .. ON CONFLICT DO NOTHING"
             results.append(BeginResult(new=False, record=existing[pk]))
     return results
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _BeginRun:
+    begin: _Begin
+    run: Callable[[], Outcome]
+    thread: int  # the event loop's thread: ``run`` is called only there
+
+
+_RAW_INSERT_COMPLETED = (
+    "INSERT INTO txrpc_request_log (identity, idempotency_key, method, fingerprint, state, attempt, "
+    "response, error_code, error_message, error_details, created_at, completed_at, lease_expires_at, "
+    "replay_count, request) VALUES (?, ?, ?, ?, 'completed', 1, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
+)
+
+
+def _write_begin_runs(conn: Connection, records: Sequence[_BeginRun]) -> list[BeginResult | RanResult | Rejected]:
+    """SQLite only (the appender's transaction is BEGIN IMMEDIATE: no other writer can
+    touch a row between our SELECT and our INSERT). Records are handled in queue order;
+    a later record for a key an earlier one wrote sees that row."""
+    cursor = _raw_cursor(conn)
+    if cursor is None:
+        raise AssertionError("begin_and_run is for SQLite (RequestLog.runs_inline)")
+    try:
+        return _begin_run_batch(conn, cursor, records)
+    finally:
+        cursor.close()
+
+
+def _begin_run_batch(
+    conn: Connection, cursor: Any, records: Sequence[_BeginRun]
+) -> list[BeginResult | RanResult | Rejected]:
+    on_loop = threading.get_ident()
+    seen = _raw_select_rows(cursor, list(dict.fromkeys((r.begin.identity, r.begin.key) for r in records)))
+    results: list[BeginResult | RanResult | Rejected] = []
+    completed: list[tuple[Any, ...]] = []
+    for r in records:
+        b = r.begin
+        pk = (b.identity, b.key)
+        row = seen.get(pk)
+        if row is not None:
+            results.append(BeginResult(new=False, record=row))
+            continue
+        if r.thread != on_loop:
+            # Written on a worker thread (the database was busy, or the writer connection
+            # was being opened): the handler cannot run here. Begin as usual instead.
+            cursor.execute(
+                _RAW_INSERT,
+                (b.identity, b.key, b.method, b.fingerprint, b.now, b.now + b.lease_s, b.request)
+            )
+            row = seen[pk] = _in_progress(b)
+            results.append(BeginResult(new=True, record=row))
+            continue
+        outcome = r.run()
+        if not outcome.record:
+            results.append(RanResult(outcome, None))
+            continue
+        error = outcome.error
+        params = (
+            b.identity,
+            b.key,
+            b.method,
+            b.fingerprint,
+            outcome.response,
+            None if error is None else error.code,
+            None if error is None else error.message,
+            None if error is None else error.details,
+            b.now,
+            b.now,
+            b.now,
+            b.request,
+        )
+        if outcome.extra_writes is None:
+            completed.append(params)
+        else:
+            savepoint = conn.begin_nested()
+            try:
+                cursor.execute(_RAW_INSERT_COMPLETED, params)
+                outcome.extra_writes(conn)
+            except Exception as exc:
+                savepoint.rollback()
+                results.append(Rejected(exc))
+                continue
+            savepoint.commit()
+        row = seen[pk] = RequestRecord(
+            b.identity,
+            b.key,
+            b.method,
+            b.fingerprint,
+            RequestState.COMPLETED,
+            1,
+            outcome.response,
+            error,
+            b.now,
+            b.now,
+            b.now,
+            0,
+            None,
+            b.request,
+        )
+        results.append(RanResult(outcome, row))
+    if completed:
+        cursor.executemany(_RAW_INSERT_COMPLETED, completed)
+    return results
+
+
+def _in_progress(b: _Begin) -> RequestRecord:
+    return RequestRecord(
+        identity=b.identity,
+        key=b.key,
+        method=b.method,
+        fingerprint=b.fingerprint,
+        state=RequestState.IN_PROGRESS,
+        attempt=1,
+        response=None,
+        error=None,
+        created_at=b.now,
+        completed_at=None,
+        lease_expires_at=b.now + b.lease_s,
+        replay_count=0,
+        last_replayed_at=None,
+        request=b.request,
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -775,6 +914,7 @@ TAKE_OVER: RecordKind[_TakeOver, RequestRecord | None] = RecordKind(
 )
 RENEW: RecordKind[_Renew, bool] = RecordKind("request_log.renew", _write_renewals, durable=False)
 COMPLETE: RecordKind[_Complete, RequestRecord] = RecordKind("request_log.complete", _write_completions)
+BEGIN_RUN: RecordKind[_BeginRun, BeginResult | RanResult] = RecordKind("request_log.begin_run", _write_begin_runs)
 RELEASE: RecordKind[_Release, bool] = RecordKind("request_log.release", _write_releases, durable=False)
 REPLAYED: RecordKind[_Replayed, bool] = RecordKind("request_log.replayed", _write_replays, durable=False)
 
@@ -816,6 +956,83 @@ class RequestLog:
         return await self.appender.append(
             BEGIN, _Begin(identity, key, method, fingerprint, lease_s, now, request)
         )
+
+    @property
+    def runs_inline(self) -> bool:
+        """Whether :meth:`begin_and_run` can run handlers inside the batch (SQLite with
+        the appender's inline writes); otherwise use :meth:`begin`."""
+        return self.appender.inline_writes
+
+    async def begin_and_run(
+        self,
+        identity: str,
+        key: str,
+        method: str,
+        fingerprint: bytes,
+        lease_s: float,
+        now: float,
+        run: Callable[[], Outcome],
+        *,
+        request: bytes | None = None,
+    ) -> BeginResult | RanResult:
+        """:meth:`begin` and, for a new key, run and record the request in one write.
+
+        For a new key whose batch is written on this (the event loop's) thread,
+        ``run()`` is called inside the batch's transaction, holding the write lock —
+        so it must be quick and must not block or suspend — and its :class:`Outcome`
+        is inserted as a completed row (attempt 1, ``completed_at = now``) with its
+        ``extra_writes``: returns :class:`RanResult`. The row is never in progress, so
+        no other executor can see or take over the key meanwhile.
+
+        Otherwise as :meth:`begin`: the existing row (``BeginResult(new=False)``), or
+        — the batch went to a worker thread — an in-progress row for the caller to run
+        and complete (``BeginResult(new=True)``).
+
+        Durable on return. Raises the appender's errors, or what ``extra_writes``
+        raised (the handler ran; nothing was recorded). Only where
+        :attr:`runs_inline`.
+        """
+        return await self.appender.append(
+            BEGIN_RUN, self._begin_run(identity, key, method, fingerprint, lease_s, now, run, request)
+        )
+
+    def begin_and_run_nowait(
+        self,
+        identity: str,
+        key: str,
+        method: str,
+        fingerprint: bytes,
+        lease_s: float,
+        now: float,
+        run: Callable[[], Outcome],
+        done: Callable[[BeginResult | RanResult | None, BaseException | None], None],
+        *,
+        request: bytes | None = None,
+    ) -> None:
+        """:meth:`begin_and_run` without waiting (``GroupCommitAppender.append_nowait``):
+        ``done(result, None)`` or ``done(None, error)`` is called, from the flusher's
+        task, once the record is durable or failed. Raises only what queueing raises."""
+        self.appender.append_nowait(
+            BEGIN_RUN, self._begin_run(identity, key, method, fingerprint, lease_s, now, run, request), done
+        )
+
+    def _begin_run(
+        self,
+        identity: str,
+        key: str,
+        method: str,
+        fingerprint: bytes,
+        lease_s: float,
+        now: float,
+        run: Callable[[], Outcome],
+        request: bytes | None,
+    ) -> _BeginRun:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be > 0")
+        if not self.runs_inline:
+            raise RuntimeError("begin_and_run needs SQLite with inline writes (see runs_inline); use begin()")
+        begin = _Begin(identity, key, method, fingerprint, lease_s, now, request)
+        return _BeginRun(begin, run, threading.get_ident())
 
     async def take_over(
         self, identity: str, key: str, attempt_seen: int, lease_s: float, now: float

@@ -30,6 +30,7 @@ crash point for the lost-reply scenario.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import os
@@ -46,16 +47,26 @@ from ._errors import (
     Aborted,
     Code,
     DataLoss,
+    DeadlineExceeded,
     Internal,
     InvalidArgument,
     ResourceExhausted,
     RpcError,
     Unavailable,
 )
-from ._service import CallContext, MethodSpec
+from ._service import CallContext, MethodSpec, _current_call
 
 if TYPE_CHECKING:
-    from storage import KvTransaction, RequestLog, RequestRecord, Storage, StoredError
+    from storage import (
+        BeginResult,
+        KvTransaction,
+        Outcome,
+        RanResult,
+        RequestLog,
+        RequestRecord,
+        Storage,
+        StoredError,
+    )
 
 log = logging.getLogger("txrpc.server.idempotency")
 
@@ -112,6 +123,11 @@ class Answer:
     error: RpcError | None = None
 
 
+#: What :meth:`IdempotencyDriver.start` finishes with when the call's deadline passed
+#: before its handler ran (nothing ran, nothing was recorded).
+EXPIRED: Final = Answer(error=DeadlineExceeded("the deadline expired before the call ran", {"not_started": True}))
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class _Running:
     """An execution of one (identity, key) in this process."""
@@ -125,6 +141,8 @@ class _Running:
     renewed_at: float  # trio clock
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     lost: bool = False  # the lease could not be renewed: another executor took over
+    one_write: bool = False  # run inside its log batch (no row in progress: no lease to renew)
+    ran: bool = False  # (one_write) the handler has run
 
 
 class _LeaseLostDuringRun(Exception):
@@ -224,9 +242,18 @@ class IdempotencyDriver:
     # -- the call path -------------------------------------------------------------
 
     async def answer(
-        self, spec: MethodSpec, method: str, args: list[Any], kwargs: dict[str, Any], ctx: CallContext
+        self,
+        spec: MethodSpec,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        ctx: CallContext,
+        begun: BeginResult | None = None,
     ) -> Answer:
-        """Serve one keyed call; runs inside the call's cancel scope (its deadline)."""
+        """Serve one keyed call; runs inside the call's cancel scope (its deadline).
+
+        ``begun``: what :meth:`start` found instead of running the call (the key's row,
+        or our own in-progress row): go on from there."""
         try:
             key = idem.check_key(ctx.metadata.get(KEY_METADATA))
             request = idem.canonical_request(method, args, kwargs)
@@ -247,7 +274,11 @@ class IdempotencyDriver:
         log_ = self.request_log
         poll_s = WAIT_POLL_S_MIN
         record: RequestRecord | None = None
-        begun = False
+        if begun is not None:
+            if begun.new:
+                return await self._execute(spec, method, args, kwargs, ctx, pk, 1, fingerprint)
+            record = begun.record
+        begun_ = begun is not None
         while True:
             running = self._running.get(pk)
             if running is not None:
@@ -259,22 +290,30 @@ class IdempotencyDriver:
                     return Answer(error=idem.InProgress(running.attempt, retry_after).to_error())
                 await running.done.wait()
                 record = None
-                begun = False
+                begun_ = False
                 continue
             now = self.wall_clock()
+            if record is None and not begun_ and spec.runs_inline and log_.runs_inline:
+                one = await self._one_write(spec, method, args, kwargs, ctx, pk, fingerprint, request, now)
+                if isinstance(one, Answer):
+                    return one
+                begun_ = True
+                if one.new:  # (its batch went to a worker thread) the row is ours, in progress
+                    return await self._execute(spec, method, args, kwargs, ctx, pk, 1, fingerprint)
+                record = one.record
             try:
-                if record is None and not begun:
+                if record is None and not begun_:
                     result = await log_.begin(
                         identity, key, method, fingerprint, self.lease_s, now, request=request
                     )
-                    begun = True
+                    begun_ = True
                     if result.new:
                         return await self._execute(spec, method, args, kwargs, ctx, pk, 1, fingerprint)
                     record = result.record
                 else:
                     record = await log_.get(identity, key)
                     if record is None:  # released or pruned meanwhile: start afresh
-                        begun = False
+                        begun_ = False
                         continue
             except Exception as exc:
                 return Answer(error=_storage_error(exc, before_run=True))
@@ -311,9 +350,174 @@ class IdempotencyDriver:
                         spec, method, args, kwargs, ctx, pk, taken.attempt, fingerprint
                     )
                 record = None  # someone else won: look again
-                begun = True
+                begun_ = True
                 continue
             raise AssertionError(f"decide returned {decision!r}")  # Run only without a row
+
+    async def _one_write(
+        self,
+        spec: MethodSpec,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        ctx: CallContext,
+        pk: tuple[str, str],
+        fingerprint: bytes,
+        request: bytes,
+        now: float,
+    ) -> Answer | BeginResult:
+        """A handler that runs inline, on SQLite: look the key up, run the handler and
+        record its outcome in one write (``RequestLog.begin_and_run``). Returns the
+        answer, or what ``begin`` would have (the row found; or our in-progress row)."""
+        running, run = self._one_write_run(spec, method, args, kwargs, ctx, pk, fingerprint, now)
+        self._running[pk] = running  # duplicates in this process wait or are refused meanwhile
+        try:
+            result = await self.request_log.begin_and_run(
+                pk[0], pk[1], method, fingerprint, self.lease_s, now, run, request=request
+            )
+        except Exception as exc:
+            return self._one_write_done(pk, running, None, exc)
+        except BaseException:
+            self._forget(pk, running)
+            raise
+        return self._one_write_done(pk, running, result, None)
+
+    def start(
+        self,
+        spec: MethodSpec,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        ctx: CallContext,
+        finish: Callable[[Answer | BeginResult], None],
+    ) -> bool:
+        """Start a keyed call without a task of its own, if it can go in one write: a
+        handler that runs inline, a request log that runs it inside its batch, a key
+        not running in this process. ``finish`` is called from the log's flusher with
+        the answer (:data:`EXPIRED` if the deadline passed before the handler ran), or
+        with what ``begin`` found for the caller to go on in a task (:meth:`answer`'s
+        ``begun``). Returns False, having started nothing, for every other call."""
+        if not (spec.runs_inline and self.request_log.runs_inline) or _env.broken(
+            "server.skip_request_log_lookup"
+        ):
+            return False
+        try:
+            key = idem.check_key(ctx.metadata.get(KEY_METADATA))
+            request = idem.canonical_request(method, args, kwargs)
+        except (InvalidArgument, TypeError):
+            return False  # the general path answers it
+        pk = (self.identity_of(ctx), key)
+        if pk in self._running:
+            return False
+        fingerprint = idem.fingerprint_of(request)
+        now = self.wall_clock()
+        running, run = self._one_write_run(spec, method, args, kwargs, ctx, pk, fingerprint, now)
+
+        def done(result: BeginResult | RanResult | None, exc: BaseException | None) -> None:
+            error = exc if exc is None or isinstance(exc, Exception) else Internal(f"request log: {exc!r}")
+            finish(self._one_write_done(pk, running, result, error))
+
+        self._running[pk] = running
+        try:
+            self.request_log.begin_and_run_nowait(
+                pk[0], key, method, fingerprint, self.lease_s, now, run, done, request=request
+            )
+        except Exception:
+            self._forget(pk, running)
+            return False  # (queue full, closing): the general path answers it
+        return True
+
+    def _one_write_run(
+        self,
+        spec: MethodSpec,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        ctx: CallContext,
+        pk: tuple[str, str],
+        fingerprint: bytes,
+        now: float,
+    ) -> tuple[_Running, Callable[[], Outcome]]:
+        running = _Running(
+            pk[0], pk[1], 1, method, fingerprint, now + self.lease_s, trio.current_time(), one_write=True
+        )
+
+        def run() -> Outcome:
+            if trio.current_time() >= ctx.deadline:
+                expired: Outcome = self._storage.Outcome(record=False, value=EXPIRED)
+                return expired
+            running.ran = True
+            outcome: Outcome = contextvars.copy_context().run(self._run_in_batch, spec, args, kwargs, ctx, pk[1])
+            return outcome
+
+        return running, run
+
+    def _one_write_done(
+        self,
+        pk: tuple[str, str],
+        running: _Running,
+        result: BeginResult | RanResult | None,
+        exc: Exception | None,
+    ) -> Answer | BeginResult:
+        self._forget(pk, running)
+        if exc is not None:
+            return Answer(error=_storage_error(exc, before_run=not running.ran))
+        assert result is not None
+        if isinstance(result, self._storage.RanResult):
+            answer: Answer = result.outcome.value
+            if result.record is not None:
+                crash_point(CRASH_AFTER_LOG_COMMIT)
+            return answer
+        return result
+
+    def _forget(self, pk: tuple[str, str], running: _Running) -> None:
+        if self._running.get(pk) is running:
+            del self._running[pk]
+        running.done.set()
+
+    def _run_in_batch(
+        self, spec: MethodSpec, args: list[Any], kwargs: dict[str, Any], ctx: CallContext, key: str
+    ) -> Outcome:
+        """Inside the log batch's transaction, on the event loop's thread, in a copy of
+        the writer's context: run the handler to completion (it cannot suspend)."""
+        _current_call.set(ctx)
+        ctx.idempotency_key = key.split(_BROKEN_KEY_SEPARATOR)[0]
+        ctx.attempt = 1
+        database = self.request_log.database
+        namespace = self.store_namespace
+        ctx._store_factory = lambda: self._kv_transaction(database, namespace)
+        ctx._store = None
+        self.executions += 1
+        outcome = self._storage.Outcome
+        value: Any = None
+        error: RpcError | None = None
+        try:
+            value = spec.call_inline(args, kwargs)
+        except RpcError as exc:
+            error = exc
+        except TypeError as exc:
+            problem = spec.arguments_fit(args, kwargs)
+            if problem is not None:
+                return outcome(record=False, value=Answer(error=InvalidArgument(f"{spec.name}: {problem}")))
+            error = _internal(spec, ctx, exc)
+        except Exception as exc:
+            error = _internal(spec, ctx, exc)
+        finally:
+            ctx._store_factory = None
+        if error is not None and error.code in TRANSIENT_CODES:
+            return outcome(record=False, value=Answer(error=error))
+        response: bytes | None = None
+        if error is None:
+            try:
+                check_keys(value)
+                response = encode_value(value)
+            except TypeError as exc:
+                error = Internal(f"handler returned a value CBOR cannot carry: {exc}")
+        if error is not None:
+            return outcome(error=stored_error(error), value=Answer(error=error))
+        store = ctx._store
+        extra = store.apply if store is not None and store.written_keys else None
+        return outcome(response=response, extra_writes=extra, value=Answer(value=value))
 
     async def _execute(
         self,
@@ -477,7 +681,11 @@ class IdempotencyDriver:
             while True:
                 await trio.sleep(interval / 2.0)
                 now_t = trio.current_time()
-                due = [r for r in self._running.values() if now_t - r.renewed_at >= interval and not r.lost]
+                due = [
+                    r
+                    for r in self._running.values()
+                    if now_t - r.renewed_at >= interval and not r.lost and not r.one_write
+                ]
                 if due:
                     async with trio.open_nursery() as nursery:
                         for running in due:

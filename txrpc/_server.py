@@ -16,9 +16,11 @@ from . import _connection as wire
 from . import _env
 from ._errors import Code, RpcError
 from ._keyed import (
+    EXPIRED,
     KEY_METADATA,
     LEASE_S_DEFAULT,
     RETENTION_S_DEFAULT,
+    Answer,
     IdempotencyDriver,
 )
 from ._limits import Limits
@@ -27,7 +29,7 @@ from ._security import ANONYMOUS_PRINCIPAL, Principal, ServerSecurity, is_certif
 from ._service import CallContext, MethodSpec, Service, _current_call
 
 if TYPE_CHECKING:
-    from storage import RequestLog, Storage
+    from storage import BeginResult, RequestLog, Storage
 
 log = logging.getLogger("txrpc.server")
 
@@ -405,8 +407,9 @@ class _ServerConnection:
                                 {"not_started": True},
                             )
                         elif spec.idempotent or (event.metadata and KEY_METADATA in event.metadata):
-                            nursery.start_soon(self._run_keyed, spec, event)
-                        elif spec.is_async and not spec.never_suspends:
+                            if not self._start_keyed(spec, event):
+                                nursery.start_soon(self._run_keyed, spec, event)
+                        elif not spec.runs_inline:
                             nursery.start_soon(self._run_async, spec, event)
                         else:
                             self._run_inline(spec, event)
@@ -499,15 +502,7 @@ class _ServerConnection:
     def _run_inline_here(self, spec: MethodSpec, call: wire.Call) -> None:
         _current_call.set(self._context(call, self._deadline(call)))
         try:
-            value = spec.fn(*call.args, **call.kwargs)
-            if spec.never_suspends:
-                try:
-                    value.send(None)
-                except StopIteration as done:
-                    value = done.value
-                else:  # cannot happen: the code has no suspension point
-                    value.close()
-                    raise RuntimeError(f"{spec.name} suspended although its code cannot")
+            value = spec.call_inline(call.args, call.kwargs)
         except RpcError as exc:
             self._reply_error(call.id, exc.code, exc.message, exc.details)
         except TypeError as exc:
@@ -549,9 +544,57 @@ class _ServerConnection:
             if self._draining and not self.conn.inflight:
                 self._close_soon()
 
-    async def _run_keyed(self, spec: MethodSpec, call: wire.Call) -> None:
-        """A call with an idempotency key (or to a method that needs one): see ``_keyed``."""
+    def _start_keyed(self, spec: MethodSpec, call: wire.Call) -> bool:
+        """A keyed call that can go in one write of the request log (a handler that runs
+        inline, on SQLite): started without a task, answered from the log's flusher once
+        durable (``IdempotencyDriver.start``). False: it needs ``_run_keyed``."""
+        driver = self.server.idempotency
+        if driver is None or call.metadata.get(KEY_METADATA) is None:
+            return False
+        deadline = self._deadline(call)
+        context = self._context(call, deadline)
+
+        def finish(result: Answer | BeginResult) -> None:
+            if not isinstance(result, Answer):
+                # The key has a row (replay, mismatch, in progress...), or the batch went to
+                # a worker thread (our row is in progress): go on in a task.
+                self._go_on_keyed(spec, call, context, result)
+                return
+            if call.id in self.conn.inflight:  # (else the connection is ending: no one to tell)
+                if result is EXPIRED:
+                    self._expired(call, deadline)
+                elif result.error is not None:
+                    error = result.error
+                    self._reply_error(call.id, error.code, error.message, error.details)
+                else:
+                    self._reply_result(call.id, result.value, result.metadata)
+            self._close_if_drained()
+
+        if not driver.start(spec, call.method, call.args, call.kwargs, context, finish):
+            return False
         self.server.calls_started += 1
+        return True
+
+    def _go_on_keyed(self, spec: MethodSpec, call: wire.Call, context: CallContext, begun: BeginResult) -> None:
+        nursery = self._nursery
+        try:
+            if nursery is None:
+                raise RuntimeError("the connection has no nursery")
+            nursery.start_soon(self._run_keyed, spec, call, context, begun)
+        except RuntimeError:  # the connection is over
+            self.conn.abandon_call(call.id)
+
+    async def _run_keyed(
+        self,
+        spec: MethodSpec,
+        call: wire.Call,
+        context: CallContext | None = None,
+        begun: BeginResult | None = None,
+    ) -> None:
+        """A call with an idempotency key (or to a method that needs one): see ``_keyed``.
+        ``begun``: ``_start_keyed`` began it (``context`` is its)."""
+        if begun is None:
+            self.server.calls_started += 1
         driver = self.server.idempotency
         if call.metadata.get(KEY_METADATA) is None:
             self._reply_error(
@@ -575,14 +618,15 @@ class _ServerConnection:
         if not driver.keeper_running and self._nursery is not None:
             # Served without serve_listeners (serve_stream): keep leases from here.
             self._nursery.start_soon(driver.run_lease_keeper)
-        deadline = self._deadline(call)
-        context = self._context(call, deadline)
+        if context is None:
+            context = self._context(call, self._deadline(call))
+        deadline = context.deadline
         _current_call.set(context)
         scope = trio.CancelScope(deadline=deadline)
         self.scopes[call.id] = scope
         try:
             with scope:
-                answer = await driver.answer(spec, call.method, call.args, call.kwargs, context)
+                answer = await driver.answer(spec, call.method, call.args, call.kwargs, context, begun)
                 if answer.error is not None:
                     error = answer.error
                     self._reply_error(call.id, error.code, error.message, error.details)

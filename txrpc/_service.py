@@ -106,6 +106,24 @@ class MethodSpec:
     function, without a task and a cancel scope of its own."""
     _signature: inspect.Signature | None = None
 
+    @property
+    def runs_inline(self) -> bool:
+        """A plain function or an ``async def`` that never suspends: it runs to
+        completion without yielding to the event loop."""
+        return self.never_suspends or not self.is_async
+
+    def call_inline(self, args: Iterable[Any], kwargs: dict[str, Any]) -> Any:
+        """Run a handler that :attr:`runs_inline` to completion; its value (or what it raised)."""
+        value = self.fn(*args, **kwargs)
+        if self.never_suspends:
+            try:
+                value.send(None)
+            except StopIteration as done:
+                return done.value
+            value.close()  # cannot happen: the code has no suspension point
+            raise RuntimeError(f"{self.name} suspended although its code cannot")
+        return value
+
     def arguments_fit(self, args: Iterable[Any], kwargs: dict[str, Any]) -> str | None:
         """None when ``args``/``kwargs`` bind to the handler, else why they do not."""
         if self._signature is None:
