@@ -651,7 +651,11 @@ def _begin_run_batch(
             row = seen[pk] = _in_progress(b)
             results.append(BeginResult(new=True, record=row))
             continue
-        outcome = r.run()
+        try:
+            outcome = r.run()
+        except Exception as exc:  # (run's own bug): this record fails alone, nothing written for it
+            results.append(Rejected(exc))
+            continue
         if not outcome.record:
             results.append(RanResult(outcome, None))
             continue
@@ -702,6 +706,10 @@ def _begin_run_batch(
     if completed:
         cursor.executemany(_RAW_INSERT_COMPLETED, completed)
     return results
+
+
+def _ignore(result: object, error: BaseException | None) -> None:
+    pass
 
 
 def _in_progress(b: _Begin) -> RequestRecord:
@@ -1095,6 +1103,11 @@ class RequestLog:
         shutting down, failed before any effect). False if ``attempt`` is not current.
         """
         return await self.appender.append(RELEASE, _Release(identity, key, attempt))
+
+    def release_nowait(self, identity: str, key: str, attempt: int) -> None:
+        """:meth:`release` without waiting for it (``GroupCommitAppender.append_nowait``);
+        raises only what queueing raises."""
+        self.appender.append_nowait(RELEASE, _Release(identity, key, attempt), _ignore)
 
     async def note_replay(self, identity: str, key: str, now: float) -> bool:
         """Count one replay of a completed row (``replay_count``, ``last_replayed_at``)."""

@@ -123,8 +123,9 @@ class Answer:
     error: RpcError | None = None
 
 
-#: What :meth:`IdempotencyDriver.start` finishes with when the call's deadline passed
-#: before its handler ran (nothing ran, nothing was recorded).
+#: What :meth:`IdempotencyDriver.start` finishes with when the call was not run: its
+#: deadline passed, or its caller cancelled it or left, before its handler could run
+#: (nothing ran, nothing is recorded, the key is free).
 EXPIRED: Final = Answer(error=DeadlineExceeded("the deadline expired before the call ran", {"not_started": True}))
 
 
@@ -155,8 +156,8 @@ def _encode_details(details: dict[str, Any]) -> bytes:
     try:
         check_keys(details)
         return encode_value(details)
-    except TypeError as exc:
-        return encode_value({"unencodable_details": str(exc)})
+    except Exception as exc:  # (TypeError; RecursionError for details nested too deep)
+        return encode_value({"unencodable_details": f"{type(exc).__name__}: {exc}"})
 
 
 def stored_error(error: RpcError) -> StoredError:
@@ -276,6 +277,9 @@ class IdempotencyDriver:
         record: RequestRecord | None = None
         if begun is not None:
             if begun.new:
+                if trio.current_time() >= ctx.deadline:  # (the handler would run unchecked)
+                    self.release_soon(*pk, 1)
+                    return EXPIRED
                 return await self._execute(spec, method, args, kwargs, ctx, pk, 1, fingerprint)
             record = begun.record
         begun_ = begun is not None
@@ -369,7 +373,8 @@ class IdempotencyDriver:
         """A handler that runs inline, on SQLite: look the key up, run the handler and
         record its outcome in one write (``RequestLog.begin_and_run``). Returns the
         answer, or what ``begin`` would have (the row found; or our in-progress row)."""
-        running, run = self._one_write_run(spec, method, args, kwargs, ctx, pk, fingerprint, now)
+        snapshot = contextvars.copy_context()
+        running, run = self._one_write_run(spec, method, args, kwargs, ctx, pk, fingerprint, now, None, snapshot)
         self._running[pk] = running  # duplicates in this process wait or are refused meanwhile
         try:
             result = await self.request_log.begin_and_run(
@@ -389,14 +394,17 @@ class IdempotencyDriver:
         args: list[Any],
         kwargs: dict[str, Any],
         ctx: CallContext,
+        wanted: Callable[[], bool],
         finish: Callable[[Answer | BeginResult], None],
     ) -> bool:
         """Start a keyed call without a task of its own, if it can go in one write: a
         handler that runs inline, a request log that runs it inside its batch, a key
-        not running in this process. ``finish`` is called from the log's flusher with
-        the answer (:data:`EXPIRED` if the deadline passed before the handler ran), or
-        with what ``begin`` found for the caller to go on in a task (:meth:`answer`'s
-        ``begun``). Returns False, having started nothing, for every other call."""
+        not running in this process. ``finish`` is called from the log's flusher, in
+        a copy of the caller's context, with the answer — :data:`EXPIRED` if the
+        deadline passed or ``wanted()`` turned False (the caller cancelled or left)
+        before the handler ran — or with what ``begin`` found, for the caller to go on
+        in a task (:meth:`answer`'s ``begun``). Returns False, having started nothing,
+        for every other call."""
         if not (spec.runs_inline and self.request_log.runs_inline) or _env.broken(
             "server.skip_request_log_lookup"
         ):
@@ -411,11 +419,17 @@ class IdempotencyDriver:
             return False
         fingerprint = idem.fingerprint_of(request)
         now = self.wall_clock()
-        running, run = self._one_write_run(spec, method, args, kwargs, ctx, pk, fingerprint, now)
+        snapshot = contextvars.copy_context()
+        running, run = self._one_write_run(spec, method, args, kwargs, ctx, pk, fingerprint, now, wanted, snapshot)
 
         def done(result: BeginResult | RanResult | None, exc: BaseException | None) -> None:
             error = exc if exc is None or isinstance(exc, Exception) else Internal(f"request log: {exc!r}")
-            finish(self._one_write_done(pk, running, result, error))
+            answer = self._one_write_done(pk, running, result, error)
+            if not isinstance(answer, Answer) and (trio.current_time() >= ctx.deadline or not wanted()):
+                if answer.new:  # our row, in progress, for a call no one waits for: free the key
+                    self.release_soon(*pk, 1)
+                answer = EXPIRED
+            snapshot.run(finish, answer)
 
         self._running[pk] = running
         try:
@@ -437,17 +451,22 @@ class IdempotencyDriver:
         pk: tuple[str, str],
         fingerprint: bytes,
         now: float,
+        wanted: Callable[[], bool] | None,
+        snapshot: contextvars.Context,
     ) -> tuple[_Running, Callable[[], Outcome]]:
+        """The call's entry in ``_running`` and the ``run`` its batch calls: the handler
+        in ``snapshot`` (a copy of the caller's context: what it sets stays with the
+        call), or nothing if the deadline passed or ``wanted()`` is False."""
         running = _Running(
             pk[0], pk[1], 1, method, fingerprint, now + self.lease_s, trio.current_time(), one_write=True
         )
 
         def run() -> Outcome:
-            if trio.current_time() >= ctx.deadline:
+            if trio.current_time() >= ctx.deadline or (wanted is not None and not wanted()):
                 expired: Outcome = self._storage.Outcome(record=False, value=EXPIRED)
                 return expired
             running.ran = True
-            outcome: Outcome = contextvars.copy_context().run(self._run_in_batch, spec, args, kwargs, ctx, pk[1])
+            outcome: Outcome = snapshot.run(self._run_in_batch, spec, args, kwargs, ctx, pk[1])
             return outcome
 
         return running, run
@@ -469,6 +488,13 @@ class IdempotencyDriver:
                 crash_point(CRASH_AFTER_LOG_COMMIT)
             return answer
         return result
+
+    def release_soon(self, identity: str, key: str, attempt: int) -> None:
+        """Queue the release of our in-progress ``attempt`` (no task needed)."""
+        try:
+            self.request_log.release_nowait(identity, key, attempt)
+        except Exception as exc:  # the lease will expire instead
+            log.warning("could not release %r attempt %d: %s", key, attempt, exc)
 
     def _forget(self, pk: tuple[str, str], running: _Running) -> None:
         if self._running.get(pk) is running:
@@ -511,8 +537,8 @@ class IdempotencyDriver:
             try:
                 check_keys(value)
                 response = encode_value(value)
-            except TypeError as exc:
-                error = Internal(f"handler returned a value CBOR cannot carry: {exc}")
+            except Exception as exc:  # (TypeError; RecursionError for a value nested too deep)
+                error = Internal(f"handler returned a value CBOR cannot carry: {type(exc).__name__}: {exc}")
         if error is not None:
             return outcome(error=stored_error(error), value=Answer(error=error))
         store = ctx._store
@@ -601,8 +627,8 @@ class IdempotencyDriver:
             try:
                 check_keys(value)
                 response = encode_value(value)
-            except TypeError as exc:
-                error = Internal(f"handler returned a value CBOR cannot carry: {exc}")
+            except Exception as exc:  # (TypeError; RecursionError for a value nested too deep)
+                error = Internal(f"handler returned a value CBOR cannot carry: {type(exc).__name__}: {exc}")
         # The store's writes commit with a result; an error outcome discards them (like
         # an aborted transaction) but is still checked against fresh reads.
         store = ctx._store

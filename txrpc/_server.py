@@ -271,6 +271,7 @@ class _ServerConnection:
         self.conn = wire.Connection(wire.Role.SERVER, self.limits)
         self.outbox = Outbox(stream, self.limits.write_buffer_bytes_max, self.limits.send_stall_timeout_s)
         self.scopes: dict[int, trio.CancelScope] = {}
+        self.queued_keyed: set[int] = set()  # calls _start_keyed started (no scope: cancelled by mark)
         self.cancelled_by_peer: set[int] = set()
         self.principal: Principal = ANONYMOUS_PRINCIPAL
         self.identity = self.principal.name
@@ -418,6 +419,8 @@ class _ServerConnection:
                         if scope is not None:
                             self.cancelled_by_peer.add(event.id)
                             scope.cancel()
+                        elif event.id in self.queued_keyed:
+                            self.cancelled_by_peer.add(event.id)  # its handler will not run
                     elif type(event) is wire.Ping:
                         self.outbox.put_nowait(conn.send_pong(event.nonce))
                     elif type(event) is wire.CallRefused:
@@ -553,25 +556,34 @@ class _ServerConnection:
             return False
         deadline = self._deadline(call)
         context = self._context(call, deadline)
+        call_id = call.id
+        conn = self.conn
+        cancelled = self.cancelled_by_peer
+
+        def wanted() -> bool:
+            return conn.is_open and call_id not in cancelled
 
         def finish(result: Answer | BeginResult) -> None:
+            self.queued_keyed.discard(call_id)
             if not isinstance(result, Answer):
                 # The key has a row (replay, mismatch, in progress...), or the batch went to
                 # a worker thread (our row is in progress): go on in a task.
                 self._go_on_keyed(spec, call, context, result)
                 return
-            if call.id in self.conn.inflight:  # (else the connection is ending: no one to tell)
+            if call_id in conn.inflight:  # (else the connection is ending: no one to tell)
                 if result is EXPIRED:
-                    self._expired(call, deadline)
+                    self._expired(call, deadline)  # (the peer cancelled or left: nothing to send)
                 elif result.error is not None:
                     error = result.error
-                    self._reply_error(call.id, error.code, error.message, error.details)
+                    self._reply_error(call_id, error.code, error.message, error.details)
                 else:
-                    self._reply_result(call.id, result.value, result.metadata)
+                    self._reply_result(call_id, result.value, result.metadata)
+            cancelled.discard(call_id)
             self._close_if_drained()
 
-        if not driver.start(spec, call.method, call.args, call.kwargs, context, finish):
+        if not driver.start(spec, call.method, call.args, call.kwargs, context, wanted, finish):
             return False
+        self.queued_keyed.add(call_id)
         self.server.calls_started += 1
         return True
 
@@ -583,6 +595,10 @@ class _ServerConnection:
             nursery.start_soon(self._run_keyed, spec, call, context, begun)
         except RuntimeError:  # the connection is over
             self.conn.abandon_call(call.id)
+            self.cancelled_by_peer.discard(call.id)
+            driver = self.server.idempotency
+            if begun.new and driver is not None:
+                driver.release_soon(begun.record.identity, begun.record.key, 1)
 
     async def _run_keyed(
         self,
