@@ -28,7 +28,7 @@ tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="
 async def serving(
     sqlite_url: str, svc: txrpc.Service, **server_options: Any
 ) -> AsyncIterator[tuple[txrpc.Server, storage.Storage, txrpc.Client]]:
-    async with storage.open_storage(sqlite_url, pipelined_fsync=True) as st:
+    async with storage.open_storage(sqlite_url) as st:  # as `txrpc serve --db` opens it
         server = txrpc.Server(svc, request_log=st, **server_options)
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

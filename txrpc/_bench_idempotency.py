@@ -7,7 +7,7 @@ separate processes on loopback and a fresh SQLite database (WAL,
 - ``no key``: the same calls without an idempotency key (the log is open but unused);
 - ``key, group commit``: every call carries a fresh key, the log writes through the
   group-commit appender as ``txrpc serve --db`` opens it
-  (``open_storage(..., batching=True, pipelined_fsync=True)``);
+  (``open_storage(...)``: batches written inline, the WAL flushed in each commit);
 - ``key, no group commit``: the same with one transaction (one fsync) per record
   (``batching=False``).
 
@@ -67,7 +67,7 @@ def _server_main(port: int, db: str, batching: bool) -> None:
         return a + b
 
     async def main() -> None:
-        async with storage.open_storage(db, batching=batching, pipelined_fsync=batching) as st:
+        async with storage.open_storage(db, batching=batching) as st:
             server = txrpc.Server(calc, request_log=st)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_tcp, "127.0.0.1", port)
