@@ -263,6 +263,24 @@ async def test_generated_keys_come_from_the_seeded_rng_and_survive_retries(db_ur
         assert record is not None and record.completed
 
 
+def test_generated_keys_sort_in_the_order_they_were_made() -> None:
+    """A counter (from a random start) leads each generated key, so one client's keys
+    land at one place in the request log's index, not at random places."""
+
+    def client(seed: int) -> txrpc.Client:
+        return txrpc.Client(lambda: trio.open_tcp_stream("127.0.0.1", 1), rng=random.Random(seed), connect_now=False)
+
+    one = client(3)
+    keys = [one.new_idempotency_key() for _ in range(1000)]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)
+    assert len({k[12:] for k in keys}) == len(keys)  # 80 random bits after the counter
+    others = [client(4).new_idempotency_key() for _ in range(3)]
+    assert not set(others) & set(keys)
+    one._key_seq = (1 << 48) - 1  # the counter wraps around (keys stay distinct)
+    assert one.new_idempotency_key().startswith("000000000000")
+
+
 async def test_a_server_without_a_request_log_refuses_keys() -> None:
     counter = Counter()
     server = txrpc.Server(counting_service(counter))

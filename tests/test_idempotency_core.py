@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from txrpc import _idempotency as idem
@@ -49,6 +49,39 @@ def test_fingerprint_is_blake2b_of_canonical_cbor_and_pinned() -> None:
     assert digest == hashlib.blake2b(encoded, digest_size=16, person=b"txrpc.idem.v1").digest()
     # Pinned: changing the encoding or the hash silently would orphan every stored key.
     assert digest.hex() == "ff6402ab2c0d3b29344c7e33fe332d80"
+
+
+plain_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64) - 2, max_value=2**64 + 2)  # (both sides of the bignum edge)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+plain_args = st.lists(plain_scalars | st.lists(plain_scalars, max_size=4) | st.tuples(plain_scalars), max_size=4)
+
+
+near_plain = plain_scalars | st.floats(width=16) | st.floats(allow_nan=False)  # (shortest float forms differ)
+
+
+@settings(max_examples=500)
+@given(
+    methods,
+    plain_args
+    | st.lists(near_plain | st.lists(near_plain, max_size=3), max_size=4)
+    | st.lists(cbor_values, max_size=4),
+    st.dictionaries(st.text(max_size=8), near_plain | cbor_values, max_size=2),
+)
+@example("m", [1.5], {})
+@example("m", [[0.0]], {"k": 2})
+@example("m", [2**64], {})
+@example("m", [], {"b": 1, "a": 2})
+def test_the_plain_encoding_shortcut_is_byte_for_byte_canonical(
+    method: str, args: list[Any], kwargs: dict[str, Any]
+) -> None:
+    """canonical_request skips the canonical encoder for arguments whose plain CBOR is
+    already canonical; it must give the canonical encoder's bytes for every input."""
+    assert idem.canonical_request(method, args, kwargs) == canonical([method, list(args), dict(kwargs)])
 
 
 @given(methods, st.lists(cbor_values, max_size=4), kwargs_maps)

@@ -39,6 +39,8 @@ RETRYABLE_WITH_KEY = frozenset({Code.UNAVAILABLE, Code.REQUEST_IN_PROGRESS})
 # Errors that say nothing ran but that a retry would only repeat.
 NEVER_RETRIED = frozenset({Code.PROTOCOL_ERROR, Code.UNAUTHENTICATED, Code.PERMISSION_DENIED})
 KEY_METADATA = "idempotency_key"
+KEY_SEQ_BITS = 48  # generated keys: a counter (from a random start), then random bits
+KEY_SEQ_MASK = (1 << KEY_SEQ_BITS) - 1
 WAIT_METADATA = "idempotency_wait"
 
 
@@ -318,6 +320,7 @@ class Client:
         # runs), else from one seeded per client from the OS: every anonymous caller
         # shares one key scope, so two processes must never draw the same keys.
         self._key_rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
+        self._key_seq = self._key_rng.getrandbits(KEY_SEQ_BITS)
         self._default = CallOptions(metadata=tuple((metadata or {}).items()))
         self._channel: _Channel | None = None
         self._connect_lock = trio.Lock()
@@ -443,8 +446,15 @@ class Client:
                 await trio.sleep(self._backoff_s(attempt))
 
     def new_idempotency_key(self) -> str:
-        """A fresh 128-bit idempotency key (32 hex digits) from the client's key rng."""
-        return f"{self._key_rng.getrandbits(128):032x}"
+        """A fresh 128-bit idempotency key (32 hex digits) from the client's key rng.
+
+        The first 48 bits count up from a random start, the other 80 are random: the
+        keys one client generates sort in the order it made them, so the request log's
+        key index grows at one place per client instead of at random places (a random
+        key's insert dirties a page of its own: about twice the cost, `specs/storage.md`).
+        Two clients' keys differ in their 80 random bits (and their random starts)."""
+        self._key_seq = (self._key_seq + 1) & KEY_SEQ_MASK
+        return f"{self._key_seq:012x}{self._key_rng.getrandbits(128 - KEY_SEQ_BITS):020x}"
 
     def _backoff_s(self, attempt: int) -> float:
         limits = self.limits
