@@ -139,11 +139,11 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RanResult:
-    """:meth:`RequestLog.begin_and_run` ran the handler: its ``outcome`` and the
-    completed row it is recorded as (None when ``outcome.record`` was False)."""
+    """:meth:`RequestLog.begin_and_run` ran the handler: its ``outcome``, and whether it
+    is ``recorded`` as a completed row (False when ``outcome.record`` was False)."""
 
     outcome: Outcome
-    record: RequestRecord | None
+    recorded: bool
 
 
 def _record(row: Row[Any]) -> RequestRecord:
@@ -634,10 +634,13 @@ def _begin_run_batch(
     seen = _raw_select_rows(cursor, list(dict.fromkeys((r.begin.identity, r.begin.key) for r in records)))
     results: list[BeginResult | RanResult | Rejected] = []
     completed: list[tuple[Any, ...]] = []
+    ran: dict[tuple[str, str], tuple[_Begin, Outcome]] = {}  # rows this batch completed
     for r in records:
         b = r.begin
         pk = (b.identity, b.key)
         row = seen.get(pk)
+        if row is None and pk in ran:  # (rare: a second record for a key this batch ran)
+            row = seen[pk] = _completed(*ran.pop(pk))
         if row is not None:
             results.append(BeginResult(new=False, record=row))
             continue
@@ -657,7 +660,7 @@ def _begin_run_batch(
             results.append(Rejected(exc))
             continue
         if not outcome.record:
-            results.append(RanResult(outcome, None))
+            results.append(RanResult(outcome, False))
             continue
         error = outcome.error
         params = (
@@ -686,26 +689,30 @@ def _begin_run_batch(
                 results.append(Rejected(exc))
                 continue
             savepoint.commit()
-        row = seen[pk] = RequestRecord(
-            b.identity,
-            b.key,
-            b.method,
-            b.fingerprint,
-            RequestState.COMPLETED,
-            1,
-            outcome.response,
-            error,
-            b.now,
-            b.now,
-            b.now,
-            0,
-            None,
-            b.request,
-        )
-        results.append(RanResult(outcome, row))
+        ran[pk] = (b, outcome)
+        results.append(RanResult(outcome, True))
     if completed:
         cursor.executemany(_RAW_INSERT_COMPLETED, completed)
     return results
+
+
+def _completed(b: _Begin, outcome: Outcome) -> RequestRecord:
+    return RequestRecord(
+        b.identity,
+        b.key,
+        b.method,
+        b.fingerprint,
+        RequestState.COMPLETED,
+        1,
+        outcome.response,
+        outcome.error,
+        b.now,
+        b.now,
+        b.now,
+        0,
+        None,
+        b.request,
+    )
 
 
 def _ignore(result: object, error: BaseException | None) -> None:

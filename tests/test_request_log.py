@@ -250,6 +250,60 @@ async def test_completion_survives_a_restart(db_url: str) -> None:
         assert isinstance(idem.decide(record, FP, now=3.0), idem.Replay)
 
 
+async def test_begin_and_run_runs_once_per_key_within_a_batch(sqlite_url: str) -> None:
+    """Records of one batch for one key, as if they came one by one: the first runs and
+    is recorded completed (never in progress); the second sees that row and runs nothing;
+    a transient outcome records nothing; on a worker thread it begins instead."""
+    async with opened(sqlite_url) as st:
+        log = st.request_log
+        assert log.runs_inline
+        await log.begin("alice", "warm", "bank.withdraw", FP, LEASE_S, now=99.0)  # opens the writer
+        runs: list[str] = []
+
+        def run(name: str, outcome: storage.Outcome) -> Callable[[], storage.Outcome]:
+            def go() -> storage.Outcome:
+                runs.append(name)
+                return outcome
+
+            return go
+
+        ok = storage.Outcome(response=cbor2.dumps(9), value="nine")
+        results: dict[str, Any] = {}
+
+        async def one(name: str, key: str, outcome: storage.Outcome) -> None:
+            results[name] = await log.begin_and_run(
+                "alice", key, "bank.withdraw", FP, LEASE_S, 100.0, run(name, outcome)
+            )
+
+        async with st.database.write_lock:  # all three queue into one batch
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, "first", "k1", ok)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(one, "second", "k1", ok)
+                nursery.start_soon(one, "transient", "k2", storage.Outcome(record=False, value="later"))
+                await trio.testing.wait_all_tasks_blocked()
+                assert st.appender.queued == 3
+                st.database.write_lock.release()
+                try:
+                    await trio.sleep(0.3)
+                finally:
+                    await st.database.write_lock.acquire()
+        assert sorted(runs) == ["first", "transient"]
+        first, second = results["first"], results["second"]
+        assert isinstance(first, storage.RanResult) and first.recorded and first.outcome.value == "nine"
+        assert isinstance(second, storage.BeginResult) and not second.new
+        assert second.record.completed and second.record.response == cbor2.dumps(9)
+        transient = results["transient"]
+        assert isinstance(transient, storage.RanResult) and not transient.recorded
+        stored = row(sqlite_url, key="k1")
+        assert stored is not None and stored.completed and stored.attempt == 1
+        assert row(sqlite_url, key="k2") is None
+        st.appender._inline_paused_until = float("inf")  # batches on a worker thread: begin
+        on_thread = await log.begin_and_run("alice", "k3", "bank.withdraw", FP, LEASE_S, 101.0, run("k3", ok))
+        assert isinstance(on_thread, storage.BeginResult) and on_thread.new
+        assert on_thread.record.state is storage.RequestState.IN_PROGRESS and "k3" not in runs
+
+
 def test_complete_needs_exactly_one_outcome() -> None:
     async def main(db_url: str) -> None:
         async with opened(db_url) as st:

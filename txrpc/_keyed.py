@@ -140,7 +140,7 @@ class _Running:
     fingerprint: bytes
     lease_expires_at: float  # wall clock
     renewed_at: float  # trio clock
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    waiters: trio.Event | None = None  # set when it ends; made by the first that waits
     lost: bool = False  # the lease could not be renewed: another executor took over
     one_write: bool = False  # run inside its log batch (no row in progress: no lease to renew)
     ran: bool = False  # (one_write) the handler has run
@@ -292,7 +292,9 @@ class IdempotencyDriver:
                 if not wait:
                     retry_after = max(running.lease_expires_at - self.wall_clock(), 0.0)
                     return Answer(error=idem.InProgress(running.attempt, retry_after).to_error())
-                await running.done.wait()
+                if running.waiters is None:
+                    running.waiters = trio.Event()
+                await running.waiters.wait()
                 record = None
                 begun_ = False
                 continue
@@ -484,7 +486,7 @@ class IdempotencyDriver:
         assert result is not None
         if isinstance(result, self._storage.RanResult):
             answer: Answer = result.outcome.value
-            if result.record is not None:
+            if result.recorded:
                 crash_point(CRASH_AFTER_LOG_COMMIT)
             return answer
         return result
@@ -499,7 +501,8 @@ class IdempotencyDriver:
     def _forget(self, pk: tuple[str, str], running: _Running) -> None:
         if self._running.get(pk) is running:
             del self._running[pk]
-        running.done.set()
+        if running.waiters is not None:
+            running.waiters.set()
 
     def _run_in_batch(
         self, spec: MethodSpec, args: list[Any], kwargs: dict[str, Any], ctx: CallContext, key: str
@@ -593,7 +596,8 @@ class IdempotencyDriver:
             )
         finally:
             del self._running[pk]
-            running.done.set()
+            if running.waiters is not None:
+                running.waiters.set()
             ctx._store_factory = None
             if not settled:
                 with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT_S):
