@@ -120,7 +120,7 @@ class RequestLogStats:
 ExtraWrites = Callable[[Connection], object]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (read-only by convention; not frozen: one per keyed call)
 class Outcome:
     """What a handler run by :meth:`RequestLog.begin_and_run` produced.
 
@@ -137,7 +137,7 @@ class Outcome:
     value: Any = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (read-only by convention; not frozen: one per keyed call)
 class RanResult:
     """:meth:`RequestLog.begin_and_run` ran the handler: its ``outcome``, and whether it
     is ``recorded`` as a completed row (False when ``outcome.record`` was False)."""
@@ -601,8 +601,7 @@ def _write_begins(conn: Connection, records: Sequence[_Begin]) -> list[BeginResu
 
 
 @dataclasses.dataclass(slots=True)  # (not frozen: built for every keyed call, 5x cheaper)
-class _BeginRun:
-    begin: _Begin
+class _BeginRun(_Begin):
     run: Callable[[], Outcome]
     thread: int  # the event loop's thread: ``run`` is called only there
 
@@ -631,12 +630,12 @@ def _begin_run_batch(
     conn: Connection, cursor: Any, records: Sequence[_BeginRun]
 ) -> list[BeginResult | RanResult | Rejected]:
     on_loop = threading.get_ident()
-    seen = _raw_select_rows(cursor, list(dict.fromkeys((r.begin.identity, r.begin.key) for r in records)))
+    seen = _raw_select_rows(cursor, list(dict.fromkeys((r.identity, r.key) for r in records)))
     results: list[BeginResult | RanResult | Rejected] = []
     completed: list[tuple[Any, ...]] = []
     ran: dict[tuple[str, str], tuple[_Begin, Outcome]] = {}  # rows this batch completed
     for r in records:
-        b = r.begin
+        b = r
         pk = (b.identity, b.key)
         row = seen.get(pk)
         if row is None and pk in ran:  # (rare: a second record for a key this batch ran)
@@ -1046,8 +1045,7 @@ class RequestLog:
             raise ValueError("lease_s must be > 0")
         if not self.runs_inline:
             raise RuntimeError("begin_and_run needs SQLite with inline writes (see runs_inline); use begin()")
-        begin = _Begin(identity, key, method, fingerprint, lease_s, now, request)
-        return _BeginRun(begin, run, threading.get_ident())
+        return _BeginRun(identity, key, method, fingerprint, lease_s, now, request, run, threading.get_ident())
 
     async def take_over(
         self, identity: str, key: str, attempt_seen: int, lease_s: float, now: float

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 from _wire_helpers import msg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from txrpc import Code, Limits
-from txrpc._codec import decode_value
+from txrpc._codec import decode_value, encode_value
 from txrpc._connection import (
     CALL_ID_MAX,
     PROTOCOL_VERSIONS,
@@ -188,6 +190,46 @@ def test_call_and_result_round_trip() -> None:
     assert result == Result(call_id, {"sum": 30}, {"replayed": False})
     assert client.inflight == set() and server.inflight == set()
     assert client.next_call_id() == call_id + 1
+
+
+result_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64) + 1, max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.binary(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(min_value=1, max_value=CALL_ID_MAX),
+    result_values,
+    st.none() | st.dictionaries(st.text(max_size=6), st.booleans() | st.integers(), max_size=2),
+)
+def test_a_result_sent_already_encoded_is_the_same_frame(call_id: int, value: Any, metadata: Any) -> None:
+    """send_result_encoded (a keyed call's outcome, encoded once for the request log)
+    writes byte for byte what send_result writes."""
+    frames = []
+    for send in ("plain", "encoded"):
+        _, server = open_pair()
+        server.inflight.add(call_id)
+        if send == "plain":
+            frames.append(server.send_result(call_id, value, metadata))
+        else:
+            frames.append(server.send_result_encoded(call_id, encode_value(value), metadata))
+        assert server.inflight == set()
+    assert frames[0] == frames[1]
+
+
+def test_an_encoded_result_over_the_peers_frame_limit_is_refused() -> None:
+    client, server = open_pair(client_limits=Limits(frame_bytes_max=1024))
+    server.receive_data(client.send_call(1, "big", []))
+    with pytest.raises(LocalProtocolError, match="exceeds frame_bytes_max"):
+        server.send_result_encoded(1, encode_value(b"x" * 2000))
 
 
 def test_error_round_trip() -> None:

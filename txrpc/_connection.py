@@ -16,9 +16,25 @@ import enum
 import math
 from typing import Any
 
-from ._codec import FrameDecoder, FrameError, check_keys, decode_value, encode_frame, has_large_bytes
+from ._codec import (
+    PREFIX_BYTES,
+    FrameDecoder,
+    FrameError,
+    check_keys,
+    decode_value,
+    encode_frame,
+    encode_value,
+    has_large_bytes,
+)
 from ._errors import Code
 from ._limits import Limits
+
+# A result message {"t": 2, "i": id, "r": value[, "md": metadata]}, as cbor2 writes it:
+# its map head and first keys, for results whose value is already encoded.
+_RESULT_HEAD = bytes([0xA3]) + encode_value("t") + encode_value(2) + encode_value("i")
+_RESULT_HEAD_MD = bytes([0xA4]) + encode_value("t") + encode_value(2) + encode_value("i")
+_RESULT_KEY = encode_value("r")
+_METADATA_KEY = encode_value("md")
 
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 """Protocol versions this implementation speaks, newest last."""
@@ -327,6 +343,21 @@ class Connection:
         if metadata:
             message["md"] = metadata
         return self._encode(message, has_large_bytes(value))
+
+    def send_result_encoded(self, call_id: int, encoded: bytes, metadata: dict[str, Any] | None = None) -> bytes:
+        """:meth:`send_result` for a value already encoded (``encode_value(value)``, its
+        keys checked): the same bytes, without encoding the value a second time (a keyed
+        call's outcome is encoded for the request log anyway)."""
+        self._finish(call_id)
+        parts = [_RESULT_HEAD_MD if metadata else _RESULT_HEAD, encode_value(call_id), _RESULT_KEY, encoded]
+        if metadata:
+            parts += (_METADATA_KEY, encode_value(metadata))
+        body = b"".join(parts)
+        if len(body) > self._frame_limit_to_peer():
+            raise LocalProtocolError(
+                f"message of {len(body)} bytes exceeds frame_bytes_max {self._frame_limit_to_peer()}"
+            )
+        return len(body).to_bytes(PREFIX_BYTES, "big") + body
 
     def send_error(
         self, call_id: int, code: int, message: str, details: dict[str, Any] | None = None

@@ -121,6 +121,7 @@ class Answer:
     value: Any = None
     metadata: dict[str, Any] | None = None
     error: RpcError | None = None
+    encoded: bytes | None = None  # ``encode_value(value)``, when already made (keys checked)
 
 
 #: What :meth:`IdempotencyDriver.start` finishes with when the call was not run: its
@@ -546,7 +547,7 @@ class IdempotencyDriver:
             return outcome(error=stored_error(error), value=Answer(error=error))
         store = ctx._store
         extra = store.apply if store is not None and store.written_keys else None
-        return outcome(response=response, extra_writes=extra, value=Answer(value=value))
+        return outcome(response=response, extra_writes=extra, value=Answer(value=value, encoded=response))
 
     async def _execute(
         self,

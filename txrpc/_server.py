@@ -576,6 +576,8 @@ class _ServerConnection:
                 elif result.error is not None:
                     error = result.error
                     self._reply_error(call_id, error.code, error.message, error.details)
+                elif result.encoded is not None:
+                    self._reply_encoded(call_id, result.encoded, result.metadata)
                 else:
                     self._reply_result(call_id, result.value, result.metadata)
             cancelled.discard(call_id)
@@ -669,6 +671,14 @@ class _ServerConnection:
         except TypeError as exc:
             self._reply_error(call_id, Code.INTERNAL, f"handler returned a value CBOR cannot carry: {exc}")
             return
+        except wire.LocalProtocolError as exc:
+            self._reply_error(call_id, Code.RESOURCE_EXHAUSTED, f"result too large: {exc}")
+            return
+        self.outbox.put_nowait(data)
+
+    def _reply_encoded(self, call_id: int, encoded: bytes, metadata: dict[str, Any] | None = None) -> None:
+        try:
+            data = self.conn.send_result_encoded(call_id, encoded, metadata)
         except wire.LocalProtocolError as exc:
             self._reply_error(call_id, Code.RESOURCE_EXHAUSTED, f"result too large: {exc}")
             return
