@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from ._codec import canonical, encode_value
@@ -50,7 +50,7 @@ def canonical_request(method: str, args: Sequence[Any], kwargs: Mapping[str, Any
     Raises ``TypeError`` if the arguments are not CBOR-encodable.
     """
     request = [method, list(args), dict(kwargs)]
-    if len(kwargs) <= 1 and all(map(_plain, args)) and all(map(_plain, kwargs.values())):
+    if len(kwargs) <= 1 and _all_plain(args) and (not kwargs or _all_plain(kwargs.values())):
         # Nothing to sort and no float to shorten: cbor2's plain encoding is the
         # canonical one, byte for byte, at half the cost (property-tested).
         return encode_value(request)
@@ -63,24 +63,23 @@ def canonical_request(method: str, args: Sequence[Any], kwargs: Mapping[str, Any
 _INT_LIMIT: Final = 1 << 64
 
 
-def _plain(value: Any) -> bool:
-    """A value whose plain CBOR is canonical: a string, byte string, bool, None, an
-    integer CBOR holds without a bignum tag, or a list or tuple of such scalars."""
-    kind = type(value)
-    if kind is str or kind is bytes or kind is bool or value is None:
-        return True
-    if kind is int:
-        return bool(-_INT_LIMIT < value < _INT_LIMIT)
-    if kind is list or kind is tuple:
-        return all(map(_plain_scalar, value))
-    return False
+_PLAIN_TYPES: Final = frozenset({str, bytes, bool, type(None)})
 
 
-def _plain_scalar(value: Any) -> bool:
-    kind = type(value)
-    if kind is str or kind is bytes or kind is bool or value is None:
-        return True
-    return kind is int and bool(-_INT_LIMIT < value < _INT_LIMIT)
+def _all_plain(values: Iterable[Any]) -> bool:
+    """Whether every value's plain CBOR is canonical: a string, byte string, bool, None,
+    an integer CBOR holds without a bignum tag, or a list or tuple of such scalars."""
+    for value in values:
+        kind = type(value)
+        if kind in _PLAIN_TYPES or (kind is int and -_INT_LIMIT < value < _INT_LIMIT):
+            continue
+        if kind is not list and kind is not tuple:
+            return False
+        for item in value:
+            kind = type(item)
+            if kind not in _PLAIN_TYPES and not (kind is int and -_INT_LIMIT < item < _INT_LIMIT):
+                return False
+    return True
 
 
 def fingerprint_of(request: bytes) -> bytes:
