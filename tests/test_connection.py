@@ -3,6 +3,7 @@ server Connection wired back to back in memory, no trio, no sockets."""
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txrpc import Code, Limits
-from txrpc._codec import decode_value, encode_value
+from txrpc._codec import check_keys, decode_value, encode_value
 from txrpc._connection import (
     CALL_ID_MAX,
     PROTOCOL_VERSIONS,
@@ -223,6 +224,21 @@ def test_a_result_sent_already_encoded_is_the_same_frame(call_id: int, value: An
             frames.append(server.send_result_encoded(call_id, encode_value(value), metadata))
         assert server.inflight == set()
     assert frames[0] == frames[1]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [collections.OrderedDict({1: 2}), [collections.Counter([1])], (collections.defaultdict(int, {2.5: 1}),)],
+)
+def test_subclasses_of_maps_are_checked_for_their_keys_too(value: Any) -> None:
+    """cbor2 writes a dict subclass as a map: its keys must be checked like a dict's, or
+    the peer refuses the whole frame (and a keyed call would replay that reply forever)."""
+    _, server = open_pair()
+    server.inflight.add(1)
+    with pytest.raises(TypeError, match="map keys must be text or byte strings"):
+        server.send_result(1, value)
+    with pytest.raises(TypeError, match="map keys must be text or byte strings"):
+        check_keys(value)
 
 
 def test_an_encoded_result_over_the_peers_frame_limit_is_refused() -> None:

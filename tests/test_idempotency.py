@@ -49,7 +49,9 @@ class Counter:
 async def serving(
     db_url: str, *services: txrpc.Service, **server_options: Any
 ) -> AsyncIterator[tuple[txrpc.Server, storage.Storage, txrpc.Client]]:
-    # As `txrpc serve --db` opens it: on SQLite the WAL is flushed beside the writer.
+    # With the WAL flushed beside the writer (pipelined), so that every replay here goes
+    # through sync(); `txrpc serve --db` flushes inside the commit, as
+    # tests/test_keyed_one_write.py serves.
     async with storage.open_storage(db_url, pipelined_fsync=True) as st:
         server = txrpc.Server(*services, request_log=st, **server_options)
         async with trio.open_nursery() as nursery:
@@ -626,7 +628,7 @@ def test_storage_failures_map_to_retryable_errors() -> None:
     assert isinstance(after, txrpc.Unavailable) and not after.nothing_ran
 
 
-# --- storage: the pipelined WAL flush the server uses -------------------------------------
+# --- storage: the pipelined WAL flush (opt-in) ---------------------------------------------
 
 
 async def test_pipelined_fsync_wakes_durable_writers_after_a_wal_flush(sqlite_url: str) -> None:

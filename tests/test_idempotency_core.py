@@ -84,6 +84,12 @@ def test_the_plain_encoding_shortcut_is_byte_for_byte_canonical(
     assert idem.canonical_request(method, args, kwargs) == canonical([method, list(args), dict(kwargs)])
 
 
+@pytest.mark.parametrize("kwargs", [{1.5: 2}, {b"k": 1}, {1: "x"}])
+def test_the_shortcut_leaves_a_non_text_keyword_to_the_canonical_encoder(kwargs: dict[Any, Any]) -> None:
+    """(Only a direct caller can pass one: the wire refuses non-text keys.)"""
+    assert idem.canonical_request("m", [], kwargs) == canonical(["m", [], kwargs])
+
+
 @given(methods, st.lists(cbor_values, max_size=4), kwargs_maps)
 def test_fingerprint_ignores_map_order(method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
     reordered = dict(reversed(list(kwargs.items())))

@@ -320,3 +320,44 @@ async def test_a_value_that_cannot_be_encoded_fails_its_own_call_only(sqlite_url
         bad_row = await st.request_log.get("anonymous", "bad")
         assert good_row is not None and good_row.completed
         assert bad_row is not None and bad_row.error is not None
+
+
+class _BrokenLookupEnv:
+    """A minimal environment with the simulator's test-only switch that makes every
+    request-log lookup miss (each retry runs again: what its checkers must catch)."""
+
+    node = "n"
+
+    async def open_stream(self, host: str, port: int) -> Any:
+        return await trio.open_tcp_stream(host, port)
+
+    async def open_listeners(self, host: str, port: int) -> Any:
+        return list(await trio.open_tcp_listeners(port, host=host))
+
+    def wall_time(self) -> float:
+        return 1_000_000.0
+
+    def buggify(self, name: str) -> bool:
+        return False
+
+    def crash_point(self, name: str) -> None:
+        pass
+
+    def broken(self, name: str) -> bool:
+        return name == "server.skip_request_log_lookup"
+
+
+async def test_under_the_broken_lookup_switch_a_handler_still_sees_the_callers_key(sqlite_url: str) -> None:
+    """The switch renames the key internally; the simulator's duplicate-execution check
+    counts executions under current_call().idempotency_key, so that must stay the
+    caller's key on every path (here: answer() -> the one write, an inline handler)."""
+    from txrpc import _env
+
+    _env.current.set(_BrokenLookupEnv())  # type: ignore[arg-type]
+    ran: list[Any] = []
+    async with serving(sqlite_url, service(ran)) as (_server, _st, client):
+        assert await client.options(idempotency_key="warm").s.inline(0) == 1  # opens the writer
+        assert await client.options(idempotency_key="k1").s.inline(1) == 2
+        assert await client.options(idempotency_key="k1").s.inline(1) == 2  # runs again: broken
+    assert [r[:3] for r in ran] == [(0, "warm", 1), (1, "k1", 1), (1, "k1", 1)]
+

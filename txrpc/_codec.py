@@ -56,21 +56,21 @@ _CONTAINERS = (dict, list, tuple, set, frozenset)
 def check_keys(value: Any, depth: int = 0) -> None:
     """Raise ``TypeError`` if a map key or set element inside ``value`` is not a text or
     byte string: the peer would refuse the whole frame (see :func:`decode_value`), so a
-    sender finds out here, for its own call, instead of losing the connection."""
-    kind = type(value)
-    if kind is dict:
+    sender finds out here, for its own call, instead of losing the connection.
+    Subclasses count as what they are encoded as (an ``OrderedDict`` is a map)."""
+    if isinstance(value, dict):
         for key, item in value.items():
             if type(key) is not str and type(key) is not bytes:
                 raise TypeError(
                     f"map keys must be text or byte strings, not {type(key).__name__} ({key!r:.40})"
                 )
-            if type(item) in _CONTAINERS:
+            if isinstance(item, _CONTAINERS):
                 check_keys(item, depth + 1)
-    elif kind is list or kind is tuple:
+    elif isinstance(value, (list, tuple)):
         for item in value:
-            if type(item) in _CONTAINERS:
+            if isinstance(item, _CONTAINERS):
                 check_keys(item, depth + 1)
-    elif kind is set or kind is frozenset:
+    elif isinstance(value, (set, frozenset)):
         for item in value:
             if type(item) is not str and type(item) is not bytes:
                 raise TypeError(f"set elements must be text or byte strings, not {type(item).__name__}")

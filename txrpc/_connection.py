@@ -337,7 +337,7 @@ class Connection:
 
     def send_result(self, call_id: int, value: Any, metadata: dict[str, Any] | None = None) -> bytes:
         self._finish(call_id)
-        if type(value) in (dict, list, tuple, set, frozenset):
+        if isinstance(value, (dict, list, tuple, set, frozenset)):
             check_keys(value)
         message: dict[str, Any] = {"t": 2, "i": call_id, "r": value}
         if metadata:

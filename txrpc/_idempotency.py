@@ -50,7 +50,7 @@ def canonical_request(method: str, args: Sequence[Any], kwargs: Mapping[str, Any
     Raises ``TypeError`` if the arguments are not CBOR-encodable.
     """
     request = [method, list(args), dict(kwargs)]
-    if len(kwargs) <= 1 and _all_plain(args) and (not kwargs or _all_plain(kwargs.values())):
+    if len(kwargs) <= 1 and _all_plain(args) and (not kwargs or (_text_keys(kwargs) and _all_plain(kwargs.values()))):
         # Nothing to sort and no float to shorten: cbor2's plain encoding is the
         # canonical one, byte for byte, at half the cost (property-tested).
         return encode_value(request)
@@ -64,6 +64,10 @@ _INT_LIMIT: Final = 1 << 64
 
 
 _PLAIN_TYPES: Final = frozenset({str, bytes, bool, type(None)})
+
+
+def _text_keys(mapping: Mapping[Any, Any]) -> bool:
+    return all(type(key) is str for key in mapping)
 
 
 def _all_plain(values: Iterable[Any]) -> bool:

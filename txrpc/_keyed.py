@@ -511,7 +511,7 @@ class IdempotencyDriver:
         """Inside the log batch's transaction, on the event loop's thread, in a copy of
         the writer's context: run the handler to completion (it cannot suspend)."""
         _current_call.set(ctx)
-        ctx.idempotency_key = key  # (never a broken-lookup key: start() leaves those alone)
+        ctx.idempotency_key = key.split(_BROKEN_KEY_SEPARATOR)[0]
         ctx.attempt = 1
         database = self.request_log.database
         namespace = self.store_namespace

@@ -679,6 +679,9 @@ class _ServerConnection:
     def _reply_encoded(self, call_id: int, encoded: bytes, metadata: dict[str, Any] | None = None) -> None:
         try:
             data = self.conn.send_result_encoded(call_id, encoded, metadata)
+        except TypeError as exc:
+            self._reply_error(call_id, Code.INTERNAL, f"result metadata CBOR cannot carry: {exc}")
+            return
         except wire.LocalProtocolError as exc:
             self._reply_error(call_id, Code.RESOURCE_EXHAUSTED, f"result too large: {exc}")
             return
