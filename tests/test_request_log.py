@@ -479,12 +479,14 @@ async def test_a_conflicting_handler_can_rerun_and_complete(db_url: str) -> None
 # -- the log against a model: sequences of operations, some sharing one batch -------
 
 attempts = st.sampled_from([1, 1, 1, 2, 2, 3])  # mostly the attempts that exist
+RUN_OUTCOMES = ("plain", "extra", "extra_fails", "transient")
 operation = st.one_of(
     st.tuples(st.just("begin"), st.sampled_from([FP, FP, OTHER_FP])),
     st.tuples(st.just("complete"), attempts, st.sampled_from(["plain", "extra", "extra_fails"])),
     st.tuples(st.just("take_over"), attempts),
     st.tuples(st.just("release"), attempts),
     st.tuples(st.just("renew"), attempts),
+    st.tuples(st.just("begin_run"), st.sampled_from([FP, OTHER_FP]), st.sampled_from(RUN_OUTCOMES)),
 )
 rounds = st.lists(
     st.tuples(st.floats(min_value=0.0, max_value=8.0), st.lists(operation, min_size=1, max_size=4)),
@@ -510,6 +512,17 @@ class Model:
                 self.row = {"fp": op[1], "state": "in_progress", "attempt": 1, "lease": now + self.lease_s}
                 return ("new", 1)
             return ("existing", row["attempt"], row["state"])
+        if op[0] == "begin_run":  # a new key is run and recorded completed in one write
+            if row is not None:
+                return ("existing", row["attempt"], row["state"])
+            if op[2] == "transient":
+                return ("ran", False)
+            if op[2] == "extra_fails":
+                return ("extra_failed",)
+            self.row = {"fp": op[1], "state": "completed", "attempt": 1, "lease": now}
+            if op[2] == "extra":
+                self.kv["done_by"] = "run"
+            return ("ran", True)
         attempt = op[1]
         current = live and row is not None and row["attempt"] == attempt
         if op[0] == "take_over":
@@ -552,6 +565,8 @@ async def _run(st_: storage.Storage, op: tuple[Any, ...], now: float, identity: 
         return await log_.renew_lease(identity, "k", op[1], lease_s, now)
     if op[0] == "release":
         return await log_.release(identity, "k", op[1])
+    if op[0] == "begin_run":
+        return await _run_in_batch(st_, op, now, identity)
     tx = st_.kv_transaction(identity)
     tx.put("done_by", op[1])
 
@@ -569,13 +584,39 @@ async def _run(st_: storage.Storage, op: tuple[Any, ...], now: float, identity: 
     return ("completed", done.attempt)
 
 
+async def _run_in_batch(st_: storage.Storage, op: tuple[Any, ...], now: float, identity: str) -> Any:
+    tx = st_.kv_transaction(identity)
+    tx.put("done_by", "run")
+
+    def failing(conn: sa.Connection) -> None:
+        tx.apply(conn)
+        raise LookupError("extra writes failed")
+
+    extra = {"plain": None, "extra": tx.apply, "extra_fails": failing, "transient": None}[op[2]]
+    outcome = storage.Outcome(response=b"\x01", record=op[2] != "transient", extra_writes=extra)
+    try:
+        result = await st_.request_log.begin_and_run(
+            identity, "k", "m", op[1], Model.lease_s, now, lambda: outcome
+        )
+    except LookupError:
+        return ("extra_failed",)
+    if isinstance(result, storage.RanResult):
+        return ("ran", result.recorded)
+    assert not result.new, "a batch on a worker thread: the model test keeps batches inline"
+    return ("existing", result.record.attempt, result.record.state.value)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schedule=rounds)
 def test_request_log_matches_its_model(
-    sqlite_url: str, schedule: list[tuple[float, list[tuple[Any, ...]]]]
+    sqlite_url: str, schedule: list[tuple[float, list[tuple[Any, ...]]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Operations in one round queue together and commit in one batch (in queue order);
-    every result, the row and the kv effects must equal applying them one by one."""
+    every result, the row and the kv effects must equal applying them one by one.
+    (Batches stay on the event loop's thread, where begin_and_run runs its handler.)"""
+    import storage._appender as appender_module
+
+    monkeypatch.setattr(appender_module, "INLINE_SLOW_BATCHES", 10**9)
     identity = f"model-{id(schedule)}-{len(schedule)}"
 
     async def main() -> None:
@@ -584,6 +625,7 @@ def test_request_log_matches_its_model(
         async with opened(sqlite_url) as st_:
             await st_.database.write(lambda conn: conn.execute(sa.delete(_schema.request_log)))
             await st_.database.write(lambda conn: conn.execute(sa.delete(_schema.kv)))
+            await st_.appender.transact(lambda conn: None)  # opens the writer (on a thread)
             for dt, batch in schedule:
                 now += dt
                 expected = [model.apply(op, now) for op in batch]
