@@ -13,6 +13,7 @@ transaction certainly did not commit (it aborted, or failed before commit was as
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -267,13 +268,25 @@ async def list_append_final_read(cluster: txrpc.Cluster, history: History, optio
 #: Where the idempotency workload's server listens in the simulated network.
 KEYED_SERVER = ("keyed", "10.0.2.1", 7000)
 EXECUTIONS_PREFIX = "exec:"
+EXECUTION_SEPARATOR = "@"  # counter.mark: one mark per execution, "exec:<key>@<n>"
 
 
 def counter_service() -> txrpc.Service:
     """``counter.incr(name)``: a keyed call whose every execution leaves a durable mark
     (in ``current_call().store``, committed with the request-log record), so the marks
-    count executions that took effect."""
+    count executions that took effect. ``counter.mark(name)`` does the same from a plain
+    function — a handler that cannot suspend, which the server runs inside the request
+    log's batch (one write: ``specs/guarantees.md``) — with a mark of its own per
+    execution (it cannot read the store: a read would suspend)."""
     counter = txrpc.Service("counter")
+    executions = itertools.count(1)  # (kept across the server's restarts: one per run)
+
+    @counter.method
+    def mark(name: str) -> int:
+        call = txrpc.current_call()
+        number = next(executions)
+        call.store.put(f"{EXECUTIONS_PREFIX}{call.idempotency_key}{EXECUTION_SEPARATOR}{number}", 1)
+        return number
 
     @counter.method
     async def incr(name: str) -> int:
@@ -289,8 +302,8 @@ def counter_service() -> txrpc.Service:
 async def keyed_client(
     history: History, process: int, rng: random.Random, options: WorkloadOptions, until: float
 ) -> None:
-    """Calls ``counter.incr`` with a fresh key per operation, retrying it (same key) when
-    the answer is lost — exactly what idempotency keys are for."""
+    """Calls ``counter.incr`` and ``counter.mark`` in turn, with a fresh key per operation,
+    retrying it (same key) when the answer is lost — exactly what idempotency keys are for."""
     _, host, port = KEYED_SERVER
     client = txrpc.connect(host, port, connect_now=False, rng=random.Random(rng.random()))
     async with client:
@@ -298,11 +311,12 @@ async def keyed_client(
         while trio.current_time() < until:
             n += 1
             key = f"p{process}-{n}"
-            invoke = history.invoke(process, "incr", {"key": key}, trio.current_time())
+            method = "counter.mark" if n % 2 == 0 else "counter.incr"
+            invoke = history.invoke(process, method.removeprefix("counter."), {"key": key}, trio.current_time())
             status = "info"
             for _attempt in range(6):
                 try:
-                    await client.options(idempotency_key=key, timeout=0.5, wait=True).call("counter.incr", "x")
+                    await client.options(idempotency_key=key, timeout=0.5, wait=True).call(method, "x")
                     status = "ok"
                     break
                 except (txrpc.RpcError, trio.TooSlowError):
@@ -329,7 +343,8 @@ def record_executions(history: History, database_dir: Any) -> int:
 
     executions = 0
     for key, value in sorted(rows):
+        idempotency_key = key[len(EXECUTIONS_PREFIX) :].split(EXECUTION_SEPARATOR)[0]
         for _ in range(int(decode_value(value))):
-            history.record(-1, "execute", {"key": key[len(EXECUTIONS_PREFIX) :]}, 0.0)
+            history.record(-1, "execute", {"key": idempotency_key}, 0.0)
             executions += 1
     return executions
