@@ -59,6 +59,7 @@ def _server_main(port: int, db: str, batching: bool) -> None:
 
     import storage
     import txrpc
+    from txrpc._serve import freeze_startup_heap
 
     calc = txrpc.Service()
 
@@ -71,6 +72,7 @@ def _server_main(port: int, db: str, batching: bool) -> None:
             server = txrpc.Server(calc, request_log=st)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve_tcp, "127.0.0.1", port)
+                freeze_startup_heap()  # as `txrpc serve` does once it serves
                 print("ready", flush=True)
 
     trio.run(main)

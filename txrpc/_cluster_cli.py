@@ -19,6 +19,7 @@ from rich.table import Table
 from ._client import connect
 from ._errors import RpcError
 from ._security import Credentials
+from ._serve import freeze_startup_heap
 from ._shardmap import ClusterConfig, ConfigError, load_cluster_config
 
 console = Console()
@@ -76,6 +77,7 @@ def coordinator_command(config_path: str, db: str | None, tx_timeout: float) -> 
             )
             click.echo(f"coordinator ready on {spec.host}:{spec.port}", err=False)
             sys.stdout.flush()
+            freeze_startup_heap()
 
     _run_until_signal(main)
 
@@ -124,6 +126,7 @@ def shard_command(
             )
             click.echo(f"shard {node} ready on {address[0]}:{address[1]}")
             sys.stdout.flush()
+            freeze_startup_heap()
 
     _run_until_signal(main)
 

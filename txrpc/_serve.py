@@ -14,6 +14,7 @@ retained (``specs/guarantees.md``); without one, such calls are refused with
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -65,6 +66,21 @@ async def open_request_log(db: str | os.PathLike[str]) -> AsyncIterator[Storage]
             raise
     else:
         await manager.__aexit__(None, None, None)
+
+
+def freeze_startup_heap() -> None:
+    """Once a server process has started: collect, then move everything allocated so far
+    (modules, SQLAlchemy's tables and compiled statements, the services) into the garbage
+    collector's permanent generation (``gc.freeze``).
+
+    Those objects live as long as the process; left in view, every full collection walks
+    all of them with the event loop stopped. Under load that came every ~0.4 s and took
+    25 to 40 ms (``txrpc bench idempotency``: p99 26 to 30 ms, keyed calls/s 20 % lower). For
+    the commands that run a server (``txrpc serve``, ``txrpc shard``, ``txrpc coordinator``),
+    never for a library user's process: what an embedding application freezes is its call.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def serve_services(
@@ -176,6 +192,7 @@ def run_serve(
                         f"request log: {describe_db(db)} (keys kept {retention_s / 3600:g} h, "
                         f"lease {lease_s:g} s)"
                     )
+                freeze_startup_heap()
 
     try:
         trio.run(main)
