@@ -634,8 +634,7 @@ def _begin_run_batch(
     results: list[BeginResult | RanResult | Rejected] = []
     completed: list[tuple[Any, ...]] = []
     ran: dict[tuple[str, str], tuple[_Begin, Outcome]] = {}  # rows this batch completed
-    for r in records:
-        b = r
+    for b in records:
         pk = (b.identity, b.key)
         row = seen.get(pk)
         if row is None and pk in ran:  # (rare: a second record for a key this batch ran)
@@ -643,7 +642,7 @@ def _begin_run_batch(
         if row is not None:
             results.append(BeginResult(new=False, record=row))
             continue
-        if r.thread != on_loop:
+        if b.thread != on_loop:
             # Written on a worker thread (the database was busy, or the writer connection
             # was being opened): the handler cannot run here. Begin as usual instead.
             cursor.execute(
@@ -654,7 +653,7 @@ def _begin_run_batch(
             results.append(BeginResult(new=True, record=row))
             continue
         try:
-            outcome = r.run()
+            outcome = b.run()
         except Exception as exc:  # (run's own bug): this record fails alone, nothing written for it
             results.append(Rejected(exc))
             continue

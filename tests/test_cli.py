@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -25,19 +26,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def calculator_port() -> Iterator[int]:
+@contextlib.contextmanager
+def txrpc_serve(service_spec: str) -> Iterator[int]:
+    """``txrpc serve SERVICE_SPEC`` in a process of its own; yields its port once it listens."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "txrpc.cli",
-            "serve",
-            "examples/calculator/service.py:calc",
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "txrpc.cli", "serve", service_spec, "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -59,6 +53,12 @@ def calculator_port() -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def calculator_port() -> Iterator[int]:
+    with txrpc_serve("examples/calculator/service.py:calc") as port:
+        yield port
 
 
 def test_version_and_help() -> None:
@@ -109,26 +109,10 @@ def test_serve_freezes_its_start_up_heap(tmp_path: Path) -> None:
         "import gc\nimport txrpc\nsvc = txrpc.Service()\n\n"
         "@svc.method\ndef frozen() -> int:\n    return gc.get_freeze_count()\n"
     )
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "txrpc.cli", "serve", f"{module}:svc", "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            result = CliRunner().invoke(cli, ["call", f"127.0.0.1:{port}", "frozen"])
-            if result.exit_code == 0 or time.monotonic() > deadline or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert result.exit_code == 0, result.output
-        assert json.loads(result.output) > 1000  # modules, services, SQLAlchemy: thousands of objects
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with txrpc_serve(f"{module}:svc") as port:
+        result = CliRunner().invoke(cli, ["call", f"127.0.0.1:{port}", "frozen"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) > 1000  # modules, services, SQLAlchemy: thousands of objects
 
 
 def test_call_bad_address_is_a_usage_error() -> None:

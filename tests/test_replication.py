@@ -407,17 +407,8 @@ async def test_a_record_taken_at_the_join_epoch_while_the_catch_up_starts_is_kep
     test_replication_processes in CI: the record was dropped as "superseded", the
     joiner had answered "ok", the commit notice found nothing to apply, and the joiner,
     primary after the move, served a balance one transfer old: money was created.)"""
-    from coordinator import Participant
 
-    gate, entered = trio.Event(), trio.Event()
-    real_catch_up = Participant._repl_catch_up
-
-    async def gated_catch_up(self: Participant, partitions: list[int]) -> Any:
-        entered.set()
-        await gate.wait()
-        return await real_catch_up(self, partitions)
-
-    monkeypatch.setattr(Participant, "_repl_catch_up", gated_catch_up)
+    gate, entered = gate_catch_ups(monkeypatch)
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         coordinator = local.coordinator
         assert coordinator is not None
@@ -493,6 +484,23 @@ async def test_a_primary_switched_over_tells_the_followers_that_took_its_record(
         await assert_replicas_equal(local)
 
 
+def gate_catch_ups(monkeypatch: pytest.MonkeyPatch) -> tuple[trio.Event, trio.Event]:
+    """Hold every joiner's snapshot catch-up until ``gate`` is set; ``entered`` is set
+    once one has begun. Returns ``(gate, entered)``."""
+    from coordinator import Participant
+
+    gate, entered = trio.Event(), trio.Event()
+    real_catch_up = Participant._repl_catch_up
+
+    async def gated_catch_up(self: Participant, partitions: list[int]) -> Any:
+        entered.set()
+        await gate.wait()
+        return await real_catch_up(self, partitions)
+
+    monkeypatch.setattr(Participant, "_repl_catch_up", gated_catch_up)
+    return gate, entered
+
+
 def _primary_key(shard_map: Any, node: str) -> str:
     return next(n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == node)
 
@@ -508,15 +516,10 @@ async def test_a_join_epoch_commit_applied_before_the_catch_up_is_not_overwritte
     page overwrote it and the joiner stayed one write behind.)"""
     from coordinator import Participant
 
-    gate, entered, hold_commit = trio.Event(), trio.Event(), trio.Event()
-    real_catch_up = Participant._repl_catch_up
+    gate, entered = gate_catch_ups(monkeypatch)
+    hold_commit = trio.Event()
     real_commit = Participant.commit.__wrapped__  # type: ignore[attr-defined]  # under _not_cancelled_midway
     held: dict[str, int] = {}
-
-    async def gated_catch_up(self: Participant, partitions: list[int]) -> Any:
-        entered.set()
-        await gate.wait()
-        return await real_catch_up(self, partitions)
 
     async def slow_commit(self: Participant, txid: int) -> str:
         if self.shard == "n1" and txid == held.get("txid"):
@@ -524,7 +527,6 @@ async def test_a_join_epoch_commit_applied_before_the_catch_up_is_not_overwritte
         with trio.CancelScope(shield=True):
             return str(await real_commit(self, txid))
 
-    monkeypatch.setattr(Participant, "_repl_catch_up", gated_catch_up)
     monkeypatch.setattr(Participant, "commit", slow_commit)
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         coordinator = local.coordinator
@@ -727,22 +729,13 @@ async def test_records_of_one_transaction_from_two_primaries_stay_apart_when_the
     follower never applied its write.)"""
     from _cluster_helpers import free_ports
 
-    from coordinator import Participant
 
     ports = free_ports(5)
     three = txrpc.ClusterConfig.from_toml(_toml(tmp_path, ports, 3), source="three.toml")
     four_toml = _toml(tmp_path, ports, 3) + f'\n[[nodes]]\nname = "m0"\nhost = "127.0.0.1"\nport = {ports[4]}\n'
     four = txrpc.ClusterConfig.from_toml(four_toml, source="four.toml")
     a, b = _primary_key(three.shard_map, "n1"), _primary_key(three.shard_map, "n0")
-    gate, entered = trio.Event(), trio.Event()
-    real_catch_up = Participant._repl_catch_up
-
-    async def gated_catch_up(self: Participant, partitions: list[int]) -> Any:
-        entered.set()
-        await gate.wait()
-        return await real_catch_up(self, partitions)
-
-    monkeypatch.setattr(Participant, "_repl_catch_up", gated_catch_up)
+    gate, entered = gate_catch_ups(monkeypatch)
     async with trio.open_nursery() as nursery:
         local = LocalCluster(three, nursery, [bank])
         coordinator = await local.start_coordinator()

@@ -576,10 +576,8 @@ class _ServerConnection:
                 elif result.error is not None:
                     error = result.error
                     self._reply_error(call_id, error.code, error.message, error.details)
-                elif result.encoded is not None:
-                    self._reply_encoded(call_id, result.encoded, result.metadata)
                 else:
-                    self._reply_result(call_id, result.value, result.metadata)
+                    self._reply_result(call_id, result.value, result.metadata, result.encoded)
             cancelled.discard(call_id)
             self._close_if_drained()
 
@@ -665,22 +663,18 @@ class _ServerConnection:
         if self._draining and not self.conn.inflight:
             self._close_soon()
 
-    def _reply_result(self, call_id: int, value: Any, metadata: dict[str, Any] | None = None) -> None:
+    def _reply_result(
+        self, call_id: int, value: Any, metadata: dict[str, Any] | None = None, encoded: bytes | None = None
+    ) -> None:
+        """Answer with ``value`` — or, given ``encoded`` (``encode_value(value)``, keys
+        checked: a keyed call's stored outcome), with those bytes, not encoding it again."""
         try:
-            data = self.conn.send_result(call_id, value, metadata)
+            if encoded is None:
+                data = self.conn.send_result(call_id, value, metadata)
+            else:
+                data = self.conn.send_result_encoded(call_id, encoded, metadata)
         except TypeError as exc:
             self._reply_error(call_id, Code.INTERNAL, f"handler returned a value CBOR cannot carry: {exc}")
-            return
-        except wire.LocalProtocolError as exc:
-            self._reply_error(call_id, Code.RESOURCE_EXHAUSTED, f"result too large: {exc}")
-            return
-        self.outbox.put_nowait(data)
-
-    def _reply_encoded(self, call_id: int, encoded: bytes, metadata: dict[str, Any] | None = None) -> None:
-        try:
-            data = self.conn.send_result_encoded(call_id, encoded, metadata)
-        except TypeError as exc:
-            self._reply_error(call_id, Code.INTERNAL, f"result metadata CBOR cannot carry: {exc}")
             return
         except wire.LocalProtocolError as exc:
             self._reply_error(call_id, Code.RESOURCE_EXHAUSTED, f"result too large: {exc}")
