@@ -85,3 +85,50 @@ async def test_write_now_leaves_other_streams_and_large_batches_to_the_writer() 
     assert outbox.queued_bytes == 64 * 1024  # large: the writer sends it (no copy, no hurry)
     await a.aclose()
     await b.aclose()
+
+
+class NowaitStream(trio.abc.SendStream):
+    """A stream with ``send_nowait`` (as the simulator's): takes up to ``room`` bytes at
+    once; ``send_all`` (the writer task) records what it sends."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.taken = bytearray()
+        self.nowait_calls = 0
+        self.sent_by_writer = bytearray()
+
+    def send_nowait(self, data: bytes) -> int:
+        self.nowait_calls += 1
+        if len(data) > self.room:
+            return 0
+        self.room -= len(data)
+        self.taken += data
+        return len(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        self.taken += data
+        self.sent_by_writer += data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_stream_with_send_nowait_takes_frames_without_the_writer_task() -> None:
+    stream = NowaitStream(room=10)
+    outbox = Outbox(stream, buffer_bytes_max=1 << 20)
+    outbox.put_nowait(b"hello")  # no writer task runs at all
+    assert bytes(stream.taken) == b"hello" and outbox.queued_bytes == 0
+    outbox.put_nowait(b"world!")  # no room: queued for the writer
+    assert outbox.queued_bytes == 6
+    calls = stream.nowait_calls
+    outbox.put_nowait(b"x")  # something is queued ahead of it: it must not overtake
+    assert stream.nowait_calls == calls and outbox.queued_bytes == 7
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        outbox.close_after_flush()
+    assert bytes(stream.taken) == b"helloworld!x"  # in order
+    assert bytes(stream.sent_by_writer) == b"world!x"

@@ -178,3 +178,30 @@ def test_same_seed_same_faults() -> None:
 
     assert trace(11) == trace(11)
     assert trace(11) != trace(12)
+
+
+def test_a_read_returns_everything_delivered_and_wakes_at_the_delivery_time() -> None:
+    async def main() -> None:
+        net = SimNetwork(random.Random(9), default=LinkFaults(delay_s=0.01, jitter_s=0.0))
+        c, s = await pair(net)
+        start = trio.current_time()
+        for i in range(5):  # five frames, one delivery time: one read holds them all (as TCP's)
+            await c.send_all(frame(bytes([i])))
+        data = await s.receive_some(65536)
+        assert data == b"".join(frame(bytes([i])) for i in range(5))
+        assert trio.current_time() - start == pytest.approx(0.01, abs=1e-6)
+        # send_nowait (the outbox's direct write) goes through the same faults and clock.
+        assert c.send_nowait(frame(b"now")) == len(frame(b"now"))
+        assert await s.receive_some(65536) == frame(b"now")
+        assert trio.current_time() - start == pytest.approx(0.02, abs=1e-6)
+        # A reader parked on an idle connection is cancellable and leaves no trace.
+        with trio.move_on_after(0.5):
+            await s.receive_some(65536)
+        await c.send_all(frame(b"after"))
+        assert await s.receive_some(65536) == frame(b"after")
+        net.crash("a")
+        assert c.send_nowait(frame(b"lost")) == 0  # reset: the writer's send_all reports it
+        with pytest.raises(trio.BrokenResourceError):
+            await s.receive_some(65536)
+
+    run(main)

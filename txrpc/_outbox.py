@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -31,8 +32,10 @@ class Outbox:
         self._space_lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._sending = False  # the writer is inside send_all
-        # A plain TCP stream can take a small write at once, without the writer task.
+        # A plain TCP stream can take a small write at once, without the writer task; so
+        # can a stream with a ``send_nowait(data) -> bytes taken`` (the simulator's).
         self._socket = stream.socket if type(stream) is trio.SocketStream else None
+        self._send_nowait: Callable[[bytes], int] | None = getattr(stream, "send_nowait", None)
         self.broken: BaseException | None = None
 
     @property
@@ -42,6 +45,13 @@ class Outbox:
     def put_nowait(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._send_nowait is not None and not self._chunks and not self._sending:
+            # Writes to this stream are cheap (the simulator's): nothing is ahead of
+            # this frame, so hand it over now rather than wake the writer task for it.
+            written = self._send_nowait(data)
+            if written == len(data):
+                return
+            data = data[written:]
         self._chunks.append(data)
         self._queued_bytes += len(data)
         if self._writer_lot:
@@ -54,20 +64,23 @@ class Outbox:
         message on an idle connection (lower latency); busy connections should keep
         to the writer, which coalesces."""
         chunks = self._chunks
-        if self._socket is None or self._sending or not chunks or self._closing:
-            return
-        if self._queued_bytes >= LARGE_CHUNK_BYTES:
-            return
-        fd = self._socket.fileno()  # each time: -1 once closed (a cached number could be reused)
-        if fd < 0:
+        if self._sending or not chunks or self._closing or self._queued_bytes >= LARGE_CHUNK_BYTES:
             return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        try:
-            written = os.write(fd, data)
-        except (BlockingIOError, InterruptedError):
-            written = 0
-        except OSError:
-            return  # the writer meets the same error and reports it
+        if self._socket is not None:
+            fd = self._socket.fileno()  # each time: -1 once closed (a cached number could be reused)
+            if fd < 0:
+                return
+            try:
+                written = os.write(fd, data)
+            except (BlockingIOError, InterruptedError):
+                written = 0
+            except OSError:
+                return  # the writer meets the same error and reports it
+        elif self._send_nowait is not None:
+            written = self._send_nowait(data)
+        else:
+            return
         if written == len(data):
             chunks.clear()
             self._queued_bytes = 0

@@ -67,30 +67,46 @@ class _Chunk:
 
 
 class _Pipe:
-    """One direction of a connection: ``src`` writes, ``dst`` reads."""
+    """One direction of a connection: ``src`` writes, ``dst`` reads.
+
+    Frames in flight wait in ``queue`` (a heap by delivery time); the network's clock
+    (:meth:`SimNetwork._clock`) moves those that are due into ``ready`` and wakes the
+    reader directly, so a delivery costs the reader one scheduler step and no timer of
+    its own. A read returns everything delivered so far (up to ``max_bytes``), as a TCP
+    read returns what the kernel holds.
+    """
 
     def __init__(self, net: SimNetwork, src: str, dst: str) -> None:
         self.net = net
         self.src = src
         self.dst = dst
         self.unframed = bytearray()  # sent, not yet a whole frame
-        self.queue: list[_Chunk] = []  # heap by delivery time
-        self.queued_bytes = 0
-        self.partial = b""  # delivered, not yet read
+        self.queue: list[_Chunk] = []  # in flight: heap by delivery time
+        self.ready = bytearray()  # delivered, not yet read
+        self.queued_bytes = 0  # in flight + delivered, not yet read
         self.last_deliver_at = 0.0
         self.eof = False  # the writer closed
         self.reader_closed = False
         self.reset = False
-        self.changed = trio.Event()
+        self.reader: trio.lowlevel.Task | None = None  # parked in read()
+        self.room = trio.lowlevel.ParkingLot()  # senders waiting for room (or a failure)
         self.connection: _Connection | None = None
 
+    def _wake_reader(self) -> None:
+        task = self.reader
+        if task is not None:
+            self.reader = None
+            trio.lowlevel.reschedule(task)
+
     def _notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        """A state change (reset, end of stream, reader gone): wake everyone waiting."""
+        self._wake_reader()
+        self.room.unpark_all()
 
     def break_(self) -> None:
         self.reset = True
         self.queue.clear()
+        self.ready.clear()
         self.queued_bytes = 0
         self._notify()
 
@@ -158,37 +174,47 @@ class _Pipe:
         chunk = _Chunk(deliver_at, self.net.next_seq(), data)
         heapq.heappush(self.queue, chunk)
         self.queued_bytes += len(data)
-        if self.queue[0] is chunk:
-            # Only a new head changes what the reader waits for (it sleeps until the
-            # head's delivery time); a later chunk would wake it for nothing.
-            self._notify()
+        self.net._schedule(deliver_at, chunk.seq, self)
+
+    def deliver_due(self, now: float) -> None:
+        """Move the frames due by ``now`` to ``ready`` (in delivery order) and wake the reader."""
+        queue = self.queue
+        if not queue or queue[0].deliver_at > now:
+            return
+        while queue and queue[0].deliver_at <= now:
+            self.ready += heapq.heappop(queue).data
+        self._wake_reader()
 
     async def read(self, max_bytes: int) -> bytes:
+        blocked = False  # parked at least once: that was this call's checkpoint
         while True:
-            if self.partial:
-                data, self.partial = self.partial[:max_bytes], self.partial[max_bytes:]
-                await trio.lowlevel.checkpoint()
-                return data
             if self.reset:
-                await trio.lowlevel.checkpoint()
+                if not blocked:
+                    await trio.lowlevel.checkpoint()
                 raise trio.BrokenResourceError("connection reset (simulated)")
-            now = trio.current_time()
-            if self.queue and self.queue[0].deliver_at <= now:
-                chunk = heapq.heappop(self.queue)
-                if self.queued_bytes > PIPE_BYTES_MAX:
-                    self._notify()  # a sender may wait for room
-                self.queued_bytes -= len(chunk.data)
-                self.partial = chunk.data
-                continue
+            if self.ready:
+                data = bytes(self.ready[:max_bytes])
+                del self.ready[:max_bytes]
+                self.queued_bytes -= len(data)
+                if self.room and self.queued_bytes <= PIPE_BYTES_MAX:
+                    self.room.unpark_all()
+                if not blocked:
+                    await trio.lowlevel.checkpoint()
+                return data
             if not self.queue and self.eof:
-                await trio.lowlevel.checkpoint()
+                if not blocked:
+                    await trio.lowlevel.checkpoint()
                 return b""
-            changed = self.changed
-            if self.queue:
-                with trio.move_on_at(self.queue[0].deliver_at):
-                    await changed.wait()
-            else:
-                await changed.wait()
+            if self.reader is not None:
+                raise trio.BusyResourceError("another task is reading this stream")
+            self.reader = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self.reader = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            blocked = True
 
 
 class SimStream(trio.abc.Stream):
@@ -207,10 +233,21 @@ class SimStream(trio.abc.Stream):
             raise trio.ClosedResourceError("stream closed")
         pipe = self._out
         while pipe.queued_bytes > PIPE_BYTES_MAX and not pipe.reset and not pipe.reader_closed:
-            await pipe.changed.wait()
+            await pipe.room.park()
         if pipe.reset or pipe.reader_closed:
             raise trio.BrokenResourceError("connection reset (simulated)")
         pipe.write(bytes(data))
+
+    def send_nowait(self, data: bytes) -> int:
+        """Take ``data`` now if a socket would (room in the buffer, the connection up);
+        returns the bytes taken: all or nothing (0: let ``send_all`` find out why).
+        What :class:`txrpc._outbox.Outbox` uses to write without its writer task, as it
+        does with a non-blocking ``write`` on a TCP socket."""
+        pipe = self._out
+        if self._closed or pipe.reset or pipe.reader_closed or pipe.queued_bytes > PIPE_BYTES_MAX:
+            return 0
+        pipe.write(bytes(data))
+        return len(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -293,10 +330,40 @@ class SimNetwork:
             ("frames", "dropped", "duplicated", "reordered", "resets", "sliced", "blocked", "connects"), 0
         )
         self._seq = 0
+        #: Deliveries to make: (time, sequence, pipe); run by :meth:`_clock`.
+        self._timers: list[tuple[float, int, _Pipe]] = []
+        self._clock_scope: trio.CancelScope | None = None
+        self._clock_token: trio.lowlevel.TrioToken | None = None
 
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
+
+    def _schedule(self, deliver_at: float, seq: int, pipe: _Pipe) -> None:
+        """Deliver ``pipe``'s due frames at ``deliver_at`` (the clock task, started with the
+        first delivery of each ``trio.run``, sleeps until the earliest one)."""
+        heapq.heappush(self._timers, (deliver_at, seq, pipe))
+        token = trio.lowlevel.current_trio_token()
+        if self._clock_token is not token:
+            self._clock_token = token
+            self._clock_scope = None
+            trio.lowlevel.spawn_system_task(self._clock, name="txrpc.testing.SimNetwork.clock")
+        scope = self._clock_scope
+        if scope is not None and deliver_at < scope.deadline:
+            scope.deadline = deliver_at
+
+    async def _clock(self) -> None:
+        """One timer for the whole network: at each delivery time, move what is due into
+        its pipe and wake the reader (cheaper than a timer per waiting reader)."""
+        timers = self._timers
+        while True:
+            with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as scope:
+                self._clock_scope = scope
+                await trio.sleep_forever()
+            self._clock_scope = None
+            now = trio.current_time()
+            while timers and timers[0][0] <= now:
+                heapq.heappop(timers)[2].deliver_due(now)
 
     # -- faults ------------------------------------------------------------------------
 
