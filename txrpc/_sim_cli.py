@@ -7,11 +7,14 @@ Fault steps on the command line: ``KIND:NODE[-NODE][=AMOUNT]@SECONDS``, e.g.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -161,6 +164,76 @@ def sim_run(
     sys.exit(0 if result.valid else 1)
 
 
+def _default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _pool(workers: int, log_level: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Processes for independent simulations (each one ``trio.run`` with its own seed;
+    a seed replays the same way in any of them)."""
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context(method),
+        initializer=_worker_init,
+        initargs=(log_level,),
+    )
+
+
+def _worker_init(log_level: int) -> None:
+    import logging
+
+    for name in ("txrpc", "coordinator", "storage"):
+        logging.getLogger(name).setLevel(log_level)
+
+
+@dataclass
+class _Schedule:
+    """One schedule of ``sim explore`` (drawn up front, so workers do not change them)."""
+
+    workload: str
+    seed: int
+    faults: list[Any]
+    clients: int
+    duration_s: float
+    shards: int
+    replication: int
+    buggify: float
+
+    def replay(self) -> str:
+        steps = " ".join(f"--fault {f.cli()}" for f in self.faults)
+        return (
+            f"txrpc sim run --workload {self.workload} --seed {self.seed} --duration {self.duration_s:g} "
+            f"--clients {self.clients} --shards {self.shards} --replication {self.replication} "
+            f"--buggify {self.buggify:g} {steps}"
+        )
+
+
+def _run_schedule(schedule: _Schedule) -> dict[str, Any]:
+    """Run one schedule (in this process or a worker): what ``explore`` prints of it."""
+    from .testing import SimOptions, run_simulation
+
+    options = SimOptions(shards=schedule.shards, replication_factor=schedule.replication, buggify_p=schedule.buggify)
+    try:
+        result = run_simulation(
+            schedule.seed,
+            workload=schedule.workload,
+            faults=schedule.faults,
+            workload_options=_workload_options(schedule.clients, schedule.duration_s),
+            options=options,
+        )
+    except Exception as exc:  # a crash of the run is a finding too: say how to replay it
+        return {"crashed": f"{type(exc).__name__}: {exc}", "replay": schedule.replay()}
+    return {
+        "ops": sum(result.counts().values()),
+        "valid": result.valid,
+        "report": "" if result.valid else result.report(),
+        "replay": result.replay_command(),
+    }
+
+
 @sim.command("explore")
 @click.option("--workload", type=WORKLOAD_CHOICE, default="bank", show_default=True)
 @click.option("--schedules", type=int, default=50, show_default=True, help="How many random schedules to run.")
@@ -170,6 +243,10 @@ def sim_run(
 @click.option("--clients", type=int, default=3, show_default=True)
 @_cluster_shape
 @click.option("--buggify", type=float, default=0.0, show_default=True, help="Probability that a buggify point is on.")
+@click.option(
+    "--workers", type=click.IntRange(1, 256), default=None,
+    help="Processes running schedules side by side  [default: one per CPU]",
+)  # fmt: skip
 def sim_explore(
     workload: str,
     schedules: int,
@@ -180,50 +257,63 @@ def sim_explore(
     shards: int,
     replication: int,
     buggify: float,
+    workers: int | None,
 ) -> None:
-    """Run many random fault schedules; print each failing seed and schedule (exit 1 if any)."""
-    from .testing import SimOptions, run_simulation
+    """Run many random fault schedules; print each failing seed and schedule (exit 1 if any).
+
+    The schedules are drawn from --seed up front, so they are the same whatever
+    --workers is; each runs in one process and replays alone from its seed."""
+    import logging
+
     from .testing._runner import random_schedule
 
     _check_shape(shards, replication)
     rng = random.Random(seed)
     shard_names = tuple(f"s{i}" for i in range(shards))
     nodes = ("keyed",) if workload == "idempotency" else ("coordinator", *shard_names)
-    failures = []
+    replicated = replication > 1 and workload != "idempotency"
+    names = tuple(f"c{i}" for i in range(clients))
+    plan = []
+    for _ in range(schedules):
+        run_seed = rng.getrandbits(32)
+        faults = random_schedule(rng, nodes, names, duration, faults_max, replicated=replicated)
+        plan.append(
+            _Schedule(workload, run_seed, faults, clients, duration, shards, replication if replicated else 1, buggify)
+        )
+    workers = min(workers or _default_workers(), max(1, schedules))
+    failures: list[str] = []
     crashed: list[str] = []
     ops = 0
+    started = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"exploring {workload}", total=schedules)
-        for _ in range(schedules):
-            run_seed = rng.getrandbits(32)
-            names = tuple(f"c{i}" for i in range(clients))
-            replicated = replication > 1 and workload != "idempotency"
-            faults = random_schedule(rng, nodes, names, duration, faults_max, replicated=replicated)
-            wopts = _workload_options(clients, duration)
-            options = SimOptions(shards=shards, replication_factor=replication if replicated else 1, buggify_p=buggify)
-            try:
-                result = run_simulation(
-                    run_seed, workload=workload, faults=faults, workload_options=wopts, options=options
-                )
-            except Exception as exc:  # a crash of the run is a finding too: say how to replay it
-                steps = " ".join(f"--fault {f.cli()}" for f in faults)
-                command = (
-                    f"txrpc sim run --workload {workload} --seed {run_seed} --duration {duration:g} "
-                    f"--clients {clients} --shards {shards} --replication {options.replication_factor} "
-                    f"--buggify {buggify:g} {steps}"
-                )
-                console.print(f"[red]the run crashed: {type(exc).__name__}: {exc}[/]\nreplay: {command}")
-                crashed.append(command)
+        plural = "s" if workers > 1 else ""
+        task = progress.add_task(f"exploring {workload} ({workers} worker{plural})", total=schedules)
+        if workers == 1:
+            outcomes: Iterator[dict[str, Any]] = map(_run_schedule, plan)
+            pool = None
+        else:
+            pool = _pool(workers, logging.getLogger("txrpc").getEffectiveLevel())
+            outcomes = pool.map(_run_schedule, plan)
+        try:
+            for outcome in outcomes:  # in schedule order, whichever worker ran it
+                if "crashed" in outcome:
+                    console.print(f"[red]the run crashed: {outcome['crashed']}[/]\nreplay: {outcome['replay']}")
+                    crashed.append(outcome["replay"])
+                else:
+                    ops += outcome["ops"]
+                    if not outcome["valid"]:
+                        failures.append(outcome["replay"])
+                        console.print(outcome["report"])
                 progress.advance(task)
-                continue
-            ops += sum(result.counts().values())
-            if not result.valid:
-                failures.append(result)
-                console.print(result.report())
-            progress.advance(task)
-    console.print(f"{schedules} schedules, {ops} operations, {len(failures)} violations, {len(crashed)} crashed runs")
-    for result in failures:
-        console.print(f"replay: {result.replay_command()}")
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    console.print(
+        f"{schedules} schedules, {ops} operations, {len(failures)} violations, {len(crashed)} crashed runs "
+        f"({time.perf_counter() - started:.1f} s, {workers} worker{'s' if workers > 1 else ''})"
+    )
+    for command in failures:
+        console.print(f"replay: {command}")
     for command in crashed:
         console.print(f"replay (crashed): {command}")
     sys.exit(1 if failures or crashed else 0)
@@ -234,33 +324,83 @@ def sim_explore(
 @click.option("--rounds", type=int, default=3, show_default=True, help="Repetitions; medians are kept.")
 @click.option("--clients", type=int, default=16, show_default=True)
 @click.option("--latency-ms", type=float, default=0.5, show_default=True, help="One-way link latency (simulated).")
-def bench_sim(transactions: int, rounds: int, clients: int, latency_ms: float) -> None:
-    """Simulated cross-shard transactions per second of wall time (target ≥ 1,000)."""
-    rates, speedups = [], []
+@click.option(
+    "--workers", type=click.IntRange(1, 256), default=None,
+    help="Simulations side by side for the second row (as `txrpc sim explore` runs them)  [default: one per CPU]",
+)  # fmt: skip
+def bench_sim(transactions: int, rounds: int, clients: int, latency_ms: float, workers: int | None) -> None:
+    """Simulated cross-shard transactions per second of wall time (target ≥ 1,000): one
+    simulation in one process, then --workers simulations side by side (what `txrpc sim
+    explore` does with its schedules)."""
+    workers = workers or _default_workers()
+    latency_s = latency_ms / 1000
+    single: list[SimMeasure] = []
     for index in range(rounds):
-        rate, speedup, done = measure_sim(index, transactions, clients, latency_ms / 1000)
-        rates.append(rate)
-        speedups.append(speedup)
-        console.print(f"round {index + 1}: {done} cross-shard transfers committed, {rate:,.0f}/s of wall time")
-    table = Table(title=f"txrpc bench sim — {clients} clients, {transactions} transfers, medians of {rounds}")
+        m = measure_sim(index, transactions, clients, latency_s)
+        single.append(m)
+        console.print(f"round {index + 1}, one process: {m.done} committed, {m.rate:,.0f}/s of wall time")
+    parallel: list[tuple[float, float]] = []  # (tx per wall s, simulated s per wall s) of all workers together
+    if workers > 1:
+        with _pool(workers, 40) as pool:  # logging.ERROR: as `txrpc sim`
+            for index in range(rounds):
+                seeds = [1000 + index * workers + w for w in range(workers)]
+                n = len(seeds)
+                runs = list(pool.map(measure_sim, seeds, [transactions] * n, [clients] * n, [latency_s] * n))
+                wall_s = max(r.wall_end for r in runs) - min(r.wall_start for r in runs)
+                done = sum(r.done for r in runs)
+                parallel.append((done / wall_s, sum(r.simulated_s for r in runs) / wall_s))
+                console.print(
+                    f"round {index + 1}, {workers} processes: {done} committed, {done / wall_s:,.0f}/s of wall time "
+                    f"(each {', '.join(f'{r.rate:,.0f}' for r in runs)}/s)"
+                )
+    table = Table(
+        title=f"txrpc bench sim — {clients} clients, {transactions} transfers per simulation, medians of {rounds}"
+    )
     table.add_column("stack")
     table.add_column("cross-shard tx / wall s", justify="right")
     table.add_column("simulated s / wall s", justify="right")
     table.add_column("target")
-    rate = statistics.median(rates)
+
+    def verdict(rate: float) -> str:
+        return f"{'met' if rate >= TARGET_TX_PER_WALL_S else 'missed'} (≥ {TARGET_TX_PER_WALL_S:,.0f})"
+
+    rate = statistics.median(m.rate for m in single)
     table.add_row(
-        "txrpc simulator (production coordinator + 3 shards, SQLite)",
+        "txrpc simulator, one process (production coordinator + 3 shards, SQLite)",
         f"{rate:,.0f}",
-        f"{statistics.median(speedups):.3f}",
-        f"{'met' if rate >= TARGET_TX_PER_WALL_S else 'missed'} (≥ {TARGET_TX_PER_WALL_S:,.0f})",
+        f"{statistics.median(m.simulated_s / (m.wall_end - m.wall_start) for m in single):.3f}",
+        verdict(rate),
     )
+    if parallel:
+        rate = statistics.median(p[0] for p in parallel)
+        table.add_row(
+            f"{workers} simulations side by side ({workers} processes, {os.cpu_count()} CPUs)",
+            f"{rate:,.0f}",
+            f"{statistics.median(p[1] for p in parallel):.3f}",
+            verdict(rate),
+        )
     console.print(table)
 
 
-def measure_sim(seed: int, transactions: int, clients: int, latency_s: float) -> tuple[float, float, int]:
-    """(committed cross-shard transfers per wall second, simulated/wall time, committed) of
-    one run: ``clients`` clients share ``transactions`` transfers between accounts on
-    different shards (wall time of the transfers only, not of starting the cluster)."""
+@dataclass
+class SimMeasure:
+    """One simulation of ``txrpc bench sim``: transfers committed in its transfer phase,
+    that phase's start and end (``time.perf_counter``, comparable across processes on
+    one machine) and the simulated seconds it covered."""
+
+    done: int
+    wall_start: float
+    wall_end: float
+    simulated_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.done / (self.wall_end - self.wall_start)
+
+
+def measure_sim(seed: int, transactions: int, clients: int, latency_s: float) -> SimMeasure:
+    """One run: ``clients`` clients share ``transactions`` transfers between accounts on
+    different shards (timed: the transfers only, not starting the cluster)."""
     import trio
 
     from .testing import LinkFaults, SimOptions, bank_service, simulate
@@ -268,7 +408,7 @@ def measure_sim(seed: int, transactions: int, clients: int, latency_s: float) ->
 
     wopts = WorkloadOptions(clients=clients, accounts=max(64, clients * 8))
 
-    async def main(sim: Any) -> tuple[float, float, int]:
+    async def main(sim: Any) -> SimMeasure:
         shard_of = sim.config.shard_map.primary_of
         async with sim.client("setup") as cluster:
             await bank_setup(cluster, wopts)
@@ -296,11 +436,10 @@ def measure_sim(seed: int, transactions: int, clients: int, latency_s: float) ->
         async with trio.open_nursery() as nursery:
             for index in range(clients):
                 nursery.start_soon(client, index)
-        wall_s = time.perf_counter() - started
-        return done[0] / wall_s, (trio.current_time() - started_sim) / wall_s, done[0]
+        return SimMeasure(done[0], started, time.perf_counter(), trio.current_time() - started_sim)
 
     options = SimOptions(link=LinkFaults(delay_s=latency_s, jitter_s=latency_s * 0.4))
-    result: tuple[float, float, int] = simulate(main, seed=seed, services=[bank_service()], options=options)
+    result: SimMeasure = simulate(main, seed=seed, services=[bank_service()], options=options)
     return result
 
 
