@@ -378,3 +378,40 @@ def test_sim_explore_runs_ring_moves_from_the_command_line() -> None:
     assert "2 schedules" in explored.output and "0 violations" in explored.output
     refused = runner.invoke(cli, ["sim", "run", "--shards", "2", "--replication", "3"])
     assert refused.exit_code != 0 and "at least as many --shards" in refused.output
+
+
+def test_sim_explore_runs_the_same_schedules_with_any_number_of_workers() -> None:
+    """Schedules are drawn up front and each run is replayed by its seed: two worker
+    processes find exactly what one process finds (the same operations, counted)."""
+    import re
+
+    from click.testing import CliRunner
+
+    from txrpc.cli import cli
+
+    runner = CliRunner()
+    summaries = []
+    for workers in ("1", "2"):
+        result = runner.invoke(
+            cli, ["sim", "explore", "--schedules", "4", "--duration", "1", "--workers", workers, "--seed", "7"]
+        )
+        assert result.exit_code == 0, result.output
+        match = re.search(r"4 schedules, (\d+) operations, 0 violations, 0 crashed runs", result.output)
+        assert match, result.output
+        assert f"{workers} worker" in result.output
+        summaries.append(int(match.group(1)))
+    assert summaries[0] == summaries[1] > 0
+
+
+def test_bench_sim_reports_one_process_and_simulations_side_by_side() -> None:
+    from click.testing import CliRunner
+
+    from txrpc.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["bench", "sim", "--transactions", "60", "--rounds", "1", "--clients", "4", "--workers", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "round 1, one process:" in result.output
+    assert "round 1, 2 processes:" in result.output and "(each " in result.output
+    assert result.output.count("(≥ 1,000)") == 2  # a verdict for each row: one process, two side by side

@@ -13,7 +13,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -195,7 +195,7 @@ class _Schedule:
 
     workload: str
     seed: int
-    faults: list[Any]
+    faults: Sequence[Any]
     clients: int
     duration_s: float
     shards: int
