@@ -7,6 +7,7 @@ workload in the property tests (default: a CI-sized number).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -415,3 +416,33 @@ def test_bench_sim_reports_one_process_and_simulations_side_by_side() -> None:
     assert "round 1, one process:" in result.output
     assert "round 1, 2 processes:" in result.output and "(each " in result.output
     assert result.output.count("(≥ 1,000)") == 2  # a verdict for each row: one process, two side by side
+
+
+def test_ctrl_c_stops_sim_explore_and_its_workers_at_once() -> None:
+    """A terminal's Ctrl-C (SIGINT to the whole process group) ends `sim explore
+    --workers 2` promptly: its workers ignore it and are stopped by the parent, not
+    left to finish a schedule (or start another)."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "txrpc.cli", "sim", "explore", "--duration", "30", "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        time.sleep(4)  # the workers are well into their first schedules
+        os.killpg(process.pid, signal.SIGINT)
+        started = time.monotonic()
+        process.communicate(timeout=20)
+        assert time.monotonic() - started < 5
+        assert process.returncode != 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)  # anyone left in its process group?
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("sim explore's workers outlived it")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

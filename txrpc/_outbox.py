@@ -66,6 +66,8 @@ class Outbox:
         chunks = self._chunks
         if self._sending or not chunks or self._closing or self._queued_bytes >= LARGE_CHUNK_BYTES:
             return
+        if self._socket is None and self._send_nowait is None:
+            return  # only the writer can write to this stream (TLS, say)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self._socket is not None:
             fd = self._socket.fileno()  # each time: -1 once closed (a cached number could be reused)
@@ -77,10 +79,8 @@ class Outbox:
                 written = 0
             except OSError:
                 return  # the writer meets the same error and reports it
-        elif self._send_nowait is not None:
-            written = self._send_nowait(data)
         else:
-            return
+            written = self._send_nowait(data)  # type: ignore[misc]
         if written == len(data):
             chunks.clear()
             self._queued_bytes = 0

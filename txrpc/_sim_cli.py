@@ -29,6 +29,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 WORKLOAD_CHOICE = click.Choice(["bank", "list-append", "idempotency"])
 #: The target of ``txrpc bench sim`` (issue: thousands of schedules must fit in minutes).
 TARGET_TX_PER_WALL_S = 1000.0
+#: How long ``txrpc bench sim`` waits for a simulation running side by side.
+SIDE_BY_SIDE_TIMEOUT_S = 600.0
 
 
 def parse_fault(text: str) -> Any:
@@ -168,23 +170,36 @@ def _default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def _pool(workers: int, log_level: int) -> concurrent.futures.ProcessPoolExecutor:
-    """Processes for independent simulations (each one ``trio.run`` with its own seed;
-    a seed replays the same way in any of them)."""
+def _mp_context() -> Any:
+    """fork on Linux (fast, and the workers keep this process's hash seed, so a schedule
+    runs exactly as it would here); spawn elsewhere (fork is unsafe on macOS)."""
     import multiprocessing
 
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _pool(workers: int, log_level: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Processes for independent simulations (each one ``trio.run`` with its own seed).
+    Create it before any thread starts (a progress bar's): the workers are forked."""
     return concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context(method),
-        initializer=_worker_init,
-        initargs=(log_level,),
+        max_workers=workers, mp_context=_mp_context(), initializer=_worker_init, initargs=(log_level,)
     )
+
+
+def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Ctrl-C: drop what is queued and stop the workers now (they ignore SIGINT, so a
+    run in progress would otherwise finish first)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def _worker_init(log_level: int) -> None:
     import logging
+    import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what a Ctrl-C stops
     for name in ("txrpc", "coordinator", "storage"):
         logging.getLogger(name).setLevel(log_level)
 
@@ -285,16 +300,17 @@ def sim_explore(
     crashed: list[str] = []
     ops = 0
     started = time.perf_counter()
-    with Progress(console=console, transient=True) as progress:
-        plural = "s" if workers > 1 else ""
-        task = progress.add_task(f"exploring {workload} ({workers} worker{plural})", total=schedules)
-        if workers == 1:
-            outcomes: Iterator[dict[str, Any]] = map(_run_schedule, plan)
-            pool = None
-        else:
-            pool = _pool(workers, logging.getLogger("txrpc").getEffectiveLevel())
-            outcomes = pool.map(_run_schedule, plan)
-        try:
+    pool = None
+    outcomes: Iterator[dict[str, Any]]
+    if workers == 1:
+        outcomes = map(_run_schedule, plan)
+    else:
+        pool = _pool(workers, logging.getLogger("txrpc").getEffectiveLevel())
+        outcomes = pool.map(_run_schedule, plan)  # forks the workers now, before the progress bar's thread
+    try:
+        with Progress(console=console, transient=True) as progress:
+            plural = "s" if workers > 1 else ""
+            task = progress.add_task(f"exploring {workload} ({workers} worker{plural})", total=schedules)
             for outcome in outcomes:  # in schedule order, whichever worker ran it
                 if "crashed" in outcome:
                     console.print(f"[red]the run crashed: {outcome['crashed']}[/]\nreplay: {outcome['replay']}")
@@ -305,9 +321,12 @@ def sim_explore(
                         failures.append(outcome["replay"])
                         console.print(outcome["report"])
                 progress.advance(task)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+    except KeyboardInterrupt:
+        if pool is not None:
+            _stop_pool(pool)
+        raise
+    if pool is not None:
+        pool.shutdown()
     console.print(
         f"{schedules} schedules, {ops} operations, {len(failures)} violations, {len(crashed)} crashed runs "
         f"({time.perf_counter() - started:.1f} s, {workers} worker{'s' if workers > 1 else ''})"
@@ -340,19 +359,16 @@ def bench_sim(transactions: int, rounds: int, clients: int, latency_ms: float, w
         single.append(m)
         console.print(f"round {index + 1}, one process: {m.done} committed, {m.rate:,.0f}/s of wall time")
     parallel: list[tuple[float, float]] = []  # (tx per wall s, simulated s per wall s) of all workers together
-    if workers > 1:
-        with _pool(workers, 40) as pool:  # logging.ERROR: as `txrpc sim`
-            for index in range(rounds):
-                seeds = [1000 + index * workers + w for w in range(workers)]
-                n = len(seeds)
-                runs = list(pool.map(measure_sim, seeds, [transactions] * n, [clients] * n, [latency_s] * n))
-                wall_s = max(r.wall_end for r in runs) - min(r.wall_start for r in runs)
-                done = sum(r.done for r in runs)
-                parallel.append((done / wall_s, sum(r.simulated_s for r in runs) / wall_s))
-                console.print(
-                    f"round {index + 1}, {workers} processes: {done} committed, {done / wall_s:,.0f}/s of wall time "
-                    f"(each {', '.join(f'{r.rate:,.0f}' for r in runs)}/s)"
-                )
+    for index in range(rounds if workers > 1 else 0):
+        seeds = [1000 + index * workers + w for w in range(workers)]
+        runs = _measure_side_by_side(seeds, transactions, clients, latency_s)
+        wall_s = max(r.wall_end for r in runs) - min(r.wall_start for r in runs)
+        done = sum(r.done for r in runs)
+        parallel.append((done / wall_s, sum(r.simulated_s for r in runs) / wall_s))
+        console.print(
+            f"round {index + 1}, {workers} processes: {done} committed, {done / wall_s:,.0f}/s of wall time "
+            f"(each {', '.join(f'{r.rate:,.0f}' for r in runs)}/s)"
+        )
     table = Table(
         title=f"txrpc bench sim — {clients} clients, {transactions} transfers per simulation, medians of {rounds}"
     )
@@ -398,9 +414,56 @@ class SimMeasure:
         return self.done / (self.wall_end - self.wall_start)
 
 
-def measure_sim(seed: int, transactions: int, clients: int, latency_s: float) -> SimMeasure:
+def _measure_side_by_side(seeds: list[int], transactions: int, clients: int, latency_s: float) -> list[SimMeasure]:
+    """One simulation per seed, each in its own process; their transfers start together
+    (a barrier after every cluster is set up), so the rounds' wall times overlap."""
+    context = _mp_context()
+    barrier = context.Barrier(len(seeds))
+    results = context.Queue()
+    processes = [
+        context.Process(
+            target=_measure_in_worker, args=(seed, transactions, clients, latency_s, barrier, results), daemon=True
+        )
+        for seed in seeds
+    ]
+    for process in processes:
+        process.start()
+    try:
+        runs = [results.get(timeout=SIDE_BY_SIDE_TIMEOUT_S) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+    failed = [r for r in runs if isinstance(r, str)]
+    if failed:
+        raise click.ClickException(f"a simulation failed: {failed[0]}")
+    return runs
+
+
+def _measure_in_worker(
+    seed: int, transactions: int, clients: int, latency_s: float, barrier: Any, results: Any
+) -> None:
+    _worker_init(40)  # logging.ERROR, as `txrpc sim`
+    try:
+        results.put(
+            measure_sim(seed, transactions, clients, latency_s, before_transfers=lambda: barrier.wait(timeout=300))
+        )
+    except BaseException as exc:
+        barrier.abort()  # the others stop waiting for this one
+        results.put(f"seed {seed}: {type(exc).__name__}: {exc}")
+
+
+def measure_sim(
+    seed: int,
+    transactions: int,
+    clients: int,
+    latency_s: float,
+    before_transfers: Callable[[], Any] | None = None,
+) -> SimMeasure:
     """One run: ``clients`` clients share ``transactions`` transfers between accounts on
-    different shards (timed: the transfers only, not starting the cluster)."""
+    different shards (timed: the transfers only, not starting the cluster; the cluster
+    waits in ``before_transfers``, if given, before they start)."""
     import trio
 
     from .testing import LinkFaults, SimOptions, bank_service, simulate
@@ -416,6 +479,8 @@ def measure_sim(seed: int, transactions: int, clients: int, latency_s: float) ->
         pairs = [(a, b) for a in accounts for b in accounts if shard_of(a).name != shard_of(b).name]
         left = [transactions]
         done = [0]
+        if before_transfers is not None:
+            before_transfers()  # blocks the whole simulation: its clock stands still meanwhile
 
         async def client(index: int) -> None:
             rng = random.Random(index)

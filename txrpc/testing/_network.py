@@ -40,6 +40,8 @@ PREFIX_BYTES = 4
 FRAME_BYTES_PARSE_MAX = 64 * 1024 * 1024
 #: Bytes queued in one pipe before the sender waits (bounded like a socket buffer).
 PIPE_BYTES_MAX = 8 * 1024 * 1024
+#: The least time between the pieces of a sliced frame (simulated seconds).
+SLICE_GAP_S_MIN = 0.0005
 
 
 @dataclasses.dataclass
@@ -163,8 +165,9 @@ class _Pipe:
                 pieces = rng.randint(2, min(4, len(frame)))
                 cuts = sorted(rng.sample(range(1, len(frame)), pieces - 1))
                 start = 0
+                gap_s = max(link.delay_s, SLICE_GAP_S_MIN)  # pieces due together would arrive as one
                 for index, cut in enumerate([*cuts, len(frame)]):
-                    self._push(deliver_at + index * link.delay_s, frame[start:cut])
+                    self._push(deliver_at + index * gap_s, frame[start:cut])
                     start = cut
             else:
                 self._push(deliver_at, frame)
@@ -193,13 +196,17 @@ class _Pipe:
                     await trio.lowlevel.checkpoint()
                 raise trio.BrokenResourceError("connection reset (simulated)")
             if self.ready:
+                if not blocked:
+                    # Cancelled here, nothing is taken; after taking, no cancellation
+                    # (a cancelled read must not lose what it took).
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 data = bytes(self.ready[:max_bytes])
                 del self.ready[:max_bytes]
                 self.queued_bytes -= len(data)
                 if self.room and self.queued_bytes <= PIPE_BYTES_MAX:
                     self.room.unpark_all()
                 if not blocked:
-                    await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
             if not self.queue and self.eof:
                 if not blocked:
@@ -207,6 +214,8 @@ class _Pipe:
                 return b""
             if self.reader is not None:
                 raise trio.BusyResourceError("another task is reading this stream")
+            if self.queue:
+                self.net._ensure_clock()  # frames in flight from an earlier trio.run, say
             self.reader = trio.lowlevel.current_task()
 
             def abort(_: Any) -> trio.lowlevel.Abort:
@@ -343,14 +352,18 @@ class SimNetwork:
         """Deliver ``pipe``'s due frames at ``deliver_at`` (the clock task, started with the
         first delivery of each ``trio.run``, sleeps until the earliest one)."""
         heapq.heappush(self._timers, (deliver_at, seq, pipe))
+        self._ensure_clock()
+        scope = self._clock_scope
+        if scope is not None and deliver_at < scope.deadline:
+            scope.deadline = deliver_at
+
+    def _ensure_clock(self) -> None:
+        """Start the clock task in this ``trio.run`` unless it runs here already."""
         token = trio.lowlevel.current_trio_token()
         if self._clock_token is not token:
             self._clock_token = token
             self._clock_scope = None
             trio.lowlevel.spawn_system_task(self._clock, name="txrpc.testing.SimNetwork.clock")
-        scope = self._clock_scope
-        if scope is not None and deliver_at < scope.deadline:
-            scope.deadline = deliver_at
 
     async def _clock(self) -> None:
         """One timer for the whole network: at each delivery time, move what is due into
