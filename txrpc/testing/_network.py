@@ -61,13 +61,6 @@ class LinkFaults:
         return dataclasses.replace(self)
 
 
-@dataclasses.dataclass(order=True)
-class _Chunk:
-    deliver_at: float
-    seq: int
-    data: bytes = dataclasses.field(compare=False)
-
-
 class _Pipe:
     """One direction of a connection: ``src`` writes, ``dst`` reads.
 
@@ -83,7 +76,8 @@ class _Pipe:
         self.src = src
         self.dst = dst
         self.unframed = bytearray()  # sent, not yet a whole frame
-        self.queue: list[_Chunk] = []  # in flight: heap by delivery time
+        # In flight: a heap of (delivery time, sequence, bytes) -- plain tuples, compared in C.
+        self.queue: list[tuple[float, int, bytes]] = []
         self.ready = bytearray()  # delivered, not yet read
         self.queued_bytes = 0  # in flight + delivered, not yet read
         self.last_deliver_at = 0.0
@@ -113,6 +107,22 @@ class _Pipe:
         self._notify()
 
     def write(self, data: bytes) -> None:
+        if not self.unframed and len(data) >= PREFIX_BYTES:
+            # The common case: whole frames, nothing pending. Cut them straight from
+            # ``data`` (no copy into ``unframed`` and back out).
+            start, size = 0, len(data)
+            while size - start >= PREFIX_BYTES:
+                length = int.from_bytes(data[start : start + PREFIX_BYTES], "big")
+                end = start + PREFIX_BYTES + length
+                if length > FRAME_BYTES_PARSE_MAX or end > size:
+                    break
+                self._send_frame(data if start == 0 and end == size else data[start:end])
+                if self.reset:
+                    return
+                start = end
+            if start == size:
+                return
+            data = data[start:]
         self.unframed += data
         while True:
             if len(self.unframed) < PREFIX_BYTES:
@@ -174,18 +184,18 @@ class _Pipe:
 
     def _push(self, deliver_at: float, data: bytes) -> None:
         self.last_deliver_at = max(self.last_deliver_at, deliver_at)
-        chunk = _Chunk(deliver_at, self.net.next_seq(), data)
-        heapq.heappush(self.queue, chunk)
+        seq = self.net.next_seq()
+        heapq.heappush(self.queue, (deliver_at, seq, data))
         self.queued_bytes += len(data)
-        self.net._schedule(deliver_at, chunk.seq, self)
+        self.net._schedule(deliver_at, seq, self)
 
     def deliver_due(self, now: float) -> None:
         """Move the frames due by ``now`` to ``ready`` (in delivery order) and wake the reader."""
         queue = self.queue
-        if not queue or queue[0].deliver_at > now:
+        if not queue or queue[0][0] > now:
             return
-        while queue and queue[0].deliver_at <= now:
-            self.ready += heapq.heappop(queue).data
+        while queue and queue[0][0] <= now:
+            self.ready += heapq.heappop(queue)[2]
         self._wake_reader()
 
     async def read(self, max_bytes: int) -> bytes:
