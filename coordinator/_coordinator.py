@@ -840,8 +840,7 @@ class Coordinator:
                     elif self.core.acked(tx, participant):
                         done.append(tx)  # (an ack that leaves others to wait for is not a refusal)
                 if done:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._mark_done, done)  # not waited for: the next batch goes now
+                    self._mark_done(done)  # not waited for: the next batch goes now
                 if refused:
                     await trio.sleep(self._backoff(1))  # a refused commit: not in a tight loop
         finally:
@@ -865,20 +864,22 @@ class Coordinator:
             raise txrpc.Internal(f"{participant} answered tx.commit_many with {answers!r:.80} for {len(txids)} txids")
         return [a if isinstance(a, str) else repr(a) for a in answers]
 
-    async def _mark_done(self, txs: list[CoordTx]) -> None:
-        """Done marks of finished commits (one group commit for all of them). A lost mark
-        only means phase 2 is re-driven (idempotently) after a restart."""
-
-        async def mark(tx: CoordTx) -> None:
+    def _mark_done(self, txs: list[CoordTx]) -> None:
+        """Done marks of finished commits, queued for the next group commit (no task: no
+        one waits for them). A lost mark only means phase 2 is re-driven (idempotently)
+        after a restart."""
+        for tx in txs:
             assert tx.phase is Phase.COMMITTED
-            try:
-                await self.log.mark_done(tx.txid, set(tx.writers))
-            except Exception as exc:
-                log.warning("coordinator: done mark of %d not written (%s); re-driven after a restart", tx.txid, exc)
+            txid = tx.txid
 
-        async with trio.open_nursery() as nursery:
-            for tx in txs:
-                nursery.start_soon(mark, tx)
+            def written(_: Any, error: BaseException | None, txid: int = txid) -> None:
+                if error is not None:
+                    log.warning("coordinator: done mark of %d not written (%s); re-driven after a restart", txid, error)
+
+            try:
+                self.log.mark_done_nowait(txid, set(tx.writers), written)
+            except Exception as exc:  # closed (stopping), or its queue full
+                written(None, exc)
 
     def _signal(self, tx: CoordTx) -> None:
         event = self._done.pop(tx.txid, None)

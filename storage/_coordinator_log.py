@@ -8,7 +8,7 @@ every writing participant acknowledged; done rows are history, pruned by age.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cbor2
@@ -120,6 +120,14 @@ class CoordinatorLog:
         """Phase 2 finished. Not needed for safety (a lost mark re-drives an idempotent
         phase 2 after a restart), so it rides whatever batch comes next."""
         await self.appender.append(DONE_MARKS, (self.name, txid, cbor2.dumps(sorted(acked))))
+
+    def mark_done_nowait(
+        self, txid: int, acked: set[str], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """:meth:`mark_done` without waiting (no task per mark): ``done(None, error)`` is
+        called from the appender's flusher if it fails. Raises what ``append`` raises
+        before queueing (the appender closed, its queue full)."""
+        self.appender.append_nowait(DONE_MARKS, (self.name, txid, cbor2.dumps(sorted(acked))), done)
 
     async def get(self, txid: int) -> dict[str, Any] | None:
         name = self.name

@@ -453,3 +453,22 @@ async def test_a_later_operation_of_a_transaction_lost_by_a_restart_is_refused(t
                 await local.start_shard(node)
                 await t.bank.deposit(alice, 7)  # op 2: the shard no longer knows op 1
         assert await cluster.call(alice, "bank.balance", alice) == 10
+
+
+async def test_finished_commits_get_their_done_marks(tmp_path: Path) -> None:
+    """Once every participant acknowledged phase 2, the decision record is marked done
+    (queued without a task per mark), so a restart does not re-drive it."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 4)
+        await open_accounts(cluster, names, 100)
+        pairs = [(names[0], names[1]), (names[2], names[3])]
+        await transfers_until_phase_two_drains(local, cluster, pairs, rounds=3)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        with trio.fail_after(10):
+            while undone := await coordinator.log.list(undone_only=True):
+                await trio.sleep(0.01)  # the marks ride the next group commit
+        records = await coordinator.log.list(limit=1000)
+        commits = [r for r in records if r["outcome"] == "commit"]
+        assert len(commits) >= 6 and not undone
+        assert all(r["done"] and len(r["acked"]) == 2 for r in commits)
