@@ -224,6 +224,19 @@ def test_trio_internals_the_replay_promise_relies_on_are_present() -> None:
     assert "_counter" in {a.name for a in _run.Task.__attrs_attrs__}
     assert hasattr(_run.CancelStatus, "__attrs_post_init__")
     assert isinstance(_run._r, __import__("random").Random)
+    # Cancel statuses are made by the module-level name, so they come out hashed by
+    # creation order (not by address) while deterministic_trio is on.
+    import trio
+
+    from txrpc.testing._sim import deterministic_trio
+
+    async def status_type() -> str:
+        with trio.CancelScope() as scope:
+            return type(scope._cancel_status).__name__
+
+    with deterministic_trio(1):
+        assert trio.run(status_type) == "OrderedCancelStatus"
+    assert trio.run(status_type) == "CancelStatus"
 
 
 # --- replicated shards: replica faults and the replica-consistency checker

@@ -451,16 +451,23 @@ def deterministic_trio(seed: int) -> Iterator[None]:
             return int(self._counter - task_base[0])
 
         patch(task_class, "__hash__", task_hash)
-        status_order: dict[int, int] = {}
         statuses = itertools.count()
         post_init = status_class.__attrs_post_init__  # type: ignore[union-attr]
 
-        def status_post_init(self: Any) -> None:
-            status_order[id(self)] = next(statuses)
-            post_init(self)
+        class OrderedCancelStatus(status_class):  # type: ignore[misc, valid-type]
+            """A CancelStatus hashed by creation order (one slot more; trio creates its
+            cancel statuses by this module-level name)."""
 
-        patch(status_class, "__attrs_post_init__", status_post_init)
-        patch(status_class, "__hash__", lambda self: status_order[id(self)])
+            __slots__ = ("_creation_order",)
+
+            def __attrs_post_init__(self) -> None:
+                self._creation_order = next(statuses)
+                post_init(self)
+
+            def __hash__(self) -> int:
+                return self._creation_order  # type: ignore[no-any-return]
+
+        patch(_run, "CancelStatus", OrderedCancelStatus)
     try:
         yield
     finally:
