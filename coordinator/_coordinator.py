@@ -819,7 +819,6 @@ class Coordinator:
         attempt = 0
         try:
             while queue:
-                await trio.lowlevel.checkpoint()  # decisions made in this scheduler pass join the batch
                 batch = queue[:COMMIT_BATCH_MAX]
                 try:
                     answers = await self._commit_batch(participant, [tx.txid for tx in batch])
