@@ -119,7 +119,7 @@ class CoordinatorLog:
     async def mark_done(self, txid: int, acked: set[str]) -> None:
         """Phase 2 finished. Not needed for safety (a lost mark re-drives an idempotent
         phase 2 after a restart), so it rides whatever batch comes next."""
-        await self.appender.append(DONE_MARKS, (self.name, txid, cbor2.dumps(sorted(acked))))
+        await self.appender.append(DONE_MARKS, self._done_mark(txid, acked))
 
     def mark_done_nowait(
         self, txid: int, acked: set[str], done: Callable[[Any, BaseException | None], None]
@@ -127,7 +127,10 @@ class CoordinatorLog:
         """:meth:`mark_done` without waiting (no task per mark): ``done(None, error)`` is
         called from the appender's flusher if it fails. Raises what ``append`` raises
         before queueing (the appender closed, its queue full)."""
-        self.appender.append_nowait(DONE_MARKS, (self.name, txid, cbor2.dumps(sorted(acked))), done)
+        self.appender.append_nowait(DONE_MARKS, self._done_mark(txid, acked), done)
+
+    def _done_mark(self, txid: int, acked: set[str]) -> tuple[str, int, bytes]:
+        return (self.name, txid, cbor2.dumps(sorted(acked)))
 
     async def get(self, txid: int) -> dict[str, Any] | None:
         name = self.name

@@ -69,24 +69,31 @@ class Outbox:
         if self._socket is None and self._send_nowait is None:
             return  # only the writer can write to this stream (TLS, say)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if self._socket is not None:
-            fd = self._socket.fileno()  # each time: -1 once closed (a cached number could be reused)
-            if fd < 0:
-                return
-            try:
-                written = os.write(fd, data)
-            except (BlockingIOError, InterruptedError):
-                written = 0
-            except OSError:
-                return  # the writer meets the same error and reports it
-        else:
-            written = self._send_nowait(data)  # type: ignore[misc]
+        written = self._write_direct(data)
+        if written is None:
+            return  # the writer meets the same error and reports it
         if written == len(data):
             chunks.clear()
             self._queued_bytes = 0
         elif written:
             chunks[:] = [data[written:]]
             self._queued_bytes = len(data) - written
+
+    def _write_direct(self, data: bytes) -> int | None:
+        """The bytes the stream took at once (a non-blocking write to the socket, or
+        ``send_nowait``); None on an error, which the writer meets and reports."""
+        if self._socket is not None:
+            fd = self._socket.fileno()  # each time: -1 once closed (a cached number could be reused)
+            if fd < 0:
+                return None
+            try:
+                return os.write(fd, data)
+            except (BlockingIOError, InterruptedError):
+                return 0
+            except OSError:
+                return None
+        assert self._send_nowait is not None
+        return self._send_nowait(data)
 
     async def wait_for_space(self) -> None:
         """Wait until at most ``buffer_bytes_max`` are queued (returns at once if so)."""

@@ -8,6 +8,7 @@ Fault steps on the command line: ``KIND:NODE[-NODE][=AMOUNT]@SECONDS``, e.g.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import random
 import statistics
@@ -73,8 +74,6 @@ def sim(log_level: str) -> None:
 
     Faults make the nodes log a lot (resets, protocol errors from duplicated frames):
     only errors are shown unless --log-level says otherwise."""
-    import logging
-
     for name in ("txrpc", "coordinator", "storage"):
         logging.getLogger(name).setLevel(log_level.upper())
 
@@ -196,7 +195,6 @@ def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
 
 
 def _worker_init(log_level: int) -> None:
-    import logging
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what a Ctrl-C stops
@@ -278,8 +276,6 @@ def sim_explore(
 
     The schedules are drawn from --seed up front, so they are the same whatever
     --workers is; each runs in one process and replays alone from its seed."""
-    import logging
-
     from .testing._runner import random_schedule
 
     _check_shape(shards, replication)
@@ -444,7 +440,7 @@ def _measure_side_by_side(seeds: list[int], transactions: int, clients: int, lat
 def _measure_in_worker(
     seed: int, transactions: int, clients: int, latency_s: float, barrier: Any, results: Any
 ) -> None:
-    _worker_init(40)  # logging.ERROR, as `txrpc sim`
+    _worker_init(logging.ERROR)  # as `txrpc sim`
     try:
         results.put(
             measure_sim(seed, transactions, clients, latency_s, before_transfers=lambda: barrier.wait(timeout=300))
