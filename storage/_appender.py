@@ -38,6 +38,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -64,12 +65,51 @@ CHECKPOINT_RECORDS = 2048
 """Inline writes: records committed between two WAL checkpoints (SQLite's own default
 is every 1000 pages of WAL, a few thousand such records)."""
 INLINE_BATCH_S_MAX = 0.005
-"""``INLINE_SLOW_BATCHES`` inline batches in a row that each took longer (a slow disk's
-fsync) send the next batches to a worker thread for ``INLINE_PAUSE_S``: the event loop
-waits this long at most a few times per pause. (One slow batch alone proves little: a
-garbage collection or a busy neighbour on a 2-core machine takes that long too.)"""
+"""``INLINE_SLOW_BATCHES`` inline batches in a row that each were blocked longer (a slow
+disk's fsync) send the next batches to a worker thread for ``INLINE_PAUSE_S``: the event
+loop waits this long at most a few times per pause. (One slow batch alone proves little:
+a garbage collection or a busy neighbour on a 2-core machine takes that long too.) On
+Linux "blocked" is the batch's wall time less the time its thread ran or waited for a CPU
+(:class:`_ThreadRunTime`): on a machine whose cores are all busy a batch takes long in
+wall time because the process waits for a core, which a worker thread would not help."""
 INLINE_SLOW_BATCHES = 3
 INLINE_PAUSE_S = 10.0
+
+
+class _ThreadRunTime:
+    """Seconds the calling thread has run on a CPU or waited in a run queue for one, from
+    Linux's ``/proc/thread-self/schedstat`` (``None`` where that is not available). The
+    rest of a span of wall time is time the thread was blocked (in an fsync, say)."""
+
+    _local = threading.local()
+
+    @classmethod
+    def now(cls) -> float | None:
+        holder = getattr(cls._local, "holder", None)
+        if holder is None:
+            holder = cls._local.holder = _SchedstatFile()
+        if holder.fd < 0:
+            return None
+        try:
+            running_ns, waiting_ns, _ = os.pread(holder.fd, 96, 0).split()
+            return (int(running_ns) + int(waiting_ns)) / 1e9
+        except (OSError, ValueError):
+            return None
+
+
+class _SchedstatFile:
+    """The calling thread's schedstat file, open for the thread's life (closed with its
+    thread-local holder)."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self.fd = -1
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -250,7 +290,7 @@ class GroupCommitAppender:
         self._engine_busy_ms = 0  # read from the writer connection when it is opened
         self._records_since_checkpoint = 0
         self._inline_paused_until = -math.inf
-        self._inline_slow = 0  # inline batches in a row slower than INLINE_BATCH_S_MAX
+        self._inline_slow = 0  # inline batches in a row blocked longer than INLINE_BATCH_S_MAX
         self.pipelined_fsync = pipelined_fsync and batching and database.dialect == "sqlite"
         self._unsynced: list[tuple[_Pending, Any]] = []
         self._sync_waiters: list[_SyncWaiter] = []
@@ -530,6 +570,7 @@ class GroupCommitAppender:
         ):
             await trio.lowlevel.checkpoint_if_cancelled()
             started = trio.current_time()
+            ran_before = _ThreadRunTime.now()
             try:
                 results = self._write_inline(batch)
             except _WriterBusy:
@@ -539,7 +580,11 @@ class GroupCommitAppender:
                     await run_blocking(self._release_writer, limiter=self.database.write_thread_limiter)
                 raise
             else:
-                if trio.current_time() - started <= INLINE_BATCH_S_MAX:
+                blocked_s = trio.current_time() - started
+                ran_after = _ThreadRunTime.now()
+                if ran_before is not None and ran_after is not None:
+                    blocked_s -= ran_after - ran_before  # (running, or waiting for a core)
+                if blocked_s <= INLINE_BATCH_S_MAX:
                     self._inline_slow = 0
                 else:
                     self._inline_slow += 1

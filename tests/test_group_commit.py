@@ -404,6 +404,52 @@ async def test_a_slow_inline_batch_sends_the_next_ones_to_a_thread_for_a_while(
         assert [t == loop for t in kind.threads] == [False, True, True, True, True, True, False, True]
 
 
+class SlowKind(ThreadRecordingKind):
+    """Its batches take ``spend_s`` of wall time, either blocked (sleeping: a slow disk's
+    fsync) or running (a busy CPU)."""
+
+    def __init__(self, spend_s: float) -> None:
+        super().__init__()
+        self.spend_s = spend_s
+        self.how = "blocked"
+
+    def _write(self, conn: sa.Connection, writers: Sequence[str]) -> list[int | storage.Rejected]:
+        import time
+
+        if self.how == "blocked":
+            time.sleep(self.spend_s)
+        else:
+            until = time.perf_counter() + self.spend_s
+            while time.perf_counter() < until:
+                pass
+        return super()._write(conn, writers)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="needs Linux's schedstat")
+async def test_only_time_blocked_counts_against_inline_batches(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that takes long because it runs (or waits for a core: every core busy) is
+    no slow disk: a worker thread would not help it. Only the time its thread was blocked
+    counts towards INLINE_BATCH_S_MAX. (With wall time, a saturated 2-core machine paused
+    the inline path for most of a `txrpc bench tx` run.)"""
+    import storage._appender as appender_module
+
+    kind = SlowKind(0.03)
+    async with opened(sqlite_url) as st:
+        await st.appender.append(JournalKind(), "opens-the-writer")  # on a thread
+        monkeypatch.setattr(appender_module, "INLINE_SLOW_BATCHES", 2)
+        monkeypatch.setattr(appender_module, "INLINE_BATCH_S_MAX", 0.02)
+        kind.how = "running"
+        for i in range(3):
+            await st.appender.append(kind, f"busy {i}")
+        assert st.appender.stats.inline_pauses == 0
+        kind.how = "blocked"
+        for i in range(2):
+            await st.appender.append(kind, f"blocked {i}")
+        assert st.appender.stats.inline_pauses == 1
+
+
 async def test_inline_writes_checkpoint_the_wal_between_batches(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
