@@ -31,6 +31,28 @@ CATCH_UP_TIMEOUT_S = 600.0
 
 COMMIT_BATCH_MAX = 256
 """Transactions per ``tx.commit_many`` message in phase 2."""
+PREPARE_BATCH_MAX = 256
+"""Transactions per ``tx.prepare_many`` message in phase 1."""
+
+
+class _Votes:
+    """The votes of one transaction's participants as they arrive; ``complete`` is set
+    when every participant has one."""
+
+    __slots__ = ("complete", "missing", "votes")
+
+    def __init__(self, participants: int) -> None:
+        self.votes: dict[str, tuple[str, str]] = {}
+        self.missing = participants
+        self.complete = trio.Event()
+
+    def put(self, participant: str, vote: str, reason: str) -> None:
+        if participant in self.votes:
+            return
+        self.votes[participant] = (vote, reason)
+        self.missing -= 1
+        if self.missing == 0:
+            self.complete.set()
 
 
 def _caller_identity() -> str:
@@ -83,6 +105,9 @@ class Coordinator:
         # Phase-2 commits waiting to be sent, per participant; one sender task each sends
         # them in batches (tx.commit_many), one batch in flight at a time.
         self._commits_to_send: dict[str, list[CoordTx]] = {}
+        # Phase-1 prepares queued in this scheduler round, per participant: one task per
+        # participant sends them all in one tx.prepare_many when it runs.
+        self._prepares_to_send: dict[str, list[tuple[int, float, _Votes]]] = {}
         self.ready = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -716,19 +741,16 @@ class Coordinator:
             self._signal(tx)
 
     async def _two_phase(self, tx: CoordTx) -> None:
-        votes: dict[str, tuple[str, str]] = {}
-
-        async def ask(participant: str) -> None:
-            try:
-                deadline = max(tx.deadline, trio.current_time() + 0.001)
-                answer = await self._participant_call(participant, "tx.prepare", tx.txid, deadline=deadline)
-                votes[participant] = (answer["vote"], answer.get("reason", ""))
-            except (txrpc.RpcError, trio.TooSlowError) as exc:
-                votes[participant] = ("unreachable", f"{type(exc).__name__}: {exc}")
-
-        async with trio.open_nursery() as nursery:
-            for participant in tx.participants:
-                nursery.start_soon(ask, participant)
+        now = trio.current_time()
+        deadline = max(tx.deadline, now + 0.001)
+        pending = _Votes(len(tx.participants))
+        for participant in tx.participants:
+            self._queue_prepare(participant, tx.txid, deadline, pending)
+        with trio.move_on_at(min(deadline, now + self.phase_timeout_s)):
+            await pending.complete.wait()
+        votes = dict(pending.votes)
+        for participant in tx.participants:
+            votes.setdefault(participant, ("unreachable", "TooSlowError: no vote before the deadline"))
         if _env.broken("coordinator.commit_without_all_votes"):
             # Test-only broken protocol (simulator): a no or a missing vote counts as yes.
             votes = {p: ("yes", "") if v[0] != "read_only" else v for p, v in votes.items()}
@@ -758,6 +780,60 @@ class Coordinator:
         if tx.phase in (Phase.COMMITTING, Phase.ABORTING):
             self._start_phase_two(tx)
         self._signal(tx)
+
+    def _queue_prepare(self, participant: str, txid: int, deadline: float, votes: _Votes) -> None:
+        """Queue ``tx.prepare(txid)`` for ``participant``: every prepare queued before its
+        sender task runs goes in the same ``tx.prepare_many`` (one message, one handler
+        run and one group commit at the shard for all of them; no added wait: the
+        sender runs in the same scheduler round)."""
+        queue = self._prepares_to_send.get(participant)
+        if queue is None:
+            assert self._nursery is not None
+            try:
+                self._nursery.start_soon(self._send_prepares, participant)
+            except RuntimeError:  # the coordinator is stopping: no vote (abort)
+                votes.put(participant, "unreachable", "the coordinator is stopping")
+                return
+            queue = self._prepares_to_send[participant] = []
+        queue.append((txid, deadline, votes))
+
+    async def _send_prepares(self, participant: str) -> None:
+        queued = self._prepares_to_send.pop(participant)
+        for start in range(0, len(queued), PREPARE_BATCH_MAX):
+            batch = queued[start : start + PREPARE_BATCH_MAX]
+            deadline = max(d for _, d, _ in batch)
+            try:
+                answers = await self._prepare_batch(participant, [txid for txid, _, _ in batch], deadline)
+            except (txrpc.RpcError, trio.TooSlowError) as exc:
+                for _, _, votes in batch:
+                    votes.put(participant, "unreachable", f"{type(exc).__name__}: {exc}")
+                continue
+            for (_, _, votes), answer in zip(batch, answers, strict=True):
+                if isinstance(answer, dict):
+                    votes.put(participant, answer["vote"], answer.get("reason", ""))
+                else:
+                    votes.put(participant, "unreachable", str(answer))
+
+    async def _prepare_batch(self, participant: str, txids: list[int], deadline: float) -> list[Any]:
+        """``tx.prepare_many(txids)``: per txid its vote (a map) or its error (a string). A
+        shard without it (an older version) gets one ``tx.prepare`` per txid instead."""
+        try:
+            answers = await self._participant_call(participant, "tx.prepare_many", txids, deadline=deadline)
+        except txrpc.Unimplemented:
+            answers = [""] * len(txids)
+
+            async def one(index: int, txid: int) -> None:
+                try:
+                    answers[index] = await self._participant_call(participant, "tx.prepare", txid, deadline=deadline)
+                except (txrpc.RpcError, trio.TooSlowError) as exc:
+                    answers[index] = f"{type(exc).__name__}: {exc}"
+
+            async with trio.open_nursery() as nursery:
+                for index, txid in enumerate(txids):
+                    nursery.start_soon(one, index, txid)
+        if not isinstance(answers, list) or len(answers) != len(txids):
+            raise txrpc.Internal(f"{participant} answered tx.prepare_many with {answers!r:.80} for {len(txids)} txids")
+        return answers
 
     def _start_phase_two(self, tx: CoordTx) -> None:
         assert self._nursery is not None

@@ -472,6 +472,7 @@ class Participant:
         svc.add_method(self.prepare, name="prepare", allow=txrpc.ROLE_PEER)
         svc.add_method(self.commit, name="commit", allow=txrpc.ROLE_PEER)
         svc.add_method(self.commit_many, name="commit_many", allow=txrpc.ROLE_PEER)
+        svc.add_method(self.prepare_many, name="prepare_many", allow=txrpc.ROLE_PEER)
         # A client aborts, or commits in one phase, its own transaction at the shard (the
         # single-shard fast path); anyone else's only a peer may.
         svc.add_method(self._abort_from_caller, name="abort")
@@ -649,6 +650,36 @@ class Participant:
         finally:
             del self._busy[txid]
             done.set()
+
+    async def prepare_many(self, txids: list[int]) -> list[Any]:
+        """Phase 1 for several transactions at once (the coordinator batches them): each
+        prepared as by :meth:`prepare`, concurrently (their records share group commits).
+        Answers, in order, each one's vote (as :meth:`prepare`) or its error (a string)."""
+        if (
+            type(txids) is not list
+            or not 0 < len(txids) <= COMMIT_MANY_MAX
+            or not all(type(t) is int and t > 0 for t in txids)
+            or len(set(txids)) != len(txids)
+        ):
+            raise txrpc.InvalidArgument(f"txids must be 1..{COMMIT_MANY_MAX} distinct positive integers")
+        answers: list[Any] = [""] * len(txids)
+
+        async def one(index: int, txid: int) -> None:
+            try:
+                answers[index] = await self.prepare(txid)
+            except txrpc.RpcError as exc:
+                answers[index] = f"{exc.code.name}: {exc.message}"
+            except Exception as exc:  # one failing prepare must not fail the others' answers
+                log.error("node %s: prepare of %d failed", self.shard, txid, exc_info=exc)
+                answers[index] = f"INTERNAL: {type(exc).__name__}: {exc}"
+
+        if len(txids) == 1:
+            await one(0, txids[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for index, txid in enumerate(txids):
+                    nursery.start_soon(one, index, txid)
+        return answers
 
     @_not_cancelled_midway
     async def commit(self, txid: int) -> str:

@@ -105,7 +105,12 @@ async def test_client_cannot_drive_a_participant_and_the_transaction_is_unaffect
                     txid = t.txid
                     # Mallory (a valid certificate, no peer role) goes straight to shard a.
                     async with txrpc.connect(*shard_a.address, credentials=as_(config, "mallory")) as mallory:
-                        for method, arg in (("tx.prepare", txid), ("tx.commit", txid), ("tx.commit_many", [txid])):
+                        for method, arg in (
+                            ("tx.prepare", txid),
+                            ("tx.prepare_many", [txid]),
+                            ("tx.commit", txid),
+                            ("tx.commit_many", [txid]),
+                        ):
                             with pytest.raises(txrpc.PermissionDenied, match="peer"):
                                 await mallory.call(method, arg)
                         for method in ("tx.abort", "tx.commit_one_phase"):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from _cluster_helpers import LocalCluster, load_bank_service, local_cluster
 
 import txrpc
+from coordinator._participant_core import TxState
 
 bank = load_bank_service()
 
@@ -276,6 +278,123 @@ async def test_commit_many_answers_each_transaction(tmp_path: Path) -> None:
                 with pytest.raises(txrpc.InvalidArgument):
                     await shard.call("tx.commit_many", bad)
         assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 12]
+
+
+async def test_prepare_many_answers_each_transaction(tmp_path: Path) -> None:
+    """tx.prepare_many (phase 1, batched): each txid prepared as by tx.prepare, answered
+    in order with its vote; an unknown txid votes no, an unexpected failure is that
+    txid's answer (a string), not the batch's."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.primary_of("acct0")
+        names = [n for n in (f"acct{i}" for i in range(100)) if shard_map.primary_of(n) == node][:3]
+        await open_accounts(cluster, names, 10)
+        epoch = shard_map.epoch
+        async with txrpc.connect(*node.address) as shard:
+            txids = []
+            for name in names:  # three accounts: no lock conflict
+                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+                meta = {"txid": txid, "op_seq": 1, "epoch": epoch}
+                await shard.options(metadata=meta).call("bank.deposit", name, 1)
+                txids.append(txid)
+            participant = local.participants[node.name]
+            real_prepare = participant.prepare
+
+            async def failing(txid: int) -> dict[str, Any]:
+                if txid == txids[2]:
+                    raise RuntimeError("disk on fire")
+                return await real_prepare(txid)
+
+            participant.prepare = failing  # type: ignore[method-assign]
+            try:
+                answers = await shard.call("tx.prepare_many", [txids[0], 999_999, txids[1], txids[2]])
+            finally:
+                participant.prepare = real_prepare  # type: ignore[method-assign]
+            assert answers[0] == answers[2] == {"vote": "yes", "reason": ""}
+            assert answers[1]["vote"] == "no"
+            assert answers[3].startswith("INTERNAL") and "disk on fire" in answers[3]
+            assert participant.core.txs[txids[0]].state is TxState.PREPARED
+            assert participant.core.txs[txids[2]].state is TxState.ACTIVE  # its prepare never ran
+            for bad in ([], [0], [txids[0], txids[0]], ["1"], list(range(1, 2000))):
+                with pytest.raises(txrpc.InvalidArgument):
+                    await shard.call("tx.prepare_many", bad)
+            assert await shard.call("tx.commit_many", txids[:2]) == ["ok", "ok"]
+            assert await shard.call("tx.abort", txids[2]) == "ok"
+        assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11, 10]
+
+
+async def test_prepares_are_batched_per_participant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent cross-shard commits reach each shard's phase 1 as tx.prepare_many
+    batches (fewer messages than transactions), each transaction prepared there once."""
+    from coordinator import Participant
+
+    sizes: list[int] = []
+    prepared: list[int] = []
+    real_many = Participant.prepare_many
+    real_prepare = Participant.prepare
+
+    async def counting_many(self: Participant, txids: list[int]) -> list[Any]:
+        sizes.append(len(txids))
+        return await real_many(self, txids)
+
+    async def counting(self: Participant, txid: int) -> dict[str, Any]:
+        prepared.append(txid)
+        return await real_prepare(self, txid)
+
+    monkeypatch.setattr(Participant, "prepare_many", counting_many)
+    monkeypatch.setattr(Participant, "prepare", counting)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 24)
+        await open_accounts(cluster, names, 100)
+        pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(0, len(names), 2)]
+        sizes.clear()
+        prepared.clear()
+        await transfers_until_phase_two_drains(local, cluster, pairs, 10)
+        primary = local.config.shard_map.primary_of
+        cross = [(s, d) for s, d in pairs if primary(s) != primary(d)]
+        assert sum(sizes) == len(prepared) == 2 * 10 * len(cross)  # each reached both its shards once
+        assert len(set(prepared)) == 10 * len(cross)
+        assert max(sizes) > 1 and len(sizes) < sum(sizes)
+        balances = [await cluster.call(n, "bank.balance", n) for n in names]
+        assert sum(balances) == 100 * len(names)
+
+
+async def test_a_shard_without_prepare_many_gets_single_prepares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Phase 1 against a shard of an older version (no tx.prepare_many: UNIMPLEMENTED):
+    the coordinator falls back to one tx.prepare per transaction, and every cross-shard
+    transfer still commits exactly once on both shards."""
+    from coordinator import Participant
+
+    real_service = Participant._internal_service
+
+    def older(self: Participant) -> txrpc.Service:
+        svc = real_service(self)
+        del svc.methods["tx.prepare_many"]  # as a shard built before prepare_many existed
+        return svc
+
+    singles: list[int] = []
+    real_prepare = Participant.prepare
+
+    async def counting(self: Participant, txid: int) -> dict[str, Any]:
+        singles.append(txid)
+        return await real_prepare(self, txid)
+
+    monkeypatch.setattr(Participant, "_internal_service", older)
+    monkeypatch.setattr(Participant, "prepare", counting)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 6)
+        await open_accounts(cluster, names, 100)
+        pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
+        primary = local.config.shard_map.primary_of
+        cross = [(s, d) for s, d in pairs if primary(s) != primary(d)]
+        assert cross
+        singles.clear()
+        await transfers_until_phase_two_drains(local, cluster, cross, 1)
+        assert len(singles) == 2 * len(cross) and len(set(singles)) == len(cross)  # one tx.prepare per shard each
+        expected = {n: 100 - sum(s == n for s, _ in cross) + sum(d == n for _, d in cross) for n in names}
+        assert {n: await cluster.call(n, "bank.balance", n) for n in names} == expected
 
 
 async def test_phase_two_commits_are_batched_per_participant(
