@@ -855,6 +855,7 @@ class Participant:
     def _replication_service(self) -> txrpc.Service:
         svc = txrpc.Service("repl")
         svc.add_method(self._repl_prepare, name="prepare", allow=txrpc.ROLE_PEER)
+        svc.add_method(self._repl_prepare_many, name="prepare_many", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_commit, name="commit", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_commit_many, name="commit_many", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_abort, name="abort", allow=txrpc.ROLE_PEER)
@@ -932,6 +933,36 @@ class Participant:
             del self._busy[rid]
             done.set()
         return "ok"
+
+    async def _repl_prepare_many(self, records: list[Any], origin: str = "") -> list[Any]:
+        """Several of a primary's prepare records at once (it batches them per follower):
+        each taken as by :meth:`_repl_prepare`, concurrently (their writes share group
+        commits). Answers, in order, ``"ok"`` or that record's error as ``[code, message,
+        details]`` (a fenced record's ``WRONG_EPOCH`` carries this node's map)."""
+        if (
+            not isinstance(records, list)
+            or not 0 < len(records) <= COMMIT_MANY_MAX
+            or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[1], list) for r in records)
+        ):
+            raise txrpc.InvalidArgument(f"records must be 1..{COMMIT_MANY_MAX} [txid, writes] pairs")
+        answers: list[Any] = [None] * len(records)
+
+        async def one(index: int, txid: Any, writes: list[Any]) -> None:
+            try:
+                answers[index] = await self._repl_prepare(txid, writes, origin)
+            except txrpc.RpcError as exc:
+                answers[index] = [int(exc.code), exc.message, dict(exc.details)]
+            except Exception as exc:  # one failing record must not fail the others' answers
+                log.error("node %s: replicated prepare of %r failed", self.shard, txid, exc_info=exc)
+                answers[index] = [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
+
+        if len(records) == 1:
+            await one(0, *records[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for index, (txid, writes) in enumerate(records):
+                    nursery.start_soon(one, index, txid, writes)
+        return answers
 
     async def _repl_commit(self, txid: int) -> str:
         """A primary committed ``txid``: apply its replicated records here (idempotent;

@@ -63,6 +63,36 @@ def txid_of(record: int) -> int:
 
 REPLICATION_TIMEOUT_S_DEFAULT = 5.0
 NOTICES_PER_MESSAGE_MAX = 512
+PREPARES_PER_MESSAGE_MAX = 256
+"""Replicated prepare records per ``repl.prepare_many`` message."""
+
+
+class _Acks:
+    """The followers' answers to one replicated prepare record as they arrive (``""``:
+    durable there; otherwise why not); ``complete`` is set when every follower answered."""
+
+    __slots__ = ("answers", "complete", "missing")
+
+    def __init__(self, followers: int) -> None:
+        self.answers: dict[str, str] = {}
+        self.missing = followers
+        self.complete = trio.Event()
+
+    def put(self, follower: str, why_not: str) -> None:
+        if follower in self.answers:
+            return
+        self.answers[follower] = why_not
+        self.missing -= 1
+        if self.missing == 0:
+            self.complete.set()
+
+
+def _error_from_answer(answer: Any) -> txrpc.RpcError:
+    """A ``repl.prepare_many`` answer that is not ``"ok"``: ``[code, message, details]``."""
+    if isinstance(answer, list) and len(answer) == 3 and isinstance(answer[0], int):
+        code, message, details = answer
+        return txrpc.RpcError.from_wire(code, str(message), details if isinstance(details, dict) else {})
+    return txrpc.Internal(f"unexpected answer {answer!r:.80}")
 LOCK_WAIT_S_DEFAULT = 5.0
 
 
@@ -124,6 +154,8 @@ class Replication:
         self.participant: Participant | None = None
         self._nursery: trio.Nursery | None = None
         self._notices: dict[str, list[int]] = {}  # follower -> commit notices not sent yet
+        # follower -> prepare records queued this scheduler round: (epoch, txid, share, acks)
+        self._prepares: dict[str, list[tuple[int, int, WriteSet, _Acks]]] = {}
         self._flushing: set[str] = set()
         self._lock_changed = trio.Event()
         self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0}
@@ -197,34 +229,99 @@ class Replication:
     ) -> Plan:
         """Send the prepare record to every follower concerned (see :func:`plan`); returns
         the plan, whose ``failures`` name the followers that did *not* acknowledge it,
-        with why (empty: all have it durable)."""
+        with why (empty: all have it durable).
+
+        Records for one follower queued in one scheduler round leave together in one
+        ``repl.prepare_many`` (:meth:`_send_prepares`): under load a primary prepares
+        many transactions at once (the coordinator's ``tx.prepare_many``)."""
         the_plan = plan(self.guard.shard_map, self.node, writes, read_keys, scanned=scanned)
-        failures: dict[str, str] = {}
-
-        async def send(follower: str, share: WriteSet) -> None:
-            try:
-                with trio.fail_after(self.timeout_s):
-                    client = await self.client_for(follower)
-                    await client.options(
-                        retries_max=0, metadata={EPOCH_METADATA_KEY: the_plan.epoch}
-                    ).call(
-                        "repl.prepare",
-                        txid,
-                        [[k, d, v] for k, d, v in share],
-                        origin=self.node,
-                    )
-            except txrpc.WrongEpoch as exc:
-                failures[follower] = f"fenced: {exc.message}"
-                await self._learn(exc)
-            except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
-                failures[follower] = str(exc) or type(exc).__name__
-
         self.stats["prepares_sent"] += len(the_plan.by_follower)
-        async with trio.open_nursery() as nursery:
-            for follower, share in the_plan.by_follower.items():
-                nursery.start_soon(send, follower, share)
+        if not the_plan.by_follower:
+            return the_plan
+        acks = _Acks(len(the_plan.by_follower))
+        for follower, share in the_plan.by_follower.items():
+            self._queue_prepare(follower, the_plan.epoch, txid, share, acks)
+        with trio.move_on_after(self.timeout_s):
+            await acks.complete.wait()
+        failures = {f: why for f, why in acks.answers.items() if why}
+        for follower in the_plan.by_follower:
+            if follower not in acks.answers:
+                failures[follower] = f"no answer within {self.timeout_s:g} s"
         the_plan.failures = failures
         return the_plan
+
+    def _queue_prepare(self, follower: str, epoch: int, txid: int, share: WriteSet, acks: _Acks) -> None:
+        queue = self._prepares.get(follower)
+        if queue is None:
+            if self._nursery is None:
+                acks.put(follower, f"node {self.node} is stopping")
+                return
+            try:
+                self._nursery.start_soon(self._send_prepares, follower)
+            except RuntimeError:  # the nursery is closing: the node is stopping
+                acks.put(follower, f"node {self.node} is stopping")
+                return
+            queue = self._prepares[follower] = []
+        queue.append((epoch, txid, share, acks))
+
+    async def _send_prepares(self, follower: str) -> None:
+        """Everything queued for ``follower`` by now, one ``repl.prepare_many`` per epoch
+        (the epoch travels in the call's metadata); each record answered on its own."""
+        by_epoch: dict[int, list[tuple[int, WriteSet, _Acks]]] = {}
+        for epoch, txid, share, acks in self._prepares.pop(follower):
+            by_epoch.setdefault(epoch, []).append((txid, share, acks))
+        for epoch, items in by_epoch.items():
+            for start in range(0, len(items), PREPARES_PER_MESSAGE_MAX):
+                await self._prepare_batch(follower, epoch, items[start : start + PREPARES_PER_MESSAGE_MAX])
+
+    async def _prepare_batch(self, follower: str, epoch: int, items: list[tuple[int, WriteSet, _Acks]]) -> None:
+        records = [[txid, [[k, d, v] for k, d, v in share]] for txid, share, _ in items]
+        try:
+            with trio.fail_after(self.timeout_s):
+                client = await self.client_for(follower)
+                bound = client.options(retries_max=0, metadata={EPOCH_METADATA_KEY: epoch})
+                try:
+                    answers = await bound.call("repl.prepare_many", records, origin=self.node)
+                except txrpc.Unimplemented:  # an older follower: one repl.prepare each
+                    answers = await self._prepare_one_by_one(bound, records)
+            if not isinstance(answers, list) or len(answers) != len(items):
+                raise txrpc.Internal(f"{follower} answered repl.prepare_many with {answers!r:.80}")
+        except txrpc.WrongEpoch as exc:
+            for _, _, acks in items:
+                acks.put(follower, f"fenced: {exc.message}")
+            await self._learn(exc)
+            return
+        except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
+            for _, _, acks in items:
+                acks.put(follower, str(exc) or type(exc).__name__)
+            return
+        learned = False
+        for (_, _, acks), answer in zip(items, answers, strict=True):
+            if answer == "ok":
+                acks.put(follower, "")
+                continue
+            error = _error_from_answer(answer)
+            if isinstance(error, txrpc.WrongEpoch):
+                acks.put(follower, f"fenced: {error.message}")
+                if not learned:
+                    learned = True
+                    await self._learn(error)
+            else:
+                acks.put(follower, str(error) or type(error).__name__)
+
+    async def _prepare_one_by_one(self, bound: Any, records: list[list[Any]]) -> list[Any]:
+        answers: list[Any] = [None] * len(records)
+
+        async def one(index: int, txid: int, writes: list[Any]) -> None:
+            try:
+                answers[index] = await bound.call("repl.prepare", txid, writes, origin=self.node)
+            except txrpc.RpcError as exc:
+                answers[index] = [int(exc.code), exc.message, dict(exc.details)]
+
+        async with trio.open_nursery() as nursery:
+            for index, (txid, writes) in enumerate(records):
+                nursery.start_soon(one, index, txid, writes)
+        return answers
 
     async def send_outcome(self, txid: int, followers: Iterable[str], outcome: str) -> dict[str, str]:
         """Tell ``followers`` the outcome (``"commit"``/``"abort"``); returns who did not

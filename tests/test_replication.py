@@ -154,6 +154,106 @@ async def test_replicated_transfers_leave_every_replica_equal(tmp_path: Path) ->
         assert sum(p.replication.stats["prepares_received"] for p in local.participants.values()) > 0  # type: ignore[union-attr]
 
 
+async def test_replicated_prepares_are_batched_per_follower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepare records a primary sends in one scheduler round reach a follower as one
+    repl.prepare_many (fewer messages than records); every record is taken once and
+    every replica ends equal."""
+    from coordinator import Participant
+
+    sizes: list[int] = []
+    real = Participant._repl_prepare_many
+
+    async def counting(self: Participant, records: list[Any], origin: str = "") -> list[Any]:
+        sizes.append(len(records))
+        return await real(self, records, origin)
+
+    monkeypatch.setattr(Participant, "_repl_prepare_many", counting)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 8)
+        await open_accounts(cluster, names)
+        sizes.clear()
+        received = sum(p.replication.stats["prepares_received"] for p in local.participants.values())  # type: ignore[union-attr]
+        pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(0, len(names), 2)]
+
+        async def along(src: str, dst: str) -> None:
+            for _ in range(5):
+                async def body(t: Any) -> None:
+                    await t.bank.withdraw(src, 1)
+                    await t.bank.deposit(dst, 1)
+
+                await cluster.run_transaction(body, attempts=50)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for src, dst in pairs:
+                    nursery.start_soon(along, src, dst)
+        received = sum(p.replication.stats["prepares_received"] for p in local.participants.values()) - received  # type: ignore[union-attr]
+        assert sum(sizes) == received > 0
+        assert max(sizes) > 1 and len(sizes) < sum(sizes)
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
+
+
+async def test_repl_prepare_many_answers_each_record(tmp_path: Path) -> None:
+    """repl.prepare_many: each record taken as by repl.prepare and answered on its own
+    ("ok", or [code, message, details]); a stale epoch fences every record with this
+    node's map; a malformed batch is refused whole; nothing is left in doubt."""
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 1)
+        await open_accounts(cluster, names)
+        shard_map = local.config.shard_map
+        primary = shard_map.primary_of(names[0]).name
+        follower = next(n.name for n in shard_map.nodes if n.name != primary)
+        async with txrpc.connect(*shard_map.node(follower).address) as client:
+            current = client.options(metadata={"epoch": shard_map.epoch})
+            txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+            answers = await current.call(
+                "repl.prepare_many", [[txid, [[names[0], False, 7]]], [-5, []]], origin=primary
+            )
+            assert answers[0] == "ok"
+            assert answers[1][0] == int(txrpc.Code.INVALID_ARGUMENT) and "positive integer" in answers[1][1]
+            assert await current.call("repl.abort", txid) == "ok"
+            stale = client.options(metadata={"epoch": shard_map.epoch - 1})
+            (fenced,) = await stale.call("repl.prepare_many", [[txid + 1, [[names[0], False, 7]]]], origin=primary)
+            assert fenced[0] == int(txrpc.Code.WRONG_EPOCH) and "shard_map" in fenced[2]
+            for bad in ([], [[1]], [[1, "writes"]], "x", [[1, []]] * 2000):
+                with pytest.raises(txrpc.InvalidArgument):
+                    await current.call("repl.prepare_many", bad, origin=primary)
+        assert local.participants[follower].core.in_doubt() == []
+        assert await cluster.call(names[0], "bank.balance", names[0]) == 100
+
+
+async def test_an_older_follower_gets_one_repl_prepare_per_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower without repl.prepare_many (an older version: UNIMPLEMENTED) gets one
+    repl.prepare per record; transfers commit and every replica ends equal."""
+    from coordinator import Participant
+
+    real_service = Participant._replication_service
+    singles: list[int] = []
+    real_prepare = Participant._repl_prepare
+
+    def older(self: Participant) -> txrpc.Service:
+        svc = real_service(self)
+        del svc.methods["repl.prepare_many"]
+        return svc
+
+    async def counting(self: Participant, txid: int, writes: list[Any], origin: str = "") -> str:
+        singles.append(txid)
+        return await real_prepare(self, txid, writes, origin)
+
+    monkeypatch.setattr(Participant, "_replication_service", older)
+    monkeypatch.setattr(Participant, "_repl_prepare", counting)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 2)
+        await open_accounts(cluster, names)
+        assert singles  # the accounts' records went one by one
+        assert await transfers(cluster, names, 10, seed=5) > 0
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
+
+
 async def test_follower_refuses_an_older_epoch_so_a_deposed_primary_cannot_commit(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 1)

@@ -311,6 +311,7 @@ async def test_replication_and_ring_methods_are_for_peers_and_admins(tmp_path: P
                     async with txrpc.connect(*node.address, credentials=mallory_creds) as mallory:
                         for method, args in (
                             ("repl.prepare", (10**6, [[a, 1, b"x"]])),
+                            ("repl.prepare_many", ([[10**6, [[a, False, b"x"]]]],)),
                             ("repl.commit", (10**6,)),
                             ("repl.commit_many", ([10**6],)),
                             ("repl.abort", (10**6,)),
