@@ -581,9 +581,10 @@ class GroupCommitAppender:
                 raise
             else:
                 blocked_s = trio.current_time() - started
-                ran_after = _ThreadRunTime.now()
-                if ran_before is not None and ran_after is not None:
-                    blocked_s -= ran_after - ran_before  # (running, or waiting for a core)
+                if blocked_s > INLINE_BATCH_S_MAX and ran_before is not None:
+                    ran_after = _ThreadRunTime.now()  # (only when it matters: a syscall)
+                    if ran_after is not None:
+                        blocked_s -= ran_after - ran_before  # (running, or waiting for a core)
                 if blocked_s <= INLINE_BATCH_S_MAX:
                     self._inline_slow = 0
                 else:
