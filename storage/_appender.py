@@ -66,7 +66,7 @@ CHECKPOINT_RECORDS = 2048
 is every 1000 pages of WAL, a few thousand such records)."""
 INLINE_BATCH_S_MAX = 0.005
 """``INLINE_SLOW_BATCHES`` inline batches in a row that each were blocked longer (a slow
-disk's fsync) send the next batches to a worker thread for ``INLINE_PAUSE_S``: the event
+disk's fsync), after a first slow one that starts the measuring, send the next batches to a worker thread for ``INLINE_PAUSE_S``: the event
 loop waits this long at most a few times per pause. (One slow batch alone proves little:
 a garbage collection or a busy neighbour on a 2-core machine takes that long too.) On
 Linux "blocked" is the batch's wall time less the time its thread ran or waited for a CPU
@@ -291,6 +291,7 @@ class GroupCommitAppender:
         self._records_since_checkpoint = 0
         self._inline_paused_until = -math.inf
         self._inline_slow = 0  # inline batches in a row blocked longer than INLINE_BATCH_S_MAX
+        self._inline_measuring = False  # the last inline batch was slow: measure the next ones
         self.pipelined_fsync = pipelined_fsync and batching and database.dialect == "sqlite"
         self._unsynced: list[tuple[_Pending, Any]] = []
         self._sync_waiters: list[_SyncWaiter] = []
@@ -570,7 +571,10 @@ class GroupCommitAppender:
         ):
             await trio.lowlevel.checkpoint_if_cancelled()
             started = trio.current_time()
-            ran_before = _ThreadRunTime.now()
+            # The thread's run time is read (a syscall) only while batches run slow: the
+            # first slow batch after a fast one only starts the measuring.
+            measured = self._inline_measuring
+            ran_before = _ThreadRunTime.now() if measured else None
             try:
                 results = self._write_inline(batch)
             except _WriterBusy:
@@ -581,20 +585,26 @@ class GroupCommitAppender:
                 raise
             else:
                 blocked_s = trio.current_time() - started
-                if blocked_s > INLINE_BATCH_S_MAX and ran_before is not None:
-                    ran_after = _ThreadRunTime.now()  # (only when it matters: a syscall)
-                    if ran_after is not None:
-                        blocked_s -= ran_after - ran_before  # (running, or waiting for a core)
                 if blocked_s <= INLINE_BATCH_S_MAX:
                     self._inline_slow = 0
+                    self._inline_measuring = False
+                elif not measured:
+                    self._inline_measuring = True  # slow: the disk, or a busy CPU? measure the next
                 else:
-                    self._inline_slow += 1
-                    if self._inline_slow >= INLINE_SLOW_BATCHES:
-                        # A slow disk (its fsync) would stop the event loop on every
-                        # batch: worker threads for a while, then try again.
+                    ran_after = _ThreadRunTime.now()
+                    if ran_before is not None and ran_after is not None:
+                        blocked_s -= ran_after - ran_before  # (running, or waiting for a core)
+                    if blocked_s <= INLINE_BATCH_S_MAX:
                         self._inline_slow = 0
-                        self._inline_paused_until = trio.current_time() + INLINE_PAUSE_S
-                        self.stats.inline_pauses += 1
+                    else:
+                        self._inline_slow += 1
+                        if self._inline_slow >= INLINE_SLOW_BATCHES:
+                            # A slow disk (its fsync) would stop the event loop on every
+                            # batch: worker threads for a while, then try again.
+                            self._inline_slow = 0
+                            self._inline_measuring = False
+                            self._inline_paused_until = trio.current_time() + INLINE_PAUSE_S
+                            self.stats.inline_pauses += 1
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return results
         return await run_blocking(self._write_batch_sync, batch, limiter=self.database.write_thread_limiter)

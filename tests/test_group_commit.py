@@ -375,9 +375,10 @@ async def test_a_slow_inline_batch_sends_the_next_ones_to_a_thread_for_a_while(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A slow disk must not stop the event loop batch after batch: INLINE_SLOW_BATCHES
-    inline batches in a row slower than INLINE_BATCH_S_MAX send the following ones to a
-    worker thread for INLINE_PAUSE_S, then inline is tried again. A fast batch in
-    between starts the count afresh (one slow batch is a hiccup, not a slow disk)."""
+    inline batches in a row slower than INLINE_BATCH_S_MAX (after a first slow one, which
+    only starts the measuring) send the following ones to a worker thread for
+    INLINE_PAUSE_S, then inline is tried again. A fast batch in between starts the count
+    afresh (one slow batch is a hiccup, not a slow disk)."""
     import threading
 
     import storage._appender as appender_module
@@ -389,19 +390,21 @@ async def test_a_slow_inline_batch_sends_the_next_ones_to_a_thread_for_a_while(
         monkeypatch.setattr(appender_module, "INLINE_SLOW_BATCHES", 2)
         monkeypatch.setattr(appender_module, "INLINE_BATCH_S_MAX", -1.0)  # every batch is "slow"
         monkeypatch.setattr(appender_module, "INLINE_PAUSE_S", 0.2)
+        await st.appender.append(kind, "slow 0")  # inline, slow: starts measuring, not counted
         await st.appender.append(kind, "slow 1")  # inline, slow: one is a hiccup
         monkeypatch.setattr(appender_module, "INLINE_BATCH_S_MAX", 60.0)
         await st.appender.append(kind, "fast again")  # inline, fast: the count starts afresh
         monkeypatch.setattr(appender_module, "INLINE_BATCH_S_MAX", -1.0)
-        await st.appender.append(kind, "slow 2")  # inline, slow: one
+        await st.appender.append(kind, "slow 2")  # inline, slow: measuring starts again
+        await st.appender.append(kind, "slow 3")  # inline, slow: one
         assert st.appender.stats.inline_pauses == 0
-        await st.appender.append(kind, "slow 3")  # inline, slow: two in a row, pause
+        await st.appender.append(kind, "slow 4")  # inline, slow: two in a row, pause
         assert st.appender.stats.inline_pauses == 1
         await st.appender.append(kind, "paused")  # on a thread
         await trio.sleep(0.3)
         await st.appender.append(kind, "again")  # inline again
         loop = threading.get_ident()
-        assert [t == loop for t in kind.threads] == [False, True, True, True, True, True, False, True]
+        assert [t == loop for t in kind.threads] == [False, True, True, True, True, True, True, True, False, True]
 
 
 class SlowKind(ThreadRecordingKind):
