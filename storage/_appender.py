@@ -66,12 +66,13 @@ CHECKPOINT_RECORDS = 2048
 is every 1000 pages of WAL, a few thousand such records)."""
 INLINE_BATCH_S_MAX = 0.005
 """``INLINE_SLOW_BATCHES`` inline batches in a row that each were blocked longer (a slow
-disk's fsync), after a first slow one that starts the measuring, send the next batches to a worker thread for ``INLINE_PAUSE_S``: the event
-loop waits this long at most a few times per pause. (One slow batch alone proves little:
-a garbage collection or a busy neighbour on a 2-core machine takes that long too.) On
-Linux "blocked" is the batch's wall time less the time its thread ran or waited for a CPU
-(:class:`_ThreadRunTime`): on a machine whose cores are all busy a batch takes long in
-wall time because the process waits for a core, which a worker thread would not help."""
+disk's fsync), after a first slow one that starts the measuring, send the next batches to
+a worker thread for ``INLINE_PAUSE_S``: the event loop waits this long at most a few times
+per pause. (One slow batch alone proves little: a garbage collection or a busy neighbour
+on a 2-core machine takes that long too.) On Linux "blocked" is the batch's wall time less
+the time its thread ran or waited for a CPU (:class:`_ThreadRunTime`): on a machine whose
+cores are all busy a batch takes long in wall time because the process waits for a core,
+which a worker thread would not help."""
 INLINE_SLOW_BATCHES = 3
 INLINE_PAUSE_S = 10.0
 
