@@ -33,6 +33,8 @@ COMMIT_BATCH_MAX = 256
 """Transactions per ``tx.commit_many`` message in phase 2."""
 PREPARE_BATCH_MAX = 256
 """Transactions per ``tx.prepare_many`` message in phase 1."""
+PENDING = "PENDING"
+"""A ``tx.prepare_many`` answer: that prepare was still running at the shard's cut-off."""
 
 
 class _Votes:
@@ -788,9 +790,12 @@ class Coordinator:
         sender runs in the same scheduler round)."""
         queue = self._prepares_to_send.get(participant)
         if queue is None:
-            assert self._nursery is not None
+            nursery = self._nursery
+            if nursery is None or nursery.cancel_scope.cancel_called:
+                votes.put(participant, "unreachable", "the coordinator is stopping")
+                return
             try:
-                self._nursery.start_soon(self._send_prepares, participant)
+                nursery.start_soon(self._send_prepares, participant)
             except RuntimeError:  # the coordinator is stopping: no vote (abort)
                 votes.put(participant, "unreachable", "the coordinator is stopping")
                 return
@@ -798,42 +803,62 @@ class Coordinator:
         queue.append((txid, deadline, votes))
 
     async def _send_prepares(self, participant: str) -> None:
+        """Everything queued for ``participant`` by now, in batches of up to
+        ``PREPARE_BATCH_MAX``, all in flight at once."""
         queued = self._prepares_to_send.pop(participant)
-        for start in range(0, len(queued), PREPARE_BATCH_MAX):
-            batch = queued[start : start + PREPARE_BATCH_MAX]
-            deadline = max(d for _, d, _ in batch)
+        batches = [queued[i : i + PREPARE_BATCH_MAX] for i in range(0, len(queued), PREPARE_BATCH_MAX)]
+        if len(batches) == 1:
+            await self._prepare_batch(participant, batches[0])
+            return
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                nursery.start_soon(self._prepare_batch, participant, batch)
+
+    async def _prepare_batch(self, participant: str, batch: list[tuple[int, float, _Votes]]) -> None:
+        """One ``tx.prepare_many``; every transaction of the batch gets a vote from it (an
+        error, or no answer, is "unreachable": abort), whatever happens here. A txid the
+        shard answered ``PENDING`` (still preparing at its cut-off, so that one slow
+        prepare does not hold back the others' votes) is asked again alone with
+        ``tx.prepare``, which waits for that prepare; so is every txid of a shard without
+        ``tx.prepare_many`` (an older version)."""
+        txids = [txid for txid, _, _ in batch]
+        deadline = max(d for _, d, _ in batch)
+        try:
             try:
-                answers = await self._prepare_batch(participant, [txid for txid, _, _ in batch], deadline)
-            except (txrpc.RpcError, trio.TooSlowError) as exc:
-                for _, _, votes in batch:
-                    votes.put(participant, "unreachable", f"{type(exc).__name__}: {exc}")
-                continue
+                answers = await self._participant_call(participant, "tx.prepare_many", txids, deadline=deadline)
+            except txrpc.Unimplemented:
+                answers = [PENDING] * len(txids)
+            if not isinstance(answers, list) or len(answers) != len(txids):
+                raise txrpc.Internal(f"{participant} answered tx.prepare_many with {answers!r:.80}")
+            again = [index for index, answer in enumerate(answers) if answer == PENDING]
+            if again:
+
+                async def one(index: int) -> None:
+                    try:
+                        answers[index] = await self._participant_call(
+                            participant, "tx.prepare", txids[index], deadline=deadline
+                        )
+                    except (txrpc.RpcError, trio.TooSlowError) as exc:
+                        answers[index] = f"{type(exc).__name__}: {exc}"
+
+                async with trio.open_nursery() as nursery:
+                    for index in again:
+                        nursery.start_soon(one, index)
             for (_, _, votes), answer in zip(batch, answers, strict=True):
-                if isinstance(answer, dict):
-                    votes.put(participant, answer["vote"], answer.get("reason", ""))
+                if isinstance(answer, dict) and isinstance(answer.get("vote"), str):
+                    votes.put(participant, answer["vote"], str(answer.get("reason", "")))
                 else:
                     votes.put(participant, "unreachable", str(answer))
-
-    async def _prepare_batch(self, participant: str, txids: list[int], deadline: float) -> list[Any]:
-        """``tx.prepare_many(txids)``: per txid its vote (a map) or its error (a string). A
-        shard without it (an older version) gets one ``tx.prepare`` per txid instead."""
-        try:
-            answers = await self._participant_call(participant, "tx.prepare_many", txids, deadline=deadline)
-        except txrpc.Unimplemented:
-            answers = [""] * len(txids)
-
-            async def one(index: int, txid: int) -> None:
-                try:
-                    answers[index] = await self._participant_call(participant, "tx.prepare", txid, deadline=deadline)
-                except (txrpc.RpcError, trio.TooSlowError) as exc:
-                    answers[index] = f"{type(exc).__name__}: {exc}"
-
-            async with trio.open_nursery() as nursery:
-                for index, txid in enumerate(txids):
-                    nursery.start_soon(one, index, txid)
-        if not isinstance(answers, list) or len(answers) != len(txids):
-            raise txrpc.Internal(f"{participant} answered tx.prepare_many with {answers!r:.80} for {len(txids)} txids")
-        return answers
+        except (txrpc.RpcError, trio.TooSlowError) as exc:
+            for _, _, votes in batch:
+                votes.put(participant, "unreachable", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            log.exception("coordinator: prepares of %d txs at %s failed", len(batch), participant)
+            for _, _, votes in batch:
+                votes.put(participant, "unreachable", f"{type(exc).__name__}: {exc}")
+        finally:
+            for _, _, votes in batch:  # (cancelled: the coordinator is stopping)
+                votes.put(participant, "unreachable", "no answer: the coordinator is stopping")
 
     def _start_phase_two(self, tx: CoordTx) -> None:
         assert self._nursery is not None

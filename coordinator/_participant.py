@@ -46,6 +46,10 @@ AUTOCOMMIT_ATTEMPTS_MAX = 5
 
 
 COMMIT_MANY_MAX = 1024
+BATCH_ANSWER_S = 1.0
+"""``tx.prepare_many`` / ``repl.prepare_many`` answer by then (or by half the call's
+remaining time): steps still running are answered ``PENDING``."""
+PENDING = "PENDING"
 """Transactions in one ``tx.commit_many`` (the coordinator sends at most 256)."""
 
 class _Conflict(Exception):
@@ -179,6 +183,8 @@ class Participant:
         self._lock_waiters: dict[tuple[int, Any], trio.Event] = {}
         self._prepared_at: dict[int, float] = {}
         self._busy: dict[int, trio.Event] = {}  # txid -> a prepare/commit/abort is writing
+        # Steps a batch handler answered PENDING finish here (see _each_answered).
+        self._background: trio.Nursery | None = None
         self._autocommit_seq = 0
         self.user_services = [self._wrap_service(s) for s in services]
         self.internal = self._internal_service()
@@ -226,7 +232,15 @@ class Participant:
         about prepared ones that waited too long (termination protocol)."""
         if not self.recovered:
             await self.recover()
-        task_status.started()
+        async with trio.open_nursery() as background:
+            self._background = background
+            task_status.started()
+            try:
+                await self._resolve_loop()
+            finally:
+                self._background = None
+
+    async def _resolve_loop(self) -> None:
         while True:
             await trio.sleep(self.resolve_interval_s)
             now = trio.current_time()
@@ -662,24 +676,51 @@ class Participant:
             or len(set(txids)) != len(txids)
         ):
             raise txrpc.InvalidArgument(f"txids must be 1..{COMMIT_MANY_MAX} distinct positive integers")
-        answers: list[Any] = [""] * len(txids)
-
-        async def one(index: int, txid: int) -> None:
+        async def one(txid: int) -> Any:
             try:
-                answers[index] = await self.prepare(txid)
+                return await self.prepare(txid)
             except txrpc.RpcError as exc:
-                answers[index] = f"{exc.code.name}: {exc.message}"
+                return f"{exc.code.name}: {exc.message}"
             except Exception as exc:  # one failing prepare must not fail the others' answers
                 log.error("node %s: prepare of %d failed", self.shard, txid, exc_info=exc)
-                answers[index] = f"INTERNAL: {type(exc).__name__}: {exc}"
+                return f"INTERNAL: {type(exc).__name__}: {exc}"
 
-        if len(txids) == 1:
-            await one(0, txids[0])
-        else:
+        return await self._each_answered(txids, one)
+
+    async def _each_answered(self, items: list[Any], one: Callable[[Any], Awaitable[Any]]) -> list[Any]:
+        """``[await one(item) for item in items]``, run concurrently (their writes share
+        group commits). ``one`` must not raise. A batch is answered by a cut-off
+        (``BATCH_ANSWER_S``, or half the call's remaining time): a step still running then
+        is answered ``PENDING`` and finishes in the background, so one slow step (a
+        follower's lock wait, a slow replica) does not hold back the others' answers
+        (the sender asks again for it alone, which waits for the step)."""
+        answers: list[Any] = [PENDING] * len(items)
+        left = [len(items)]
+        finished = trio.Event()
+
+        async def run(index: int, item: Any) -> None:
+            try:
+                answers[index] = await one(item)
+            finally:
+                left[0] -= 1
+                if left[0] == 0:
+                    finished.set()
+
+        if len(items) == 1:
+            return [await one(items[0])]
+        background = self._background
+        if background is None or background.cancel_scope.cancel_called:
             async with trio.open_nursery() as nursery:
-                for index, txid in enumerate(txids):
-                    nursery.start_soon(one, index, txid)
-        return answers
+                for index, item in enumerate(items):
+                    nursery.start_soon(run, index, item)
+            return answers
+        for index, item in enumerate(items):
+            background.start_soon(run, index, item)
+        now = trio.current_time()
+        cut_off = now + min(BATCH_ANSWER_S, max(0.0, (trio.current_effective_deadline() - now) / 2))
+        with trio.move_on_at(cut_off):
+            await finished.wait()
+        return list(answers)
 
     @_not_cancelled_midway
     async def commit(self, txid: int) -> str:
@@ -945,24 +986,18 @@ class Participant:
             or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[1], list) for r in records)
         ):
             raise txrpc.InvalidArgument(f"records must be 1..{COMMIT_MANY_MAX} [txid, writes] pairs")
-        answers: list[Any] = [None] * len(records)
 
-        async def one(index: int, txid: Any, writes: list[Any]) -> None:
+        async def one(record: list[Any]) -> Any:
+            txid, writes = record
             try:
-                answers[index] = await self._repl_prepare(txid, writes, origin)
+                return await self._repl_prepare(txid, writes, origin)
             except txrpc.RpcError as exc:
-                answers[index] = [int(exc.code), exc.message, dict(exc.details)]
+                return [int(exc.code), exc.message, dict(exc.details)]
             except Exception as exc:  # one failing record must not fail the others' answers
                 log.error("node %s: replicated prepare of %r failed", self.shard, txid, exc_info=exc)
-                answers[index] = [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
+                return [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
 
-        if len(records) == 1:
-            await one(0, *records[0])
-        else:
-            async with trio.open_nursery() as nursery:
-                for index, (txid, writes) in enumerate(records):
-                    nursery.start_soon(one, index, txid, writes)
-        return answers
+        return await self._each_answered(records, one)
 
     async def _repl_commit(self, txid: int) -> str:
         """A primary committed ``txid``: apply its replicated records here (idempotent;

@@ -65,6 +65,8 @@ REPLICATION_TIMEOUT_S_DEFAULT = 5.0
 NOTICES_PER_MESSAGE_MAX = 512
 PREPARES_PER_MESSAGE_MAX = 256
 """Replicated prepare records per ``repl.prepare_many`` message."""
+PENDING = "PENDING"
+"""A ``repl.prepare_many`` answer: that record was still being taken at the follower's cut-off."""
 
 
 class _Acks:
@@ -253,7 +255,7 @@ class Replication:
     def _queue_prepare(self, follower: str, epoch: int, txid: int, share: WriteSet, acks: _Acks) -> None:
         queue = self._prepares.get(follower)
         if queue is None:
-            if self._nursery is None:
+            if self._nursery is None or self._nursery.cancel_scope.cancel_called:
                 acks.put(follower, f"node {self.node} is stopping")
                 return
             try:
@@ -266,15 +268,28 @@ class Replication:
 
     async def _send_prepares(self, follower: str) -> None:
         """Everything queued for ``follower`` by now, one ``repl.prepare_many`` per epoch
-        (the epoch travels in the call's metadata); each record answered on its own."""
+        (the epoch travels in the call's metadata) and per ``PREPARES_PER_MESSAGE_MAX``
+        records, all in flight at once; each record answered on its own."""
         by_epoch: dict[int, list[tuple[int, WriteSet, _Acks]]] = {}
         for epoch, txid, share, acks in self._prepares.pop(follower):
             by_epoch.setdefault(epoch, []).append((txid, share, acks))
-        for epoch, items in by_epoch.items():
-            for start in range(0, len(items), PREPARES_PER_MESSAGE_MAX):
-                await self._prepare_batch(follower, epoch, items[start : start + PREPARES_PER_MESSAGE_MAX])
+        batches = [
+            (epoch, items[i : i + PREPARES_PER_MESSAGE_MAX])
+            for epoch, items in by_epoch.items()
+            for i in range(0, len(items), PREPARES_PER_MESSAGE_MAX)
+        ]
+        if len(batches) == 1:
+            await self._prepare_batch(follower, *batches[0])
+            return
+        async with trio.open_nursery() as nursery:
+            for epoch, items in batches:
+                nursery.start_soon(self._prepare_batch, follower, epoch, items)
 
     async def _prepare_batch(self, follower: str, epoch: int, items: list[tuple[int, WriteSet, _Acks]]) -> None:
+        """One ``repl.prepare_many``; every record gets an answer from it, whatever happens
+        here. A record answered ``PENDING`` (still being taken at the follower's cut-off)
+        is sent again alone with ``repl.prepare``, which waits for it there; so is every
+        record for a follower without ``repl.prepare_many`` (an older version)."""
         records = [[txid, [[k, d, v] for k, d, v in share]] for txid, share, _ in items]
         try:
             with trio.fail_after(self.timeout_s):
@@ -282,46 +297,57 @@ class Replication:
                 bound = client.options(retries_max=0, metadata={EPOCH_METADATA_KEY: epoch})
                 try:
                     answers = await bound.call("repl.prepare_many", records, origin=self.node)
-                except txrpc.Unimplemented:  # an older follower: one repl.prepare each
-                    answers = await self._prepare_one_by_one(bound, records)
-            if not isinstance(answers, list) or len(answers) != len(items):
-                raise txrpc.Internal(f"{follower} answered repl.prepare_many with {answers!r:.80}")
+                except txrpc.Unimplemented:
+                    answers = [PENDING] * len(records)
+                if not isinstance(answers, list) or len(answers) != len(items):
+                    raise txrpc.Internal(f"{follower} answered repl.prepare_many with {answers!r:.80}")
+                again = [index for index, answer in enumerate(answers) if answer == PENDING]
+                if again:
+                    await self._prepare_one_by_one(bound, records, again, answers)
+            learned = False
+            for (_, _, acks), answer in zip(items, answers, strict=True):
+                if answer == "ok":
+                    acks.put(follower, "")
+                    continue
+                error = _error_from_answer(answer)
+                if isinstance(error, txrpc.WrongEpoch):
+                    acks.put(follower, f"fenced: {error.message}")
+                    if not learned:
+                        learned = True
+                        await self._learn(error)
+                else:
+                    acks.put(follower, str(error) or type(error).__name__)
         except txrpc.WrongEpoch as exc:
             for _, _, acks in items:
                 acks.put(follower, f"fenced: {exc.message}")
             await self._learn(exc)
-            return
         except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
             for _, _, acks in items:
                 acks.put(follower, str(exc) or type(exc).__name__)
-            return
-        learned = False
-        for (_, _, acks), answer in zip(items, answers, strict=True):
-            if answer == "ok":
-                acks.put(follower, "")
-                continue
-            error = _error_from_answer(answer)
-            if isinstance(error, txrpc.WrongEpoch):
-                acks.put(follower, f"fenced: {error.message}")
-                if not learned:
-                    learned = True
-                    await self._learn(error)
-            else:
-                acks.put(follower, str(error) or type(error).__name__)
+        except Exception as exc:
+            log.exception("node %s: replicated prepares of %d records to %s failed", self.node, len(items), follower)
+            for _, _, acks in items:
+                acks.put(follower, f"{type(exc).__name__}: {exc}")
+        finally:
+            for _, _, acks in items:  # (cancelled: the node is stopping)
+                acks.put(follower, f"node {self.node} is stopping")
 
-    async def _prepare_one_by_one(self, bound: Any, records: list[list[Any]]) -> list[Any]:
-        answers: list[Any] = [None] * len(records)
+    async def _prepare_one_by_one(
+        self, bound: Any, records: list[list[Any]], which: list[int], answers: list[Any]
+    ) -> None:
+        """``repl.prepare`` for ``records[i]``, ``i`` in ``which``, concurrently; each
+        answer (or error, as ``[code, message, details]``) into ``answers[i]``."""
 
-        async def one(index: int, txid: int, writes: list[Any]) -> None:
+        async def one(index: int) -> None:
+            txid, writes = records[index]
             try:
                 answers[index] = await bound.call("repl.prepare", txid, writes, origin=self.node)
             except txrpc.RpcError as exc:
                 answers[index] = [int(exc.code), exc.message, dict(exc.details)]
 
         async with trio.open_nursery() as nursery:
-            for index, (txid, writes) in enumerate(records):
-                nursery.start_soon(one, index, txid, writes)
-        return answers
+            for index in which:
+                nursery.start_soon(one, index)
 
     async def send_outcome(self, txid: int, followers: Iterable[str], outcome: str) -> dict[str, str]:
         """Tell ``followers`` the outcome (``"commit"``/``"abort"``); returns who did not

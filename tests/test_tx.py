@@ -323,6 +323,50 @@ async def test_prepare_many_answers_each_transaction(tmp_path: Path) -> None:
         assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11, 10]
 
 
+async def test_one_slow_prepare_does_not_hold_back_the_others_in_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tx.prepare_many answers by its cut-off: a prepare still running then is answered
+    PENDING and finishes in the background; asking for it alone (what the coordinator
+    does) gets its vote."""
+    import coordinator._participant as participant_module
+    from coordinator import Participant
+
+    monkeypatch.setattr(participant_module, "BATCH_ANSWER_S", 0.2)
+    slow: set[int] = set()
+    real_prepare = Participant.prepare
+
+    async def sometimes_slow(self: Participant, txid: int) -> dict[str, Any]:
+        if txid in slow:
+            await trio.sleep(2.0)
+        return await real_prepare(self, txid)
+
+    monkeypatch.setattr(Participant, "prepare", sometimes_slow)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.primary_of("acct0")
+        names = [n for n in (f"acct{i}" for i in range(100)) if shard_map.primary_of(n) == node][:2]
+        await open_accounts(cluster, names, 10)
+        async with txrpc.connect(*node.address) as shard:
+            txids = []
+            for name in names:
+                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
+                await shard.options(metadata=meta).call("bank.deposit", name, 1)
+                txids.append(txid)
+            slow.add(txids[1])
+            started = trio.current_time()
+            answers = await shard.call("tx.prepare_many", txids)
+            assert trio.current_time() - started < 1.5
+            assert answers == [{"vote": "yes", "reason": ""}, "PENDING"]
+            slow.clear()
+            assert (await shard.call("tx.prepare", txids[1]))["vote"] == "yes"  # asked alone
+            await trio.sleep(2.0)  # the background prepare finishes too (a re-prepare: yes)
+            assert local.participants[node.name].core.txs[txids[1]].state is TxState.PREPARED
+            assert await shard.call("tx.commit_many", txids) == ["ok", "ok"]
+        assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11]
+
+
 async def test_prepares_are_batched_per_participant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Concurrent cross-shard commits reach each shard's phase 1 as tx.prepare_many
     batches (fewer messages than transactions), each transaction prepared there once."""
