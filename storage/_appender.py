@@ -98,6 +98,15 @@ class _ThreadRunTime:
             return None
 
 
+def _forget_schedstat_files() -> None:
+    # A forked child's copy of a thread's file would read the parent thread's counters.
+    _ThreadRunTime._local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_schedstat_files)
+
+
 class _SchedstatFile:
     """The calling thread's schedstat file, open for the thread's life (closed with its
     thread-local holder)."""

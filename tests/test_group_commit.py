@@ -490,3 +490,24 @@ async def test_inline_batches_are_protected_from_ctrl_c(sqlite_url: str) -> None
         await st.appender.append(kind, "opens-the-writer")  # on a thread
         await st.appender.append(kind, "inline")
     assert protected[1] == (True, True)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "fork") or not os.path.exists("/proc/thread-self/schedstat"), reason="needs fork and schedstat"
+)
+def test_a_forked_child_measures_its_own_thread() -> None:
+    """The thread's schedstat file is opened once per thread; a forked child (the
+    simulator's worker pool) must not keep reading its parent thread's counters."""
+    from storage._appender import _ThreadRunTime
+
+    assert _ThreadRunTime.now() is not None  # opened in this (parent) thread
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave at once
+        fresh = getattr(_ThreadRunTime._local, "holder", None) is None
+        os.write(write_end, b"1" if fresh else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1"
+    os.close(read_end)
+    os.close(write_end)

@@ -407,11 +407,12 @@ class Transaction:
         router = self._cluster.router
         if len(participants) == 1 and router.shard_map.replication_factor == 1:
             client = await router._client_for(router.shard_map.node(participants[0]))
-            result = await client.options(retries_max=0).call("tx.commit_one_phase", self.txid)
+            # (client._call_once: options(retries_max=0).call without building the options)
+            result = await client._call_once("tx.commit_one_phase", (self.txid,), {}, {})
             if result["outcome"] != "committed":
                 raise Aborted(result.get("reason") or "aborted", {"retryable": True})
             return
-        await self._cluster.coordinator.options(retries_max=0).call("coord.commit", self.txid, participants)
+        await self._cluster.coordinator._call_once("coord.commit", (self.txid, participants), {}, {})
 
     async def _commit(self) -> None:
         participants = sorted(self.participants)
