@@ -997,7 +997,14 @@ class Participant:
                 log.error("node %s: replicated prepare of %r failed", self.shard, txid, exc_info=exc)
                 return [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
 
-        return await self._each_answered(records, one)
+        answers = await self._each_answered(records, one)
+        # A fenced record's WRONG_EPOCH carries this node's map; the primary needs it once,
+        # not once per record (a batch of 256 fenced records would repeat it 256 times).
+        wrong_epoch = int(txrpc.Code.WRONG_EPOCH)
+        fenced = [a for a in answers if isinstance(a, list) and a[0] == wrong_epoch and "shard_map" in a[2]]
+        for answer in fenced[1:]:
+            answer[2] = {k: v for k, v in answer[2].items() if k != "shard_map"}
+        return answers
 
     async def _repl_commit(self, txid: int) -> str:
         """A primary committed ``txid``: apply its replicated records here (idempotent;

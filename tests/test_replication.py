@@ -214,8 +214,10 @@ async def test_repl_prepare_many_answers_each_record(tmp_path: Path) -> None:
             assert answers[1][0] == int(txrpc.Code.INVALID_ARGUMENT) and "positive integer" in answers[1][1]
             assert await current.call("repl.abort", txid) == "ok"
             stale = client.options(metadata={"epoch": shard_map.epoch - 1})
-            (fenced,) = await stale.call("repl.prepare_many", [[txid + 1, [[names[0], False, 7]]]], origin=primary)
-            assert fenced[0] == int(txrpc.Code.WRONG_EPOCH) and "shard_map" in fenced[2]
+            records = [[txid + 1, [[names[0], False, 7]]], [txid + 2, [[names[0], False, 8]]]]
+            fenced = await stale.call("repl.prepare_many", records, origin=primary)
+            assert [a[0] for a in fenced] == [int(txrpc.Code.WRONG_EPOCH)] * 2
+            assert sum("shard_map" in a[2] for a in fenced) == 1  # the map once per answer, not per record
             for bad in ([], [[1]], [[1, "writes"]], "x", [[1, []]] * 2000):
                 with pytest.raises(txrpc.InvalidArgument):
                     await current.call("repl.prepare_many", bad, origin=primary)
