@@ -4,6 +4,7 @@ decision queries from participants, and admin. Decisions come from
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -18,6 +19,7 @@ from txrpc import _env
 from txrpc._service import _current_call_or_none
 from txrpc._shardmap import ConfigError, NodeSpec, ShardMap
 
+from ._batching import Answers, run_all
 from ._coordinator_core import CoordinatorCore, CoordTx, Decision, Phase
 from ._faults import crash_point
 
@@ -35,26 +37,6 @@ PREPARE_BATCH_MAX = 256
 """Transactions per ``tx.prepare_many`` message in phase 1."""
 PENDING = "PENDING"
 """A ``tx.prepare_many`` answer: that prepare was still running at the shard's cut-off."""
-
-
-class _Votes:
-    """The votes of one transaction's participants as they arrive; ``complete`` is set
-    when every participant has one."""
-
-    __slots__ = ("complete", "missing", "votes")
-
-    def __init__(self, participants: int) -> None:
-        self.votes: dict[str, tuple[str, str]] = {}
-        self.missing = participants
-        self.complete = trio.Event()
-
-    def put(self, participant: str, vote: str, reason: str) -> None:
-        if participant in self.votes:
-            return
-        self.votes[participant] = (vote, reason)
-        self.missing -= 1
-        if self.missing == 0:
-            self.complete.set()
 
 
 def _caller_identity() -> str:
@@ -109,7 +91,7 @@ class Coordinator:
         self._commits_to_send: dict[str, list[CoordTx]] = {}
         # Phase-1 prepares queued in this scheduler round, per participant: one task per
         # participant sends them all in one tx.prepare_many when it runs.
-        self._prepares_to_send: dict[str, list[tuple[int, float, _Votes]]] = {}
+        self._prepares_to_send: dict[str, list[tuple[int, float, Answers[tuple[str, str]]]]] = {}
         self.ready = False
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -745,12 +727,12 @@ class Coordinator:
     async def _two_phase(self, tx: CoordTx) -> None:
         now = trio.current_time()
         deadline = max(tx.deadline, now + 0.001)
-        pending = _Votes(len(tx.participants))
+        pending: Answers[tuple[str, str]] = Answers(len(tx.participants))
         for participant in tx.participants:
             self._queue_prepare(participant, tx.txid, deadline, pending)
         with trio.move_on_at(min(deadline, now + self.phase_timeout_s)):
             await pending.complete.wait()
-        votes = dict(pending.votes)
+        votes = dict(pending.answers)
         for participant in tx.participants:
             votes.setdefault(participant, ("unreachable", "TooSlowError: no vote before the deadline"))
         if _env.broken("coordinator.commit_without_all_votes"):
@@ -783,7 +765,7 @@ class Coordinator:
             self._start_phase_two(tx)
         self._signal(tx)
 
-    def _queue_prepare(self, participant: str, txid: int, deadline: float, votes: _Votes) -> None:
+    def _queue_prepare(self, participant: str, txid: int, deadline: float, votes: Answers[tuple[str, str]]) -> None:
         """Queue ``tx.prepare(txid)`` for ``participant``: every prepare queued before its
         sender task runs goes in the same ``tx.prepare_many`` (one message, one handler
         run and one group commit at the shard for all of them; no added wait: the
@@ -792,12 +774,12 @@ class Coordinator:
         if queue is None:
             nursery = self._nursery
             if nursery is None or nursery.cancel_scope.cancel_called:
-                votes.put(participant, "unreachable", "the coordinator is stopping")
+                votes.put(participant, ("unreachable", "the coordinator is stopping"))
                 return
             try:
                 nursery.start_soon(self._send_prepares, participant)
             except RuntimeError:  # the coordinator is stopping: no vote (abort)
-                votes.put(participant, "unreachable", "the coordinator is stopping")
+                votes.put(participant, ("unreachable", "the coordinator is stopping"))
                 return
             queue = self._prepares_to_send[participant] = []
         queue.append((txid, deadline, votes))
@@ -806,15 +788,14 @@ class Coordinator:
         """Everything queued for ``participant`` by now, in batches of up to
         ``PREPARE_BATCH_MAX``, all in flight at once."""
         queued = self._prepares_to_send.pop(participant)
-        batches = [queued[i : i + PREPARE_BATCH_MAX] for i in range(0, len(queued), PREPARE_BATCH_MAX)]
-        if len(batches) == 1:
-            await self._prepare_batch(participant, batches[0])
-            return
-        async with trio.open_nursery() as nursery:
-            for batch in batches:
-                nursery.start_soon(self._prepare_batch, participant, batch)
+        await run_all(
+            [
+                functools.partial(self._prepare_batch, participant, queued[i : i + PREPARE_BATCH_MAX])
+                for i in range(0, len(queued), PREPARE_BATCH_MAX)
+            ]
+        )
 
-    async def _prepare_batch(self, participant: str, batch: list[tuple[int, float, _Votes]]) -> None:
+    async def _prepare_batch(self, participant: str, batch: list[tuple[int, float, Answers[tuple[str, str]]]]) -> None:
         """One ``tx.prepare_many``; every transaction of the batch gets a vote from it (an
         error, or no answer, is "unreachable": abort), whatever happens here. A txid the
         shard answered ``PENDING`` (still preparing at its cut-off, so that one slow
@@ -830,35 +811,33 @@ class Coordinator:
                 answers = [PENDING] * len(txids)
             if not isinstance(answers, list) or len(answers) != len(txids):
                 raise txrpc.Internal(f"{participant} answered tx.prepare_many with {answers!r:.80}")
-            again = [index for index, answer in enumerate(answers) if answer == PENDING]
+
+            async def alone(index: int) -> None:
+                try:
+                    answers[index] = await self._participant_call(
+                        participant, "tx.prepare", txids[index], deadline=deadline
+                    )
+                except (txrpc.RpcError, trio.TooSlowError) as exc:
+                    answers[index] = f"{type(exc).__name__}: {exc}"
+
+            again = [i for i, answer in enumerate(answers) if answer == PENDING]
             if again:
-
-                async def one(index: int) -> None:
-                    try:
-                        answers[index] = await self._participant_call(
-                            participant, "tx.prepare", txids[index], deadline=deadline
-                        )
-                    except (txrpc.RpcError, trio.TooSlowError) as exc:
-                        answers[index] = f"{type(exc).__name__}: {exc}"
-
-                async with trio.open_nursery() as nursery:
-                    for index in again:
-                        nursery.start_soon(one, index)
+                await run_all([functools.partial(alone, i) for i in again])
             for (_, _, votes), answer in zip(batch, answers, strict=True):
                 if isinstance(answer, dict) and isinstance(answer.get("vote"), str):
-                    votes.put(participant, answer["vote"], str(answer.get("reason", "")))
+                    votes.put(participant, (answer["vote"], str(answer.get("reason", ""))))
                 else:
-                    votes.put(participant, "unreachable", str(answer))
+                    votes.put(participant, ("unreachable", str(answer)))
         except (txrpc.RpcError, trio.TooSlowError) as exc:
             for _, _, votes in batch:
-                votes.put(participant, "unreachable", f"{type(exc).__name__}: {exc}")
+                votes.put(participant, ("unreachable", f"{type(exc).__name__}: {exc}"))
         except Exception as exc:
             log.exception("coordinator: prepares of %d txs at %s failed", len(batch), participant)
             for _, _, votes in batch:
-                votes.put(participant, "unreachable", f"{type(exc).__name__}: {exc}")
+                votes.put(participant, ("unreachable", f"{type(exc).__name__}: {exc}"))
         finally:
             for _, _, votes in batch:  # (cancelled: the coordinator is stopping)
-                votes.put(participant, "unreachable", "no answer: the coordinator is stopping")
+                votes.put(participant, ("unreachable", "no answer: the coordinator is stopping"))
 
     def _start_phase_two(self, tx: CoordTx) -> None:
         assert self._nursery is not None

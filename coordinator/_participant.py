@@ -669,23 +669,23 @@ class Participant:
         """Phase 1 for several transactions at once (the coordinator batches them): each
         prepared as by :meth:`prepare`, concurrently (their records share group commits).
         Answers, in order, each one's vote (as :meth:`prepare`) or its error (a string)."""
-        if (
-            type(txids) is not list
-            or not 0 < len(txids) <= COMMIT_MANY_MAX
-            or not all(type(t) is int and t > 0 for t in txids)
-            or len(set(txids)) != len(txids)
-        ):
-            raise txrpc.InvalidArgument(f"txids must be 1..{COMMIT_MANY_MAX} distinct positive integers")
+        _check_txid_batch(txids)
+
         async def one(txid: int) -> Any:
-            try:
-                return await self.prepare(txid)
-            except txrpc.RpcError as exc:
-                return f"{exc.code.name}: {exc.message}"
-            except Exception as exc:  # one failing prepare must not fail the others' answers
-                log.error("node %s: prepare of %d failed", self.shard, txid, exc_info=exc)
-                return f"INTERNAL: {type(exc).__name__}: {exc}"
+            return await self._answer_of(self.prepare, txid, "prepare")
 
         return await self._each_answered(txids, one)
+
+    async def _answer_of(self, step: Callable[[int], Awaitable[Any]], txid: int, what: str) -> Any:
+        """``await step(txid)``, or its error as a string (``"CODE: message"``): in a batch
+        one failing transaction must not fail the others' answers."""
+        try:
+            return await step(txid)
+        except txrpc.RpcError as exc:
+            return f"{exc.code.name}: {exc.message}"
+        except Exception as exc:
+            log.error("node %s: %s of %d failed", self.shard, what, txid, exc_info=exc)
+            return f"INTERNAL: {type(exc).__name__}: {exc}"
 
     async def _each_answered(self, items: list[Any], one: Callable[[Any], Awaitable[Any]]) -> list[Any]:
         """``[await one(item) for item in items]``, run concurrently (their writes share
@@ -748,23 +748,11 @@ class Participant:
         """Phase 2 for several transactions at once (the coordinator batches them): each
         committed as by :meth:`commit`, concurrently (their writes share group commits).
         Answers, in order, ``"ok"`` or the error of that transaction's commit."""
-        if (
-            type(txids) is not list
-            or not 0 < len(txids) <= COMMIT_MANY_MAX
-            or not all(type(t) is int and t > 0 for t in txids)
-            or len(set(txids)) != len(txids)
-        ):
-            raise txrpc.InvalidArgument(f"txids must be 1..{COMMIT_MANY_MAX} distinct positive integers")
+        _check_txid_batch(txids)
         answers = [""] * len(txids)
 
         async def one(index: int, txid: int) -> None:
-            try:
-                answers[index] = await self.commit(txid)
-            except txrpc.RpcError as exc:
-                answers[index] = f"{exc.code.name}: {exc.message}"
-            except Exception as exc:  # one failing commit must not fail the others' answers
-                log.error("node %s: commit of %d failed", self.shard, txid, exc_info=exc)
-                answers[index] = f"INTERNAL: {type(exc).__name__}: {exc}"
+            answers[index] = await self._answer_of(self.commit, txid, "commit")
 
         async with trio.open_nursery() as nursery:
             for index, txid in enumerate(txids):
@@ -1307,6 +1295,18 @@ class Participant:
             return {"txid": txid, "state": "read_only"}
         self.core.abort(txid, "unknown when its outcome was asked")  # no locks: only remembered
         return {"txid": txid, "state": "aborted"}
+
+
+def _check_txid_batch(txids: Any) -> None:
+    """A batch of txids (``tx.prepare_many``, ``tx.commit_many``): 1..COMMIT_MANY_MAX distinct
+    positive integers, or ``InvalidArgument``."""
+    if (
+        type(txids) is not list
+        or not 0 < len(txids) <= COMMIT_MANY_MAX
+        or not all(type(t) is int and t > 0 for t in txids)
+        or len(set(txids)) != len(txids)
+    ):
+        raise txrpc.InvalidArgument(f"txids must be 1..{COMMIT_MANY_MAX} distinct positive integers")
 
 
 def _check_partitions(partitions: Any) -> None:

@@ -19,6 +19,7 @@ vote yes or to commit a transaction it decides alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from txrpc import _env
 from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
 from txrpc._shardmap import ShardMap
 
+from ._batching import Answers, run_all
 from ._locks import Mode, compatible
 
 if TYPE_CHECKING:
@@ -67,26 +69,6 @@ PREPARES_PER_MESSAGE_MAX = 256
 """Replicated prepare records per ``repl.prepare_many`` message."""
 PENDING = "PENDING"
 """A ``repl.prepare_many`` answer: that record was still being taken at the follower's cut-off."""
-
-
-class _Acks:
-    """The followers' answers to one replicated prepare record as they arrive (``""``:
-    durable there; otherwise why not); ``complete`` is set when every follower answered."""
-
-    __slots__ = ("answers", "complete", "missing")
-
-    def __init__(self, followers: int) -> None:
-        self.answers: dict[str, str] = {}
-        self.missing = followers
-        self.complete = trio.Event()
-
-    def put(self, follower: str, why_not: str) -> None:
-        if follower in self.answers:
-            return
-        self.answers[follower] = why_not
-        self.missing -= 1
-        if self.missing == 0:
-            self.complete.set()
 
 
 def _error_from_answer(answer: Any) -> txrpc.RpcError:
@@ -157,7 +139,7 @@ class Replication:
         self._nursery: trio.Nursery | None = None
         self._notices: dict[str, list[int]] = {}  # follower -> commit notices not sent yet
         # follower -> prepare records queued this scheduler round: (epoch, txid, share, acks)
-        self._prepares: dict[str, list[tuple[int, int, WriteSet, _Acks]]] = {}
+        self._prepares: dict[str, list[tuple[int, int, WriteSet, Answers[str]]]] = {}
         self._flushing: set[str] = set()
         self._lock_changed = trio.Event()
         self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0}
@@ -240,7 +222,7 @@ class Replication:
         self.stats["prepares_sent"] += len(the_plan.by_follower)
         if not the_plan.by_follower:
             return the_plan
-        acks = _Acks(len(the_plan.by_follower))
+        acks = Answers[str](len(the_plan.by_follower))
         for follower, share in the_plan.by_follower.items():
             self._queue_prepare(follower, the_plan.epoch, txid, share, acks)
         with trio.move_on_after(self.timeout_s):
@@ -252,7 +234,7 @@ class Replication:
         the_plan.failures = failures
         return the_plan
 
-    def _queue_prepare(self, follower: str, epoch: int, txid: int, share: WriteSet, acks: _Acks) -> None:
+    def _queue_prepare(self, follower: str, epoch: int, txid: int, share: WriteSet, acks: Answers[str]) -> None:
         queue = self._prepares.get(follower)
         if queue is None:
             if self._nursery is None or self._nursery.cancel_scope.cancel_called:
@@ -270,7 +252,7 @@ class Replication:
         """Everything queued for ``follower`` by now, one ``repl.prepare_many`` per epoch
         (the epoch travels in the call's metadata) and per ``PREPARES_PER_MESSAGE_MAX``
         records, all in flight at once; each record answered on its own."""
-        by_epoch: dict[int, list[tuple[int, WriteSet, _Acks]]] = {}
+        by_epoch: dict[int, list[tuple[int, WriteSet, Answers[str]]]] = {}
         for epoch, txid, share, acks in self._prepares.pop(follower):
             by_epoch.setdefault(epoch, []).append((txid, share, acks))
         batches = [
@@ -278,14 +260,9 @@ class Replication:
             for epoch, items in by_epoch.items()
             for i in range(0, len(items), PREPARES_PER_MESSAGE_MAX)
         ]
-        if len(batches) == 1:
-            await self._prepare_batch(follower, *batches[0])
-            return
-        async with trio.open_nursery() as nursery:
-            for epoch, items in batches:
-                nursery.start_soon(self._prepare_batch, follower, epoch, items)
+        await run_all([functools.partial(self._prepare_batch, follower, epoch, items) for epoch, items in batches])
 
-    async def _prepare_batch(self, follower: str, epoch: int, items: list[tuple[int, WriteSet, _Acks]]) -> None:
+    async def _prepare_batch(self, follower: str, epoch: int, items: list[tuple[int, WriteSet, Answers[str]]]) -> None:
         """One ``repl.prepare_many``; every record gets an answer from it, whatever happens
         here. A record answered ``PENDING`` (still being taken at the follower's cut-off)
         is sent again alone with ``repl.prepare``, which waits for it there; so is every
@@ -301,9 +278,17 @@ class Replication:
                     answers = [PENDING] * len(records)
                 if not isinstance(answers, list) or len(answers) != len(items):
                     raise txrpc.Internal(f"{follower} answered repl.prepare_many with {answers!r:.80}")
-                again = [index for index, answer in enumerate(answers) if answer == PENDING]
+
+                async def alone(index: int) -> None:
+                    txid, writes = records[index]
+                    try:
+                        answers[index] = await bound.call("repl.prepare", txid, writes, origin=self.node)
+                    except txrpc.RpcError as exc:
+                        answers[index] = [int(exc.code), exc.message, dict(exc.details)]
+
+                again = [i for i, answer in enumerate(answers) if answer == PENDING]
                 if again:
-                    await self._prepare_one_by_one(bound, records, again, answers)
+                    await run_all([functools.partial(alone, i) for i in again])
             learned = False
             for (_, _, acks), answer in zip(items, answers, strict=True):
                 if answer == "ok":
@@ -331,23 +316,6 @@ class Replication:
         finally:
             for _, _, acks in items:  # (cancelled: the node is stopping)
                 acks.put(follower, f"node {self.node} is stopping")
-
-    async def _prepare_one_by_one(
-        self, bound: Any, records: list[list[Any]], which: list[int], answers: list[Any]
-    ) -> None:
-        """``repl.prepare`` for ``records[i]``, ``i`` in ``which``, concurrently; each
-        answer (or error, as ``[code, message, details]``) into ``answers[i]``."""
-
-        async def one(index: int) -> None:
-            txid, writes = records[index]
-            try:
-                answers[index] = await bound.call("repl.prepare", txid, writes, origin=self.node)
-            except txrpc.RpcError as exc:
-                answers[index] = [int(exc.code), exc.message, dict(exc.details)]
-
-        async with trio.open_nursery() as nursery:
-            for index in which:
-                nursery.start_soon(one, index)
 
     async def send_outcome(self, txid: int, followers: Iterable[str], outcome: str) -> dict[str, str]:
         """Tell ``followers`` the outcome (``"commit"``/``"abort"``); returns who did not

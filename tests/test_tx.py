@@ -367,6 +367,35 @@ async def test_one_slow_prepare_does_not_hold_back_the_others_in_its_batch(
         assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11]
 
 
+async def test_a_failing_prepare_sender_aborts_its_transactions_and_the_coordinator_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong in a prepare sender (here an unexpected error, not an
+    RpcError), every transaction of its batch gets a vote at once -- unreachable, abort --
+    and the coordinator keeps serving: the next transfer commits."""
+    from coordinator import Coordinator
+
+    real_call = Coordinator._participant_call
+    broken = [True]
+
+    async def sometimes_broken(self: Coordinator, participant: str, method: str, *args: Any, **kw: Any) -> Any:
+        if method == "tx.prepare_many" and broken[0]:
+            raise RuntimeError("a bug in the sender")
+        return await real_call(self, participant, method, *args, **kw)
+
+    monkeypatch.setattr(Coordinator, "_participant_call", sometimes_broken)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 10)
+        started = trio.current_time()
+        with pytest.raises(txrpc.TransactionAborted, match="a bug in the sender"):
+            await transfer(cluster, alice, bob, 1, attempts=1)
+        assert trio.current_time() - started < 2.0  # at once, not after a timeout
+        broken[0] = False
+        await transfer(cluster, alice, bob, 1, attempts=5)
+        assert [await cluster.call(n, "bank.balance", n) for n in (alice, bob)] == [9, 11]
+
+
 async def test_prepares_are_batched_per_participant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Concurrent cross-shard commits reach each shard's phase 1 as tx.prepare_many
     batches (fewer messages than transactions), each transaction prepared there once."""
@@ -401,44 +430,6 @@ async def test_prepares_are_batched_per_participant(tmp_path: Path, monkeypatch:
         assert max(sizes) > 1 and len(sizes) < sum(sizes)
         balances = [await cluster.call(n, "bank.balance", n) for n in names]
         assert sum(balances) == 100 * len(names)
-
-
-async def test_a_shard_without_prepare_many_gets_single_prepares(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Phase 1 against a shard of an older version (no tx.prepare_many: UNIMPLEMENTED):
-    the coordinator falls back to one tx.prepare per transaction, and every cross-shard
-    transfer still commits exactly once on both shards."""
-    from coordinator import Participant
-
-    real_service = Participant._internal_service
-
-    def older(self: Participant) -> txrpc.Service:
-        svc = real_service(self)
-        del svc.methods["tx.prepare_many"]  # as a shard built before prepare_many existed
-        return svc
-
-    singles: list[int] = []
-    real_prepare = Participant.prepare
-
-    async def counting(self: Participant, txid: int) -> dict[str, Any]:
-        singles.append(txid)
-        return await real_prepare(self, txid)
-
-    monkeypatch.setattr(Participant, "_internal_service", older)
-    monkeypatch.setattr(Participant, "prepare", counting)
-    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
-        names = accounts_on_distinct_shards(local.config, 6)
-        await open_accounts(cluster, names, 100)
-        pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
-        primary = local.config.shard_map.primary_of
-        cross = [(s, d) for s, d in pairs if primary(s) != primary(d)]
-        assert cross
-        singles.clear()
-        await transfers_until_phase_two_drains(local, cluster, cross, 1)
-        assert len(singles) == 2 * len(cross) and len(set(singles)) == len(cross)  # one tx.prepare per shard each
-        expected = {n: 100 - sum(s == n for s, _ in cross) + sum(d == n for _, d in cross) for n in names}
-        assert {n: await cluster.call(n, "bank.balance", n) for n in names} == expected
 
 
 async def test_phase_two_commits_are_batched_per_participant(
@@ -504,29 +495,31 @@ async def test_phase_two_sender_does_not_back_off_while_another_shard_is_slow(
         assert backoffs == []  # nothing was refused: no sender slept
 
 
-async def test_a_shard_without_commit_many_gets_single_commits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("batched", "single"), [("tx.prepare_many", "prepare"), ("tx.commit_many", "commit")])
+async def test_a_shard_without_a_batched_message_gets_single_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: str, single: str
 ) -> None:
-    """Phase 2 against a shard of an older version (no tx.commit_many: UNIMPLEMENTED):
-    the coordinator falls back to one tx.commit per transaction, and every cross-shard
-    transfer still commits exactly once on both shards."""
+    """Phase 1 or 2 against a shard of an older version (no tx.prepare_many /
+    tx.commit_many: UNIMPLEMENTED): the coordinator falls back to one tx.prepare /
+    tx.commit per transaction, and every cross-shard transfer still commits exactly once
+    on both shards."""
     from coordinator import Participant
 
     real_service = Participant._internal_service
     singles: list[int] = []
-    real_commit = Participant.commit
+    real_step = getattr(Participant, single)
 
     def older(self: Participant) -> txrpc.Service:
         svc = real_service(self)
-        del svc.methods["tx.commit_many"]  # as a shard built before commit_many existed
+        del svc.methods[batched]  # as a shard built before the batched message existed
         return svc
 
-    async def counting(self: Participant, txid: int) -> str:
+    async def counting(self: Participant, txid: int) -> Any:
         singles.append(txid)
-        return await real_commit(self, txid)
+        return await real_step(self, txid)
 
     monkeypatch.setattr(Participant, "_internal_service", older)
-    monkeypatch.setattr(Participant, "commit", counting)
+    monkeypatch.setattr(Participant, single, counting)
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         names = accounts_on_distinct_shards(local.config, 6)
         await open_accounts(cluster, names, 100)
@@ -536,7 +529,7 @@ async def test_a_shard_without_commit_many_gets_single_commits(
         assert cross
         singles.clear()
         await transfers_until_phase_two_drains(local, cluster, cross, 1)
-        # Each committed cross-shard transfer reached both its shards as a single commit.
+        # Each committed cross-shard transfer reached both its shards as a single message.
         assert len(singles) == 2 * len(cross)
         assert len(set(singles)) == len(cross)
         expected = {n: 100 - sum(s == n for s, _ in cross) + sum(d == n for _, d in cross) for n in names}
