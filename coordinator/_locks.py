@@ -96,6 +96,7 @@ class LockTable:
         self._held: dict[int, dict[Any, Mode]] = {}
         self._prepared: set[int] = set()
         self._age: dict[int, int] = {}
+        self._queued: dict[int, set[Any]] = {}  # txid -> resources where it has a queued request
 
     def set_age(self, txid: int, age: int) -> None:
         """Order ``txid`` by ``age`` (the txid of its first attempt) for wait-die, so a
@@ -151,6 +152,7 @@ class LockTable:
                 entry.queue.appendleft(request)
             else:
                 entry.queue.append(request)
+            self._queued.setdefault(txid, set()).add(resource)
             return WAIT
         if not entry.holders and not entry.queue:
             del self._entries[resource]
@@ -166,7 +168,16 @@ class LockTable:
         if entry is None:
             return []
         entry.queue = deque(r for r in entry.queue if r.txid != txid)
+        self._unqueued(txid, resource)
         return self._drain(resource, entry)
+
+    def _unqueued(self, txid: int, resource: Any) -> None:
+        """``txid`` has no queued request on ``resource`` any more."""
+        queued = self._queued.get(txid)
+        if queued is not None:
+            queued.discard(resource)
+            if not queued:
+                del self._queued[txid]
 
     def release_all(self, txid: int) -> list[Request]:
         """Release every lock and queued request of ``txid``; return the requests
@@ -175,8 +186,9 @@ class LockTable:
         self._prepared.discard(txid)
         self._age.pop(txid, None)
         resources = list(self._held.pop(txid, {}))
-        for resource, entry in list(self._entries.items()):
-            if any(r.txid == txid for r in entry.queue):
+        for resource in self._queued.pop(txid, ()):
+            entry = self._entries.get(resource)
+            if entry is not None:
                 entry.queue = deque(r for r in entry.queue if r.txid != txid)
                 if resource not in resources:
                     resources.append(resource)
@@ -198,6 +210,8 @@ class LockTable:
             ):
                 break
             entry.queue.popleft()
+            if not any(r.txid == request.txid for r in entry.queue):
+                self._unqueued(request.txid, resource)
             self._grant(entry, request.txid, resource, request.mode)
             granted.append(request)
         if not entry.holders and not entry.queue:
@@ -212,3 +226,6 @@ class LockTable:
                 for b, mb in modes[i + 1 :]:
                     assert _COMPATIBLE[(ma, mb)], f"{resource}: {a}:{ma} and {b}:{mb} both held"
                 assert self._held[a][resource] == ma
+        queued = {(r.txid, resource) for resource, entry in self._entries.items() for r in entry.queue}
+        indexed = {(txid, resource) for txid, resources in self._queued.items() for resource in resources}
+        assert queued == indexed, f"queued requests {queued} but indexed {indexed}"

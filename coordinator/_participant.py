@@ -613,8 +613,8 @@ class Participant:
 
             if self._replicated():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(write_local)
                     nursery.start_soon(replicate)
+                    await write_local()
             else:
                 await write_local()
             if local_error is not None:
@@ -910,11 +910,13 @@ class Participant:
         if not isinstance(origin, str) or not origin:
             raise txrpc.InvalidArgument("origin must name the sending primary")
         share: WriteSet = [(k, d, None if d else v) for k, d, v in writes]
-        await self.replication.fence(origin, [k for k, _, _ in share])
+        keys = [k for k, _, _ in share]
+        await self.replication.fence(origin, keys)
         self.replication.stats["prepares_received"] += 1
         if not share:
             return "ok"  # reads only: the epoch check was the point
         rid = record_id(txid, self.replication.origin_index(origin))
+        fenced = rid not in self._busy  # no wait in _serialize: the fence above still holds
         await self._serialize(rid)
         tx = self.core.txs.get(rid)
         if tx is not None:
@@ -925,10 +927,14 @@ class Participant:
             )
         locks = [(k, Mode.X) for k, _, _ in share]
         while True:
-            await self.replication.wait_for_locks(rid, locks)
-            await self.replication.fence(origin, [k for k, _, _ in share])  # the epoch may have moved meanwhile
             if self.replication.conflicts(rid, locks):
-                continue  # taken while the map was fetched: wait again (bounded by wait_for_locks)
+                await self.replication.wait_for_locks(rid, locks)  # (bounded)
+                fenced = False
+                continue
+            if not fenced:
+                await self.replication.fence(origin, keys)  # the epoch may have moved while it waited
+                fenced = True
+                continue  # taken while the map was fetched? check again
             if rid in self.core.txs:
                 return "ok"  # a resend that overtook this one
             # The locks are taken before the durable write (no await in between since the

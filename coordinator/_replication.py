@@ -472,6 +472,8 @@ class Replication:
         conflicts with ``locks``: replicated prepare records are applied in the order
         their primary serialized them, because a conflicting later one waits here for
         the earlier one's outcome."""
+        if not self.conflicts(txid, locks):
+            return
         with trio.move_on_after(self.lock_wait_s) as scope:
             while self.conflicts(txid, locks):
                 await self._lock_changed.wait()

@@ -102,6 +102,8 @@ class Cluster:
     async def _next_txid(self) -> tuple[int, float]:
         """A transaction id from this client's lease (refilled from the coordinator in
         small blocks, so beginning a transaction usually costs no round trip)."""
+        if self._leased:  # no await in between: no other task can take it first
+            return self._leased.pop(), self._lease_timeout_s
         async with self._lease_lock:
             if not self._leased:
                 lease = await self.coordinator.call("coord.lease", self.txid_lease_size)
