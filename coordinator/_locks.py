@@ -98,6 +98,16 @@ class LockTable:
         self._age: dict[int, int] = {}
         self._queued: dict[int, set[Any]] = {}  # txid -> resources where it has a queued request
 
+    def copy(self) -> LockTable:
+        """An independent copy (the exhaustive state-machine tests branch on it)."""
+        new = LockTable()
+        new._entries = {r: _Entry(dict(e.holders), deque(e.queue)) for r, e in self._entries.items()}
+        new._held = {t: dict(m) for t, m in self._held.items()}
+        new._prepared = set(self._prepared)
+        new._age = dict(self._age)
+        new._queued = {t: set(r) for t, r in self._queued.items()}
+        return new
+
     def set_age(self, txid: int, age: int) -> None:
         """Order ``txid`` by ``age`` (the txid of its first attempt) for wait-die, so a
         retried transaction keeps its seniority and cannot starve."""

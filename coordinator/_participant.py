@@ -120,6 +120,19 @@ class TxHandle:
         return sorted(rows.items())[:limit]
 
 
+def _repl_share(txid: Any, writes: Any, origin: Any) -> WriteSet:
+    """A replicated prepare record's arguments checked; its write set."""
+    if type(txid) is not int or txid <= 0:
+        raise txrpc.InvalidArgument("txid must be a positive integer")
+    if not isinstance(writes, list) or not all(
+        isinstance(w, list) and len(w) == 3 and isinstance(w[0], str) and isinstance(w[1], bool) for w in writes
+    ):
+        raise txrpc.InvalidArgument("writes must be a list of [key, deleted, value]")
+    if not isinstance(origin, str) or not origin:
+        raise txrpc.InvalidArgument("origin must name the sending primary")
+    return [(k, d, None if d else v) for k, d, v in writes]
+
+
 def _check_key(key: Any) -> None:
     if type(key) is not str:
         raise txrpc.InvalidArgument(f"keys are strings, got {type(key).__name__}")
@@ -687,15 +700,26 @@ class Participant:
             log.error("node %s: %s of %d failed", self.shard, what, txid, exc_info=exc)
             return f"INTERNAL: {type(exc).__name__}: {exc}"
 
-    async def _each_answered(self, items: list[Any], one: Callable[[Any], Awaitable[Any]]) -> list[Any]:
+    async def _each_answered(
+        self,
+        items: list[Any],
+        one: Callable[[Any], Awaitable[Any]],
+        group: tuple[list[int], Callable[[], Awaitable[list[Any]]]] | None = None,
+    ) -> list[Any]:
         """``[await one(item) for item in items]``, run concurrently (their writes share
-        group commits). ``one`` must not raise. A batch is answered by a cut-off
-        (``BATCH_ANSWER_S``, or half the call's remaining time): a step still running then
-        is answered ``PENDING`` and finishes in the background, so one slow step (a
-        follower's lock wait, a slow replica) does not hold back the others' answers
-        (the sender asks again for it alone, which waits for the step)."""
+        group commits). ``one`` must not raise. With ``group`` (indices, job), the items
+        at those indices are answered together by ``await job()`` (their answers, in
+        order; it must not raise either) instead of by ``one``.
+
+        A batch is answered by a cut-off (``BATCH_ANSWER_S``, or half the call's
+        remaining time): a step still running then is answered ``PENDING`` and finishes
+        in the background, so one slow step (a follower's lock wait, a slow replica)
+        does not hold back the others' answers (the sender asks again for it alone,
+        which waits for the step)."""
         answers: list[Any] = [PENDING] * len(items)
-        left = [len(items)]
+        grouped = set(group[0]) if group is not None else set()
+        singles = [index for index in range(len(items)) if index not in grouped]
+        left = [len(singles) + (group is not None)]
         finished = trio.Event()
 
         async def run(index: int, item: Any) -> None:
@@ -706,16 +730,33 @@ class Participant:
                 if left[0] == 0:
                     finished.set()
 
-        if len(items) == 1:
-            return [await one(items[0])]
+        async def run_group(indices: list[int], job: Callable[[], Awaitable[list[Any]]]) -> None:
+            try:
+                for index, answer in zip(indices, await job(), strict=True):
+                    answers[index] = answer
+            finally:
+                left[0] -= 1
+                if left[0] == 0:
+                    finished.set()
+
+        if left[0] == 1:  # one step: no task of its own
+            if group is not None:
+                await run_group(*group)
+            else:
+                await run(0, items[0])
+            return answers
         background = self._background
         if background is None or background.cancel_scope.cancel_called:
             async with trio.open_nursery() as nursery:
-                for index, item in enumerate(items):
-                    nursery.start_soon(run, index, item)
+                if group is not None:
+                    nursery.start_soon(run_group, *group)
+                for index in singles:
+                    nursery.start_soon(run, index, items[index])
             return answers
-        for index, item in enumerate(items):
-            background.start_soon(run, index, item)
+        if group is not None:
+            background.start_soon(run_group, *group)
+        for index in singles:
+            background.start_soon(run, index, items[index])
         now = trio.current_time()
         cut_off = now + min(BATCH_ANSWER_S, max(0.0, (trio.current_effective_deadline() - now) / 2))
         with trio.move_on_at(cut_off):
@@ -779,6 +820,33 @@ class Participant:
             self._wake(self.core.committed(txid))
         finally:
             del self._busy[txid]
+            done.set()
+
+    async def _apply_many(self, txids: list[int]) -> None:
+        """:meth:`_apply` for several transactions held here that no other message of
+        theirs is writing: their write sets go to the store as one queued write."""
+        commits = []
+        for txid in txids:
+            writes = self.core.txs[txid].writes
+            commits.append((txid, [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in writes.items()]))
+        done = trio.Event()
+        for txid in txids:
+            self._busy[txid] = done
+        try:
+            if self.replication is not None and self.replication.resyncing:
+                # Before the write is queued (see _apply).
+                self.replication.touched.update(k for _, writes in commits for k, _, _ in writes)
+            durable = [commit for commit in commits if commit[1]]  # read-only: nothing to write
+            if durable:
+                await self.store.apply_commits(durable)
+            for txid in txids:
+                self._replicated_epoch.pop(txid, None)
+                self._prepared_at.pop(txid, None)
+                self._holders.pop(txid, None)
+                self._wake(self.core.committed(txid))
+        finally:
+            for txid in txids:
+                del self._busy[txid]
             done.set()
 
     @_not_cancelled_midway
@@ -901,15 +969,7 @@ class Participant:
         locks held, before the answer. Kept under ``-txid`` (this node may also be a
         participant of the same transaction for keys it is primary of)."""
         assert self.replication is not None
-        if type(txid) is not int or txid <= 0:
-            raise txrpc.InvalidArgument("txid must be a positive integer")
-        if not isinstance(writes, list) or not all(
-            isinstance(w, list) and len(w) == 3 and isinstance(w[0], str) and isinstance(w[1], bool) for w in writes
-        ):
-            raise txrpc.InvalidArgument("writes must be a list of [key, deleted, value]")
-        if not isinstance(origin, str) or not origin:
-            raise txrpc.InvalidArgument("origin must name the sending primary")
-        share: WriteSet = [(k, d, None if d else v) for k, d, v in writes]
+        share = _repl_share(txid, writes, origin)
         keys = [k for k, _, _ in share]
         await self.replication.fence(origin, keys)
         self.replication.stats["prepares_received"] += 1
@@ -991,7 +1051,7 @@ class Participant:
                 log.error("node %s: replicated prepare of %r failed", self.shard, txid, exc_info=exc)
                 return [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
 
-        answers = await self._each_answered(records, one)
+        answers = await self._each_answered(records, one, await self._repl_take_prepares(records, origin))
         # A fenced record's WRONG_EPOCH carries this node's map; the primary needs it once,
         # not once per record (a batch of 256 fenced records would repeat it 256 times).
         wrong_epoch = int(txrpc.Code.WRONG_EPOCH)
@@ -999,6 +1059,78 @@ class Participant:
         for answer in fenced[1:]:
             answer[2] = {k: v for k, v in answer[2].items() if k != "shard_map"}
         return answers
+
+    async def _repl_take_prepares(
+        self, records: list[Any], origin: str
+    ) -> tuple[list[int], Callable[[], Awaitable[list[Any]]]] | None:
+        """The common case of :meth:`_repl_prepare_many`, for many records at once: each
+        record that passes the checks, is new here and conflicts with no lock held has
+        its locks taken now (in the batch's order, without an await in between) and is
+        made durable with the others in one queued write. Returns (their indices, the job
+        that writes them and answers each), or None if none; :meth:`_repl_prepare` takes
+        every other record (a refusal, a resend, a lock wait) on its own."""
+        replication = self.replication
+        assert replication is not None
+        call_epoch = await replication.follow_call_epoch()  # once: one message, one epoch
+        if call_epoch is None or call_epoch > replication.guard.epoch:
+            return None  # refused: each record's own path says why
+        now = trio.current_time()
+        indices: list[int] = []
+        taken: list[tuple[int, WriteSet, list[tuple[Any, Mode]]]] = []
+        for index, (txid, writes) in enumerate(records):
+            try:
+                share = _repl_share(txid, writes, origin)
+                replication.check_fence(origin, call_epoch, [k for k, _, _ in share])
+                if not share:
+                    continue
+                rid = record_id(txid, replication.origin_index(origin))
+            except txrpc.RpcError:
+                continue  # answered by the one-record path, with the same error
+            locks = [(k, Mode.X) for k, _, _ in share]
+            if rid in self._busy or rid in self.core.txs or rid in self.core.finished:
+                continue
+            if replication.conflicts(rid, locks):
+                continue
+            replication.stats["prepares_received"] += 1
+            self.core.restore_prepared(rid, {k: (TOMBSTONE if d else v) for k, d, v in share}, locks, now)
+            self.core.locks.mark_prepared(rid)
+            self._replicated_epoch[rid] = call_epoch
+            self._prepared_at[rid] = now
+            indices.append(index)
+            taken.append((rid, share, locks))
+        if not taken:
+            return None
+        done = trio.Event()
+        for rid, _, _ in taken:
+            self._busy[rid] = done
+
+        async def write() -> list[Any]:
+            meta = {"origin": origin, "epoch": call_epoch}
+            try:
+                try:
+                    # Shielded, as in _repl_prepare: memory must say what disk says.
+                    with trio.CancelScope(shield=True):
+                        await self.store.write_prepares(
+                            [(rid, share, [(k, m.value) for k, m in locks], meta) for rid, share, locks in taken]
+                        )
+                except Exception as exc:
+                    # An unknown outcome may be on disk: kept, resolved like any record.
+                    if not (isinstance(exc, BatchFailed) and exc.outcome_unknown):
+                        for rid, _, _ in taken:
+                            self._replicated_epoch.pop(rid, None)
+                            self._prepared_at.pop(rid, None)
+                            self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
+                    if isinstance(exc, txrpc.RpcError):
+                        return [[int(exc.code), exc.message, dict(exc.details)]] * len(taken)
+                    log.error("node %s: replicated prepare of %d records failed", self.shard, len(taken), exc_info=exc)
+                    return [[int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]] * len(taken)
+            finally:
+                for rid, _, _ in taken:
+                    del self._busy[rid]
+                done.set()
+            return ["ok"] * len(taken)
+
+        return indices, write
 
     async def _repl_commit(self, txid: int) -> str:
         """A primary committed ``txid``: apply its replicated records here (idempotent;
@@ -1027,15 +1159,36 @@ class Participant:
         pending together. Returns how many records were applied."""
         if not isinstance(txids, list) or len(txids) > 10_000 or not all(type(t) is int and t > 0 for t in txids):
             raise txrpc.InvalidArgument("txids must be a list of at most 10000 positive integers")
+        assert self.replication is not None
         applied = [0]
+        # The common case, for many at once: records held here that no other message of
+        # theirs is writing are applied together (one queued write); the rest (being
+        # written, unknown, duplicates) each as by _repl_commit.
+        ready: list[int] = []
+        rest: list[int] = []
+        if _env.broken("replication.follower_skips_commit"):
+            rest = list(txids)
+        else:
+            seen: set[int] = set()
+            for txid in txids:
+                rids = self.replication.records_of(txid)
+                if txid in seen or not rids or any(rid in self._busy for rid in rids):
+                    rest.append(txid)
+                else:
+                    ready += rids
+                    applied[0] += 1
+                seen.add(txid)
 
         async def one(txid: int) -> None:
             if await self._repl_commit(txid) == "ok":
                 applied[0] += 1
 
         async with trio.open_nursery() as nursery:
-            for txid in txids:
+            for txid in rest:
                 nursery.start_soon(one, txid)
+            if ready:
+                with trio.CancelScope(shield=True):  # durable and in memory together
+                    await self._apply_many(ready)
         return applied[0]
 
     async def _repl_abort(self, txid: int) -> str:

@@ -13,7 +13,7 @@ import enum
 from collections import OrderedDict
 from typing import Any
 
-from ._locks import LockTable, Mode
+from ._locks import LockTable, Mode, Outcome
 
 
 class TxState(enum.Enum):
@@ -169,7 +169,7 @@ class ParticipantCore:
         self.txs[txid] = tx
         for resource, mode in locks:
             outcome = self.locks.acquire(txid, resource, mode)
-            assert outcome.value == "granted", f"recovered locks conflict on {resource!r}"
+            assert outcome is Outcome.GRANTED, f"recovered locks conflict on {resource!r}"
 
     # --- phase 2 ----------------------------------------------------------------------------
 

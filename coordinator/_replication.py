@@ -431,7 +431,12 @@ class Replication:
         ``keys`` at this follower's epoch (see the module docstring)."""
         if _env.broken("replication.follower_ignores_epoch"):
             return  # test-only broken protocol (simulator): no fencing
-        call_epoch = await self.follow_call_epoch()
+        self.check_fence(origin, await self.follow_call_epoch(), keys)
+
+    def check_fence(self, origin: str, call_epoch: int | None, keys: Iterable[Any]) -> None:
+        """:meth:`fence` once the call's epoch is known (and followed, if newer)."""
+        if _env.broken("replication.follower_ignores_epoch"):
+            return  # test-only broken protocol (simulator): no fencing
         if call_epoch is None:
             raise txrpc.InvalidArgument("replication calls carry the sender's epoch in metadata 'epoch'")
         if call_epoch > self.guard.epoch:

@@ -191,6 +191,26 @@ class ShardStore:
         }
         await self.appender.append(PREPARE_RECORDS, row)
 
+    async def write_prepares(
+        self, records: Sequence[tuple[int, WriteSet, Sequence[tuple[Any, str]], dict[str, Any]]]
+    ) -> None:
+        """:meth:`write_prepare` for several ``(txid, writes, locks, meta)`` records at
+        once: one queued record for the group commit (one wait, not one per record)."""
+        now = time.time()
+        rows = []
+        for txid, writes, locks, meta in records:
+            lock_list = [[_resource_to_wire(r), m] for r, m in locks]
+            rows.append(
+                {
+                    "shard": self.shard,
+                    "txid": txid,
+                    "writes": encode(_writes_to_wire(writes)),
+                    "locks": encode({"locks": lock_list, **meta} if meta else lock_list),
+                    "prepared_at": now,
+                }
+            )
+        await self.appender.append(PREPARE_RECORD_GROUPS, rows)
+
     async def delete_prepare(self, txid: int) -> None:
         await self.appender.append(DROP_PREPARE_RECORDS, (self.shard, txid))
 
@@ -209,6 +229,27 @@ class ShardStore:
         entry = _CommitEntry(self.shard, position, txid, writes, time.time())
         try:
             result: int = await self.appender.append(COMMITS, entry)
+        except BaseException:
+            self._cache.clear()  # the outcome may be unknown: re-read from the database
+            raise
+        finally:
+            self._writes_in_flight -= 1
+        return result
+
+    async def apply_commits(self, commits: Sequence[tuple[int, WriteSet]]) -> list[int]:
+        """:meth:`apply_commit` for several ``(txid, writes)`` at once, in this order: one
+        queued record for the group commit. Returns their log positions."""
+        now = time.time()
+        entries = []
+        for txid, writes in commits:
+            for key, deleted, value in writes:
+                self._remember(key, (False, None) if deleted else (True, value))
+            entries.append(_CommitEntry(self.shard, self.next_position, txid, writes, now))
+            self.next_position += 1
+        self._writes_started += 1
+        self._writes_in_flight += 1
+        try:
+            result: list[int] = await self.appender.append(COMMIT_GROUPS, entries)
         except BaseException:
             self._cache.clear()  # the outcome may be unknown: re-read from the database
             raise
@@ -481,3 +522,18 @@ def _write_commits(conn: Connection, entries: Sequence[_CommitEntry]) -> list[in
 PREPARE_RECORDS: RecordKind[dict[str, Any], None] = RecordKind("prepare", _write_prepares)
 DROP_PREPARE_RECORDS: RecordKind[tuple[str, int], None] = RecordKind("drop_prepare", _drop_prepares)
 COMMITS: RecordKind[_CommitEntry, int] = RecordKind("commit", _write_commits)
+
+
+def _write_prepare_groups(conn: Connection, groups: Sequence[list[dict[str, Any]]]) -> list[None]:
+    _write_prepares(conn, [row for group in groups for row in group])
+    return [None] * len(groups)
+
+
+def _write_commit_groups(conn: Connection, groups: Sequence[list[_CommitEntry]]) -> list[list[int]]:
+    positions = iter(_write_commits(conn, [entry for group in groups for entry in group]))
+    return [[next(positions) for _ in group] for group in groups]
+
+
+# Several records queued as one (a follower's batch from its primary): one wait for all.
+PREPARE_RECORD_GROUPS: RecordKind[list[dict[str, Any]], None] = RecordKind("prepare_group", _write_prepare_groups)
+COMMIT_GROUPS: RecordKind[list[_CommitEntry], list[int]] = RecordKind("commit_group", _write_commit_groups)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import pytest
 
 from coordinator._coordinator_core import CoordinatorCore, Decision, Phase
-from coordinator._locks import LockTable, Mode, _Entry
+from coordinator._locks import LockTable, Mode
 from coordinator._participant_core import CommitAction, ParticipantCore, PrepareAction, TxState, Vote
 
 TXID = 1
@@ -49,12 +49,7 @@ class World:
 
 
 def _clone_locks(table: LockTable) -> LockTable:
-    new = LockTable.__new__(LockTable)
-    new._entries = {r: _Entry(dict(e.holders), deque(e.queue)) for r, e in table._entries.items()}
-    new._held = {t: dict(m) for t, m in table._held.items()}
-    new._prepared = set(table._prepared)
-    new._age = dict(table._age)
-    return new
+    return table.copy()
 
 
 def _clone_participant(core: ParticipantCore) -> ParticipantCore:

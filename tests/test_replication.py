@@ -225,6 +225,60 @@ async def test_repl_prepare_many_answers_each_record(tmp_path: Path) -> None:
         assert await cluster.call(names[0], "bank.balance", names[0]) == 100
 
 
+async def test_a_followers_batch_is_written_together_and_the_rest_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """repl.prepare_many writes every new, unconflicting record of a batch as one queued
+    write (one wait), and repl.commit_many applies every ready record as one; a record
+    that conflicts with one of them (a lock wait) or is malformed goes on its own: the
+    wait is answered PENDING at the cut-off and finishes once the lock is free."""
+    from storage._shard_store import ShardStore
+
+    groups: dict[str, list[int]] = {"prepares": [], "prepare": [], "commits": []}
+    real_prepares, real_prepare = ShardStore.write_prepares, ShardStore.write_prepare
+    real_commits = ShardStore.apply_commits
+
+    async def write_prepares(self: ShardStore, records: Any) -> None:
+        groups["prepares"].append(len(records))
+        await real_prepares(self, records)
+
+    async def write_prepare(self: ShardStore, *args: Any, **kwargs: Any) -> None:
+        groups["prepare"].append(1)
+        await real_prepare(self, *args, **kwargs)
+
+    async def apply_commits(self: ShardStore, commits: Any) -> list[int]:
+        groups["commits"].append(len(commits))
+        return await real_commits(self, commits)
+
+    monkeypatch.setattr(ShardStore, "write_prepares", write_prepares)
+    monkeypatch.setattr(ShardStore, "write_prepare", write_prepare)
+    monkeypatch.setattr(ShardStore, "apply_commits", apply_commits)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        primary = shard_map.nodes[0].name
+        k1, k2 = [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == primary][:2]
+        follower = shard_map.nodes[1].name
+        for counts in groups.values():
+            counts.clear()
+        async with txrpc.connect(*shard_map.node(follower).address) as client:
+            current = client.options(metadata={"epoch": shard_map.epoch})
+            a, b, d = [(await cluster.coordinator.call("coord.begin", None))["txid"] for _ in range(3)]
+            records = [[a, [[k1, False, 7]]], [b, [[k1, False, 8]]], [-5, []], [d, [[k2, False, 9]]]]
+            answers = await current.call("repl.prepare_many", records, origin=primary)
+            assert answers[0] == "ok" and answers[3] == "ok"
+            assert answers[1] == "PENDING"  # it waits for a's lock, in the background
+            assert answers[2][0] == int(txrpc.Code.INVALID_ARGUMENT)
+            assert groups["prepares"] == [2] and groups["prepare"] == []  # a and d: one write
+            assert await current.call("repl.commit_many", [a, d]) == 2
+            assert groups["commits"] == [2]
+            assert await current.call("repl.prepare", b, [[k1, False, 8]], origin=primary) == "ok"  # asked alone
+            assert groups["prepare"] == [1]  # b: its own write, once a's lock was free
+            assert await current.call("repl.commit_many", [b, b]) == 1  # a duplicate applies nothing
+        store = local.participants[follower].store
+        assert await store.get(k1) == (True, 8) and await store.get(k2) == (True, 9)
+        assert [rid for rid in local.participants[follower].core.txs if rid < 0] == []
+
+
 async def test_an_older_follower_gets_one_repl_prepare_per_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -767,15 +821,18 @@ async def test_a_follower_record_the_primary_gave_up_on_stays_in_memory_as_on_di
     from storage._shard_store import ShardStore
     from storage._txn_schema import prepared
 
-    real_write = ShardStore.write_prepare
     slow = [False]
 
-    async def write_prepare(self: ShardStore, *args: Any, **kwargs: Any) -> None:
-        await real_write(self, *args, **kwargs)
-        if self.shard == "n2" and slow[0]:
-            await trio.sleep(1.0)  # durable; the writer hears of it late (a slow disk)
+    def slowed(real: Any) -> Any:
+        async def write(self: ShardStore, *args: Any, **kwargs: Any) -> None:
+            await real(self, *args, **kwargs)
+            if self.shard == "n2" and slow[0]:
+                await trio.sleep(1.0)  # durable; the writer hears of it late (a slow disk)
 
-    monkeypatch.setattr(ShardStore, "write_prepare", write_prepare)
+        return write
+
+    monkeypatch.setattr(ShardStore, "write_prepare", slowed(ShardStore.write_prepare))
+    monkeypatch.setattr(ShardStore, "write_prepares", slowed(ShardStore.write_prepares))  # (a batch's)
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         coordinator = local.coordinator
         assert coordinator is not None and coordinator.shard_map is not None
