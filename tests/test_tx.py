@@ -240,7 +240,8 @@ async def test_duplicate_and_late_protocol_messages_are_harmless(tmp_path: Path)
 
 async def test_commit_many_answers_each_transaction(tmp_path: Path) -> None:
     """tx.commit_many (phase 2, batched): each txid committed as by tx.commit, answered
-    in order; a transaction not prepared there gets its own error, the others commit."""
+    in order; a transaction not prepared there gets its own error, the others commit
+    (those prepared there together, as one write)."""
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
@@ -255,12 +256,22 @@ async def test_commit_many_answers_each_transaction(tmp_path: Path) -> None:
                 await shard.options(metadata=meta).call("bank.deposit", name, amount)
                 assert (await shard.call("tx.prepare", txid))["vote"] == "yes"
                 txids.append(txid)
+            participant = local.participants[node.name]
+            store = participant.store
+            real_apply = store.apply_commits
+            groups: list[int] = []
+
+            async def apply_commits(commits: Any) -> list[int]:
+                groups.append(len(commits))
+                return await real_apply(commits)
+
+            store.apply_commits = apply_commits  # type: ignore[method-assign]
             answers = await shard.call("tx.commit_many", [txids[0], 999_999, txids[1]])
             assert answers[0] == answers[2] == "ok"
             assert answers[1].startswith("FAILED_PRECONDITION") and "not prepared" in answers[1]
+            assert groups == [2]  # the two prepared ones: applied as one write
             assert await shard.call("tx.commit_many", txids) == ["ok", "ok"]  # idempotent
             # A commit that fails in an unexpected way is that txid's answer, not the batch's.
-            participant = local.participants[node.name]
             real_commit = participant.commit
 
             async def failing(txid: int) -> str:
