@@ -32,6 +32,7 @@ from txrpc._codec import (
     LARGE_BYTES_MIN,
     FrameDecoder,
     FrameError,
+    ValueDecoder,
     canonical,
     decode_value,
     encode_frame,
@@ -740,3 +741,27 @@ def test_goaway_messages_are_bounded() -> None:
 
 def server_hello() -> bytes:
     return msg({"t": 0, "v": [1], "l": {"frame_bytes_max": 1 << 20}})
+
+
+def test_a_kept_decoder_decodes_each_message_alone() -> None:
+    """ValueDecoder (one cbor2 decoder per connection) decodes message after message as
+    decode_value would: the same values, the same refusals (trailing bytes, refused
+    tags, too deep), and an error leaves it usable for the next message."""
+    decoder = ValueDecoder(depth_max=8)
+    messages = [{"t": 1, "id": i, "a": ["x" * i, i, {"k": [1.5, None, b"b"]}]} for i in range(5)]
+    for message in messages:
+        assert decoder.decode(encode_value(message)) == decode_value(encode_value(message))
+    bad = [
+        encode_value({"a": 1}) + b"\x00",  # trailing bytes
+        cbor2.dumps(cbor2.CBORTag(28, [1])),  # a shared reference
+        encode_value([[[[[[[[[[1]]]]]]]]]]),  # deeper than 8
+        b"\xa1",  # truncated
+    ]
+    for data in bad:
+        with pytest.raises(FrameError):
+            decode_value(data, 8)
+        with pytest.raises(FrameError):
+            decoder.decode(data)
+        assert decoder.decode(encode_value(messages[1])) == messages[1]
+    large = {"blob": b"z" * LARGE_BYTES_MIN}
+    assert decoder.decode(encode_value(large)) == large

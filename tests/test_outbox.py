@@ -47,6 +47,28 @@ async def test_write_now_sends_without_the_writer_task() -> None:
     await b.aclose()
 
 
+async def test_put_nowait_with_write_now_writes_at_once_and_wakes_the_writer_only_for_a_rest() -> None:
+    a, b = await socket_pair()
+    outbox = Outbox(a, buffer_bytes_max=1 << 20)
+
+    def writer_parked() -> bool:
+        return outbox._writer_lot.statistics().tasks_waiting == 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert writer_parked()
+        outbox.put_nowait(b"ping", write_now=True)
+        assert outbox.queued_bytes == 0 and writer_parked()  # written here: the writer sleeps on
+        assert await receive_exactly(b, 4) == b"ping"
+        outbox.put_nowait(b"x" * 100_000, write_now=True)  # a large batch: the writer's
+        assert not writer_parked()
+        assert await receive_exactly(b, 100_000) == b"x" * 100_000
+        outbox.close_after_flush()
+    await a.aclose()
+    await b.aclose()
+
+
 async def test_what_the_kernel_does_not_take_is_left_to_the_writer_in_order() -> None:
     a, b = await socket_pair()
     outbox = Outbox(a, buffer_bytes_max=64 << 20)

@@ -271,9 +271,8 @@ class _Channel:
         waiters = self.waiters
         task = trio.lowlevel.current_task()
         waiters[call_id] = task
-        self.outbox.put_nowait(data)
-        if len(waiters) == 1:
-            self.outbox.write_now()  # the only call in flight: send it now, not a round later
+        # The only call in flight: send it now, not a round later (and without the writer).
+        self.outbox.put_nowait(data, write_now=len(waiters) == 1)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             if waiters.pop(call_id, None) is not None and self.failure is None:

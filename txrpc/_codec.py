@@ -107,9 +107,34 @@ def decode_value(data: bytes | memoryview, depth_max: int = 64) -> Any:
         except _NotAMessage:
             pass  # not text keys: cbor2 decodes the whole, as for any other value
     buffer = io.BytesIO(data)
-    value = _decode_one(_decoder(buffer, depth_max))
-    if buffer.tell() != len(data):
-        raise FrameError(f"{len(data) - buffer.tell()} trailing bytes after the CBOR item")
+    return _decode_whole(_decoder(buffer, depth_max), buffer, len(data))
+
+
+class ValueDecoder:
+    """:func:`decode_value` for one connection's messages, with one cbor2 decoder kept
+    for all of them: building a decoder costs about as much as decoding a small message."""
+
+    __slots__ = ("_decoder", "depth_max")
+
+    def __init__(self, depth_max: int = 64) -> None:
+        self.depth_max = depth_max
+        self._decoder = _decoder(io.BytesIO(), depth_max)
+
+    def decode(self, data: bytes) -> Any:
+        if len(data) >= LARGE_BYTES_MIN:
+            # (Its own path; and the kept decoder then holds no large body alive.)
+            return decode_value(data, self.depth_max)
+        buffer = io.BytesIO(data)
+        decoder = self._decoder
+        decoder.fp = buffer
+        return _decode_whole(decoder, buffer, len(data))
+
+
+def _decode_whole(decoder: cbor2.CBORDecoder, buffer: io.BytesIO, length: int) -> Any:
+    """The one item of ``buffer`` (``length`` bytes); trailing bytes are an error."""
+    value = _decode_one(decoder)
+    if buffer.tell() != length:
+        raise FrameError(f"{length - buffer.tell()} trailing bytes after the CBOR item")
     return value
 
 

@@ -20,8 +20,8 @@ from ._codec import (
     PREFIX_BYTES,
     FrameDecoder,
     FrameError,
+    ValueDecoder,
     check_keys,
-    decode_value,
     encode_frame,
     encode_value,
     has_large_bytes,
@@ -242,6 +242,7 @@ class Connection:
         self._next_id = 1
         self._highest_received_id = 0
         self._decoder = FrameDecoder(self.limits.frame_bytes_max)
+        self._value_decoder = ValueDecoder(self.limits.cbor_depth_max)
 
     # --- state queries ------------------------------------------------------------
 
@@ -431,10 +432,10 @@ class Connection:
         except FrameError as exc:
             raise RemoteProtocolError(str(exc)) from None
         events: list[Event] = []
-        depth_max = self.limits.cbor_depth_max
+        decode = self._value_decoder.decode
         for body in bodies:
             try:
-                message = decode_value(body, depth_max)
+                message = decode(body)
             except FrameError as exc:
                 raise RemoteProtocolError(str(exc)) from None
             events.append(self._interpret(message))

@@ -29,7 +29,8 @@ class Limits:
     handshake_timeout_s: float = 10.0
     """Time a new connection has to complete the hello exchange."""
     idle_timeout_s: float = 300.0
-    """A server closes a connection that has sent nothing (not even a ping) for this long."""
+    """A server closes a connection that has sent nothing (not even a ping) for this long
+    (never sooner; up to 1/16 of it later)."""
     keepalive_interval_s: float = 30.0
     """A client pings an otherwise idle connection this often."""
     keepalive_timeout_s: float = 20.0

@@ -42,7 +42,9 @@ class Outbox:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
-    def put_nowait(self, data: bytes) -> None:
+    def put_nowait(self, data: bytes, write_now: bool = False) -> None:
+        """Queue ``data``; with ``write_now``, then :meth:`write_now`: the writer task is
+        woken only if something is left (waking it for nothing costs a task switch)."""
         if self._closing:
             return
         if self._send_nowait is not None and not self._chunks and not self._sending:
@@ -54,7 +56,9 @@ class Outbox:
             data = data[written:]
         self._chunks.append(data)
         self._queued_bytes += len(data)
-        if self._writer_lot:
+        if write_now:
+            self.write_now()
+        if self._writer_lot and self._chunks:
             self._writer_lot.unpark()
 
     def write_now(self) -> None:

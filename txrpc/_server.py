@@ -41,6 +41,7 @@ REFUSE_TIMEOUT_S = 1.0  # bound on telling a refused connection why (a flood mus
 # (client) stream out while the rest is dispatched: the two processes then work in
 # parallel instead of in lockstep (measured: ~1.6x calls/s at 64 callers).
 DISPATCH_BATCH_EVENTS = 16
+IDLE_SLACK = 1 / 16  # the idle timeout may close a connection this fraction of it late
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
@@ -375,6 +376,12 @@ class _ServerConnection:
         methods = self.server.methods
         rules: dict[str, frozenset[str] | None] | None = None if security is None else {}
         outbox = self.outbox
+        # Moving a scope's deadline costs trio some µs, once per read: the idle deadline
+        # is moved only once it is nearer than idle_timeout_s, and then to
+        # idle_timeout_s * (1 + IDLE_SLACK) from now. A silent connection is closed
+        # between idle_timeout_s and that after its last read: never sooner.
+        idle_s = limits.idle_timeout_s
+        idle_deadline = -math.inf
         idle = trio.CancelScope()
         with idle:
             while True:
@@ -383,7 +390,9 @@ class _ServerConnection:
                     # it does (bounds memory per connection; the idle timeout and
                     # send_stall_timeout_s end a peer that never drains).
                     await outbox.wait_for_space()
-                idle.deadline = trio.current_time() + limits.idle_timeout_s
+                idle_earliest = trio.current_time() + idle_s
+                if idle_deadline < idle_earliest:
+                    idle_deadline = idle.deadline = idle_earliest + idle_s * IDLE_SLACK
                 data = await self._receive(stream)
                 for index, event in enumerate(conn.receive_data(data), 1):
                     if outbox.queued_bytes > limits.write_buffer_bytes_max:
@@ -526,7 +535,8 @@ class _ServerConnection:
                 try:
                     value = await spec.fn(*call.args, **call.kwargs)
                 except RpcError as exc:
-                    self._reply_error(call.id, exc.code, exc.message, exc.details)
+                    alone = len(self.conn.inflight) == 1
+                    self._reply_error(call.id, exc.code, exc.message, exc.details, write_now=alone)
                     return
                 except TypeError as exc:
                     self._reply_type_error(spec, call, exc)
@@ -536,7 +546,9 @@ class _ServerConnection:
                     return
                 if self.outbox.queued_bytes > self.limits.write_buffer_bytes_max:
                     await self.outbox.wait_for_space()  # backpressure from a slow reader
-                self._reply_result(call.id, value)
+                # The only call open here: nothing else will answer soon, so write the answer
+                # from here, not from a wakeup of the writer task (as the read loop does).
+                self._reply_result(call.id, value, write_now=len(self.conn.inflight) == 1)
                 return
             # Only reached when the scope caught the cancellation.
             self._expired(call, deadline)
@@ -664,10 +676,17 @@ class _ServerConnection:
             self._close_soon()
 
     def _reply_result(
-        self, call_id: int, value: Any, metadata: dict[str, Any] | None = None, encoded: bytes | None = None
+        self,
+        call_id: int,
+        value: Any,
+        metadata: dict[str, Any] | None = None,
+        encoded: bytes | None = None,
+        *,
+        write_now: bool = False,
     ) -> None:
         """Answer with ``value`` — or, given ``encoded`` (``encode_value(value)``, keys
-        checked: a keyed call's stored outcome), with those bytes, not encoding it again."""
+        checked: a keyed call's stored outcome), with those bytes, not encoding it again.
+        ``write_now``: see ``Outbox.put_nowait``."""
         try:
             if encoded is None:
                 data = self.conn.send_result(call_id, value, metadata)
@@ -679,14 +698,22 @@ class _ServerConnection:
         except wire.LocalProtocolError as exc:
             self._reply_error(call_id, Code.RESOURCE_EXHAUSTED, f"result too large: {exc}")
             return
-        self.outbox.put_nowait(data)
+        self.outbox.put_nowait(data, write_now)
 
-    def _reply_error(self, call_id: int, code: int, message: str, details: dict[str, Any] | None = None) -> None:
+    def _reply_error(
+        self,
+        call_id: int,
+        code: int,
+        message: str,
+        details: dict[str, Any] | None = None,
+        *,
+        write_now: bool = False,
+    ) -> None:
         try:
             data = self.conn.send_error(call_id, code, message, details)
         except (TypeError, wire.LocalProtocolError) as exc:
             data = self.conn.send_error(call_id, Code.INTERNAL, f"error could not be encoded: {exc}")
-        self.outbox.put_nowait(data)
+        self.outbox.put_nowait(data, write_now)
 
     def _reply_type_error(self, spec: MethodSpec, call: wire.Call, exc: TypeError) -> None:
         problem = spec.arguments_fit(call.args, call.kwargs)
