@@ -427,8 +427,10 @@ class Transaction:
         last: BaseException | None = None
         while trio.current_time() < give_up_at:
             try:
-                with trio.fail_at(give_up_at):
+                with trio.CancelScope(deadline=give_up_at) as scope:  # (fail_at, without its wrapper)
                     await self._commit_call(participants)
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
                 self.outcome = "committed"
                 self._cluster.stats["committed"] += 1
                 return
