@@ -21,7 +21,7 @@ import txrpc
 from storage import BatchFailed, ShardStore, StorageClosed
 from storage._shard_store import WriteSet
 from txrpc import _env
-from txrpc._routing import EpochGuard
+from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
 from txrpc._service import MethodSpec
 from txrpc._shardmap import ShardMap
 
@@ -46,6 +46,10 @@ AUTOCOMMIT_ATTEMPTS_MAX = 5
 
 
 COMMIT_MANY_MAX = 1024
+GROUP_RECORDS_MAX = 256
+"""Records of one batch message taken together as one queued write of the group commit
+(at most: the appender bounds its batches and queue by queued writes, so a group's size
+is bounded here); the rest of the message goes one by one."""
 BATCH_ANSWER_S = 1.0
 """``tx.prepare_many`` / ``repl.prepare_many`` answer by then (or by half the call's
 remaining time): steps still running are answered ``PENDING``."""
@@ -800,8 +804,10 @@ class Participant:
             tx = self.core.txs.get(txid)
             if tx is None or tx.state is not TxState.PREPARED or txid in self._busy:
                 rest.append(index)
-            else:
+            elif len(ready) < GROUP_RECORDS_MAX:
                 ready.append(index)
+            else:
+                rest.append(index)
 
         async def one(index: int, txid: int) -> None:
             answers[index] = await self._answer_of(self.commit, txid, "commit")
@@ -1080,7 +1086,13 @@ class Participant:
                 log.error("node %s: replicated prepare of %r failed", self.shard, txid, exc_info=exc)
                 return [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
 
-        answers = await self._each_answered(records, one, await self._repl_take_prepares(records, origin))
+        group = await self._repl_take_prepares(records, origin)
+        try:
+            answers = await self._each_answered(records, one, None if group is None else group[:2])
+        except BaseException:
+            if group is not None:
+                group[2]()  # (a no-op once the write started)
+            raise
         # A fenced record's WRONG_EPOCH carries this node's map; the primary needs it once,
         # not once per record (a batch of 256 fenced records would repeat it 256 times).
         wrong_epoch = int(txrpc.Code.WRONG_EPOCH)
@@ -1091,25 +1103,28 @@ class Participant:
 
     async def _repl_take_prepares(
         self, records: list[Any], origin: str
-    ) -> tuple[list[int], Callable[[], Awaitable[list[Any]]]] | None:
+    ) -> tuple[list[int], Callable[[], Awaitable[list[Any]]], Callable[[], None]] | None:
         """The common case of :meth:`_repl_prepare_many`, for many records at once: each
         record that passes the checks, is new here and conflicts with no lock held has
         its locks taken now (in the batch's order, without an await in between) and is
         made durable with the others in one queued write. Returns (their indices, the job
-        that writes them and answers each), or None if none; :meth:`_repl_prepare` takes
-        every other record (a refusal, a resend, a lock wait) on its own."""
+        that writes them and answers each, and what undoes the taking if the job never
+        runs), or None if none; :meth:`_repl_prepare` takes every other record (a
+        refusal, a resend, a lock wait, a newer epoch) on its own."""
         replication = self.replication
         assert replication is not None
-        call_epoch = await replication.follow_call_epoch()  # once: one message, one epoch
-        if call_epoch is None or call_epoch > replication.guard.epoch:
-            return None  # refused: each record's own path says why
+        call_epoch = txrpc.current_call().metadata.get(EPOCH_METADATA_KEY)
+        if type(call_epoch) is not int or call_epoch > replication.guard.epoch:
+            return None  # refused, or a newer map to fetch first: each record's own path (concurrently)
         now = trio.current_time()
         indices: list[int] = []
         taken: list[tuple[int, WriteSet, list[tuple[Any, Mode]]]] = []
         for index, (txid, writes) in enumerate(records):
+            if len(taken) == GROUP_RECORDS_MAX:
+                break
             try:
                 share = _repl_share(txid, writes, origin)
-                replication.check_fence(origin, call_epoch, [k for k, _, _ in share])
+                replication.check_fence(origin, call_epoch, [k for k, _, _ in share], count=False)
                 if not share:
                     continue
                 rid = record_id(txid, replication.origin_index(origin))
@@ -1132,8 +1147,25 @@ class Participant:
         done = trio.Event()
         for rid, _, _ in taken:
             self._busy[rid] = done
+        state = ["taken"]  # -> "writing" (the job started) or "untaken" (it never will)
+
+        def untake() -> None:
+            """The batch failed before the write started: the write will not start (it
+            checks), nothing of it is on disk; the records are dropped from memory."""
+            if state[0] != "taken":
+                return
+            state[0] = "untaken"
+            for rid, _, _ in taken:
+                self._replicated_epoch.pop(rid, None)
+                self._prepared_at.pop(rid, None)
+                self._wake(self.core.abort(rid, "replicated prepare record never written"), rid)
+                del self._busy[rid]
+            done.set()
 
         async def write() -> list[Any]:
+            if state[0] == "untaken":
+                return [[int(txrpc.Code.UNAVAILABLE), "the batch failed before its write", {}] for _ in taken]
+            state[0] = "writing"
             meta = {"origin": origin, "epoch": call_epoch}
             try:
                 try:
@@ -1150,16 +1182,16 @@ class Participant:
                             self._prepared_at.pop(rid, None)
                             self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
                     if isinstance(exc, txrpc.RpcError):
-                        return [[int(exc.code), exc.message, dict(exc.details)]] * len(taken)
+                        return [[int(exc.code), exc.message, dict(exc.details)] for _ in taken]
                     log.error("node %s: replicated prepare of %d records failed", self.shard, len(taken), exc_info=exc)
-                    return [[int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]] * len(taken)
+                    return [[int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}] for _ in taken]
             finally:
                 for rid, _, _ in taken:
                     del self._busy[rid]
                 done.set()
             return ["ok"] * len(taken)
 
-        return indices, write
+        return indices, write, untake
 
     async def _repl_commit(self, txid: int) -> str:
         """A primary committed ``txid``: apply its replicated records here (idempotent;
@@ -1201,7 +1233,8 @@ class Participant:
             seen: set[int] = set()
             for txid in txids:
                 rids = self.replication.records_of(txid)
-                if txid in seen or not rids or any(rid in self._busy for rid in rids):
+                busy = any(rid in self._busy for rid in rids)
+                if txid in seen or not rids or busy or len(ready) >= GROUP_RECORDS_MAX:
                     rest.append(txid)
                 else:
                     ready += rids

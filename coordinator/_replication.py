@@ -433,8 +433,9 @@ class Replication:
             return  # test-only broken protocol (simulator): no fencing
         self.check_fence(origin, await self.follow_call_epoch(), keys)
 
-    def check_fence(self, origin: str, call_epoch: int | None, keys: Iterable[Any]) -> None:
-        """:meth:`fence` once the call's epoch is known (and followed, if newer)."""
+    def check_fence(self, origin: str, call_epoch: int | None, keys: Iterable[Any], *, count: bool = True) -> None:
+        """:meth:`fence` once the call's epoch is known (and followed, if newer); a refusal
+        counts in ``stats["refused"]`` unless ``count`` is False (a caller that asks again)."""
         if _env.broken("replication.follower_ignores_epoch"):
             return  # test-only broken protocol (simulator): no fencing
         if call_epoch is None:
@@ -447,7 +448,7 @@ class Replication:
             )
         shard_map = self.guard.shard_map
         if call_epoch < shard_map.epoch:
-            self.stats["refused"] += 1
+            self.stats["refused"] += count
             raise txrpc.WrongEpoch(
                 f"replication from {origin} at epoch {call_epoch}; follower {self.node} is at epoch "
                 f"{shard_map.epoch} (the sender was deposed or is behind)",
@@ -456,7 +457,7 @@ class Replication:
         for key in keys:
             members = shard_map.replicas_of(key)
             if members[0] != origin or self.node not in members[1:]:
-                self.stats["refused"] += 1
+                self.stats["refused"] += count
                 raise txrpc.FailedPrecondition(
                     f"at epoch {shard_map.epoch}, {origin} is not the primary of {key!r} with {self.node} "
                     f"as a follower (replicas: {list(members)})"

@@ -215,8 +215,11 @@ async def test_repl_prepare_many_answers_each_record(tmp_path: Path) -> None:
             assert await current.call("repl.abort", txid) == "ok"
             stale = client.options(metadata={"epoch": shard_map.epoch - 1})
             records = [[txid + 1, [[names[0], False, 7]]], [txid + 2, [[names[0], False, 8]]]]
+            stats = local.participants[follower].replication.stats  # type: ignore[union-attr]
+            refused = stats["refused"]
             fenced = await stale.call("repl.prepare_many", records, origin=primary)
             assert [a[0] for a in fenced] == [int(txrpc.Code.WRONG_EPOCH)] * 2
+            assert stats["refused"] == refused + 2  # once per record
             assert sum("shard_map" in a[2] for a in fenced) == 1  # the map once per answer, not per record
             for bad in ([], [[1]], [[1, "writes"]], "x", [[1, []]] * 2000):
                 with pytest.raises(txrpc.InvalidArgument):

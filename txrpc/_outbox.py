@@ -116,7 +116,7 @@ class Outbox:
             self._writer_lot.unpark()
 
     async def _send(self, data: bytes) -> None:
-        if self._socket is not None:
+        if self._socket is not None and len(data) < LARGE_CHUNK_BYTES:
             # Most writes fit in the socket buffer: take that path without send_all's
             # checkpoints and the stall timer's cancel scope (the writer parks when
             # nothing is queued, so it still yields). What is left goes through send_all.
