@@ -116,15 +116,20 @@ class Outbox:
             self._writer_lot.unpark()
 
     async def _send(self, data: bytes) -> None:
-        if self._socket is not None and len(data) < LARGE_CHUNK_BYTES:
+        if self._socket is not None:
             # Most writes fit in the socket buffer: take that path without send_all's
             # checkpoints and the stall timer's cancel scope (the writer parks when
-            # nothing is queued, so it still yields). What is left goes through send_all.
+            # nothing is queued, so it still yields). What is left goes through send_all
+            # (a view of it: a large chunk is not copied again).
             written = self._write_direct(data)
             if written == len(data):
                 return
             if written:
-                data = data[written:]
+                await self._send_all(memoryview(data)[written:])
+                return
+        await self._send_all(data)
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
         self._sending = True
         try:
             if self._send_stall_timeout_s is None:
