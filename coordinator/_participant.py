@@ -46,6 +46,7 @@ AUTOCOMMIT_ATTEMPTS_MAX = 5
 
 
 COMMIT_MANY_MAX = 1024
+"""Transactions in one ``tx.commit_many`` (the coordinator sends at most 256)."""
 GROUP_RECORDS_MAX = 256
 """Records of one batch message taken together as one queued write of the group commit
 (at most: the appender bounds its batches and queue by queued writes, so a group's size
@@ -54,7 +55,6 @@ BATCH_ANSWER_S = 1.0
 """``tx.prepare_many`` / ``repl.prepare_many`` answer by then (or by half the call's
 remaining time): steps still running are answered ``PENDING``."""
 PENDING = "PENDING"
-"""Transactions in one ``tx.commit_many`` (the coordinator sends at most 256)."""
 
 class _Conflict(Exception):
     """This transaction lost a lock conflict (wait-die) or its lock wait timed out."""
@@ -836,40 +836,21 @@ class Participant:
         return "ok"
 
     async def _apply(self, txid: int) -> None:
-        tx = self.core.txs[txid]
-        writes = [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in tx.writes.items()]
-        if not writes:  # read-only: nothing to make durable, no commit-log entry
-            self._wake(self.core.committed(txid))
-            return
-        self._busy[txid] = done = trio.Event()
-        try:
-            if self.replication is not None and self.replication.resyncing:
-                # Before the write is queued, not after it is durable: a catch-up page
-                # filtered in between would otherwise be queued behind this newer write
-                # and overwrite it with the older snapshot value.
-                self.replication.touched.update(k for k, _, _ in writes)
-            await self.store.apply_commit(txid, writes)
-            self._replicated_epoch.pop(txid, None)
-            self._prepared_at.pop(txid, None)
-            self._holders.pop(txid, None)
-            self._wake(self.core.committed(txid))
-        finally:
-            del self._busy[txid]
-            done.set()
+        await self._apply_many([txid])
 
     async def _apply_many(self, txids: list[int]) -> None:
-        """:meth:`_apply` for several transactions held here that no other message of
-        theirs is writing: their write sets go to the store as one queued write."""
-        commits = []
-        for txid in txids:
-            writes = self.core.txs[txid].writes
-            commits.append((txid, [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in writes.items()]))
+        """Commit transactions held here that no other message of theirs is writing:
+        their write sets (data, commit-log entries, prepare records dropped) go to the
+        store as one queued write; then their locks are released."""
+        commits = [(txid, _write_set(self.core.txs[txid])) for txid in txids]
         done = trio.Event()
         for txid in txids:
             self._busy[txid] = done
         try:
             if self.replication is not None and self.replication.resyncing:
-                # Before the write is queued (see _apply).
+                # Before the write is queued, not after it is durable: a catch-up page
+                # filtered in between would otherwise be queued behind this newer write
+                # and overwrite it with the older snapshot value.
                 self.replication.touched.update(k for _, writes in commits for k, _, _ in writes)
             durable = [commit for commit in commits if commit[1]]  # read-only: nothing to write
             if durable:
@@ -1034,14 +1015,7 @@ class Participant:
                 return "ok"  # a resend that overtook this one
             # The locks are taken before the durable write (no await in between since the
             # check), so nothing can take them while the record is being written.
-            write_map = {k: (TOMBSTONE if d else v) for k, d, v in share}
-            self.core.restore_prepared(rid, write_map, locks, trio.current_time())
-            self.core.locks.mark_prepared(rid)
-            # The epoch it was taken at, from now on (not once durable): a catch-up that
-            # starts while it is being written must see a record of the join epoch, not
-            # a stale one to drop (found by test_replication_processes: it was dropped).
-            self._replicated_epoch[rid] = txrpc.current_call().metadata["epoch"]
-            self._prepared_at[rid] = trio.current_time()
+            self._take_replicated(rid, share, locks, txrpc.current_call().metadata["epoch"], trio.current_time())
             break
         meta = {"origin": origin, "epoch": self._replicated_epoch[rid]}
         self._busy[rid] = done = trio.Event()
@@ -1055,14 +1029,30 @@ class Participant:
             except BaseException as exc:
                 # An unknown outcome may be on disk: kept, resolved like any record.
                 if not (isinstance(exc, BatchFailed) and exc.outcome_unknown):
-                    self._replicated_epoch.pop(rid, None)
-                    self._prepared_at.pop(rid, None)
-                    self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
+                    self._drop_replicated(rid, "replicated prepare record not durable")
                 raise
         finally:
             del self._busy[rid]
             done.set()
         return "ok"
+
+    def _take_replicated(
+        self, rid: int, share: WriteSet, locks: list[tuple[Any, Mode]], epoch: int, now: float
+    ) -> None:
+        """A replicated record held here from now on: prepared, its write locks taken. It
+        keeps the epoch it was taken at from now (not once durable): a catch-up that starts
+        while it is being written must see a record of the join epoch, not a stale one to
+        drop (found by test_replication_processes: it was dropped)."""
+        self.core.restore_prepared(rid, {k: (TOMBSTONE if d else v) for k, d, v in share}, locks, now)
+        self.core.locks.mark_prepared(rid)
+        self._replicated_epoch[rid] = epoch
+        self._prepared_at[rid] = now
+
+    def _drop_replicated(self, rid: int, reason: str) -> None:
+        """Undo :meth:`_take_replicated` (its record is not on disk): aborted, locks freed."""
+        self._replicated_epoch.pop(rid, None)
+        self._prepared_at.pop(rid, None)
+        self._wake(self.core.abort(rid, reason), rid)
 
     async def _repl_prepare_many(self, records: list[Any], origin: str = "") -> list[Any]:
         """Several of a primary's prepare records at once (it batches them per follower):
@@ -1086,7 +1076,7 @@ class Participant:
                 log.error("node %s: replicated prepare of %r failed", self.shard, txid, exc_info=exc)
                 return [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
 
-        group = await self._repl_take_prepares(records, origin)
+        group = self._repl_take_prepares(records, origin)
         try:
             answers = await self._each_answered(records, one, None if group is None else group[:2])
         except BaseException:
@@ -1101,7 +1091,7 @@ class Participant:
             answer[2] = {k: v for k, v in answer[2].items() if k != "shard_map"}
         return answers
 
-    async def _repl_take_prepares(
+    def _repl_take_prepares(
         self, records: list[Any], origin: str
     ) -> tuple[list[int], Callable[[], Awaitable[list[Any]]], Callable[[], None]] | None:
         """The common case of :meth:`_repl_prepare_many`, for many records at once: each
@@ -1136,10 +1126,7 @@ class Participant:
             if replication.conflicts(rid, locks):
                 continue
             replication.stats["prepares_received"] += 1
-            self.core.restore_prepared(rid, {k: (TOMBSTONE if d else v) for k, d, v in share}, locks, now)
-            self.core.locks.mark_prepared(rid)
-            self._replicated_epoch[rid] = call_epoch
-            self._prepared_at[rid] = now
+            self._take_replicated(rid, share, locks, call_epoch, now)
             indices.append(index)
             taken.append((rid, share, locks))
         if not taken:
@@ -1156,9 +1143,7 @@ class Participant:
                 return
             state[0] = "untaken"
             for rid, _, _ in taken:
-                self._replicated_epoch.pop(rid, None)
-                self._prepared_at.pop(rid, None)
-                self._wake(self.core.abort(rid, "replicated prepare record never written"), rid)
+                self._drop_replicated(rid, "replicated prepare record never written")
                 del self._busy[rid]
             done.set()
 
@@ -1178,9 +1163,7 @@ class Participant:
                     # An unknown outcome may be on disk: kept, resolved like any record.
                     if not (isinstance(exc, BatchFailed) and exc.outcome_unknown):
                         for rid, _, _ in taken:
-                            self._replicated_epoch.pop(rid, None)
-                            self._prepared_at.pop(rid, None)
-                            self._wake(self.core.abort(rid, "replicated prepare record not durable"), rid)
+                            self._drop_replicated(rid, "replicated prepare record not durable")
                     if isinstance(exc, txrpc.RpcError):
                         return [[int(exc.code), exc.message, dict(exc.details)] for _ in taken]
                     log.error("node %s: replicated prepare of %d records failed", self.shard, len(taken), exc_info=exc)

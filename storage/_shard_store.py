@@ -180,19 +180,10 @@ class ShardStore:
     ) -> None:
         """Make the prepare record (write set + locks) durable. ``meta`` (replication:
         ``{"origin": node}``, for inspection) is kept with it."""
-        lock_list = [[_resource_to_wire(r), m] for r, m in locks]
-        row = {
-            "shard": self.shard,
-            "txid": txid,
-            "writes": encode(_writes_to_wire(writes)),
-            # A plain list (the original format), or a map carrying the replication facts.
-            "locks": encode({"locks": lock_list, **meta} if meta else lock_list),
-            "prepared_at": time.time(),
-        }
-        await self.appender.append(PREPARE_RECORDS, row)
+        await self.write_prepares([(txid, writes, locks, meta)])
 
     async def write_prepares(
-        self, records: Sequence[tuple[int, WriteSet, Sequence[tuple[Any, str]], dict[str, Any]]]
+        self, records: Sequence[tuple[int, WriteSet, Sequence[tuple[Any, str]], dict[str, Any] | None]]
     ) -> None:
         """:meth:`write_prepare` for several ``(txid, writes, locks, meta)`` records at
         once: one queued record for the group commit (one wait, not one per record)."""
@@ -205,11 +196,12 @@ class ShardStore:
                     "shard": self.shard,
                     "txid": txid,
                     "writes": encode(_writes_to_wire(writes)),
+                    # A plain list (the original format), or a map carrying the replication facts.
                     "locks": encode({"locks": lock_list, **meta} if meta else lock_list),
                     "prepared_at": now,
                 }
             )
-        await self.appender.append(PREPARE_RECORD_GROUPS, rows)
+        await self.appender.append(PREPARE_RECORDS, rows)
 
     async def delete_prepare(self, txid: int) -> None:
         await self.appender.append(DROP_PREPARE_RECORDS, (self.shard, txid))
@@ -217,24 +209,8 @@ class ShardStore:
     async def apply_commit(self, txid: int, writes: WriteSet) -> int:
         """Apply ``writes``, append the commit-log entry and drop the prepare record,
         in one local transaction. Returns the entry's log position."""
-        position = self.next_position
-        self.next_position += 1
-        # The cache takes the new values now, in log-position order: entries that are
-        # written concurrently (one group-commit batch) may finish in any order, and
-        # updating the cache as each finishes could leave an older value in it.
-        for key, deleted, value in writes:
-            self._remember(key, (False, None) if deleted else (True, value))
-        self._writes_started += 1
-        self._writes_in_flight += 1
-        entry = _CommitEntry(self.shard, position, txid, writes, time.time())
-        try:
-            result: int = await self.appender.append(COMMITS, entry)
-        except BaseException:
-            self._cache.clear()  # the outcome may be unknown: re-read from the database
-            raise
-        finally:
-            self._writes_in_flight -= 1
-        return result
+        (position,) = await self.apply_commits([(txid, writes)])
+        return position
 
     async def apply_commits(self, commits: Sequence[tuple[int, WriteSet]]) -> list[int]:
         """:meth:`apply_commit` for several ``(txid, writes)`` at once, in this order: one
@@ -242,6 +218,9 @@ class ShardStore:
         now = time.time()
         entries = []
         for txid, writes in commits:
+            # The cache takes the new values now, in log-position order: entries that are
+            # written concurrently (one group-commit batch) may finish in any order, and
+            # updating the cache as each finishes could leave an older value in it.
             for key, deleted, value in writes:
                 self._remember(key, (False, None) if deleted else (True, value))
             entries.append(_CommitEntry(self.shard, self.next_position, txid, writes, now))
@@ -249,7 +228,7 @@ class ShardStore:
         self._writes_started += 1
         self._writes_in_flight += 1
         try:
-            result: list[int] = await self.appender.append(COMMIT_GROUPS, entries)
+            result: list[int] = await self.appender.append(COMMITS, entries)
         except BaseException:
             self._cache.clear()  # the outcome may be unknown: re-read from the database
             raise
@@ -519,11 +498,6 @@ def _write_commits(conn: Connection, entries: Sequence[_CommitEntry]) -> list[in
     return [e.position for e in entries]
 
 
-PREPARE_RECORDS: RecordKind[dict[str, Any], None] = RecordKind("prepare", _write_prepares)
-DROP_PREPARE_RECORDS: RecordKind[tuple[str, int], None] = RecordKind("drop_prepare", _drop_prepares)
-COMMITS: RecordKind[_CommitEntry, int] = RecordKind("commit", _write_commits)
-
-
 def _write_prepare_groups(conn: Connection, groups: Sequence[list[dict[str, Any]]]) -> list[None]:
     _write_prepares(conn, [row for group in groups for row in group])
     return [None] * len(groups)
@@ -534,6 +508,8 @@ def _write_commit_groups(conn: Connection, groups: Sequence[list[_CommitEntry]])
     return [[next(positions) for _ in group] for group in groups]
 
 
-# Several records queued as one (a follower's batch from its primary): one wait for all.
-PREPARE_RECORD_GROUPS: RecordKind[list[dict[str, Any]], None] = RecordKind("prepare_group", _write_prepare_groups)
-COMMIT_GROUPS: RecordKind[list[_CommitEntry], list[int]] = RecordKind("commit_group", _write_commit_groups)
+# A queued record is a list of rows: one transaction's, or a follower's batch of them (one
+# wait for all).
+PREPARE_RECORDS: RecordKind[list[dict[str, Any]], None] = RecordKind("prepare", _write_prepare_groups)
+DROP_PREPARE_RECORDS: RecordKind[tuple[str, int], None] = RecordKind("drop_prepare", _drop_prepares)
+COMMITS: RecordKind[list[_CommitEntry], list[int]] = RecordKind("commit", _write_commit_groups)

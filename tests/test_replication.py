@@ -277,6 +277,19 @@ async def test_a_followers_batch_is_written_together_and_the_rest_alone(
             assert await current.call("repl.prepare", b, [[k1, False, 8]], origin=primary) == "ok"  # asked alone
             assert groups["prepare"] == [1]  # b: its own write, once a's lock was free
             assert await current.call("repl.commit_many", [b, b]) == 1  # a duplicate applies nothing
+            # At most GROUP_RECORDS_MAX records go together; the rest of the batch one by one.
+            keys = [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == primary][2:302]
+            txids = list(range(10**9, 10**9 + len(keys)))
+            before = len(groups["prepares"])
+            records = [[txid, [[key, False, 1]]] for txid, key in zip(txids, keys, strict=True)]
+            answers = await current.call("repl.prepare_many", records, origin=primary)
+            assert set(answers) <= {"ok", "PENDING"}
+            with trio.fail_after(10):
+                while sum(groups["prepares"][before:]) < len(keys):
+                    await trio.sleep(0.05)
+            assert sorted(groups["prepares"][before:]) == [1] * (len(keys) - 256) + [256]
+            for txid in txids:
+                await current.call("repl.abort", txid)
         store = local.participants[follower].store
         assert await store.get(k1) == (True, 8) and await store.get(k2) == (True, 9)
         assert [rid for rid in local.participants[follower].core.txs if rid < 0] == []
@@ -834,8 +847,7 @@ async def test_a_follower_record_the_primary_gave_up_on_stays_in_memory_as_on_di
 
         return write
 
-    monkeypatch.setattr(ShardStore, "write_prepare", slowed(ShardStore.write_prepare))
-    monkeypatch.setattr(ShardStore, "write_prepares", slowed(ShardStore.write_prepares))  # (a batch's)
+    monkeypatch.setattr(ShardStore, "write_prepares", slowed(ShardStore.write_prepares))  # (write_prepare's too)
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         coordinator = local.coordinator
         assert coordinator is not None and coordinator.shard_map is not None

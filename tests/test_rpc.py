@@ -454,6 +454,29 @@ async def test_idle_connections_are_closed_and_clients_reconnect() -> None:
         await server.shutdown()
 
 
+async def test_the_idle_timeout_counts_from_the_last_read_never_sooner() -> None:
+    """The server moves its idle deadline only when it comes nearer than idle_timeout_s
+    (not on every read): a connection is still closed no sooner than idle_timeout_s after
+    its last read, and not much later (at most 1/16 of it, plus scheduling here)."""
+    service, _ = make_service()
+    idle_s = 0.8
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            txrpc.Server(service, limits=txrpc.Limits(idle_timeout_s=idle_s)).serve_tcp, "127.0.0.1", 0
+        )
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            for i in range(30):  # reads closer together than idle_s / 16: most move nothing
+                assert await client.add(i, 1) == i + 1
+                await trio.sleep(0.01)
+            last_read = trio.current_time()
+            with trio.fail_after(5):
+                while server.connection_count:
+                    await trio.sleep(0.01)
+            closed_after = trio.current_time() - last_read
+            assert idle_s <= closed_after <= idle_s * (1 + 1 / 16) + 0.5, closed_after
+        await server.shutdown()
+
+
 async def test_keepalive_pings_keep_an_idle_connection_open() -> None:
     service, _ = make_service()
     async with trio.open_nursery() as nursery:
