@@ -466,9 +466,11 @@ async def test_the_idle_timeout_counts_from_the_last_read_never_sooner() -> None
         )
         async with txrpc.connect("127.0.0.1", server.port) as client:
             for i in range(30):  # reads closer together than idle_s / 16: most move nothing
-                assert await client.add(i, 1) == i + 1
                 await trio.sleep(0.01)
-            last_read = trio.current_time()
+                # Taken before the call is sent, so no later than the server's last read:
+                # closed_after below can only over-count the idle time, never under-count it.
+                last_read = trio.current_time()
+                assert await client.add(i, 1) == i + 1
             with trio.fail_after(5):
                 while server.connection_count:
                     await trio.sleep(0.01)
