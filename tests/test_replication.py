@@ -295,6 +295,109 @@ async def test_a_followers_batch_is_written_together_and_the_rest_alone(
         assert [rid for rid in local.participants[follower].core.txs if rid < 0] == []
 
 
+def _count_follower_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Records per ShardStore.write_prepares call ("prepares"; write_prepare's one record
+    counts there too) and a 1 per write_prepare (the one-record path)."""
+    from storage._shard_store import ShardStore
+
+    counts: dict[str, list[int]] = {"prepares": [], "prepare": []}
+    real_prepares, real_prepare = ShardStore.write_prepares, ShardStore.write_prepare
+
+    async def write_prepares(self: ShardStore, records: Any) -> None:
+        counts["prepares"].append(len(records))
+        await real_prepares(self, records)
+
+    async def write_prepare(self: ShardStore, *args: Any, **kwargs: Any) -> None:
+        counts["prepare"].append(1)
+        await real_prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardStore, "write_prepares", write_prepares)
+    monkeypatch.setattr(ShardStore, "write_prepare", write_prepare)
+    return counts
+
+
+async def test_a_followers_batch_at_a_newer_epoch_goes_record_by_record_after_the_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repl.prepare_many whose epoch is newer than the follower's: the follower fetches
+    the authority's map first (as for one record) and takes each record on its own path;
+    none is taken together before the map is known. The next batch, at the follower's
+    epoch, goes together again."""
+    counts = _count_follower_writes(monkeypatch)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        coordinator = local.coordinator
+        assert coordinator is not None and coordinator.shard_map is not None
+        before = coordinator.shard_map
+        primary, follower = before.nodes[0].name, before.nodes[1].name
+        mine = [n for n in (f"acct{i}" for i in range(5000)) if before.primary_of(n).name == primary]
+        newer_map = before.with_epoch(before.epoch + 1)
+        await coordinator._store_map(newer_map)  # the authority's (durable), not published to the shards
+        coordinator.shard_map = newer_map
+        replication = local.participants[follower].replication
+        assert replication is not None and replication.guard.epoch == before.epoch
+        for values in counts.values():
+            values.clear()
+        async with txrpc.connect(*before.node(follower).address) as client:
+            newer = client.options(metadata={"epoch": before.epoch + 1})
+            a, b, c, d = [(await cluster.coordinator.call("coord.begin", None))["txid"] for _ in range(4)]
+            answers = await newer.call(
+                "repl.prepare_many", [[a, [[mine[0], False, 1]]], [b, [[mine[1], False, 2]]]], origin=primary
+            )
+            assert answers == ["ok", "ok"]
+            assert replication.guard.epoch == before.epoch + 1  # it followed the call's epoch
+            assert counts == {"prepares": [1, 1], "prepare": [1, 1]}, counts  # (write_prepare is write_prepares of one)
+            answers = await newer.call(
+                "repl.prepare_many", [[c, [[mine[2], False, 3]]], [d, [[mine[3], False, 4]]]], origin=primary
+            )
+            assert answers == ["ok", "ok"]
+            assert counts == {"prepares": [1, 1, 2], "prepare": [1, 1]}, counts
+            assert await newer.call("repl.commit_many", [a, b, c, d]) == 4
+        store = local.participants[follower].store
+        assert [await store.get(k) for k in mine[:4]] == [(True, 1), (True, 2), (True, 3), (True, 4)]
+
+
+async def test_a_followers_batch_that_fails_before_its_write_frees_what_it_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The records a batch took together (locks, prepared in memory) are dropped if the
+    batch fails before their write starts: nothing is written, the caller gets an error,
+    and a later record for the same keys is taken at once (no lock left behind)."""
+    from coordinator import Participant
+
+    counts = _count_follower_writes(monkeypatch)
+    real = Participant._each_answered
+    fail = [True]
+
+    async def failing(self: Participant, items: Any, one: Any, group: Any = None) -> list[Any]:
+        if fail[0] and group is not None:
+            fail[0] = False
+            raise RuntimeError("the batch failed before its write started (test)")
+        return await real(self, items, one, group)
+
+    monkeypatch.setattr(Participant, "_each_answered", failing)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        primary, follower = shard_map.nodes[0].name, shard_map.nodes[1].name
+        k1, k2 = [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == primary][:2]
+        participant = local.participants[follower]
+        for values in counts.values():
+            values.clear()
+        async with txrpc.connect(*shard_map.node(follower).address) as client:
+            current = client.options(metadata={"epoch": shard_map.epoch}, retries_max=0)
+            a, b = [(await cluster.coordinator.call("coord.begin", None))["txid"] for _ in range(2)]
+            with pytest.raises(txrpc.Internal):
+                await current.call(
+                    "repl.prepare_many", [[a, [[k1, False, 1]]], [a + 10**9, [[k2, False, 1]]]], origin=primary
+                )
+            assert counts == {"prepares": [], "prepare": []}  # nothing written
+            assert [rid for rid in participant.core.txs if rid < 0] == []  # nothing held
+            with trio.fail_after(2):  # k1's lock is free: taken at once, not after lock_wait_s
+                assert await current.call("repl.prepare_many", [[b, [[k1, False, 5]]]], origin=primary) == ["ok"]
+            assert counts == {"prepares": [1], "prepare": []}
+            assert await current.call("repl.commit_many", [b]) == 1
+        assert await participant.store.get(k1) == (True, 5)
+
+
 async def test_an_older_follower_gets_one_repl_prepare_per_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
