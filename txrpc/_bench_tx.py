@@ -7,6 +7,10 @@ one shard and deposits it on another shard (single-shard row: both on one shard,
 commits in one phase). The peer: the same transfers as ``UPDATE … SET bal = bal ± 1`` in
 two of three PostgreSQL databases with PREPARE TRANSACTION / COMMIT PREPARED.
 
+With ``--rounds N`` the stacks run N times, in alternating order (A B C, C B A, ...);
+each ratio is the median of the rounds' own ratios (both sides measured minutes apart),
+printed with the lowest and highest: these machines' speed drifts within the hour.
+
 PostgreSQL needs ``max_prepared_transactions > 0``: ``--pg-setup`` runs
 ``ALTER SYSTEM SET max_prepared_transactions = 200`` and restarts the local server with
 ``pg_ctlcluster`` (root on the build machine); without it the bench says what to run.
@@ -270,6 +274,86 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
     )
 
 
+# --- ratios ----------------------------------------------------------------------------------
+
+CROSS, ONE = "cross-shard (2 of 3)", "1 shard"
+
+#: name -> (numerator (stack, workload), denominator (stack, workload), target, label).
+#: Each is taken per round (both measured in that round) and summarized over rounds.
+#: The targets are the issues'; a replicated shard's single-shard transactions are not
+#: one-phase (they go through the coordinator), so that ratio is shown without one.
+RATIO_DEFS: dict[str, tuple[tuple[str, str], tuple[str, str], float | None, str]] = {
+    "r1_vs_pg": (("txrpc R=1", CROSS), ("PG 2PC", CROSS), 1.0, "PG"),
+    "r1_one_vs_cross": (("txrpc R=1", ONE), ("txrpc R=1", CROSS), 2.0, "x-shard"),
+    "r2_vs_pg": (("txrpc R=2", CROSS), ("PG 2PC", CROSS), 1.0, "PG"),
+    "r2_vs_r1": (("txrpc R=2", CROSS), ("txrpc R=1", CROSS), 0.5, "R=1"),
+    "r2_one_vs_cross": (("txrpc R=2", ONE), ("txrpc R=2", CROSS), None, "x-shard"),
+    "r3_vs_pg": (("txrpc R=3", CROSS), ("PG 2PC", CROSS), 1.0, "PG"),
+    "r3_vs_r1": (("txrpc R=3", CROSS), ("txrpc R=1", CROSS), 0.5, "R=1"),
+    "r3_one_vs_cross": (("txrpc R=3", ONE), ("txrpc R=3", CROSS), None, "x-shard"),
+}
+
+#: Which ratios a table row shows: the row's stack and workload is the numerator.
+RATIOS_OF: dict[tuple[str, str], tuple[str, ...]] = {}
+for _name, _definition in RATIO_DEFS.items():
+    RATIOS_OF[_definition[0]] = (*RATIOS_OF.get(_definition[0], ()), _name)
+
+
+@dataclass
+class Ratio:
+    median: float
+    low: float
+    high: float
+    rounds: int
+    target: float | None
+    label: str
+
+    @property
+    def met(self) -> bool:
+        return self.target is None or self.median >= self.target
+
+    @property
+    def goal(self) -> str:
+        return "" if self.target is None else f"≥{self.target:g}× {self.label}"
+
+    @property
+    def shown(self) -> str:
+        text = f"{self.median:.2f}× {self.label}"
+        if self.rounds > 1:
+            text += f" ({self.low:.2f}–{self.high:.2f})"
+        return text
+
+
+def round_orders(factors: list[int], with_pg: bool, rounds: int) -> list[list[int | str]]:
+    """The stacks of each round, in order: forward in even rounds and backward in odd
+    ones (A B C, C B A, ...), so that a drift of the machine's speed over the run does
+    not favour the stack that always runs first."""
+    order: list[int | str] = [*factors, *(["pg"] if with_pg else [])]
+    return [order if index % 2 == 0 else order[::-1] for index in range(rounds)]
+
+
+def round_ratios(rows: list[Row]) -> dict[str, float]:
+    """The ratios (``RATIO_DEFS``) one round's rows give: both sides measured in it."""
+    rate = {(r.stack, r.workload): r.per_s for r in rows}
+    found = {}
+    for name, (numerator, denominator, _, _) in RATIO_DEFS.items():
+        if numerator in rate and rate.get(denominator):
+            found[name] = rate[numerator] / rate[denominator]
+    return found
+
+
+def summarize_ratios(per_round: list[dict[str, float]]) -> dict[str, Ratio]:
+    """Each ratio's median over the rounds that measured it, with its lowest and highest.
+    (A paired measure: each round's ratio compares runs minutes apart, where medians of
+    each side taken separately would compare runs up to the whole bench apart.)"""
+    summary = {}
+    for name, (_, _, target, label) in RATIO_DEFS.items():
+        values = [r[name] for r in per_round if name in r]
+        if values:
+            summary[name] = Ratio(statistics.median(values), min(values), max(values), len(values), target, label)
+    return summary
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -318,14 +402,18 @@ def tx(
                 )
                 with_pg = False
     samples: dict[tuple[str, str], list[Row]] = {}
-    for _ in range(rounds):
-        for factor in factors:
-            for row in run_ours(clients, seconds, accounts, console, factor):
-                samples.setdefault((row.stack, row.workload), []).append(row)
-        if with_pg:
-            with console.status(f"PostgreSQL 2PC: {clients} clients, {seconds:g} s"):
-                row = run_postgres(clients, seconds, accounts)
+    per_round: list[dict[str, float]] = []
+    for index, order in enumerate(round_orders(factors, with_pg, rounds)):
+        measured: list[Row] = []
+        for stack in order:
+            if stack == "pg":
+                with console.status(f"PostgreSQL 2PC: {clients} clients, {seconds:g} s (round {index + 1})"):
+                    measured.append(run_postgres(clients, seconds, accounts))
+            else:
+                measured += run_ours(clients, seconds, accounts, console, int(stack))
+        for row in measured:
             samples.setdefault((row.stack, row.workload), []).append(row)
+        per_round.append(round_ratios(measured))
     rows = [
         Row(
             stack,
@@ -339,31 +427,15 @@ def tx(
         )
         for (stack, workload), rs in samples.items()
     ]
-    by = {(r.stack, r.workload): r for r in rows}
-    pg = by.get(("PG 2PC", "cross-shard (2 of 3)"))
-    r1_cross = by.get(("txrpc R=1", "cross-shard (2 of 3)"))
-    table = Table(title=f"txrpc bench tx — {clients} clients, {seconds:g} s, {accounts} accounts, medians of {rounds}")
+    ratios = summarize_ratios(per_round)
+    title = f"txrpc bench tx — {clients} clients, {seconds:g} s, {accounts} accounts, medians of {rounds}"
+    table = Table(title=title)
     for column in ("stack", "workload", "tx/s", "p50 ms", "p99 ms", "retries", "total ok", "ratio", "target"):
         table.add_column(column, justify="left" if column in ("stack", "workload", "target") else "right")
     for r in rows:
-        ratio = target = ""
-        ours_cross = by.get((r.stack, "cross-shard (2 of 3)"))
-        if r.stack.startswith("txrpc") and r.workload.startswith("cross"):
-            parts = []
-            if pg is not None:
-                value = r.per_s / pg.per_s
-                parts.append((f"{value:.2f}× PG", value >= 1.0, "≥1× PG"))
-            if r.stack != "txrpc R=1" and r1_cross is not None:
-                value = r.per_s / r1_cross.per_s
-                parts.append((f"{value:.2f}× R=1", value >= 0.5, "≥0.5× R=1"))
-            ratio = ", ".join(p[0] for p in parts)
-            target = ", ".join(("[green]met" if ok else "[red]missed") + f"[/] {goal}" for _, ok, goal in parts)
-        if r.stack.startswith("txrpc") and r.workload.startswith("1 shard") and ours_cross is not None:
-            value = r.per_s / ours_cross.per_s
-            ratio, target = (
-                f"{value:.2f}× x-shard",
-                ("[green]met" if value >= 2.0 else "[red]missed") + "[/] ≥2×",
-            )
+        parts = [ratios[key] for key in RATIOS_OF.get((r.stack, r.workload), ()) if key in ratios]
+        ratio = ", ".join(p.shown for p in parts)
+        target = ", ".join(("[green]met" if p.met else "[red]missed") + f"[/] {p.goal}" for p in parts if p.goal)
         table.add_row(
             r.stack,
             r.workload,
@@ -376,3 +448,8 @@ def tx(
             target,
         )
     console.print(table)
+    if rounds > 1 and ratios:
+        console.print(
+            "Ratios are medians of each round's own ratio (the two stacks measured minutes apart, "
+            "in alternating order), with the rounds' lowest and highest in brackets."
+        )
