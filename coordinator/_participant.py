@@ -684,14 +684,149 @@ class Participant:
 
     async def prepare_many(self, txids: list[int]) -> list[Any]:
         """Phase 1 for several transactions at once (the coordinator batches them): each
-        prepared as by :meth:`prepare`, concurrently (their records share group commits).
-        Answers, in order, each one's vote (as :meth:`prepare`) or its error (a string)."""
+        prepared as by :meth:`prepare` -- on an unreplicated shard most of them together,
+        their records in one write (:meth:`_take_prepares`), the rest concurrently (their
+        records share group commits). Answers, in order, each one's vote (as
+        :meth:`prepare`) or its error (a string)."""
         _check_txid_batch(txids)
 
+        voted: dict[int, Any] = {}  # answered by _take_prepares already: no record to write
+
         async def one(txid: int) -> Any:
+            if txid in voted:
+                return voted[txid]
             return await self._answer_of(self.prepare, txid, "prepare")
 
-        return await self._each_answered(txids, one)
+        group = self._take_prepares(txids, voted)
+        try:
+            return await self._each_answered(txids, one, None if group is None else group[:2])
+        except BaseException:
+            if group is not None:
+                group[2]()  # (a no-op once the write started)
+            raise
+
+    def _take_prepares(
+        self, txids: list[int], voted: dict[int, Any]
+    ) -> tuple[list[int], Callable[[], Awaitable[list[Any]]], Callable[[], None]] | None:
+        """The common case of :meth:`prepare_many` on an unreplicated shard, for many
+        transactions at once: each one no other message of it is writing is voted on now
+        (as :meth:`prepare` does, without an await in between). A vote that needs no
+        record (read-only, unknown, no) goes into ``voted``, answered at once; the
+        prepare records of the others are made durable together, as one queued write.
+        Returns (their indices, the job that writes the records and answers each, and
+        what undoes the taking if the job never runs), or None if none; :meth:`prepare`
+        takes the rest (a txid another message is writing, one whose map changed since its
+        first operation, those past ``GROUP_RECORDS_MAX``). A replicated shard prepares
+        each on its own (its followers' copies and read fences)."""
+        if self._replicated():
+            return None
+        epoch = None if self.replication is None else self.replication.guard.epoch
+        indices: list[int] = []
+        taken: list[tuple[int, WriteSet, list[tuple[Any, str]]]] = []
+        for index, txid in enumerate(txids):
+            if len(taken) == GROUP_RECORDS_MAX:
+                break
+            if txid in self._busy:
+                continue
+            tx = self.core.txs.get(txid)
+            if tx is not None and tx.epoch is not None and epoch is not None and tx.epoch != epoch:
+                continue  # prepare votes no on it (the map changed during the transaction)
+            action = None
+            try:
+                action, vote, reason, granted = self.core.prepare(txid)
+                if action is PrepareAction.VOTE:
+                    assert vote is not None
+                    self._wake(granted, txid if vote is Vote.NO else None)
+                    voted[txid] = {"vote": vote.value, "reason": reason}
+                elif action is PrepareAction.WRITE_RECORD:
+                    tx = self.core.txs[txid]
+                    writes = [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in tx.writes.items()]
+                    locks = [(resource, mode.value) for resource, mode in self.core.locks.held_by(txid).items()]
+                    taken.append((txid, writes, locks))
+                    indices.append(index)
+                # (WAIT is not reached: a preparing transaction is busy)
+            except Exception as exc:  # one failing transaction must not fail the others' answers
+                log.error("node %s: prepare of %s failed", self.shard, txid, exc_info=exc)
+                if action is PrepareAction.WRITE_RECORD:
+                    self._wake(self.core.prepare_failed(txid, f"prepare failed: {exc}"), txid)
+                voted[txid] = f"INTERNAL: {type(exc).__name__}: {exc}"
+        if not taken:
+            return None
+        done = trio.Event()
+        for txid, _, _ in taken:
+            self._busy[txid] = done
+        state = ["taken"]  # -> "writing" (the job started) or "untaken" (it never will)
+
+        def release() -> None:
+            for txid, _, _ in taken:
+                del self._busy[txid]
+            done.set()
+
+        def untake() -> None:
+            """The batch failed before the write started: the write will not start (it
+            checks); nothing of it is on disk; those transactions abort, as after a
+            failed write (the coordinator, which got no answer, aborts them too)."""
+            if state[0] != "taken":
+                return
+            state[0] = "untaken"
+            for txid, _, _ in taken:
+                self._wake(self.core.prepare_failed(txid, "the prepare batch failed before its write"), txid)
+            release()
+
+        async def write() -> list[Any]:
+            if state[0] == "untaken":
+                return ["UNAVAILABLE: the prepare batch failed before its write"] * len(taken)
+            state[0] = "writing"
+            try:
+                # Shielded, as each prepare is: memory must end up saying what disk says.
+                with trio.CancelScope(shield=True):
+                    votes = await self._write_taken_prepares(taken)
+            finally:
+                release()
+            return votes
+
+        return indices, write, untake
+
+    async def _write_taken_prepares(self, taken: list[tuple[int, WriteSet, list[tuple[Any, str]]]]) -> list[Any]:
+        """The job of :meth:`_take_prepares`: the records in one write, then each
+        transaction's vote as :meth:`prepare` gives it (or its error, as a string)."""
+        if taken and _env.buggify("participant.slow_prepare"):
+            await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
+        error: Exception | None = None
+        if taken:
+            try:
+                await self.store.write_prepares([(txid, writes, locks, None) for txid, writes, locks in taken])
+            except Exception as exc:
+                error = exc
+                log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), exc)
+        votes: list[Any] = []
+        for txid, _, _ in taken:
+            try:
+                votes.append(await self._vote_after_record(txid, error))
+            except StorageClosed:
+                votes.append("UNAVAILABLE: the shard is stopping")  # (as prepare answers it)
+            except txrpc.RpcError as exc:
+                votes.append(f"{exc.code.name}: {exc.message}")
+            except Exception as exc:
+                log.error("node %s: prepare of %s failed", self.shard, txid, exc_info=exc)
+                votes.append(f"INTERNAL: {type(exc).__name__}: {exc}")
+        return votes
+
+    async def _vote_after_record(self, txid: int, error: Exception | None) -> dict[str, Any]:
+        """An unreplicated transaction's vote once its prepare record's write ended
+        (``error``: it failed), as :meth:`prepare` gives it."""
+        if error is not None:
+            self._wake(self.core.prepare_failed(txid, f"prepare record not durable: {error}"), txid)
+            return {"vote": "no", "reason": f"prepare record not durable: {error}"}
+        if not self.core.prepared(txid):  # aborted while the record was being written
+            await self.store.delete_prepare(txid)
+            return {"vote": "no", "reason": "aborted during prepare"}
+        self.core.locks.mark_prepared(txid)
+        self._prepared_at[txid] = trio.current_time()
+        if _env.broken("participant.release_locks_at_prepare"):
+            self._wake(self.core.locks.release_all(txid))  # test-only broken protocol (simulator)
+        crash_point("participant.after_prepare")
+        return {"vote": "yes", "reason": ""}
 
     async def _answer_of(self, step: Callable[[Any], Awaitable[Any]], txid: Any, what: str) -> Any:
         """``await step(txid)`` (a txid, or a list of them), or its error as a string

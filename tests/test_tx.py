@@ -309,18 +309,18 @@ async def test_prepare_many_answers_each_transaction(tmp_path: Path) -> None:
                 await shard.options(metadata=meta).call("bank.deposit", name, 1)
                 txids.append(txid)
             participant = local.participants[node.name]
-            real_prepare = participant.prepare
+            real_prepare = participant.core.prepare
 
-            async def failing(txid: int) -> dict[str, Any]:
+            def failing(txid: int) -> Any:
                 if txid == txids[2]:
                     raise RuntimeError("disk on fire")
-                return await real_prepare(txid)
+                return real_prepare(txid)
 
-            participant.prepare = failing  # type: ignore[method-assign]
+            participant.core.prepare = failing  # type: ignore[method-assign]
             try:
                 answers = await shard.call("tx.prepare_many", [txids[0], 999_999, txids[1], txids[2]])
             finally:
-                participant.prepare = real_prepare  # type: ignore[method-assign]
+                participant.core.prepare = real_prepare  # type: ignore[method-assign]
             assert answers[0] == answers[2] == {"vote": "yes", "reason": ""}
             assert answers[1]["vote"] == "no"
             assert answers[3].startswith("INTERNAL") and "disk on fire" in answers[3]
@@ -334,6 +334,139 @@ async def test_prepare_many_answers_each_transaction(tmp_path: Path) -> None:
         assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11, 10]
 
 
+async def _begin_deposits(cluster: txrpc.Cluster, shard: txrpc.Client, names: list[str], epoch: int) -> list[int]:
+    """One transaction per name, each depositing 1 there (no prepare yet)."""
+    txids = []
+    for name in names:
+        txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+        await shard.options(metadata={"txid": txid, "op_seq": 1, "epoch": epoch}).call("bank.deposit", name, 1)
+        txids.append(txid)
+    return txids
+
+
+async def test_a_batchs_prepare_records_are_written_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreplicated shard votes on a tx.prepare_many batch at once and writes the
+    prepare records of those that need one as one queued write; a read-only or unknown
+    transaction is answered without one. If that write fails, each of them votes no and
+    is aborted there (its locks freed: the next transaction on its key goes on)."""
+    from storage._shard_store import ShardStore
+
+    writes: list[list[int]] = []
+    fail = [False]
+    real_write = ShardStore.write_prepares
+
+    async def counting(self: ShardStore, records: Any) -> None:
+        writes.append([txid for txid, _, _, _ in records])
+        if fail[0]:
+            raise OSError("disk full (test)")
+        await real_write(self, records)
+
+    monkeypatch.setattr(ShardStore, "write_prepares", counting)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.primary_of("acct0")
+        names = [n for n in (f"acct{i}" for i in range(200)) if shard_map.primary_of(n) == node][:5]
+        await open_accounts(cluster, names, 10)
+        participant = local.participants[node.name]
+        async with txrpc.connect(*node.address) as shard:
+            t0, t1, t2 = await _begin_deposits(cluster, shard, names[:3], shard_map.epoch)
+            reader = (await cluster.coordinator.call("coord.begin", None))["txid"]
+            meta = {"txid": reader, "op_seq": 1, "epoch": shard_map.epoch}
+            assert await shard.options(metadata=meta).call("bank.balance", names[4]) == 10
+            writes.clear()
+            answers = await shard.call("tx.prepare_many", [t0, t1, reader, 999_999, t2])
+            yes = {"vote": "yes", "reason": ""}
+            assert answers[:3] == [yes, yes, {"vote": "read_only", "reason": ""}] and answers[4] == yes
+            assert answers[3]["vote"] == "no"
+            assert writes == [[t0, t1, t2]]  # one write for the three records
+            assert all(participant.core.txs[t].state is TxState.PREPARED for t in (t0, t1, t2))
+            assert await shard.call("tx.commit_many", [t0, t1, t2]) == ["ok", "ok", "ok"]
+
+            t3, t4 = await _begin_deposits(cluster, shard, names[3:5], shard_map.epoch)
+            fail[0] = True
+            answers = await shard.call("tx.prepare_many", [t3, t4])
+            fail[0] = False
+            assert [a["vote"] for a in answers] == ["no", "no"]
+            assert all("prepare record not durable" in a["reason"] and "disk full" in a["reason"] for a in answers)
+            assert t3 not in participant.core.txs and t4 not in participant.core.txs
+            assert participant._busy == {}
+            (t5,) = await _begin_deposits(cluster, shard, names[3:4], shard_map.epoch)  # its lock is free
+            assert await shard.call("tx.prepare_many", [t5]) == [yes]
+            assert await shard.call("tx.commit_many", [t5]) == ["ok"]
+        assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11, 11, 11, 10]
+
+
+async def test_a_slow_or_failed_prepare_batch_answers_pending_or_aborts_what_it_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch with a transaction that another message is writing (it goes on its own,
+    waiting for that write) and a record write that outlasts the cut-off answers PENDING
+    for each (asked alone, each waits for its write and gets its vote); a batch that fails
+    before its write starts aborts what it took (nothing written, nothing busy, no lock
+    held)."""
+    import coordinator._participant as participant_module
+    from coordinator import Participant
+    from storage._shard_store import ShardStore
+
+    monkeypatch.setattr(participant_module, "BATCH_ANSWER_S", 0.2)
+    slow = [0.0]
+    real_write = ShardStore.write_prepares
+
+    async def sometimes_slow(self: ShardStore, records: Any) -> None:
+        await trio.sleep(slow[0])
+        await real_write(self, records)
+
+    monkeypatch.setattr(ShardStore, "write_prepares", sometimes_slow)
+    real_each = Participant._each_answered
+    fail = [False]
+
+    async def sometimes_failing(self: Participant, items: Any, one: Any, group: Any = None) -> list[Any]:
+        if fail[0] and group is not None:
+            raise RuntimeError("the batch failed before its write started (test)")
+        return await real_each(self, items, one, group)
+
+    monkeypatch.setattr(Participant, "_each_answered", sometimes_failing)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.primary_of("acct0")
+        *names, other = [n for n in (f"acct{i}" for i in range(200)) if shard_map.primary_of(n) == node][:3]
+        await open_accounts(cluster, [*names, other], 10)
+        participant = local.participants[node.name]
+        async with txrpc.connect(*node.address) as shard:
+            txids = await _begin_deposits(cluster, shard, names, shard_map.epoch)
+            reader = (await cluster.coordinator.call("coord.begin", None))["txid"]
+            meta = {"txid": reader, "op_seq": 1, "epoch": shard_map.epoch}
+            assert await shard.options(metadata=meta).call("bank.balance", other) == 10
+            slow[0] = 1.0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(shard.call, "tx.prepare", txids[0])  # writing txids[0] (slowly)
+                with trio.fail_after(5):
+                    while txids[0] not in participant._busy:
+                        await trio.sleep(0.01)
+                started = trio.current_time()
+                answers = await shard.call("tx.prepare_many", [*txids, reader])
+                # The read-only vote needs no record: answered at once, not held back.
+                assert answers == ["PENDING", "PENDING", {"vote": "read_only", "reason": ""}]
+                assert trio.current_time() - started < 0.9
+            slow[0] = 0.0
+            assert [(await shard.call("tx.prepare", t))["vote"] for t in txids] == ["yes", "yes"]
+            assert await shard.call("tx.commit_many", txids) == ["ok", "ok"]
+
+            txids = await _begin_deposits(cluster, shard, names, shard_map.epoch)
+            fail[0] = True
+            with pytest.raises(txrpc.Internal):
+                await shard.options(retries_max=0).call("tx.prepare_many", txids)
+            fail[0] = False
+            assert not any(t in participant.core.txs for t in txids) and participant._busy == {}
+            assert participant.core.locks.held_by(txids[0]) == {}
+            again = await _begin_deposits(cluster, shard, names, shard_map.epoch)  # the keys are free
+            assert [a["vote"] for a in await shard.call("tx.prepare_many", again)] == ["yes", "yes"]
+            assert await shard.call("tx.commit_many", again) == ["ok", "ok"]
+        assert [await cluster.call(n, "bank.balance", n) for n in names] == [12, 12]
+
+
 async def test_one_slow_prepare_does_not_hold_back_the_others_in_its_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -344,6 +477,10 @@ async def test_one_slow_prepare_does_not_hold_back_the_others_in_its_batch(
     from coordinator import Participant
 
     monkeypatch.setattr(participant_module, "BATCH_ANSWER_S", 0.2)
+    # Each prepare on its own, as on a replicated shard (where one may wait for a slow
+    # follower): an unreplicated shard writes a batch's records together (one write,
+    # slow or not for all: test_a_batchs_prepare_records_are_written_together).
+    monkeypatch.setattr(Participant, "_take_prepares", lambda self, txids, voted: None)
     slow: set[int] = set()
     real_prepare = Participant.prepare
 
@@ -409,24 +546,26 @@ async def test_a_failing_prepare_sender_aborts_its_transactions_and_the_coordina
 
 async def test_prepares_are_batched_per_participant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Concurrent cross-shard commits reach each shard's phase 1 as tx.prepare_many
-    batches (fewer messages than transactions), each transaction prepared there once."""
+    batches (fewer messages than transactions), each transaction's prepare record
+    written there once."""
     from coordinator import Participant
+    from storage._shard_store import ShardStore
 
     sizes: list[int] = []
     prepared: list[int] = []
     real_many = Participant.prepare_many
-    real_prepare = Participant.prepare
+    real_write = ShardStore.write_prepares
 
     async def counting_many(self: Participant, txids: list[int]) -> list[Any]:
         sizes.append(len(txids))
         return await real_many(self, txids)
 
-    async def counting(self: Participant, txid: int) -> dict[str, Any]:
-        prepared.append(txid)
-        return await real_prepare(self, txid)
+    async def counting(self: ShardStore, records: Any) -> None:
+        prepared.extend(txid for txid, _, _, _ in records)
+        await real_write(self, records)
 
     monkeypatch.setattr(Participant, "prepare_many", counting_many)
-    monkeypatch.setattr(Participant, "prepare", counting)
+    monkeypatch.setattr(ShardStore, "write_prepares", counting)
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         names = accounts_on_distinct_shards(local.config, 24)
         await open_accounts(cluster, names, 100)
