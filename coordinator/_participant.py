@@ -636,10 +636,9 @@ class Participant:
                 await write_local()
             if local_error is not None:
                 log.error("shard %s: prepare record of %d not written: %s", self.shard, txid, local_error)
-                granted = self.core.prepare_failed(txid, f"prepare record not durable: {local_error}")
+                reason = await self._record_not_written(txid, local_error)
                 await self._abort_replicas(txid, replicas)
-                self._wake(granted, txid)
-                return {"vote": "no", "reason": f"prepare record not durable: {local_error}"}
+                return {"vote": "no", "reason": reason}
             refusal = replicas if isinstance(replicas, str) else ""
             if isinstance(replicas, Plan) and replicas.failures:
                 refusal = "prepare record not on every replica: " + _describe_failures(replicas.failures)
@@ -812,12 +811,32 @@ class Participant:
                 votes.append(f"INTERNAL: {type(exc).__name__}: {exc}")
         return votes
 
+    async def _record_not_written(self, txid: int, error: Exception) -> str:
+        """``txid``'s prepare record could not be made durable: it votes no (the reason,
+        returned) and aborts here, its locks freed. If the write's outcome is unknown (it
+        failed during COMMIT) the record may be on disk: it is dropped first. Were it left
+        there, a conflicting transaction could prepare on the freed locks, and a restart
+        would find both records holding conflicting locks. If the drop fails too, the
+        transaction stays prepared (locks held) until the coordinator's abort, or asking
+        it (presumed abort), ends it."""
+        reason = f"prepare record not durable: {error}"
+        if isinstance(error, BatchFailed) and error.outcome_unknown:
+            try:
+                await self.store.delete_prepare(txid)
+            except Exception as exc:
+                log.warning("shard %s: prepare record of %d may be on disk, not dropped: %s", self.shard, txid, exc)
+                if self.core.prepared(txid):
+                    self.core.locks.mark_prepared(txid)
+                    self._prepared_at[txid] = trio.current_time()
+                return reason
+        self._wake(self.core.prepare_failed(txid, reason), txid)
+        return reason
+
     async def _vote_after_record(self, txid: int, error: Exception | None) -> dict[str, Any]:
         """An unreplicated transaction's vote once its prepare record's write ended
         (``error``: it failed), as :meth:`prepare` gives it."""
         if error is not None:
-            self._wake(self.core.prepare_failed(txid, f"prepare record not durable: {error}"), txid)
-            return {"vote": "no", "reason": f"prepare record not durable: {error}"}
+            return {"vote": "no", "reason": await self._record_not_written(txid, error)}
         if not self.core.prepared(txid):  # aborted while the record was being written
             await self.store.delete_prepare(txid)
             return {"vote": "no", "reason": "aborted during prepare"}

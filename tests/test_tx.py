@@ -398,6 +398,82 @@ async def test_a_batchs_prepare_records_are_written_together(
         assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11, 11, 11, 10]
 
 
+async def _records_on_disk(participant: Any) -> set[int]:
+    """The txids of the shard's prepare records in its database."""
+    import sqlalchemy as sa
+
+    from storage._txn_schema import prepared
+
+    def read(conn: Any) -> set[int]:
+        query = sa.select(prepared.c.txid).where(prepared.c.shard == participant.store.shard)
+        return {int(row.txid) for row in conn.execute(query)}
+
+    return await participant.store.database.read(read)  # type: ignore[no-any-return]
+
+
+async def test_a_prepare_record_whose_write_outcome_is_unknown_is_dropped_before_its_locks_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prepare record's write fails during COMMIT (outcome unknown: it may be on disk).
+    The transaction votes no, and its record is dropped before its locks are freed --
+    left there, a conflicting transaction could prepare on the freed locks and a restart
+    would find two records holding conflicting locks. If the drop fails too, it stays
+    prepared (locks held) until its abort, which drops the record."""
+    from storage import BatchFailed
+    from storage._shard_store import ShardStore
+
+    unknown = [False]
+    drop_fails = [False]
+    real_write, real_drop = ShardStore.write_prepares, ShardStore.delete_prepare
+
+    async def written_then_unknown(self: ShardStore, records: Any) -> None:
+        await real_write(self, records)  # on disk...
+        if unknown[0]:
+            raise BatchFailed("I/O error during COMMIT (test)", outcome_unknown=True)  # ...or not?
+
+    async def drop(self: ShardStore, txid: int) -> None:
+        if drop_fails[0]:
+            raise OSError("disk gone (test)")
+        await real_drop(self, txid)
+
+    monkeypatch.setattr(ShardStore, "write_prepares", written_then_unknown)
+    monkeypatch.setattr(ShardStore, "delete_prepare", drop)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.primary_of("acct0")
+        names = [n for n in (f"acct{i}" for i in range(200)) if shard_map.primary_of(n) == node][:2]
+        await open_accounts(cluster, names, 10)
+        participant = local.participants[node.name]
+        async with txrpc.connect(*node.address) as shard:
+            for method in ("tx.prepare_many", "tx.prepare"):  # the batch's group write, and one alone
+                txids = await _begin_deposits(cluster, shard, names, shard_map.epoch)
+                unknown[0] = True
+                if method == "tx.prepare_many":
+                    answers = await shard.call(method, txids)
+                else:
+                    answers = [await shard.call(method, t) for t in txids]
+                unknown[0] = False
+                assert [a["vote"] for a in answers] == ["no", "no"], answers
+                assert all("I/O error during COMMIT" in a["reason"] for a in answers)
+                assert not set(txids) & await _records_on_disk(participant)  # dropped
+                assert not any(t in participant.core.txs for t in txids)  # aborted, locks freed
+            txids = await _begin_deposits(cluster, shard, names[:1], shard_map.epoch)
+            unknown[0] = drop_fails[0] = True
+            (answer,) = await shard.call("tx.prepare_many", txids)
+            unknown[0] = drop_fails[0] = False
+            assert answer["vote"] == "no"
+            assert set(txids) <= await _records_on_disk(participant)  # still there...
+            assert participant.core.txs[txids[0]].state is TxState.PREPARED  # ...so its locks are held
+            assert participant.core.locks.held_by(txids[0])
+            assert await shard.call("tx.abort", txids[0]) == "ok"
+            assert not set(txids) & await _records_on_disk(participant)
+            assert participant.core.locks.held_by(txids[0]) == {}
+            again = await _begin_deposits(cluster, shard, names, shard_map.epoch)
+            assert [a["vote"] for a in await shard.call("tx.prepare_many", again)] == ["yes", "yes"]
+            assert await shard.call("tx.commit_many", again) == ["ok", "ok"]
+        assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11]
+
+
 async def test_a_slow_or_failed_prepare_batch_answers_pending_or_aborts_what_it_took(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
