@@ -385,6 +385,9 @@ async def test_a_slow_inline_batch_sends_the_next_ones_to_a_thread_for_a_while(
 
     kind = ThreadRecordingKind()
     async with opened(sqlite_url) as st:
+        # "fast" must be fast whatever the machine does meanwhile (a preemption longer than
+        # the default 5 ms would make it slow and shift the count by one).
+        monkeypatch.setattr(appender_module, "INLINE_BATCH_S_MAX", 60.0)
         await st.appender.append(kind, "opens-the-writer")  # on a thread
         await st.appender.append(kind, "fast")
         monkeypatch.setattr(appender_module, "INLINE_SLOW_BATCHES", 2)

@@ -347,11 +347,13 @@ async def test_a_cancelled_call_releases_its_key(db_url: str) -> None:
 
 async def test_a_long_handler_keeps_its_lease(db_url: str) -> None:
     counter = Counter()
-    async with serving(db_url, counting_service(counter, delay_s=1.2), lease_s=0.3) as (_, st, client):
+    # The handler runs 3 leases long; renewals must each land within ~1/2 lease and the
+    # last probe ~1 s before the handler ends (margins for a busy machine).
+    async with serving(db_url, counting_service(counter, delay_s=3.0), lease_s=1.0) as (_, st, client):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.options(idempotency_key="long").calc.add, 3, 3)
             for _ in range(4):
-                await trio.sleep(0.25)
+                await trio.sleep(0.5)
                 with pytest.raises(txrpc.RequestInProgress):
                     await client.options(idempotency_key="long", retries_max=0).calc.add(3, 3)
         assert counter.count == 1

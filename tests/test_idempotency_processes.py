@@ -160,11 +160,14 @@ async def test_a_crash_mid_handler_is_retried_after_the_lease_and_applies_once(
     record = log_row(db_url, "k2")
     assert record is not None and not record.completed and record.attempt == 1
     assert balances(db_url) == {}
+    # The lease runs from the server's claim (stored, wall clock), not from `started`,
+    # which is earlier: wait for the stored expiry, not for one computed here.
+    assert started < record.lease_expires_at <= time.time() + lease_s
     with server_process(tmp_path, db_url, "b", lease_s=lease_s) as second:
-        if time.time() < started + lease_s - 0.5:  # the dead executor's lease still holds
+        if time.time() < record.lease_expires_at - 0.5:  # the dead executor's lease still holds
             with pytest.raises(txrpc.RequestInProgress):
                 await call_bump(second.port, "k2", "bob", 7, retries_max=0)
-        while time.time() < started + lease_s + 0.2:
+        while time.time() < record.lease_expires_at + 0.2:
             await trio.sleep(0.1)
         reply = await call_bump(second.port, "k2", "bob", 7, with_metadata=True)
     assert not reply.replayed and reply.value == {"balance": 7, "pid": second.process.pid}

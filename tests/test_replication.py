@@ -1110,12 +1110,13 @@ async def test_a_snapshot_waits_for_prepared_transactions_only_so_long(tmp_path:
         assert before is not None
         primary = local.participants["n1"]
         assert primary.replication is not None
-        primary.replication.timeout_s = 0.2  # the wait: 1.2 s
         txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
         async with txrpc.connect(*shard_map.node("n1").address) as n1:
             meta = {"txid": txid, "op_seq": 1, "epoch": before.epoch}
             await n1.options(metadata=meta).call("bank.deposit", name, 5)
             assert (await n1.call("tx.prepare", txid))["vote"] == "yes"  # in doubt until decided
+        # Shortened after the prepare (whose follower write it also bounds): the wait, 1.2 s.
+        primary.replication.timeout_s = 0.2
         with trio.fail_after(30), pytest.raises(txrpc.Unavailable, match="still in doubt"):
             await coordinator.rejoin("n0")
         after = coordinator.shard_map
@@ -1175,14 +1176,20 @@ async def test_add_node_and_remove_node_move_about_a_share_of_the_data_while_tra
 
 
 async def test_heartbeats_mark_a_dead_primary_down_and_transfers_go_on(tmp_path: Path) -> None:
+    # A generous failure timeout while the shards start one after another (on a slow
+    # machine that can take longer than a second), the short one once each has answered.
     async with local_cluster(
-        tmp_path, [bank], replication_factor=3, coordinator={"failure_timeout_s": 1.0}
+        tmp_path, [bank], replication_factor=3, coordinator={"failure_timeout_s": 30.0}
     ) as local, txrpc.cluster(local.config) as cluster:
         names = accounts(local.config, 2)
         await open_accounts(cluster, names)
         assert local.coordinator is not None and local.coordinator.shard_map is not None
+        with trio.fail_after(10):
+            while set(local.coordinator._last_seen) != {n.name for n in local.config.shard_map.nodes}:
+                await trio.sleep(0.05)
+        local.coordinator.failure_timeout_s = 2.0
         assert local.coordinator.shard_map.epoch == 1
-        await trio.sleep(1.5)  # healthy nodes answer their heartbeats: nothing changes
+        await trio.sleep(2.5)  # healthy nodes answer their heartbeats: nothing changes
         assert local.coordinator.shard_map.epoch == 1
         local.crash("n1")
         with trio.fail_after(10):

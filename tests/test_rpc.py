@@ -483,12 +483,14 @@ async def test_keepalive_pings_keep_an_idle_connection_open() -> None:
     service, _ = make_service()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            txrpc.Server(service, limits=txrpc.Limits(idle_timeout_s=0.4)).serve_tcp, "127.0.0.1", 0
+            txrpc.Server(service, limits=txrpc.Limits(idle_timeout_s=1.0)).serve_tcp, "127.0.0.1", 0
         )
+        # Pings every ~0.2 s (silent for 0.1 s, seen on 0.1 s ticks) against a 1 s idle
+        # timeout: a stall of the machine would have to last ~0.8 s to close it.
         limits = txrpc.Limits(keepalive_interval_s=0.1, keepalive_timeout_s=1)
         async with txrpc.connect("127.0.0.1", server.port, limits=limits) as client:
             assert await client.add(1, 2) == 3
-            await trio.sleep(1.0)
+            await trio.sleep(2.5)
             assert server.connection_count == 1
             assert await client.add(2, 3) == 5
         await server.shutdown()
