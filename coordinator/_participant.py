@@ -605,9 +605,7 @@ class Participant:
                     return {"vote": "no", "reason": refusal}
             return {"vote": vote.value, "reason": reason}
         assert action is PrepareAction.WRITE_RECORD
-        tx = self.core.txs[txid]
-        writes = [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in tx.writes.items()]
-        locks = [(resource, mode.value) for resource, mode in self.core.locks.held_by(txid).items()]
+        writes, locks = self._record_of(txid)
         self._busy[txid] = done = trio.Event()
         try:
             if _env.buggify("participant.slow_prepare"):
@@ -738,10 +736,7 @@ class Participant:
                     self._wake(granted, txid if vote is Vote.NO else None)
                     voted[txid] = {"vote": vote.value, "reason": reason}
                 elif action is PrepareAction.WRITE_RECORD:
-                    tx = self.core.txs[txid]
-                    writes = [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in tx.writes.items()]
-                    locks = [(resource, mode.value) for resource, mode in self.core.locks.held_by(txid).items()]
-                    taken.append((txid, writes, locks))
+                    taken.append((txid, *self._record_of(txid)))
                     indices.append(index)
                 # (WAIT is not reached: a preparing transaction is busy)
             except Exception as exc:  # one failing transaction must not fail the others' answers
@@ -751,53 +746,80 @@ class Participant:
                 voted[txid] = f"INTERNAL: {type(exc).__name__}: {exc}"
         if not taken:
             return None
+
+        def abort(txid: int) -> None:
+            # Nothing of it is on disk: it aborts, as after a failed write (the
+            # coordinator, which got no answer, aborts it too).
+            self._wake(self.core.prepare_failed(txid, "the prepare batch failed before its write"), txid)
+
+        async def write() -> list[Any]:
+            with trio.CancelScope(shield=True):  # as each prepare is: memory must end up saying what disk says
+                votes = await self._write_taken_prepares(taken)
+            return votes
+
+        def never_ran() -> str:
+            return "UNAVAILABLE: the prepare batch failed before its write"
+
+        job, untake = self._batch_job([txid for txid, _, _ in taken], abort, write, never_ran)
+        return indices, job, untake
+
+    def _batch_job(
+        self,
+        ids: list[int],
+        undo: Callable[[int], None],
+        work: Callable[[], Awaitable[list[Any]]],
+        never_ran: Callable[[], Any],
+    ) -> tuple[Callable[[], Awaitable[list[Any]]], Callable[[], None]]:
+        """The job and the undo of records taken together (:meth:`_take_prepares`,
+        :meth:`_repl_take_prepares`): each id is busy (other messages of it wait) until
+        ``work`` (their write and answers) ends. If the batch fails before the job starts,
+        the undo (a no-op once it started) ``undo``es each id and frees it, and the job,
+        should it still run, answers ``never_ran()`` for each without working."""
         done = trio.Event()
-        for txid, _, _ in taken:
-            self._busy[txid] = done
+        for record_id_ in ids:
+            self._busy[record_id_] = done
         state = ["taken"]  # -> "writing" (the job started) or "untaken" (it never will)
 
         def release() -> None:
-            for txid, _, _ in taken:
-                del self._busy[txid]
+            for record_id_ in ids:
+                del self._busy[record_id_]
             done.set()
 
         def untake() -> None:
-            """The batch failed before the write started: the write will not start (it
-            checks); nothing of it is on disk; those transactions abort, as after a
-            failed write (the coordinator, which got no answer, aborts them too)."""
             if state[0] != "taken":
                 return
             state[0] = "untaken"
-            for txid, _, _ in taken:
-                self._wake(self.core.prepare_failed(txid, "the prepare batch failed before its write"), txid)
+            for record_id_ in ids:
+                undo(record_id_)
             release()
 
-        async def write() -> list[Any]:
+        async def job() -> list[Any]:
             if state[0] == "untaken":
-                return ["UNAVAILABLE: the prepare batch failed before its write"] * len(taken)
+                return [never_ran() for _ in ids]
             state[0] = "writing"
             try:
-                # Shielded, as each prepare is: memory must end up saying what disk says.
-                with trio.CancelScope(shield=True):
-                    votes = await self._write_taken_prepares(taken)
+                return await work()
             finally:
                 release()
-            return votes
 
-        return indices, write, untake
+        return job, untake
+
+    def _record_of(self, txid: int) -> tuple[WriteSet, list[tuple[Any, str]]]:
+        """A transaction's prepare record: its write set and the locks it holds."""
+        writes = [(k, v is TOMBSTONE, None if v is TOMBSTONE else v) for k, v in self.core.txs[txid].writes.items()]
+        return writes, [(resource, mode.value) for resource, mode in self.core.locks.held_by(txid).items()]
 
     async def _write_taken_prepares(self, taken: list[tuple[int, WriteSet, list[tuple[Any, str]]]]) -> list[Any]:
         """The job of :meth:`_take_prepares`: the records in one write, then each
         transaction's vote as :meth:`prepare` gives it (or its error, as a string)."""
-        if taken and _env.buggify("participant.slow_prepare"):
+        if _env.buggify("participant.slow_prepare"):
             await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
         error: Exception | None = None
-        if taken:
-            try:
-                await self.store.write_prepares([(txid, writes, locks, None) for txid, writes, locks in taken])
-            except Exception as exc:
-                error = exc
-                log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), exc)
+        try:
+            await self.store.write_prepares([(txid, writes, locks, None) for txid, writes, locks in taken])
+        except Exception as exc:
+            error = exc
+            log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), exc)
         votes: list[Any] = []
         for txid, _, _ in taken:
             try:
@@ -1285,50 +1307,35 @@ class Participant:
             taken.append((rid, share, locks))
         if not taken:
             return None
-        done = trio.Event()
-        for rid, _, _ in taken:
-            self._busy[rid] = done
-        state = ["taken"]  # -> "writing" (the job started) or "untaken" (it never will)
 
-        def untake() -> None:
-            """The batch failed before the write started: the write will not start (it
-            checks), nothing of it is on disk; the records are dropped from memory."""
-            if state[0] != "taken":
-                return
-            state[0] = "untaken"
-            for rid, _, _ in taken:
-                self._drop_replicated(rid, "replicated prepare record never written")
-                del self._busy[rid]
-            done.set()
+        def drop(rid: int) -> None:
+            # Nothing of it is on disk: dropped from memory.
+            self._drop_replicated(rid, "replicated prepare record never written")
 
         async def write() -> list[Any]:
-            if state[0] == "untaken":
-                return [[int(txrpc.Code.UNAVAILABLE), "the batch failed before its write", {}] for _ in taken]
-            state[0] = "writing"
             meta = {"origin": origin, "epoch": call_epoch}
             try:
-                try:
-                    # Shielded, as in _repl_prepare: memory must say what disk says.
-                    with trio.CancelScope(shield=True):
-                        await self.store.write_prepares(
-                            [(rid, share, [(k, m.value) for k, m in locks], meta) for rid, share, locks in taken]
-                        )
-                except Exception as exc:
-                    # An unknown outcome may be on disk: kept, resolved like any record.
-                    if not (isinstance(exc, BatchFailed) and exc.outcome_unknown):
-                        for rid, _, _ in taken:
-                            self._drop_replicated(rid, "replicated prepare record not durable")
-                    if isinstance(exc, txrpc.RpcError):
-                        return [[int(exc.code), exc.message, dict(exc.details)] for _ in taken]
-                    log.error("node %s: replicated prepare of %d records failed", self.shard, len(taken), exc_info=exc)
-                    return [[int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}] for _ in taken]
-            finally:
-                for rid, _, _ in taken:
-                    del self._busy[rid]
-                done.set()
+                # Shielded, as in _repl_prepare: memory must say what disk says.
+                with trio.CancelScope(shield=True):
+                    await self.store.write_prepares(
+                        [(rid, share, [(k, m.value) for k, m in locks], meta) for rid, share, locks in taken]
+                    )
+            except Exception as exc:
+                # An unknown outcome may be on disk: kept, resolved like any record.
+                if not (isinstance(exc, BatchFailed) and exc.outcome_unknown):
+                    for rid, _, _ in taken:
+                        self._drop_replicated(rid, "replicated prepare record not durable")
+                if isinstance(exc, txrpc.RpcError):
+                    return [[int(exc.code), exc.message, dict(exc.details)] for _ in taken]
+                log.error("node %s: replicated prepare of %d records failed", self.shard, len(taken), exc_info=exc)
+                return [[int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}] for _ in taken]
             return ["ok"] * len(taken)
 
-        return indices, write, untake
+        def never_ran() -> list[Any]:
+            return [int(txrpc.Code.UNAVAILABLE), "the batch failed before its write", {}]
+
+        job, untake = self._batch_job([rid for rid, _, _ in taken], drop, write, never_ran)
+        return indices, job, untake
 
     async def _repl_commit(self, txid: int) -> str:
         """A primary committed ``txid``: apply its replicated records here (idempotent;

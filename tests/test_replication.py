@@ -235,27 +235,7 @@ async def test_a_followers_batch_is_written_together_and_the_rest_alone(
     write (one wait), and repl.commit_many applies every ready record as one; a record
     that conflicts with one of them (a lock wait) or is malformed goes on its own: the
     wait is answered PENDING at the cut-off and finishes once the lock is free."""
-    from storage._shard_store import ShardStore
-
-    groups: dict[str, list[int]] = {"prepares": [], "prepare": [], "commits": []}
-    real_prepares, real_prepare = ShardStore.write_prepares, ShardStore.write_prepare
-    real_commits = ShardStore.apply_commits
-
-    async def write_prepares(self: ShardStore, records: Any) -> None:
-        groups["prepares"].append(len(records))
-        await real_prepares(self, records)
-
-    async def write_prepare(self: ShardStore, *args: Any, **kwargs: Any) -> None:
-        groups["prepare"].append(1)
-        await real_prepare(self, *args, **kwargs)
-
-    async def apply_commits(self: ShardStore, commits: Any) -> list[int]:
-        groups["commits"].append(len(commits))
-        return await real_commits(self, commits)
-
-    monkeypatch.setattr(ShardStore, "write_prepares", write_prepares)
-    monkeypatch.setattr(ShardStore, "write_prepare", write_prepare)
-    monkeypatch.setattr(ShardStore, "apply_commits", apply_commits)
+    groups = _count_follower_writes(monkeypatch)
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         primary = shard_map.nodes[0].name
@@ -297,11 +277,19 @@ async def test_a_followers_batch_is_written_together_and_the_rest_alone(
 
 def _count_follower_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     """Records per ShardStore.write_prepares call ("prepares"; write_prepare's one record
-    counts there too) and a 1 per write_prepare (the one-record path)."""
+    counts there too), a 1 per write_prepare (the one-record path), and commits per
+    ShardStore.apply_commits call ("commits")."""
     from storage._shard_store import ShardStore
 
-    counts: dict[str, list[int]] = {"prepares": [], "prepare": []}
+    counts: dict[str, list[int]] = {"prepares": [], "prepare": [], "commits": []}
     real_prepares, real_prepare = ShardStore.write_prepares, ShardStore.write_prepare
+    real_commits = ShardStore.apply_commits
+
+    async def apply_commits(self: ShardStore, commits: Any) -> list[int]:
+        counts["commits"].append(len(commits))
+        return await real_commits(self, commits)
+
+    monkeypatch.setattr(ShardStore, "apply_commits", apply_commits)
 
     async def write_prepares(self: ShardStore, records: Any) -> None:
         counts["prepares"].append(len(records))
@@ -345,12 +333,13 @@ async def test_a_followers_batch_at_a_newer_epoch_goes_record_by_record_after_th
             )
             assert answers == ["ok", "ok"]
             assert replication.guard.epoch == before.epoch + 1  # it followed the call's epoch
-            assert counts == {"prepares": [1, 1], "prepare": [1, 1]}, counts  # (write_prepare is write_prepares of one)
+            # (write_prepare is write_prepares of one)
+            assert counts == {"prepares": [1, 1], "prepare": [1, 1], "commits": []}, counts
             answers = await newer.call(
                 "repl.prepare_many", [[c, [[mine[2], False, 3]]], [d, [[mine[3], False, 4]]]], origin=primary
             )
             assert answers == ["ok", "ok"]
-            assert counts == {"prepares": [1, 1, 2], "prepare": [1, 1]}, counts
+            assert counts == {"prepares": [1, 1, 2], "prepare": [1, 1], "commits": []}, counts
             assert await newer.call("repl.commit_many", [a, b, c, d]) == 4
         store = local.participants[follower].store
         assert [await store.get(k) for k in mine[:4]] == [(True, 1), (True, 2), (True, 3), (True, 4)]
@@ -389,11 +378,11 @@ async def test_a_followers_batch_that_fails_before_its_write_frees_what_it_took(
                 await current.call(
                     "repl.prepare_many", [[a, [[k1, False, 1]]], [a + 10**9, [[k2, False, 1]]]], origin=primary
                 )
-            assert counts == {"prepares": [], "prepare": []}  # nothing written
+            assert counts == {"prepares": [], "prepare": [], "commits": []}  # nothing written
             assert [rid for rid in participant.core.txs if rid < 0] == []  # nothing held
             with trio.fail_after(2):  # k1's lock is free: taken at once, not after lock_wait_s
                 assert await current.call("repl.prepare_many", [[b, [[k1, False, 5]]]], origin=primary) == ["ok"]
-            assert counts == {"prepares": [1], "prepare": []}
+            assert counts == {"prepares": [1], "prepare": [], "commits": []}
             assert await current.call("repl.commit_many", [b]) == 1
         assert await participant.store.get(k1) == (True, 5)
 

@@ -3,6 +3,7 @@ each on its own SQLite file."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,12 @@ def accounts_on_distinct_shards(cfg: txrpc.ClusterConfig, count: int) -> list[st
             by_node[node].append(name)
             names.append(name)
     return names
+
+
+def accounts_on_one_shard(cfg: txrpc.ClusterConfig, node: Any, count: int) -> list[str]:
+    """The first ``count`` account names whose primary is ``node``."""
+    names = (f"acct{i}" for i in itertools.count())
+    return list(itertools.islice((n for n in names if cfg.shard_map.primary_of(n) == node), count))
 
 
 async def open_accounts(cluster: txrpc.Cluster, names: list[str], balance: int) -> None:
@@ -245,7 +252,7 @@ async def test_commit_many_answers_each_transaction(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
-        names = [n for n in (f"acct{i}" for i in range(100)) if shard_map.primary_of(n) == node][:2]
+        names = accounts_on_one_shard(local.config, node, 2)
         await open_accounts(cluster, names, 10)
         epoch = shard_map.epoch
         async with txrpc.connect(*node.address) as shard:
@@ -298,7 +305,7 @@ async def test_prepare_many_answers_each_transaction(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
-        names = [n for n in (f"acct{i}" for i in range(100)) if shard_map.primary_of(n) == node][:3]
+        names = accounts_on_one_shard(local.config, node, 3)
         await open_accounts(cluster, names, 10)
         epoch = shard_map.epoch
         async with txrpc.connect(*node.address) as shard:
@@ -367,7 +374,7 @@ async def test_a_batchs_prepare_records_are_written_together(
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
-        names = [n for n in (f"acct{i}" for i in range(200)) if shard_map.primary_of(n) == node][:5]
+        names = accounts_on_one_shard(local.config, node, 5)
         await open_accounts(cluster, names, 10)
         participant = local.participants[node.name]
         async with txrpc.connect(*node.address) as shard:
@@ -441,7 +448,7 @@ async def test_a_prepare_record_whose_write_outcome_is_unknown_is_dropped_before
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
-        names = [n for n in (f"acct{i}" for i in range(200)) if shard_map.primary_of(n) == node][:2]
+        names = accounts_on_one_shard(local.config, node, 2)
         await open_accounts(cluster, names, 10)
         participant = local.participants[node.name]
         async with txrpc.connect(*node.address) as shard:
@@ -472,6 +479,39 @@ async def test_a_prepare_record_whose_write_outcome_is_unknown_is_dropped_before
             assert [a["vote"] for a in await shard.call("tx.prepare_many", again)] == ["yes", "yes"]
             assert await shard.call("tx.commit_many", again) == ["ok", "ok"]
         assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 11]
+
+
+async def test_at_most_256_prepare_records_go_together_the_rest_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's records are written together up to GROUP_RECORDS_MAX (256; the
+    appender bounds its batches by queued writes), the rest of the batch one by one."""
+    from storage._shard_store import ShardStore
+
+    sizes: list[int] = []
+    real_write = ShardStore.write_prepares
+
+    async def counting(self: ShardStore, records: Any) -> None:
+        sizes.append(len(records))
+        await real_write(self, records)
+
+    monkeypatch.setattr(ShardStore, "write_prepares", counting)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.primary_of("acct0")
+        names = accounts_on_one_shard(local.config, node, 260)
+        await open_accounts(cluster, names, 10)
+        async with txrpc.connect(*node.address) as shard:
+            txids = await _begin_deposits(cluster, shard, names, shard_map.epoch)
+            sizes.clear()
+            answers = await shard.call("tx.prepare_many", txids)
+            assert {a if a == "PENDING" else a["vote"] for a in answers} <= {"yes", "PENDING"}
+            with trio.fail_after(10):
+                while sum(sizes) < len(txids):
+                    await trio.sleep(0.05)
+            assert sorted(sizes) == [1] * (len(txids) - 256) + [256]
+            assert await shard.call("tx.commit_many", txids) == ["ok"] * len(txids)
+        assert {await cluster.call(n, "bank.balance", n) for n in names} == {11}
 
 
 async def test_a_slow_or_failed_prepare_batch_answers_pending_or_aborts_what_it_took(
@@ -507,7 +547,7 @@ async def test_a_slow_or_failed_prepare_batch_answers_pending_or_aborts_what_it_
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
-        *names, other = [n for n in (f"acct{i}" for i in range(200)) if shard_map.primary_of(n) == node][:3]
+        *names, other = accounts_on_one_shard(local.config, node, 3)
         await open_accounts(cluster, [*names, other], 10)
         participant = local.participants[node.name]
         async with txrpc.connect(*node.address) as shard:
@@ -569,7 +609,7 @@ async def test_one_slow_prepare_does_not_hold_back_the_others_in_its_batch(
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
-        names = [n for n in (f"acct{i}" for i in range(100)) if shard_map.primary_of(n) == node][:2]
+        names = accounts_on_one_shard(local.config, node, 2)
         await open_accounts(cluster, names, 10)
         async with txrpc.connect(*node.address) as shard:
             txids = []
