@@ -38,6 +38,7 @@ import itertools
 import logging
 import math
 import os
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -753,7 +754,8 @@ class GroupCommitAppender:
     def _write_in_transaction(
         self, conn: Connection, batch: list[_Pending], flush: bool, *, inline: bool = False
     ) -> list[Any]:
-        results: list[Any] = []
+        if conn.dialect.name == "sqlite":
+            return _write_in_sqlite_transaction(conn, batch, inline)
         try:
             transaction = conn.begin()
         except sa_exc.OperationalError as exc:
@@ -763,14 +765,7 @@ class GroupCommitAppender:
         try:
             if not flush and conn.dialect.name == "postgresql":
                 conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-            for kind, group in itertools.groupby(batch, key=lambda pending: pending.kind):
-                records = [pending.record for pending in group]
-                written = kind.write_batch(conn, records)
-                if len(written) != len(records):
-                    raise AssertionError(
-                        f"{kind!r}.write_batch returned {len(written)} results for {len(records)} records"
-                    )
-                results.extend(written)
+            results = _write_kinds(conn, batch)
         except BaseException:
             transaction.rollback()
             raise
@@ -779,6 +774,53 @@ class GroupCommitAppender:
         except Exception as exc:
             raise _CommitFailed() from exc
         return results
+
+
+def _write_kinds(conn: Connection, batch: list[_Pending]) -> list[Any]:
+    """Each run of same-kind records in ``batch`` through its kind's ``write_batch``."""
+    results: list[Any] = []
+    for kind, group in itertools.groupby(batch, key=lambda pending: pending.kind):
+        records = [pending.record for pending in group]
+        written = kind.write_batch(conn, records)
+        if len(written) != len(records):
+            raise AssertionError(f"{kind!r}.write_batch returned {len(written)} results for {len(records)} records")
+        results.extend(written)
+    return results
+
+
+def _write_in_sqlite_transaction(conn: Connection, batch: list[_Pending], inline: bool) -> list[Any]:
+    """SQLite: the batch's ``BEGIN IMMEDIATE`` and ``COMMIT`` go straight to the driver.
+
+    SQLAlchemy's own transaction (``conn.begin()``, its events, its commit path) cost
+    several times SQLite's BEGIN and COMMIT -- paid once per batch, on every batch of a
+    shard and of the coordinator. Kinds that run statements through SQLAlchemy still
+    may: the first one makes SQLAlchemy begin (its ``begin`` hook sees the driver's
+    transaction open and leaves it, ``_engine._sqlite_engine``), and the batch then ends
+    through SQLAlchemy, so the connection's state stays what SQLAlchemy believes."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    try:
+        driver.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        if inline and "locked" in str(exc):
+            raise _WriterBusy() from exc
+        raise sa_exc.DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
+    try:
+        results = _write_kinds(conn, batch)
+    except BaseException:
+        if conn.in_transaction():
+            conn.rollback()
+        else:
+            driver.rollback()
+        raise
+    try:
+        if conn.in_transaction():
+            conn.commit()
+        else:
+            driver.commit()
+    except Exception as exc:
+        raise _CommitFailed() from exc
+    return results
 
 
 class _SyncWaiter:

@@ -183,9 +183,12 @@ def _sqlite_engine(
         # Straight on the driver: every transaction starts here, and a statement run
         # through SQLAlchemy (exec_driver_sql) costs several times SQLite's BEGIN.
         # A driver error is raised as SQLAlchemy's wrapper of it, as exec_driver_sql did.
+        driver = conn.connection.driver_connection
+        if driver.in_transaction:  # type: ignore[union-attr]
+            return  # the group-commit appender began it on the driver (_write_in_sqlite_transaction)
         sql = "BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN"
         try:
-            conn.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
+            driver.execute(sql)  # type: ignore[union-attr]
         except sqlite3.Error as exc:
             raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
 

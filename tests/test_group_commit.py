@@ -180,6 +180,61 @@ async def test_a_database_error_fails_the_whole_batch(db_url: str) -> None:
     assert journal_rows(db_url) == {}
 
 
+def _raw_insert(conn: sa.Connection, rows: Sequence[tuple[int, str]]) -> list[None]:
+    """Straight on the driver's cursor, as the shard store's and decision log's kinds do
+    on SQLite: SQLAlchemy never sees a statement of the batch."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany("INSERT INTO test_journal (position, writer) VALUES (?, ?)", rows)
+    finally:
+        cursor.close()
+    return [None] * len(rows)
+
+
+RAW_INSERT_AT: storage.RecordKind[tuple[int, str], None] = storage.RecordKind("test.raw_insert_at", _raw_insert)
+
+
+async def test_sqlite_batches_of_driver_statements_commit_and_roll_back_on_the_driver(sqlite_url: str) -> None:
+    """A SQLite batch begins and commits on the driver. One whose kinds never go through
+    SQLAlchemy commits (or rolls back) there too; one mixing both ends through SQLAlchemy.
+    Either way the next batch starts on a clean connection."""
+    failures: list[storage.BatchFailed] = []
+    kind = JournalKind()
+
+    async def write(record_kind: storage.RecordKind[object, object], record: object) -> None:
+        try:
+            await st.appender.append(record_kind, record)
+        except storage.BatchFailed as exc:
+            failures.append(exc)
+
+    async with opened(sqlite_url) as st:
+        await st.appender.append(RAW_INSERT_AT, (1, "raw-alone"))
+        async with trio.open_nursery() as nursery:  # a driver statement, then one that fails
+            await _queue_while_paused(
+                st, nursery, [lambda: write(RAW_INSERT_AT, (2, "raw")), lambda: write(POISON, "x")]
+            )
+        assert len(failures) == 2
+        async with trio.open_nursery() as nursery:  # a driver statement, then a SQLAlchemy one
+            await _queue_while_paused(
+                st, nursery, [lambda: write(RAW_INSERT_AT, (3, "raw-mixed")), lambda: write(kind, "sa-mixed")]
+            )
+        async with trio.open_nursery() as nursery:  # both, then a failure: all rolled back
+            await _queue_while_paused(
+                st,
+                nursery,
+                [
+                    lambda: write(kind, "sa-lost"),
+                    lambda: write(RAW_INSERT_AT, (9, "raw-lost")),
+                    lambda: write(POISON, "y"),
+                ],
+            )
+        assert len(failures) == 5
+        await st.appender.append(RAW_INSERT_AT, (10, "raw-after"))
+        assert st.appender.stats.batches_failed == 2
+    rows = journal_rows(sqlite_url)
+    assert sorted(rows.values()) == ["raw-after", "raw-alone", "raw-mixed", "sa-mixed"], rows
+
+
 async def test_a_rejected_record_fails_alone(db_url: str) -> None:
     kind = JournalKind()
     outcomes: dict[str, object] = {}

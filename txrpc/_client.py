@@ -20,6 +20,7 @@ from . import _env
 from ._errors import Code, DeadlineExceeded, PermissionDenied, ProtocolError, RpcError, Unauthenticated, Unavailable
 from ._limits import Limits
 from ._outbox import Outbox
+from ._receiver import Receiver
 from ._security import Credentials, current_credentials, is_certificate_failure
 from ._service import _current_call
 
@@ -165,11 +166,10 @@ class _Channel:
         conn = self.conn
         waiters = self.waiters
         reschedule = trio.lowlevel.reschedule
+        receiver = Receiver(self.stream)
         while True:
             try:
-                data = bytes(
-                    await self.stream.receive_some(max(RECEIVE_BYTES, min(conn.receive_size_hint, RECEIVE_BYTES_MAX)))
-                )
+                data = await receiver.receive(max(RECEIVE_BYTES, min(conn.receive_size_hint, RECEIVE_BYTES_MAX)))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.failure = self.failure or f"connection lost: {exc!r}"
                 return

@@ -25,6 +25,7 @@ from ._keyed import (
 )
 from ._limits import Limits
 from ._outbox import Outbox
+from ._receiver import Receiver
 from ._security import ANONYMOUS_PRINCIPAL, Principal, ServerSecurity, is_certificate_failure
 from ._service import CallContext, MethodSpec, Service, _current_call
 
@@ -271,6 +272,7 @@ class _ServerConnection:
         self.limits = server.limits
         self.conn = wire.Connection(wire.Role.SERVER, self.limits)
         self.outbox = Outbox(stream, self.limits.write_buffer_bytes_max, self.limits.send_stall_timeout_s)
+        self.receiver = Receiver(stream)
         self.scopes: dict[int, trio.CancelScope] = {}
         self.queued_keyed: set[int] = set()  # calls _start_keyed started (no scope: cancelled by mark)
         self.cancelled_by_peer: set[int] = set()
@@ -360,7 +362,7 @@ class _ServerConnection:
                     await _send_tls_alert(stream)
                     return
             while not conn.is_open:
-                data = await self._receive(stream)
+                data = await self._receive()
                 for event in conn.receive_data(data):
                     if isinstance(event, wire.ConnectionClosed):
                         return
@@ -393,7 +395,7 @@ class _ServerConnection:
                 idle_earliest = trio.current_time() + idle_s
                 if idle_deadline < idle_earliest:
                     idle_deadline = idle.deadline = idle_earliest + idle_s * IDLE_SLACK
-                data = await self._receive(stream)
+                data = await self._receive()
                 for index, event in enumerate(conn.receive_data(data), 1):
                     if outbox.queued_bytes > limits.write_buffer_bytes_max:
                         # One read can hold thousands of small calls, each with a large
@@ -467,10 +469,10 @@ class _ServerConnection:
             rule = rules[spec.name] = self.server.security.rule_for(spec.name, spec.allow)
         return rule is None or not rule.isdisjoint(self.roles)
 
-    async def _receive(self, stream: trio.abc.Stream) -> bytes:
+    async def _receive(self) -> bytes:
         size = max(RECEIVE_BYTES, min(self.conn.receive_size_hint, RECEIVE_BYTES_MAX))
         try:
-            return bytes(await stream.receive_some(size))
+            return await self.receiver.receive(size)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return b""
 
