@@ -77,7 +77,7 @@ def main() -> None:
         sys.exit("valgrind is not installed (Debian: apt install valgrind)")
     for callers in [int(sys.argv[1])] if len(sys.argv) > 1 else [1, 16]:
         with ThreadPoolExecutor(2) as pool:
-            base, more = pool.map(lambda n: measure(n, callers), [BASE_CALLS, BASE_CALLS + CALLS])
+            base, more = pool.map(measure, [BASE_CALLS, BASE_CALLS + CALLS], [callers, callers])
         print(f"{(more - base) / CALLS / 1e3:.1f} k instructions per call ({callers} callers, {CALLS} calls)")
 
 
