@@ -8,6 +8,13 @@ difference per committed transfer (start-up and setup cancel out). Needs valgrin
 
     python scripts/sim_cost.py            # about 40 s on 2 cores
     git stash; python scripts/sim_cost.py; git stash pop   # the same before a change
+    python scripts/sim_cost.py --single   # single-shard (one-phase) transfers instead
+    python scripts/sim_cost.py --seeds 4  # the mean over seeds 0..3 (about 2 min)
+
+One seed repeats exactly for the same code, but any change to the code (even one that
+does no work in the simulation) can move its figure by up to ~1.5 %: objects land at other
+addresses, and the order of sets hashed by address changes the simulated schedule. Compare
+versions with ``--seeds 4`` (the seeds move the same way for a real change).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ ACCOUNTS = 600
 CLIENTS = 16
 
 
-def worker(transfers: int) -> None:
+def worker(transfers: int, same_shard: bool, seed: int) -> None:
     import txrpc.testing._workloads as workloads
 
     original = workloads.WorkloadOptions
@@ -35,14 +42,15 @@ def worker(transfers: int) -> None:
     workloads.WorkloadOptions = options  # type: ignore[assignment, misc]
     from txrpc._sim_cli import measure_sim
 
-    print("committed", measure_sim(0, transfers, CLIENTS, 0.0005).done)
+    options = {"same_shard": True} if same_shard else {}  # (older versions run cross-shard only)
+    print("committed", measure_sim(seed, transfers, CLIENTS, 0.0005, **options).done)
 
 
-def measure(transfers: int) -> tuple[int, int]:
+def measure(transfers: int, same_shard: bool = False, seed: int = 0) -> tuple[int, int]:
     """(committed, instructions) of one run under cachegrind."""
     command = [
         "valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-        sys.executable, __file__, "--worker", str(transfers),
+        sys.executable, __file__, "--worker", str(transfers), "single" if same_shard else "cross", str(seed),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # one hash seed: the run repeats exactly
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
@@ -53,17 +61,30 @@ def measure(transfers: int) -> tuple[int, int]:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker(int(sys.argv[2]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(int(sys.argv[2]), sys.argv[3] == "single", int(sys.argv[4]))
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt install valgrind)")
-    transfers = int(sys.argv[1]) if len(sys.argv) > 1 else 310
+    args = sys.argv[1:]
+    single = "--single" in args
+    seeds = 1
+    if "--seeds" in args:
+        at = args.index("--seeds")
+        seeds = int(args[at + 1])
+        del args[at : at + 2]
+    numbers = [a for a in args if a != "--single"]
+    transfers = int(numbers[0]) if numbers else 310
+    jobs = [(n, single, seed) for seed in range(seeds) for n in (10, transfers)]
     with ThreadPoolExecutor(2) as pool:
-        (c0, i0), (c1, i1) = pool.map(measure, [10, transfers])
-    print(f"{(i1 - i0) / (c1 - c0) / 1e6:.3f} M instructions per committed cross-shard transfer "
-          f"({c1 - c0} transfers, {CLIENTS} clients, {ACCOUNTS} accounts)")  # fmt: skip
-
+        results = list(pool.map(lambda job: measure(*job), jobs))
+    per_seed = [
+        (i1 - i0) / (c1 - c0) for (c0, i0), (c1, i1) in zip(results[0::2], results[1::2], strict=True)
+    ]
+    kind = "single-shard (one-phase)" if single else "cross-shard"
+    spread = f" (seeds: {', '.join(f'{v / 1e6:.3f}' for v in per_seed)})" if seeds > 1 else ""
+    print(f"{sum(per_seed) / len(per_seed) / 1e6:.3f} M instructions per committed {kind} transfer "
+          f"({transfers} transfers, {CLIENTS} clients, {ACCOUNTS} accounts){spread}")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -235,6 +235,9 @@ class Connection:
         self.version: int | None = None
         self.peer_hello: Hello | None = None
         self.peer_limits: dict[str, int] = {}
+        #: A length every frame may have whatever the peer says (hello carries at least
+        #: FRAME_BYTES_MIN): a frame below it needs no look at the peer's limits.
+        self._frame_bytes_max_out = min(FRAME_BYTES_MIN, self.limits.frame_bytes_max)
         self.inflight: set[int] = set()
         self.local_goaway: GoAway | None = None
         self.remote_goaway: GoAway | None = None
@@ -262,7 +265,7 @@ class Connection:
 
     def _encode(self, message: dict[str, Any], large: bool = False) -> bytes:
         data, length = encode_frame(message, large)
-        if length > self._frame_limit_to_peer():
+        if length > self._frame_bytes_max_out and length > self._frame_limit_to_peer():
             raise LocalProtocolError(
                 f"message of {length} bytes exceeds frame_bytes_max {self._frame_limit_to_peer()}"
             )

@@ -456,10 +456,12 @@ def measure_sim(
     clients: int,
     latency_s: float,
     before_transfers: Callable[[], Any] | None = None,
+    same_shard: bool = False,
 ) -> SimMeasure:
     """One run: ``clients`` clients share ``transactions`` transfers between accounts on
-    different shards (timed: the transfers only, not starting the cluster; the cluster
-    waits in ``before_transfers``, if given, before they start)."""
+    different shards (``same_shard``: on one shard, committed in one phase) (timed: the
+    transfers only, not starting the cluster; the cluster waits in ``before_transfers``,
+    if given, before they start)."""
     import trio
 
     from .testing import LinkFaults, SimOptions, bank_service, simulate
@@ -472,7 +474,8 @@ def measure_sim(
         async with sim.client("setup") as cluster:
             await bank_setup(cluster, wopts)
         accounts = [f"acct{i}" for i in range(wopts.accounts)]
-        pairs = [(a, b) for a in accounts for b in accounts if shard_of(a).name != shard_of(b).name]
+        node_of = {a: shard_of(a).name for a in accounts}
+        pairs = [(a, b) for a in accounts for b in accounts if a != b and (node_of[a] == node_of[b]) == same_shard]
         left = [transactions]
         done = [0]
         if before_transfers is not None:
