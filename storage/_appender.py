@@ -51,7 +51,7 @@ from sqlalchemy.engine import Connection
 
 from . import _threads as storage_threads
 from ._database import Database
-from ._engine import WRITE_OPTION
+from ._engine import APPENDER_TRANSACTION, WRITE_OPTION
 from ._errors import AppendQueueFull, BatchFailed, StorageClosed, StorageUnavailable
 from ._threads import run_blocking
 
@@ -794,9 +794,12 @@ def _write_in_sqlite_transaction(conn: Connection, batch: list[_Pending], inline
     SQLAlchemy's own transaction (``conn.begin()``, its events, its commit path) cost
     several times SQLite's BEGIN and COMMIT -- paid once per batch, on every batch of a
     shard and of the coordinator. Kinds that run statements through SQLAlchemy still
-    may: the first one makes SQLAlchemy begin (its ``begin`` hook sees the driver's
-    transaction open and leaves it, ``_engine._sqlite_engine``), and the batch then ends
-    through SQLAlchemy, so the connection's state stays what SQLAlchemy believes."""
+    may: the first one makes SQLAlchemy begin, and its ``begin`` hook joins the driver's
+    transaction, which the connection's ``info`` marks as the appender's
+    (``APPENDER_TRANSACTION``, ``_engine._sqlite_engine``); the batch then ends through
+    SQLAlchemy, so the connection's state stays what SQLAlchemy believes. While the mark
+    is set, a kind that tries to commit or roll back fails the batch. Whatever happens,
+    the driver is left outside any transaction (or the connection is discarded)."""
     driver = conn.connection.driver_connection
     assert driver is not None
     try:
@@ -805,22 +808,41 @@ def _write_in_sqlite_transaction(conn: Connection, batch: list[_Pending], inline
         if inline and "locked" in str(exc):
             raise _WriterBusy() from exc
         raise sa_exc.DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
+    info = conn.info
+    info[APPENDER_TRANSACTION] = True
     try:
         results = _write_kinds(conn, batch)
     except BaseException:
-        if conn.in_transaction():
-            conn.rollback()
-        else:
-            driver.rollback()
+        del info[APPENDER_TRANSACTION]
+        _end_on_failure(conn, driver)
         raise
+    del info[APPENDER_TRANSACTION]
     try:
         if conn.in_transaction():
             conn.commit()
         else:
             driver.commit()
     except Exception as exc:
+        _end_on_failure(conn, driver)  # (a COMMIT that failed may leave SQLite's transaction open)
+        if isinstance(exc, sqlite3.Error):
+            raise _CommitFailed() from sa_exc.DBAPIError.instance("COMMIT", None, exc, sqlite3.Error)
         raise _CommitFailed() from exc
     return results
+
+
+def _end_on_failure(conn: Connection, driver: Any) -> None:
+    """After a failed batch: SQLAlchemy's transaction (if it began one) and the driver's
+    ended; a connection whose driver transaction will not end is discarded, never
+    pooled or reused with a transaction open (the next BEGIN would fail, or worse)."""
+    try:
+        if conn.in_transaction():
+            conn.rollback()
+        if driver.in_transaction:
+            driver.rollback()
+    except Exception:
+        log.warning("rolling back a failed batch failed; discarding its connection", exc_info=True)
+    if driver.in_transaction:
+        conn.invalidate()
 
 
 class _SyncWaiter:

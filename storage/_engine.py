@@ -38,6 +38,10 @@ POOL_SIZE_DEFAULT = 6
 # Execution option: the transaction about to begin will write (SQLite: BEGIN IMMEDIATE,
 # so it queues on the busy timeout for the write lock instead of failing half-way).
 WRITE_OPTION = "txrpc_write"
+APPENDER_TRANSACTION = "txrpc_appender_transaction"
+"""Key in a SQLite connection's ``info`` while the group-commit appender holds a
+transaction it began on the driver (``storage._appender._write_in_sqlite_transaction``):
+SQLAlchemy's begin then joins it, and nothing else may commit or roll it back."""
 
 # Any constant: PostgreSQL advisory lock id serialising concurrent migrations.
 _PG_MIGRATION_LOCK = 0x7478_7270_6300  # "txrpc"
@@ -159,7 +163,7 @@ def _sqlite_engine(
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
-        # SQLAlchemy emits BEGIN itself (see _begin); the driver must not.
+        # BEGIN is issued explicitly (see _begin, and the appender's own); the driver must not.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
@@ -180,17 +184,32 @@ def _sqlite_engine(
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        # Straight on the driver: every transaction starts here, and a statement run
-        # through SQLAlchemy (exec_driver_sql) costs several times SQLite's BEGIN.
-        # A driver error is raised as SQLAlchemy's wrapper of it, as exec_driver_sql did.
-        driver = conn.connection.driver_connection
-        if driver.in_transaction:  # type: ignore[union-attr]
-            return  # the group-commit appender began it on the driver (_write_in_sqlite_transaction)
+        # Straight on the driver: a statement run through SQLAlchemy (exec_driver_sql)
+        # costs several times SQLite's BEGIN. A driver error is raised as SQLAlchemy's
+        # wrapper of it, as exec_driver_sql did. The one transaction SQLAlchemy does not
+        # begin is the group-commit appender's (begun on the driver, marked in ``info``):
+        # SQLAlchemy joins it. Any other open transaction makes BEGIN fail, loudly.
+        if conn.info.get(APPENDER_TRANSACTION):
+            return
         sql = "BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN"
         try:
-            driver.execute(sql)  # type: ignore[union-attr]
+            conn.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
         except sqlite3.Error as exc:
             raise sa.exc.DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
+
+    @event.listens_for(engine, "commit")
+    def _commit(conn: Connection) -> None:
+        if conn.info.get(APPENDER_TRANSACTION):
+            raise sa.exc.InvalidRequestError(
+                "a group-commit record kind may not commit the batch's transaction (RecordKind.write_batch)"
+            )
+
+    @event.listens_for(engine, "rollback")
+    def _rollback(conn: Connection) -> None:
+        if conn.info.get(APPENDER_TRANSACTION):
+            raise sa.exc.InvalidRequestError(
+                "a group-commit record kind may not roll back the batch's transaction (RecordKind.write_batch)"
+            )
 
     return engine
 

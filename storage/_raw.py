@@ -4,8 +4,8 @@ For the hottest batch writers (the request log's begins and completions, the com
 protocol's prepares, commits and decisions), SQLAlchemy's per-statement work (cache
 key, compiled-statement lookup, execution context, parameter processing) costs more
 CPU than SQLite executing the statement. Prebuilt SQL run with ``executemany`` on the
-connection's own cursor skips it and stays in the transaction SQLAlchemy began (the
-appender's ``BEGIN IMMEDIATE``: no other writer changes the rows meanwhile).
+connection's own cursor skips it and stays in the batch's transaction (the appender's
+``BEGIN IMMEDIATE``, issued on the driver: no other writer changes the rows meanwhile).
 """
 
 from __future__ import annotations

@@ -235,6 +235,132 @@ async def test_sqlite_batches_of_driver_statements_commit_and_roll_back_on_the_d
     assert sorted(rows.values()) == ["raw-after", "raw-alone", "raw-mixed", "sa-mixed"], rows
 
 
+def _writer_in_transaction(st: storage.Storage) -> bool:
+    """Whether the appender's kept writer connection (if any) has a transaction open,
+    as SQLAlchemy sees it or as the driver does."""
+    writer = st.appender._writer
+    if writer is None or writer.invalidated:
+        return False
+    return bool(writer.in_transaction() or writer.connection.driver_connection.in_transaction)  # type: ignore[union-attr]
+
+
+async def test_a_sqlite_batch_leaves_no_transaction_open_on_its_connection(sqlite_url: str) -> None:
+    failures: list[storage.BatchFailed] = []
+    kind = JournalKind()
+
+    async def write(record_kind: storage.RecordKind[object, object], record: object) -> None:
+        try:
+            await st.appender.append(record_kind, record)
+        except storage.BatchFailed as exc:
+            failures.append(exc)
+
+    async with opened(sqlite_url) as st:
+        await st.appender.append(RAW_INSERT_AT, (1, "raw"))  # ended on the driver
+        assert not _writer_in_transaction(st)
+        await st.appender.append(kind, "sa")  # ended through SQLAlchemy
+        assert not _writer_in_transaction(st)
+        async with trio.open_nursery() as nursery:  # a savepoint first, after driver statements
+            await _queue_while_paused(
+                st,
+                nursery,
+                [
+                    lambda: write(RAW_INSERT_AT, (10, "raw-then")),
+                    lambda: write(storage.TRANSACT, lambda conn: conn.execute(sa.insert(journal), {"writer": "tx"})),
+                ],
+            )
+        assert not failures and not _writer_in_transaction(st)
+    assert sorted(journal_rows(sqlite_url).values()) == ["raw", "raw-then", "sa", "tx"]
+
+
+def _commit_inside(conn: sa.Connection, records: Sequence[str]) -> list[None]:
+    with conn.begin():  # not allowed: the batch's transaction is the appender's
+        conn.execute(sa.insert(journal), [{"writer": w} for w in records])
+    return [None] * len(records)
+
+
+def _roll_back_inside(conn: sa.Connection, records: Sequence[str]) -> list[None]:
+    conn.execute(sa.insert(journal), [{"writer": w} for w in records])
+    conn.rollback()  # not allowed either
+    return [None] * len(records)
+
+
+@pytest.mark.parametrize("end", [_commit_inside, _roll_back_inside])
+async def test_a_kind_that_ends_the_batchs_transaction_fails_the_batch_and_writes_nothing(
+    sqlite_url: str, end: object
+) -> None:
+    rogue: storage.RecordKind[str, None] = storage.RecordKind("test.rogue", end)  # type: ignore[arg-type]
+    failures: list[storage.BatchFailed] = []
+
+    async def write(record_kind: storage.RecordKind[object, object], record: object) -> None:
+        try:
+            await st.appender.append(record_kind, record)
+        except storage.BatchFailed as exc:
+            failures.append(exc)
+
+    async with opened(sqlite_url) as st:
+        async with trio.open_nursery() as nursery:
+            await _queue_while_paused(
+                st, nursery, [lambda: write(RAW_INSERT_AT, (1, "before")), lambda: write(rogue, "rogue")]
+            )
+        assert len(failures) == 2 and not any(f.outcome_unknown for f in failures)
+        assert isinstance(failures[0].__cause__, sa.exc.InvalidRequestError)
+        assert "may not" in str(failures[0].__cause__)
+        await st.appender.append(RAW_INSERT_AT, (2, "after"))
+    assert journal_rows(sqlite_url) == {2: "after"}
+
+
+_FK_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS test_parent (id INTEGER PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS test_child (id INTEGER PRIMARY KEY, parent INTEGER "
+    "REFERENCES test_parent(id) DEFERRABLE INITIALLY DEFERRED)",
+]
+
+
+def _orphan_through_sqlalchemy(conn: sa.Connection, ids: Sequence[int]) -> list[None]:
+    for child in ids:
+        conn.exec_driver_sql(f"INSERT INTO test_child (id, parent) VALUES ({child}, 999)")
+    return [None] * len(ids)
+
+
+def _orphan_on_the_driver(conn: sa.Connection, ids: Sequence[int]) -> list[None]:
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany("INSERT INTO test_child (id, parent) VALUES (?, 999)", [(i,) for i in ids])
+    finally:
+        cursor.close()
+    return [None] * len(ids)
+
+
+@pytest.mark.parametrize("inline_writes", [True, False])
+@pytest.mark.parametrize("orphan", [_orphan_through_sqlalchemy, _orphan_on_the_driver])
+async def test_a_failed_sqlite_commit_leaves_nothing_behind_for_the_next_transaction(
+    sqlite_url: str, inline_writes: bool, orphan: object
+) -> None:
+    """COMMIT fails (a deferred foreign key), which leaves SQLite's transaction open on
+    that connection: the batch is told "outcome unknown", and no later transaction --
+    the next batch, or another write on a pooled connection -- runs inside it (and so
+    commits the failed batch's rows with its own)."""
+    kind: storage.RecordKind[int, None] = storage.RecordKind("test.orphan", orphan)  # type: ignore[arg-type]
+
+    def schema(conn: sa.Connection) -> None:
+        for statement in _FK_SCHEMA:
+            conn.exec_driver_sql(statement)
+
+    async with opened(sqlite_url, inline_writes=inline_writes) as st:
+        await st.database.write(schema)
+        with pytest.raises(storage.BatchFailed) as failed:
+            await st.appender.append(kind, 1)
+        assert failed.value.outcome_unknown
+        cause = failed.value.__cause__
+        assert isinstance(cause, sa.exc.IntegrityError) and "FOREIGN KEY" in str(cause)  # (wrapped, as any)
+        assert not _writer_in_transaction(st)
+        await st.database.write(lambda conn: conn.exec_driver_sql("INSERT INTO test_parent (id) VALUES (1)"))
+        await st.appender.append(RAW_INSERT_AT, (5, "next batch"))
+        children = await st.database.read(lambda conn: conn.exec_driver_sql("SELECT id FROM test_child").all())
+        assert children == []
+    assert journal_rows(sqlite_url) == {5: "next batch"}
+
+
 async def test_a_rejected_record_fails_alone(db_url: str) -> None:
     kind = JournalKind()
     outcomes: dict[str, object] = {}

@@ -42,6 +42,49 @@ async def test_reads_what_was_sent_in_pieces_no_larger_than_asked() -> None:
     await server.aclose()
 
 
+async def test_after_a_full_read_an_empty_socket_is_waited_on_and_every_receive_is_a_checkpoint() -> None:
+    client, server = await _pair()
+    receiver = Receiver(server)
+    await client.send_all(b"x" * 300)
+    with trio.fail_after(5):
+        with trio.testing.assert_checkpoints():
+            assert await receiver.receive(100) == b"x" * 100  # first read: waited for readability
+        with trio.testing.assert_checkpoints():
+            assert await receiver.receive(100) == b"x" * 100  # a full read before: read at once
+        with trio.testing.assert_checkpoints():
+            assert await receiver.receive(100) == b"x" * 100
+        # A full read before, but nothing left: the read finds the socket empty and waits.
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def receive() -> None:
+                got.append(await receiver.receive(100))
+
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            await client.send_all(b"late")
+        assert got == [b"late"]
+    with pytest.raises(ValueError):
+        await receiver.receive(0)
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_a_cancelled_receive_after_a_full_read_leaves_the_data_for_the_next() -> None:
+    client, server = await _pair()
+    receiver = Receiver(server)
+    await client.send_all(b"y" * 150)
+    with trio.fail_after(5):
+        assert await receiver.receive(100) == b"y" * 100
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await receiver.receive(100)  # cancelled at its checkpoint, before reading
+        assert await receiver.receive(100) == b"y" * 50
+    await client.aclose()
+    await server.aclose()
+
+
 async def test_a_receive_waits_for_data_and_can_be_cancelled() -> None:
     client, server = await _pair()
     receiver = Receiver(server)

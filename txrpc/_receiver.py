@@ -30,6 +30,8 @@ class Receiver:
         self._drained = True  # the last read took everything there was (or none was made)
 
     async def receive(self, max_bytes: int) -> bytes:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")  # (0 would read b"": the end of the stream)
         sock = self._socket
         if sock is None:
             return bytes(await self._stream.receive_some(max_bytes))
