@@ -647,15 +647,7 @@ class Participant:
                 # locks with the record still on disk could let a conflicting transaction
                 # prepare, and both would come back at a restart.
                 log.info("shard %s: votes no on %d: %s", self.shard, txid, refusal)
-                try:
-                    await self.store.delete_prepare(txid)
-                except Exception as exc:
-                    # The record may stay: keep the transaction prepared (locks held);
-                    # the coordinator's abort, or asking it (presumed abort), ends it.
-                    log.warning("shard %s: prepare record of %d not dropped: %s", self.shard, txid, exc)
-                    if self.core.prepared(txid):
-                        self.core.locks.mark_prepared(txid)
-                        self._prepared_at[txid] = trio.current_time()
+                if not await self._drop_record_or_stay_prepared(txid, ""):
                     await self._abort_replicas(txid, replicas)
                     return {"vote": "no", "reason": refusal}
                 await self._abort_replicas(txid, replicas)
@@ -836,23 +828,30 @@ class Participant:
     async def _record_not_written(self, txid: int, error: Exception) -> str:
         """``txid``'s prepare record could not be made durable: it votes no (the reason,
         returned) and aborts here, its locks freed. If the write's outcome is unknown (it
-        failed during COMMIT) the record may be on disk: it is dropped first. Were it left
-        there, a conflicting transaction could prepare on the freed locks, and a restart
-        would find both records holding conflicting locks. If the drop fails too, the
-        transaction stays prepared (locks held) until the coordinator's abort, or asking
-        it (presumed abort), ends it."""
+        failed during COMMIT) the record may be on disk: it is dropped first
+        (:meth:`_drop_record_or_stay_prepared`)."""
         reason = f"prepare record not durable: {error}"
         if isinstance(error, BatchFailed) and error.outcome_unknown:
-            try:
-                await self.store.delete_prepare(txid)
-            except Exception as exc:
-                log.warning("shard %s: prepare record of %d may be on disk, not dropped: %s", self.shard, txid, exc)
-                if self.core.prepared(txid):
-                    self.core.locks.mark_prepared(txid)
-                    self._prepared_at[txid] = trio.current_time()
+            if not await self._drop_record_or_stay_prepared(txid, " may be on disk,"):
                 return reason
         self._wake(self.core.prepare_failed(txid, reason), txid)
         return reason
+
+    async def _drop_record_or_stay_prepared(self, txid: int, what: str) -> bool:
+        """Drop ``txid``'s prepare record before its locks are freed (a record left on disk
+        with its locks freed could let a conflicting transaction prepare, and a restart
+        would find both). False if the drop failed: the record may stay, so the
+        transaction stays prepared (locks held) until the coordinator's abort, or asking
+        it (presumed abort), ends it."""
+        try:
+            await self.store.delete_prepare(txid)
+        except Exception as exc:
+            log.warning("shard %s: prepare record of %d%s not dropped: %s", self.shard, txid, what, exc)
+            if self.core.prepared(txid):
+                self.core.locks.mark_prepared(txid)
+                self._prepared_at[txid] = trio.current_time()
+            return False
+        return True
 
     async def _vote_after_record(self, txid: int, error: Exception | None) -> dict[str, Any]:
         """An unreplicated transaction's vote once its prepare record's write ended

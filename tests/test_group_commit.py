@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -194,6 +195,21 @@ def _raw_insert(conn: sa.Connection, rows: Sequence[tuple[int, str]]) -> list[No
 RAW_INSERT_AT: storage.RecordKind[tuple[int, str], None] = storage.RecordKind("test.raw_insert_at", _raw_insert)
 
 
+def _failure_noting(
+    st: storage.Storage, failures: list[storage.BatchFailed]
+) -> Callable[[storage.RecordKind[Any, Any], object], Awaitable[None]]:
+    """``write(kind, record)``: append it, and note a ``BatchFailed`` in ``failures``
+    instead of raising (several writers of one batch fail together)."""
+
+    async def write(record_kind: storage.RecordKind[Any, Any], record: object) -> None:
+        try:
+            await st.appender.append(record_kind, record)
+        except storage.BatchFailed as exc:
+            failures.append(exc)
+
+    return write
+
+
 async def test_sqlite_batches_of_driver_statements_commit_and_roll_back_on_the_driver(sqlite_url: str) -> None:
     """A SQLite batch begins and commits on the driver. One whose kinds never go through
     SQLAlchemy commits (or rolls back) there too; one mixing both ends through SQLAlchemy.
@@ -201,13 +217,8 @@ async def test_sqlite_batches_of_driver_statements_commit_and_roll_back_on_the_d
     failures: list[storage.BatchFailed] = []
     kind = JournalKind()
 
-    async def write(record_kind: storage.RecordKind[object, object], record: object) -> None:
-        try:
-            await st.appender.append(record_kind, record)
-        except storage.BatchFailed as exc:
-            failures.append(exc)
-
     async with opened(sqlite_url) as st:
+        write = _failure_noting(st, failures)
         await st.appender.append(RAW_INSERT_AT, (1, "raw-alone"))
         async with trio.open_nursery() as nursery:  # a driver statement, then one that fails
             await _queue_while_paused(
@@ -248,13 +259,8 @@ async def test_a_sqlite_batch_leaves_no_transaction_open_on_its_connection(sqlit
     failures: list[storage.BatchFailed] = []
     kind = JournalKind()
 
-    async def write(record_kind: storage.RecordKind[object, object], record: object) -> None:
-        try:
-            await st.appender.append(record_kind, record)
-        except storage.BatchFailed as exc:
-            failures.append(exc)
-
     async with opened(sqlite_url) as st:
+        write = _failure_noting(st, failures)
         await st.appender.append(RAW_INSERT_AT, (1, "raw"))  # ended on the driver
         assert not _writer_in_transaction(st)
         await st.appender.append(kind, "sa")  # ended through SQLAlchemy
@@ -291,13 +297,8 @@ async def test_a_kind_that_ends_the_batchs_transaction_fails_the_batch_and_write
     rogue: storage.RecordKind[str, None] = storage.RecordKind("test.rogue", end)  # type: ignore[arg-type]
     failures: list[storage.BatchFailed] = []
 
-    async def write(record_kind: storage.RecordKind[object, object], record: object) -> None:
-        try:
-            await st.appender.append(record_kind, record)
-        except storage.BatchFailed as exc:
-            failures.append(exc)
-
     async with opened(sqlite_url) as st:
+        write = _failure_noting(st, failures)
         async with trio.open_nursery() as nursery:
             await _queue_while_paused(
                 st, nursery, [lambda: write(RAW_INSERT_AT, (1, "before")), lambda: write(rogue, "rogue")]

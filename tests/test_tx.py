@@ -33,6 +33,25 @@ def accounts_on_distinct_shards(cfg: txrpc.ClusterConfig, count: int) -> list[st
     return names
 
 
+def _recorded_prepare_writes(monkeypatch: pytest.MonkeyPatch, fail: list[bool] | None = None) -> list[list[int]]:
+    """Patch ``ShardStore.write_prepares`` (one queued write of prepare records) to record
+    the txids of each call, in order; while ``fail[0]`` is set, a call raises instead of
+    writing (a full disk)."""
+    from storage._shard_store import ShardStore
+
+    writes: list[list[int]] = []
+    real_write = ShardStore.write_prepares
+
+    async def recording(self: ShardStore, records: Any) -> None:
+        writes.append([txid for txid, _, _, _ in records])
+        if fail is not None and fail[0]:
+            raise OSError("disk full (test)")
+        await real_write(self, records)
+
+    monkeypatch.setattr(ShardStore, "write_prepares", recording)
+    return writes
+
+
 def accounts_on_one_shard(cfg: txrpc.ClusterConfig, node: Any, count: int) -> list[str]:
     """The first ``count`` account names whose primary is ``node``."""
     names = (f"acct{i}" for i in itertools.count())
@@ -358,19 +377,8 @@ async def test_a_batchs_prepare_records_are_written_together(
     prepare records of those that need one as one queued write; a read-only or unknown
     transaction is answered without one. If that write fails, each of them votes no and
     is aborted there (its locks freed: the next transaction on its key goes on)."""
-    from storage._shard_store import ShardStore
-
-    writes: list[list[int]] = []
     fail = [False]
-    real_write = ShardStore.write_prepares
-
-    async def counting(self: ShardStore, records: Any) -> None:
-        writes.append([txid for txid, _, _, _ in records])
-        if fail[0]:
-            raise OSError("disk full (test)")
-        await real_write(self, records)
-
-    monkeypatch.setattr(ShardStore, "write_prepares", counting)
+    writes = _recorded_prepare_writes(monkeypatch, fail)
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
@@ -486,16 +494,7 @@ async def test_at_most_256_prepare_records_go_together_the_rest_one_by_one(
 ) -> None:
     """A batch's records are written together up to GROUP_RECORDS_MAX (256; the
     appender bounds its batches by queued writes), the rest of the batch one by one."""
-    from storage._shard_store import ShardStore
-
-    sizes: list[int] = []
-    real_write = ShardStore.write_prepares
-
-    async def counting(self: ShardStore, records: Any) -> None:
-        sizes.append(len(records))
-        await real_write(self, records)
-
-    monkeypatch.setattr(ShardStore, "write_prepares", counting)
+    writes = _recorded_prepare_writes(monkeypatch)
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.primary_of("acct0")
@@ -503,13 +502,13 @@ async def test_at_most_256_prepare_records_go_together_the_rest_one_by_one(
         await open_accounts(cluster, names, 10)
         async with txrpc.connect(*node.address) as shard:
             txids = await _begin_deposits(cluster, shard, names, shard_map.epoch)
-            sizes.clear()
+            writes.clear()
             answers = await shard.call("tx.prepare_many", txids)
             assert {a if a == "PENDING" else a["vote"] for a in answers} <= {"yes", "PENDING"}
             with trio.fail_after(10):
-                while sum(sizes) < len(txids):
+                while sum(map(len, writes)) < len(txids):
                     await trio.sleep(0.05)
-            assert sorted(sizes) == [1] * (len(txids) - 256) + [256]
+            assert sorted(map(len, writes)) == [1] * (len(txids) - 256) + [256]
             assert await shard.call("tx.commit_many", txids) == ["ok"] * len(txids)
         assert {await cluster.call(n, "bank.balance", n) for n in names} == {11}
 
@@ -665,32 +664,26 @@ async def test_prepares_are_batched_per_participant(tmp_path: Path, monkeypatch:
     batches (fewer messages than transactions), each transaction's prepare record
     written there once."""
     from coordinator import Participant
-    from storage._shard_store import ShardStore
 
     sizes: list[int] = []
-    prepared: list[int] = []
     real_many = Participant.prepare_many
-    real_write = ShardStore.write_prepares
 
     async def counting_many(self: Participant, txids: list[int]) -> list[Any]:
         sizes.append(len(txids))
         return await real_many(self, txids)
 
-    async def counting(self: ShardStore, records: Any) -> None:
-        prepared.extend(txid for txid, _, _, _ in records)
-        await real_write(self, records)
-
     monkeypatch.setattr(Participant, "prepare_many", counting_many)
-    monkeypatch.setattr(ShardStore, "write_prepares", counting)
+    writes = _recorded_prepare_writes(monkeypatch)
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         names = accounts_on_distinct_shards(local.config, 24)
         await open_accounts(cluster, names, 100)
         pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(0, len(names), 2)]
         sizes.clear()
-        prepared.clear()
+        writes.clear()
         await transfers_until_phase_two_drains(local, cluster, pairs, 10)
         primary = local.config.shard_map.primary_of
         cross = [(s, d) for s, d in pairs if primary(s) != primary(d)]
+        prepared = [txid for write in writes for txid in write]
         assert sum(sizes) == len(prepared) == 2 * 10 * len(cross)  # each reached both its shards once
         assert len(set(prepared)) == 10 * len(cross)
         assert max(sizes) > 1 and len(sizes) < sum(sizes)
