@@ -140,6 +140,29 @@ async def test_exception_in_the_block_aborts_and_frees_locks(tmp_path: Path) -> 
         assert await cluster.call(alice, "bank.balance", alice) == 0
 
 
+async def test_an_abort_before_commit_is_the_shards_business_alone(tmp_path: Path) -> None:
+    """A transaction that aborts before it asks to commit tells the shards it touched and
+    not the coordinator: no commit of it was ever sent, so there is nothing to refuse
+    there (presumed abort), and the coordinator's copy of the shards' abort was work for
+    three processes per conflict."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 10)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        with pytest.raises(KeyError):
+            async with cluster.transaction() as t:
+                await t.bank.deposit(alice, 5)
+                await t.bank.deposit(bob, 5)
+                raise KeyError("the caller's own error")
+        assert coordinator.core.get(t.txid) is None  # never heard of it
+        with trio.fail_after(5):  # and both locks are free again
+            async with cluster.transaction() as t2:
+                await t2.bank.withdraw(alice, 10)
+                await t2.bank.withdraw(bob, 10)
+        assert [await total(cluster, [n]) for n in (alice, bob)] == [0, 0]
+
+
 async def test_single_shard_transaction_commits_in_one_phase(tmp_path: Path) -> None:
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         (alice,) = accounts_on_distinct_shards(local.config, 1)

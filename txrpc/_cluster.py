@@ -278,6 +278,7 @@ class Transaction:
         self._deadline = math.inf
         self._failed: TransactionAborted | None = None
         self.outcome: str | None = None
+        self._coordinator_told = False
 
     async def __aenter__(self) -> Transaction:
         txid, default_timeout_s = await self._cluster._next_txid()
@@ -375,9 +376,12 @@ class Transaction:
             self._op_seq_by_node[node] = op_seq - 1
 
     async def _abort(self) -> None:
-        """Tell the shards we touched (so their locks are free before we return) and the
-        coordinator (so a late commit of this txid is refused). Best effort, bounded:
-        whatever is not delivered, the shards' idle timeout cleans up."""
+        """Tell the shards we touched (so their locks are free before we return) and, if
+        a commit of it was ever sent, the coordinator (so a late one is refused). Before
+        that the coordinator has nothing to refuse (a txid never asked to commit is
+        presumed aborted), and its copy of the shards' abort cost three processes work
+        on every conflict. Best effort, bounded: whatever is not delivered, the shards'
+        idle timeout cleans up."""
         router = self._cluster.router
 
         async def tell_shard(name: str) -> None:
@@ -400,7 +404,8 @@ class Transaction:
             async with trio.open_nursery() as nursery:
                 for name in sorted(self.participants):
                     nursery.start_soon(tell_shard, name)
-                nursery.start_soon(tell_coordinator)
+                if self._coordinator_told:
+                    nursery.start_soon(tell_coordinator)
 
     async def _commit_call(self, participants: list[str]) -> None:
         """One attempt to commit. A single shard decides alone (one-phase commit, sent
@@ -414,6 +419,7 @@ class Transaction:
             if result["outcome"] != "committed":
                 raise Aborted(result.get("reason") or "aborted", {"retryable": True})
             return
+        self._coordinator_told = True
         await self._cluster.coordinator._call_once("coord.commit", (self.txid, participants), {}, {})
 
     async def _commit(self) -> None:
