@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -444,6 +445,9 @@ def test_ctrl_c_stops_sim_explore_and_its_workers_at_once() -> None:
     import signal
     import time
 
+    from txrpc.testing._sim import _sim_root
+
+    before = set(_sim_root().glob("txrpc-sim-*"))
     command = [sys.executable, "-m", "txrpc.cli", "sim", "explore", "--duration", "30", "--workers", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -462,6 +466,24 @@ def test_ctrl_c_stops_sim_explore_and_its_workers_at_once() -> None:
             time.sleep(0.1)
         else:
             pytest.fail("sim explore's workers outlived it")
+        left = set(_sim_root().glob("txrpc-sim-*")) - before
+        assert not left, f"the stopped runs left their data behind: {sorted(left)}"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_stale_simulation_directories_are_swept_but_not_live_ones(tmp_path: Path) -> None:
+    """A run killed by SIGTERM/SIGKILL never reaches ``simulate``'s ``finally``: its
+    directory goes at the next sweep, unless its process still runs."""
+    from txrpc.testing._sim import sweep_stale_sim_dirs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its PID is dead
+    stale = tmp_path / f"txrpc-sim-7-p{gone.pid}-abcd1234"
+    live = tmp_path / f"txrpc-sim--7-p{os.getpid()}-abcd1234"
+    other = tmp_path / "txrpc-sim-7-abcd1234"  # no PID in the name: not ours to judge
+    for directory in (stale, live, other):
+        (directory / "s0").mkdir(parents=True)
+    assert sweep_stale_sim_dirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

@@ -187,11 +187,17 @@ def _pool(workers: int, log_level: int) -> concurrent.futures.ProcessPoolExecuto
 
 def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     """Ctrl-C: drop what is queued and stop the workers now (they ignore SIGINT, so a
-    run in progress would otherwise finish first)."""
+    run in progress would otherwise finish first), then remove the data directories
+    of the runs they were in (SIGTERM skips ``simulate``'s ``finally``)."""
+    from .testing._sim import sweep_stale_sim_dirs
+
     processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+    sweep_stale_sim_dirs()
 
 
 def _worker_init(log_level: int) -> None:
@@ -413,6 +419,8 @@ class SimMeasure:
 def _measure_side_by_side(seeds: list[int], transactions: int, clients: int, latency_s: float) -> list[SimMeasure]:
     """One simulation per seed, each in its own process; their transfers start together
     (a barrier after every cluster is set up), so the rounds' wall times overlap."""
+    from .testing._sim import sweep_stale_sim_dirs
+
     context = _mp_context()
     barrier = context.Barrier(len(seeds))
     results = context.Queue()
@@ -431,6 +439,8 @@ def _measure_side_by_side(seeds: list[int], transactions: int, clients: int, lat
             process.join(timeout=5)
             if process.is_alive():
                 process.terminate()
+                process.join(timeout=5)
+        sweep_stale_sim_dirs()  # of the ones terminated
     failed = [r for r in runs if isinstance(r, str)]
     if failed:
         raise click.ClickException(f"a simulation failed: {failed[0]}")

@@ -25,6 +25,7 @@ import heapq
 import itertools
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -402,6 +403,48 @@ def _sim_root() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
+#: ``txrpc-sim-{seed}-p{pid}-{mkdtemp suffix}``: a simulation's data directory and the
+#: process that made it (the seed comes first, for people; it may be negative).
+_SIM_DIR = re.compile(r"txrpc-sim-(-?\d+)-p(\d+)-[a-z0-9_]{8}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_stale_sim_dirs(root: Path | None = None) -> list[Path]:
+    """Remove the data directories of simulations whose process is gone: killed by
+    SIGTERM (``sim explore``'s Ctrl-C stops its workers so) or SIGKILL, or left by
+    ``os._exit``, their ``finally`` never ran, and ``/dev/shm`` is RAM. A directory whose
+    process is alive (a zombie or a reused PID counts as alive) is left alone."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return []
+    root = _sim_root() if root is None else root
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _SIM_DIR.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match[2])):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:  # another sweeper was first
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
 @contextmanager
 def deterministic_trio(seed: int) -> Iterator[None]:
     """Make trio's own choices reproducible for one run (within a process, too).
@@ -511,7 +554,8 @@ def simulate(
     """Run ``main(sim)`` against a fresh simulated cluster in its own ``trio.run`` on a
     ``MockClock``; returns what ``main`` returns. Storage lives in a temporary directory
     (on ``/dev/shm`` when available) removed afterwards."""
-    data_dir = Path(tempfile.mkdtemp(prefix=f"txrpc-sim-{seed}-", dir=_sim_root()))
+    sweep_stale_sim_dirs()  # what killed runs left behind
+    data_dir = Path(tempfile.mkdtemp(prefix=f"txrpc-sim-{seed}-p{os.getpid()}-", dir=_sim_root()))
     result: list[T] = []
 
     async def root() -> None:
