@@ -841,8 +841,15 @@ def _end_on_failure(conn: Connection, driver: Any) -> None:
             driver.rollback()
     except Exception:
         log.warning("rolling back a failed batch failed; discarding its connection", exc_info=True)
-    if driver.in_transaction:
-        conn.invalidate()
+    try:
+        still_open = driver.in_transaction
+    except Exception:  # a closed or broken driver connection: discard it all the same
+        still_open = True
+    if still_open:
+        # (Never raises over the batch's own error: the writers must hear that one --
+        # e.g. "outcome unknown" for a failed COMMIT.)
+        with contextlib.suppress(Exception):
+            conn.invalidate()
 
 
 class _SyncWaiter:

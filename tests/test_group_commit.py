@@ -3,11 +3,15 @@ results, failure fan-out, bounds, cancellation and shutdown."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -360,6 +364,107 @@ async def test_a_failed_sqlite_commit_leaves_nothing_behind_for_the_next_transac
         children = await st.database.read(lambda conn: conn.exec_driver_sql("SELECT id FROM test_child").all())
         assert children == []
     assert journal_rows(sqlite_url) == {5: "next batch"}
+
+
+class RollbackDenyingPoison(storage.RecordKind[str, int]):
+    """Fails its batch, having first made SQLite refuse the next ROLLBACK on the batch's
+    connection (an authorizer that denies it once): the appender's rollback of the batch
+    fails for real and leaves the driver's transaction open. Records the connection
+    and the thread it ran on."""
+
+    def __init__(self) -> None:
+        super().__init__("test.poison_denying_rollback", self._write)
+        self.drivers: list[sqlite3.Connection] = []
+        self.threads: list[int] = []
+        self.denied: list[str] = []
+
+    def _write(self, conn: sa.Connection, records: Sequence[str]) -> list[int | storage.Rejected]:
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        self.drivers.append(driver)
+        self.threads.append(threading.get_ident())
+
+        def authorize(action: int, arg1: str | None, *_: object) -> int:
+            if action == sqlite3.SQLITE_TRANSACTION and arg1 == "ROLLBACK" and not self.denied:
+                self.denied.append(arg1)
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+
+        driver.set_authorizer(authorize)
+        raise RuntimeError("poisoned batch")
+
+
+@pytest.mark.parametrize("through_sqlalchemy", [True, False], ids=["sqlalchemy", "driver"])
+@pytest.mark.parametrize("inline_writes", [True, False], ids=["inline", "thread"])
+async def test_a_sqlite_batch_whose_rollback_fails_discards_its_connection(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture, inline_writes: bool, through_sqlalchemy: bool
+) -> None:
+    """A batch fails and so does its ROLLBACK (SQLAlchemy's, if a kind went through it,
+    else the driver's), which leaves SQLite's transaction open on that connection: every
+    writer of the batch gets the error, the connection is discarded with a warning
+    (closed, which ends the transaction; never pooled or reused with it open), and the
+    next batch commits on another connection. (Inline, the flusher also drops its
+    writer after any failed batch; on a worker thread, without the discard the pool
+    would take the connection back, its reset's ROLLBACK succeeding this time.)"""
+    poison = RollbackDenyingPoison()
+    failures: list[storage.BatchFailed] = []
+    lost: tuple[storage.RecordKind[Any, Any], object] = (
+        (JournalKind(), "lost") if through_sqlalchemy else (RAW_INSERT_AT, (7, "lost"))
+    )
+    caplog.set_level(logging.WARNING, logger="txrpc.storage.appender")
+
+    def insert_next(conn: sa.Connection) -> object:
+        conn.execute(sa.insert(journal).values(position=2, writer="next batch"))
+        return conn.connection.driver_connection
+
+    async with opened(sqlite_url, inline_writes=inline_writes) as st:
+        write = _failure_noting(st, failures)
+        await st.appender.append(RAW_INSERT_AT, (1, "opens-the-writer"))  # (on a thread)
+        async with trio.open_nursery() as nursery:
+            await _queue_while_paused(st, nursery, [lambda: write(*lost), lambda: write(poison, "poison")])
+        assert poison.denied == ["ROLLBACK"]  # the batch's rollback really failed
+        assert (poison.threads == [threading.get_ident()]) == inline_writes  # inline: on the loop's thread
+        assert len(failures) == 2 and not any(f.outcome_unknown for f in failures)
+        assert all(isinstance(f.__cause__, RuntimeError) and "poisoned batch" in str(f) for f in failures)
+        assert st.appender.stats.batches_failed == 1 and st.appender.stats.records_failed == 2
+        [failed] = poison.drivers
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):  # discarded, not pooled
+            failed.execute("SELECT 1")
+        assert not _writer_in_transaction(st)
+        assert journal_rows(sqlite_url) == {1: "opens-the-writer"}  # nothing of the failed batch
+        assert await st.appender.transact(insert_next) is not failed
+        count = sa.select(sa.func.count()).select_from(journal)
+        assert await st.database.read(lambda conn: conn.execute(count).scalar()) == 2  # a pooled reader
+    assert journal_rows(sqlite_url) == {1: "opens-the-writer", 2: "next batch"}
+    [warning] = [r for r in caplog.records if "discarding its connection" in r.getMessage()]
+    assert warning.name == "txrpc.storage.appender"
+    assert warning.levelno == logging.WARNING
+    assert warning.exc_info is not None and "not authorized" in str(warning.exc_info[1])
+    # SQLAlchemy's rollback failed (it began, joining the batch's), else the driver's.
+    assert isinstance(warning.exc_info[1], sa.exc.DatabaseError if through_sqlalchemy else sqlite3.DatabaseError)
+
+
+def test_ending_a_failed_batch_on_a_closed_connection_discards_it_without_raising(tmp_path: Path) -> None:
+    """A batch whose connection broke under it (the driver's connection closed): ending it
+    must not raise over the batch's own error (a failed COMMIT must reach its writers
+    as "outcome unknown", not as whatever asking a closed connection raises), and the
+    connection is discarded, never pooled."""
+    from storage._appender import _end_on_failure
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'closed.db'}")
+    try:
+        conn = engine.connect()
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        driver.execute("BEGIN IMMEDIATE")
+        driver.close()
+        with pytest.raises(sqlite3.ProgrammingError):
+            driver.in_transaction  # noqa: B018 (what _end_on_failure must not let escape)
+        _end_on_failure(conn, driver)
+        assert conn.invalidated
+        conn.close()
+    finally:
+        engine.dispose()
 
 
 async def test_a_rejected_record_fails_alone(db_url: str) -> None:
