@@ -155,12 +155,52 @@ async def test_an_abort_before_commit_is_the_shards_business_alone(tmp_path: Pat
                 await t.bank.deposit(alice, 5)
                 await t.bank.deposit(bob, 5)
                 raise KeyError("the caller's own error")
-        assert coordinator.core.get(t.txid) is None  # never heard of it
+        assert t.txid is not None and coordinator.core.get(t.txid) is None  # never heard of it
         with trio.fail_after(5):  # and both locks are free again
             async with cluster.transaction() as t2:
                 await t2.bank.withdraw(alice, 10)
                 await t2.bank.withdraw(bob, 10)
         assert [await total(cluster, [n]) for n in (alice, bob)] == [0, 0]
+
+
+def test_txid_leases_grow_for_a_busy_client_and_shrink_for_a_quiet_one() -> None:
+    from txrpc._cluster import LEASE_SIZE_MAX, LEASE_SIZE_MIN, next_lease_size
+
+    assert next_lease_size(16, None) == 16  # the first lease
+    assert next_lease_size(16, 0.01) == 32  # used up fast: twice as big
+    assert next_lease_size(16, 1.0) == 16  # as fast as intended: the same
+    assert next_lease_size(64, 60.0) == 32  # slow: half
+    assert next_lease_size(LEASE_SIZE_MAX, 0.0) == LEASE_SIZE_MAX  # bounded both ways
+    assert next_lease_size(LEASE_SIZE_MIN, 60.0) == LEASE_SIZE_MIN
+
+
+async def test_a_busy_client_leases_txids_in_bigger_blocks(tmp_path: Path) -> None:
+    """Beginning transactions fast, a client asks the coordinator for ids a few times,
+    not once per 16 transactions (every task wanting an id waits for that round trip)."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 8)
+        await open_accounts(cluster, names, 0)
+        coordinator = local.coordinator
+        assert coordinator is not None
+        leases_before = len(coordinator.core._leases)
+        txids = []
+
+        async def deposit(name: str, count: int) -> None:
+            for _ in range(count):
+                async with cluster.transaction() as t:
+                    await t.bank.deposit(name, 1)
+                txids.append(t.txid)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(deposit, name, 50)
+        assert await total(cluster, names) == 400
+        assert len(set(txids)) == 400  # unique ids
+        leases = len(coordinator.core._leases) - leases_before
+        # 16, 32, 64, 128, 256 cover 400 ids if every lease lasts under LEASE_FAST_S; a
+        # slow moment keeps one size for a lease more. At 16 ids each: 25 leases.
+        assert leases <= 9, leases
+        assert cluster.txid_lease_size > 16
 
 
 async def test_single_shard_transaction_commits_in_one_phase(tmp_path: Path) -> None:

@@ -49,6 +49,29 @@ T = TypeVar("T")
 COMMIT_GRACE_S = 10.0  # after the transaction deadline, how long commit keeps asking for the outcome
 ABORT_TIMEOUT_S = 2.0  # bound on telling the coordinator we gave up
 
+# Txid leases (``coord.lease``) adapt to the rate at which this client begins
+# transactions: a lease used up in under LEASE_FAST_S makes the next one twice as big, one
+# that lasted over LEASE_SLOW_S half as big. A busy client then asks a few times a second,
+# not every 16 transactions -- each time with every task that wants a txid waiting for the
+# round trip -- and a quiet one does not sit on ids that make its transactions look older
+# (wait-die favours older ids) than they are.
+LEASE_SIZE_MIN = 16
+LEASE_SIZE_MAX = 1000  # the most the coordinator hands out at once
+LEASE_FAST_S = 0.25
+LEASE_SLOW_S = 4.0
+
+
+def next_lease_size(size: int, lasted_s: float | None) -> int:
+    """The size of the next txid lease after one of ``size`` ids lasted ``lasted_s``
+    (None: the first lease)."""
+    if lasted_s is None:
+        return size
+    if lasted_s < LEASE_FAST_S:
+        return min(size * 2, LEASE_SIZE_MAX)
+    if lasted_s > LEASE_SLOW_S:
+        return max(size // 2, LEASE_SIZE_MIN)
+    return size
+
 
 class Cluster:
     """A client of a whole cluster: routed calls, and transactions via the coordinator."""
@@ -94,22 +117,28 @@ class Cluster:
             credentials=credentials,
         )
         self.stats = {"committed": 0, "aborted": 0, "unknown": 0}
-        self.txid_lease_size = 16
+        self.txid_lease_size = LEASE_SIZE_MIN  # adapts: see next_lease_size
         self._leased: list[int] = []
+        self._leased_at: float | None = None  # when the current lease arrived
         self._lease_timeout_s = 30.0
         self._lease_lock = trio.Lock()
 
     async def _next_txid(self) -> tuple[int, float]:
         """A transaction id from this client's lease (refilled from the coordinator in
-        small blocks, so beginning a transaction usually costs no round trip)."""
+        blocks sized to the rate it is used at, so beginning a transaction usually costs
+        no round trip)."""
         if self._leased:  # no await in between: no other task can take it first
             return self._leased.pop(), self._lease_timeout_s
         async with self._lease_lock:
             if not self._leased:
+                now = trio.current_time()
+                lasted_s = None if self._leased_at is None else now - self._leased_at
+                self.txid_lease_size = next_lease_size(self.txid_lease_size, lasted_s)
                 lease = await self.coordinator.call("coord.lease", self.txid_lease_size)
                 first, count = int(lease["first"]), int(lease["count"])
                 self._leased = list(range(first + count - 1, first - 1, -1))
                 self._lease_timeout_s = float(lease["timeout_s"])
+                self._leased_at = trio.current_time()
             return self._leased.pop(), self._lease_timeout_s
 
     async def _fetch_map(self) -> ShardMap:
@@ -452,6 +481,7 @@ class Transaction:
                     # The coordinator restarted since these txids were leased: the rest of
                     # the lease would be refused the same way. Lease afresh.
                     self._cluster._leased.clear()
+                    self._cluster._leased_at = None
                 raise TransactionAborted(
                     exc.message, {"retryable": True, **exc.details, "txid": self.txid}
                 ) from None
