@@ -467,6 +467,42 @@ def test_ending_a_failed_batch_on_a_closed_connection_discards_it_without_raisin
         engine.dispose()
 
 
+@pytest.mark.parametrize("linger_passes", [3, 0])
+async def test_inline_records_on_their_way_join_the_batch(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, linger_passes: int
+) -> None:
+    """Inline, the flusher waits a few scheduler passes once woken before it takes a
+    batch (``LINGER_PASSES``): records that tasks woken meanwhile queue join that batch,
+    one commit (and one stop of the event loop) instead of two. Without the passes they
+    miss it."""
+    from storage import _appender
+
+    monkeypatch.setattr(_appender, "LINGER_PASSES", linger_passes)
+    async with opened(sqlite_url) as st:
+        await st.appender.append(RAW_INSERT_AT, (1, "opens-the-writer"))
+        before = st.appender.stats.batches_committed
+        go = trio.Event()
+
+        async def first() -> None:
+            go.set()  # the others run from the next pass on
+            await st.appender.append(RAW_INSERT_AT, (2, "first"))
+
+        async def later(position: int) -> None:
+            await go.wait()
+            for _ in range(2):  # two passes later than the first record
+                await trio.lowlevel.checkpoint()
+            await st.appender.append(RAW_INSERT_AT, (position, f"later-{position}"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(later, 3)
+            nursery.start_soon(later, 4)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(first)
+        batches = st.appender.stats.batches_committed - before
+    assert batches == (1 if linger_passes else 2)
+    assert journal_rows(sqlite_url) == {1: "opens-the-writer", 2: "first", 3: "later-3", 4: "later-4"}
+
+
 async def test_a_rejected_record_fails_alone(db_url: str) -> None:
     kind = JournalKind()
     outcomes: dict[str, object] = {}
