@@ -65,7 +65,7 @@ QUEUE_RECORDS_MAX_DEFAULT = 4096
 CHECKPOINT_RECORDS = 2048
 """Inline writes: records committed between two WAL checkpoints (SQLite's own default
 is every 1000 pages of WAL, a few thousand such records)."""
-#: Inline writes: scheduler passes the flusher waits, once woken, before it takes a batch.
+#: Inline writes: scheduler passes the flusher lets go by before it takes a batch.
 LINGER_PASSES = 3
 INLINE_BATCH_S_MAX = 0.005
 """``INLINE_SLOW_BATCHES`` inline batches in a row that each were blocked longer (a slow
@@ -467,7 +467,12 @@ class GroupCommitAppender:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                 # Records keep queueing while we wait for the lock: a bigger batch.
-                if self.inline_writes and storage_threads.inline.get() is None:
+                if (
+                    self.inline_writes
+                    and self._writer is not None  # (else this batch goes to a thread anyway)
+                    and trio.current_time() >= self._inline_paused_until
+                    and storage_threads.inline.get() is None
+                ):
                     # Inline, a batch stops the event loop for its commit (CPU and the
                     # WAL flush): let the records that are on their way join it first.
                     # A few scheduler passes let the tasks that were woken meanwhile
@@ -862,8 +867,10 @@ def _end_on_failure(conn: Connection, driver: Any) -> None:
     if still_open:
         # (Never raises over the batch's own error: the writers must hear that one --
         # e.g. "outcome unknown" for a failed COMMIT.)
-        with contextlib.suppress(Exception):
+        try:
             conn.invalidate()
+        except Exception:
+            log.warning("discarding the connection of a failed batch failed", exc_info=True)
 
 
 class _SyncWaiter:

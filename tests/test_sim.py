@@ -466,11 +466,20 @@ def test_ctrl_c_stops_sim_explore_and_its_workers_at_once() -> None:
             time.sleep(0.1)
         else:
             pytest.fail("sim explore's workers outlived it")
-        left = set(_sim_root().glob("txrpc-sim-*")) - before
+        # (Only directories whose process is gone: a simulation running elsewhere on the
+        # machine meanwhile has a live one.)
+        left = [d for d in set(_sim_root().glob("txrpc-sim-*")) - before if not _made_by_a_live_process(d)]
         assert not left, f"the stopped runs left their data behind: {sorted(left)}"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def _made_by_a_live_process(directory: Path) -> bool:
+    from txrpc.testing._sim import _SIM_DIR, _pid_alive
+
+    match = _SIM_DIR.fullmatch(directory.name)
+    return match is not None and _pid_alive(int(match[2]))
 
 
 def test_stale_simulation_directories_are_swept_but_not_live_ones(tmp_path: Path) -> None:
@@ -483,7 +492,8 @@ def test_stale_simulation_directories_are_swept_but_not_live_ones(tmp_path: Path
     stale = tmp_path / f"txrpc-sim-7-p{gone.pid}-abcd1234"
     live = tmp_path / f"txrpc-sim--7-p{os.getpid()}-abcd1234"
     other = tmp_path / "txrpc-sim-7-abcd1234"  # no PID in the name: not ours to judge
-    for directory in (stale, live, other):
+    bogus = tmp_path / "txrpc-sim-7-p99999999999-abcd1234"  # not a PID: kept, and no error
+    for directory in (stale, live, other, bogus):
         (directory / "s0").mkdir(parents=True)
     assert sweep_stale_sim_dirs(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and other.exists() and bogus.exists()

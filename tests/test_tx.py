@@ -180,9 +180,15 @@ async def test_a_busy_client_leases_txids_in_bigger_blocks(tmp_path: Path) -> No
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         names = accounts_on_distinct_shards(local.config, 8)
         await open_accounts(cluster, names, 0)
-        coordinator = local.coordinator
-        assert coordinator is not None
-        leases_before = len(coordinator.core._leases)
+        leases: list[int] = []
+        real_call = cluster.coordinator.call
+
+        async def counting_call(method: str, /, *args: Any, **kwargs: Any) -> Any:
+            if method == "coord.lease":
+                leases.append(args[0])
+            return await real_call(method, *args, **kwargs)
+
+        cluster.coordinator.call = counting_call  # type: ignore[method-assign]
         txids = []
 
         async def deposit(name: str, count: int) -> None:
@@ -196,11 +202,32 @@ async def test_a_busy_client_leases_txids_in_bigger_blocks(tmp_path: Path) -> No
                 nursery.start_soon(deposit, name, 50)
         assert await total(cluster, names) == 400
         assert len(set(txids)) == 400  # unique ids
-        leases = len(coordinator.core._leases) - leases_before
         # 16, 32, 64, 128, 256 cover 400 ids if every lease lasts under LEASE_FAST_S; a
         # slow moment keeps one size for a lease more. At 16 ids each: 25 leases.
-        assert leases <= 9, leases
-        assert cluster.txid_lease_size > 16
+        assert len(leases) <= 9, leases
+        assert leases == sorted(leases) and leases[-1] > 16 and max(leases) <= 256
+
+
+async def test_ids_held_too_long_are_dropped_for_a_fresh_smaller_lease(tmp_path: Path) -> None:
+    """A client that was busy and went quiet does not begin its later transactions with
+    ids leased long ago (wait-die would rank them older than they are)."""
+    from txrpc._cluster import LEASE_SLOW_S
+
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        (alice,) = accounts_on_distinct_shards(local.config, 1)
+        await open_accounts(cluster, [alice], 0)
+        cluster._leased.clear()
+        cluster._leased_at = None
+        cluster.txid_lease_size = 64  # the next lease: 64 ids
+        async with cluster.transaction() as t:
+            await t.bank.deposit(alice, 1)
+        assert t.txid is not None and len(cluster._leased) == 63
+        assert cluster._leased_at is not None
+        cluster._leased_at -= LEASE_SLOW_S + 1  # as if the lease had been taken long ago
+        async with cluster.transaction() as t2:
+            await t2.bank.deposit(alice, 1)
+        assert t2.txid is not None and t2.txid > t.txid + 63  # from a new lease
+        assert cluster.txid_lease_size == 32  # halved: it lasted long
 
 
 async def test_single_shard_transaction_commits_in_one_phase(tmp_path: Path) -> None:

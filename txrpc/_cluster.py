@@ -53,10 +53,13 @@ ABORT_TIMEOUT_S = 2.0  # bound on telling the coordinator we gave up
 # transactions: a lease used up in under LEASE_FAST_S makes the next one twice as big, one
 # that lasted over LEASE_SLOW_S half as big. A busy client then asks a few times a second,
 # not every 16 transactions -- each time with every task that wants a txid waiting for the
-# round trip -- and a quiet one does not sit on ids that make its transactions look older
-# (wait-die favours older ids) than they are.
+# round trip. Ids are not kept longer than LEASE_SLOW_S (what is left is dropped and a
+# smaller lease taken): wait-die favours older ids, and an id held long would make its
+# transaction look older than it is. The size is capped well below the coordinator's
+# 1,000: the ids of one lease all rank older than those of any later one, another
+# client's included (256 gave the whole gain of bigger leases in `txrpc bench tx`).
 LEASE_SIZE_MIN = 16
-LEASE_SIZE_MAX = 1000  # the most the coordinator hands out at once
+LEASE_SIZE_MAX = 256
 LEASE_FAST_S = 0.25
 LEASE_SLOW_S = 4.0
 
@@ -127,18 +130,21 @@ class Cluster:
         """A transaction id from this client's lease (refilled from the coordinator in
         blocks sized to the rate it is used at, so beginning a transaction usually costs
         no round trip)."""
+        leased_at = self._leased_at
+        if self._leased and leased_at is not None and trio.current_time() - leased_at > LEASE_SLOW_S:
+            self._leased.clear()  # held too long: its ids would rank older than they are
         if self._leased:  # no await in between: no other task can take it first
             return self._leased.pop(), self._lease_timeout_s
         async with self._lease_lock:
             if not self._leased:
-                now = trio.current_time()
-                lasted_s = None if self._leased_at is None else now - self._leased_at
-                self.txid_lease_size = next_lease_size(self.txid_lease_size, lasted_s)
-                lease = await self.coordinator.call("coord.lease", self.txid_lease_size)
+                lasted_s = None if self._leased_at is None else trio.current_time() - self._leased_at
+                size = next_lease_size(self.txid_lease_size, lasted_s)
+                lease = await self.coordinator.call("coord.lease", size)
                 first, count = int(lease["first"]), int(lease["count"])
                 self._leased = list(range(first + count - 1, first - 1, -1))
                 self._lease_timeout_s = float(lease["timeout_s"])
                 self._leased_at = trio.current_time()
+                self.txid_lease_size = size
             return self._leased.pop(), self._lease_timeout_s
 
     async def _fetch_map(self) -> ShardMap:

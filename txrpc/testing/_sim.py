@@ -409,11 +409,12 @@ _SIM_DIR = re.compile(r"txrpc-sim-(-?\d+)-p(\d+)-[a-z0-9_]{8}")
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run (when in doubt: yes, nothing is removed)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
+    except (PermissionError, OverflowError, ValueError):  # another user's; not a PID at all
         return True
     return True
 
@@ -433,12 +434,14 @@ def sweep_stale_sim_dirs(root: Path | None = None) -> list[Path]:
         return removed
     for entry in entries:
         match = _SIM_DIR.fullmatch(entry.name)
-        if match is None or _pid_alive(int(match[2])):
+        if match is None:
             continue
-        try:
+        try:  # (ours first: another user's names are not ours to judge)
             if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue
         except OSError:  # another sweeper was first
+            continue
+        if _pid_alive(int(match[2])):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
