@@ -467,12 +467,7 @@ class GroupCommitAppender:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                 # Records keep queueing while we wait for the lock: a bigger batch.
-                if (
-                    self.inline_writes
-                    and self._writer is not None  # (else this batch goes to a thread anyway)
-                    and trio.current_time() >= self._inline_paused_until
-                    and storage_threads.inline.get() is None
-                ):
+                if self._next_batch_inline():
                     # Inline, a batch stops the event loop for its commit (CPU and the
                     # WAL flush): let the records that are on their way join it first.
                     # A few scheduler passes let the tasks that were woken meanwhile
@@ -590,15 +585,20 @@ class GroupCommitAppender:
             except Exception:
                 log.exception("the done callback of a %r record raised (ignored)", pending.kind)
 
-    async def _run_batch(self, batch: list[_Pending]) -> list[Any]:
-        if self.inline_writes:
-            self._records_since_checkpoint += len(batch)  # (whichever way it is written)
-        if (
+    def _next_batch_inline(self) -> bool:
+        """Whether the next batch is written on the event loop's thread (else on a worker
+        thread, or by the simulator's own storage calls)."""
+        return (
             self.inline_writes
             and self._writer is not None  # (opening it may wait: that is done on a thread)
             and trio.current_time() >= self._inline_paused_until
             and storage_threads.inline.get() is None  # (the simulator has its own)
-        ):
+        )
+
+    async def _run_batch(self, batch: list[_Pending]) -> list[Any]:
+        if self.inline_writes:
+            self._records_since_checkpoint += len(batch)  # (whichever way it is written)
+        if self._next_batch_inline():
             await trio.lowlevel.checkpoint_if_cancelled()
             started = trio.current_time()
             # The thread's run time is read (a syscall) only while batches run slow: the

@@ -216,8 +216,7 @@ async def test_ids_held_too_long_are_dropped_for_a_fresh_smaller_lease(tmp_path:
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
         (alice,) = accounts_on_distinct_shards(local.config, 1)
         await open_accounts(cluster, [alice], 0)
-        cluster._leased.clear()
-        cluster._leased_at = None
+        cluster._forget_lease()
         cluster.txid_lease_size = 64  # the next lease: 64 ids
         async with cluster.transaction() as t:
             await t.bank.deposit(alice, 1)

@@ -147,6 +147,11 @@ class Cluster:
                 self.txid_lease_size = size
             return self._leased.pop(), self._lease_timeout_s
 
+    def _forget_lease(self) -> None:
+        """Drop the ids left in the lease; the next lease is sized as a first one."""
+        self._leased.clear()
+        self._leased_at = None
+
     async def _fetch_map(self) -> ShardMap:
         """The current shard map from the coordinator (the authority); the map in use if
         the coordinator is not the authority."""
@@ -486,8 +491,7 @@ class Transaction:
                 if exc.details.get("unknown_txid"):
                     # The coordinator restarted since these txids were leased: the rest of
                     # the lease would be refused the same way. Lease afresh.
-                    self._cluster._leased.clear()
-                    self._cluster._leased_at = None
+                    self._cluster._forget_lease()
                 raise TransactionAborted(
                     exc.message, {"retryable": True, **exc.details, "txid": self.txid}
                 ) from None
