@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -393,7 +394,9 @@ async def test_operations_refused_out_of_order_never_reuse_an_op_seq() -> None:
         def __init__(self) -> None:
             self.refuse = {"b": 0.05, "c": 0.01}  # first attempts: WRONG_EPOCH, c's first
 
-        async def _call_once(self, method: str, args: Any, kwargs: Any, metadata: dict[str, Any]) -> Any:
+        async def _call_once(
+            self, method: str, args: Any, kwargs: Any, metadata: dict[str, Any], deadline: float = math.inf
+        ) -> Any:
             delay = self.refuse.pop(method, None)
             if delay is not None:
                 await trio.sleep(delay)
@@ -411,7 +414,12 @@ async def test_operations_refused_out_of_order_never_reuse_an_op_seq() -> None:
         return True
 
     router = SimpleNamespace(
-        shard_map=shard_map, _client_for=client_for, _learn=learn, epoch_retries_max=3, _backoff_s=lambda _: 0.0
+        shard_map=shard_map,
+        held_client=lambda _: node,
+        _client_for=client_for,
+        _learn=learn,
+        epoch_retries_max=3,
+        _backoff_s=lambda _: 0.0,
     )
     transaction = Transaction(SimpleNamespace(router=router), None)  # type: ignore[arg-type]
     transaction.txid = 7

@@ -221,6 +221,79 @@ async def test_client_deadline_cancels_the_handler(served: tuple[txrpc.Server, d
         assert await client.add(1, 1) == 2  # the connection is still fine
 
 
+async def test_an_explicit_call_deadline_ends_the_call_and_cancels_the_handler(
+    served: tuple[txrpc.Server, dict[str, Any]],
+) -> None:
+    """The cluster client's per-operation path bounds a call by a deadline it passes in,
+    not by a cancel scope: at the deadline the call ends with DeadlinePassed, the server
+    is told to cancel, and the deadline travelled with the call, as with a scope."""
+    from txrpc._client import DeadlinePassed
+
+    server, seen = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        started = trio.current_time()
+        with pytest.raises(DeadlinePassed):
+            await client._call_once("sleep", (30,), {}, {}, started + 0.3)
+        assert 0.3 <= trio.current_time() - started < 2
+        with trio.fail_after(5):
+            await seen["cancelled"].wait()  # the server-side handler saw the cancellation
+        assert 0 < seen["deadlines"][-1] <= 0.3
+        # An enclosing scope's nearer deadline still wins (and is what the server sees).
+        with pytest.raises(trio.TooSlowError), trio.fail_after(0.2):
+            await client._call_once("sleep", (30,), {}, {}, trio.current_time() + 30)
+        assert 0 < seen["deadlines"][-1] <= 0.2
+        assert await client._call_once("add", (1, 1), {}, {}, trio.current_time() + 5) == 2
+
+
+async def test_a_nearer_call_deadline_wakes_the_connection_s_timer(
+    served: tuple[txrpc.Server, dict[str, Any]],
+) -> None:
+    """The timer sleeps until the earliest deadline it knows; a call with a nearer one
+    (a short call after a long one) must wake it, or it would end 30 s late."""
+    from txrpc._client import DeadlinePassed
+
+    server, _ = served
+    async with txrpc.connect("127.0.0.1", server.port) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(client._call_once, "sleep", (30,), {}, {}, trio.current_time() + 60)
+        await trio.sleep(0.05)
+        started = trio.current_time()
+        with trio.fail_after(5), pytest.raises(DeadlinePassed):
+            await client._call_once("sleep", (30,), {}, {}, started + 0.2)
+        assert trio.current_time() - started < 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_passed_call_deadline_sends_nothing(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
+    from txrpc._client import DeadlinePassed
+
+    server, _ = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        assert await client.add(1, 1) == 2  # connected
+        started_before = server.calls_started
+        with pytest.raises(DeadlinePassed):
+            await client._call_once("add", (1, 2), {}, {}, trio.current_time() - 1)
+        assert await client.add(2, 2) == 4
+        assert server.calls_started == started_before + 1  # only the add after it ran
+
+
+async def test_answered_calls_do_not_pile_up_in_the_deadline_heap(
+    served: tuple[txrpc.Server, dict[str, Any]],
+) -> None:
+    """A call's deadline entry is not looked for when its answer comes (that would cost
+    a search per call): the heap is rebuilt from the waiting calls once it holds far
+    more entries than there are. Bounded, whatever the rate and the deadlines' length."""
+    from txrpc._client import TIMERS_PER_WAITER_MAX, TIMERS_SLACK
+
+    server, _ = served
+    async with txrpc.connect("127.0.0.1", server.port) as client:
+        far = trio.current_time() + 600
+        for i in range(3 * TIMERS_SLACK):
+            assert await client._call_once("add", (i, 1), {}, {}, far) == i + 1
+        channel = client._channel
+        assert channel is not None
+        assert len(channel.timers) <= TIMERS_PER_WAITER_MAX + TIMERS_SLACK + 1
+
+
 async def test_timeout_option_raises_deadline_exceeded(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
     server, seen = served
     async with txrpc.connect("127.0.0.1", server.port) as client:

@@ -140,6 +140,31 @@ async def test_exception_in_the_block_aborts_and_frees_locks(tmp_path: Path) -> 
         assert await cluster.call(alice, "bank.balance", alice) == 0
 
 
+async def test_an_operation_waiting_past_the_transaction_deadline_aborts_it(tmp_path: Path) -> None:
+    """An older transaction waits for a younger one's lock (wait-die); its deadline
+    passes during the wait: it ends then, aborted (retryably) with the reason, and its
+    own locks are freed. (The operation's wait is bounded by the connection's deadline
+    timer, not a cancel scope per call.)"""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 10)
+        async with cluster.transaction() as young:
+            await young.bank.deposit(alice, 1)  # holds alice's lock until it commits
+            assert young.txid is not None
+            started = trio.current_time()
+            with pytest.raises(txrpc.TransactionAborted) as aborted:
+                async with cluster.transaction(timeout_s=0.3, age=1) as old:  # older than all
+                    await old.bank.deposit(bob, 5)
+                    await old.bank.withdraw(alice, 5)  # waits for young (it is older)
+            assert 0.3 <= trio.current_time() - started < 3
+            assert "transaction deadline passed during an operation" in aborted.value.message
+            assert aborted.value.details["retryable"] is True
+        with trio.fail_after(5):  # bob's lock was freed by the abort
+            async with cluster.transaction() as t:
+                await t.bank.withdraw(bob, 10)
+        assert await total(cluster, [alice, bob]) == 11  # young's deposit committed, old's did not
+
+
 async def test_an_abort_before_commit_is_the_shards_business_alone(tmp_path: Path) -> None:
     """A transaction that aborts before it asks to commit tells the shards it touched and
     not the coordinator: no commit of it was ever sent, so there is nothing to refuse

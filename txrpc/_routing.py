@@ -356,6 +356,13 @@ class ClusterClient:
         base = min(self.epoch_retry_backoff_s * 2.0 ** (retry - 1), self.epoch_retry_backoff_max_s)
         return base * self._rng.uniform(0.5, 1.0)
 
+    def held_client(self, node: NodeSpec) -> Client | None:
+        """The open client for ``node``, if there is one (never waits)."""
+        held = self._held.get(node.address)
+        if held is not None and not held.release.is_set():
+            return held.client
+        return None
+
     async def _client_for(self, node: NodeSpec) -> Client:
         address = node.address
         held = self._held.get(address)
