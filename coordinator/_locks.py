@@ -78,6 +78,9 @@ class Request:
 class _Entry:
     holders: dict[int, Mode] = dataclasses.field(default_factory=dict)
     queue: deque[Request] = dataclasses.field(default_factory=deque)
+    #: Holders whose mode is not IX: while 0, an IX request meets no conflicting holder
+    #: (every writer takes IX on the shard's SCAN resource, so it has many holders).
+    not_ix: int = 0
 
 
 def _combined(a: Mode, b: Mode) -> Mode:
@@ -101,7 +104,7 @@ class LockTable:
     def copy(self) -> LockTable:
         """An independent copy (the exhaustive state-machine tests branch on it)."""
         new = LockTable()
-        new._entries = {r: _Entry(dict(e.holders), deque(e.queue)) for r, e in self._entries.items()}
+        new._entries = {r: _Entry(dict(e.holders), deque(e.queue), e.not_ix) for r, e in self._entries.items()}
         new._held = {t: dict(m) for t, m in self._held.items()}
         new._prepared = set(self._prepared)
         new._age = dict(self._age)
@@ -138,12 +141,17 @@ class LockTable:
         driver waits until :meth:`release_all` returns it (or gives up with
         :meth:`cancel`)."""
         entry = self._entries.get(resource)
-        if entry is None:
+        if entry is None:  # nobody holds it or waits for it (the usual key)
             entry = self._entries[resource] = _Entry()
+            self._grant(entry, txid, resource, mode)
+            return GRANTED
         held = entry.holders.get(txid)
         wanted = mode if held is None else _combined(held, mode)
         if held is not None and wanted == held:
             return GRANTED  # already strong enough
+        if wanted is Mode.IX and not entry.not_ix and not entry.queue:
+            self._grant(entry, txid, resource, wanted)  # IX among IX holders only, no one queued
+            return GRANTED
         conflicts = [
             other
             for other, other_mode in entry.holders.items()
@@ -169,6 +177,8 @@ class LockTable:
         return DIE
 
     def _grant(self, entry: _Entry, txid: int, resource: Any, mode: Mode) -> None:
+        before = entry.holders.get(txid)
+        entry.not_ix += (mode is not Mode.IX) - (before is not None and before is not Mode.IX)
         entry.holders[txid] = mode
         self._held.setdefault(txid, {})[resource] = mode
 
@@ -206,7 +216,9 @@ class LockTable:
             found = self._entries.get(resource)
             if found is None:
                 continue
-            found.holders.pop(txid, None)
+            before = found.holders.pop(txid, None)
+            if before is not None and before is not Mode.IX:
+                found.not_ix -= 1
             granted += self._drain(resource, found)
         return granted
 
@@ -231,6 +243,7 @@ class LockTable:
     def check_invariants(self) -> None:
         """Assert the table is consistent (used by tests and the simulator)."""
         for resource, entry in self._entries.items():
+            assert entry.not_ix == sum(m is not Mode.IX for m in entry.holders.values()), f"{resource}: not_ix"
             modes = list(entry.holders.items())
             for i, (a, ma) in enumerate(modes):
                 for b, mb in modes[i + 1 :]:

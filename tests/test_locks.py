@@ -62,6 +62,28 @@ def test_scan_lock_conflicts_with_writers_intention_lock() -> None:
     assert [r.txid for r in t.release_all(2)] == [0]
 
 
+def test_intention_locks_among_themselves_are_granted_at_once_and_never_overtake() -> None:
+    """Every writer takes IX on the shard's SCAN resource, so it has many holders; an IX
+    request is granted without looking at them while none holds anything else and none
+    is queued -- and only then: a scan (S) held or queued still stops it."""
+    scan = ("scan", None)
+    t = LockTable()
+    for txid in (3, 4, 5):
+        assert t.acquire(txid, scan, Mode.IX) is GRANTED
+    assert t.acquire(2, scan, Mode.S) is WAIT  # an older scan waits for the writers
+    assert t.acquire(6, scan, Mode.IX) is DIE  # a younger writer may not overtake it
+    assert t.acquire(1, scan, Mode.IX) is WAIT  # an older one queues behind it
+    t.check_invariants()
+    for txid in (3, 4, 5):
+        t.release_all(txid)
+    assert t.holders(scan) == {2: Mode.S}  # the scan got it; the IX behind it still waits
+    assert [r.txid for r in t.release_all(2)] == [1]
+    t.check_invariants()
+    assert t.acquire(7, scan, Mode.IX) is GRANTED  # IX among IX again
+    assert t.acquire(7, scan, Mode.S) is DIE  # an upgrade to S+IX (= X) conflicts with 1's IX
+    t.check_invariants()
+
+
 def test_cancel_withdraws_a_waiter() -> None:
     t = LockTable()
     t.acquire(5, "k", Mode.X)
@@ -76,7 +98,7 @@ ops = st.lists(
         st.sampled_from(["acquire", "release"]),
         st.integers(1, 6),  # txid
         st.sampled_from(["a", "b", "c"]),
-        st.sampled_from([Mode.S, Mode.X]),
+        st.sampled_from([Mode.S, Mode.X, Mode.IX]),
     ),
     max_size=60,
 )
