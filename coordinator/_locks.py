@@ -140,18 +140,11 @@ class LockTable:
         """Ask for ``mode`` on ``resource``. WAIT means the request is queued: the
         driver waits until :meth:`release_all` returns it (or gives up with
         :meth:`cancel`)."""
-        entry = self._entries.get(resource)
-        if entry is None:  # nobody holds it or waits for it (the usual key)
-            entry = self._entries[resource] = _Entry()
-            self._grant(entry, txid, resource, mode)
+        if self.acquire_if_free(txid, resource, mode):
             return GRANTED
+        entry = self._entries[resource]
         held = entry.holders.get(txid)
         wanted = mode if held is None else _combined(held, mode)
-        if held is not None and wanted == held:
-            return GRANTED  # already strong enough
-        if wanted is Mode.IX and not entry.not_ix and not entry.queue:
-            self._grant(entry, txid, resource, wanted)  # IX among IX holders only, no one queued
-            return GRANTED
         conflicts = [
             other
             for other, other_mode in entry.holders.items()
@@ -175,6 +168,25 @@ class LockTable:
         if not entry.holders and not entry.queue:
             del self._entries[resource]
         return DIE
+
+    def acquire_if_free(self, txid: int, resource: Any, mode: Mode) -> bool:
+        """Grant ``mode`` if that needs no look at other transactions: nobody holds or
+        waits for ``resource``, ``txid`` already holds it strongly enough, or it is IX
+        among IX holders only with no one queued. False: nothing changed (ask
+        :meth:`acquire`, which decides grant, wait or die)."""
+        entry = self._entries.get(resource)
+        if entry is None:  # the usual key
+            entry = self._entries[resource] = _Entry()
+            self._grant(entry, txid, resource, mode)
+            return True
+        held = entry.holders.get(txid)
+        wanted = mode if held is None else _combined(held, mode)
+        if held is not None and wanted == held:
+            return True  # already strong enough
+        if wanted is Mode.IX and not entry.not_ix and not entry.queue:
+            self._grant(entry, txid, resource, wanted)  # (every writer's on the SCAN resource)
+            return True
+        return False
 
     def _grant(self, entry: _Entry, txid: int, resource: Any, mode: Mode) -> None:
         before = entry.holders.get(txid)

@@ -60,6 +60,10 @@ class _Conflict(Exception):
     """This transaction lost a lock conflict (wait-die) or its lock wait timed out."""
 
 
+# Values CBOR always carries (a put checks any other by encoding it).
+_ALWAYS_ENCODABLE = frozenset({int, bytes, float, bool, type(None)})  # (not str: a lone surrogate)
+
+
 class TxHandle:
     """What a transactional method sees as ``tx``: reads and writes of one transaction
     on this shard. Reads take shared locks, writes exclusive ones; writes are buffered
@@ -87,22 +91,29 @@ class TxHandle:
         shared lock and then conflict on the upgrade (one of them would have to abort).
         """
         _check_key(key)
-        if for_update:
-            await self._participant._lock(self._tx, SCAN_RESOURCE, Mode.IX)
-        await self._participant._lock(self._tx, key, Mode.X if for_update else Mode.S)
-        if key in self._tx.writes:
-            value = self._tx.writes[key]
+        participant, tx = self._participant, self._tx
+        if for_update and not participant._lock_at_once(tx, SCAN_RESOURCE, Mode.IX):
+            await participant._lock(tx, SCAN_RESOURCE, Mode.IX)
+        mode = Mode.X if for_update else Mode.S
+        if not participant._lock_at_once(tx, key, mode):
+            await participant._lock(tx, key, mode)
+        if key in tx.writes:
+            value = tx.writes[key]
             return default if value is TOMBSTONE else value
-        found, value = await self._participant.store.get(key)
+        found, value = await participant.store.get(key)
         return value if found else default
 
     async def put(self, key: str, value: Any) -> None:
         """Write ``value`` (anything CBOR can carry) to ``key`` at commit."""
         _check_key(key)
-        txrpc._codec.encode_value(value)  # fail now, not at prepare, if it cannot be stored
-        await self._participant._lock(self._tx, SCAN_RESOURCE, Mode.IX)
-        await self._participant._lock(self._tx, key, Mode.X)
-        self._participant.core.buffer_write(self._tx, key, value)
+        if type(value) not in _ALWAYS_ENCODABLE:
+            txrpc._codec.encode_value(value)  # fail now, not at prepare, if it cannot be stored
+        participant, tx = self._participant, self._tx
+        if not participant._lock_at_once(tx, SCAN_RESOURCE, Mode.IX):
+            await participant._lock(tx, SCAN_RESOURCE, Mode.IX)
+        if not participant._lock_at_once(tx, key, Mode.X):
+            await participant._lock(tx, key, Mode.X)
+        participant.core.buffer_write(tx, key, value)
 
     async def delete(self, key: str) -> None:
         _check_key(key)
@@ -286,6 +297,11 @@ class Participant:
             log.info("shard %s: decision of %d not available yet: %s", self.shard, txid, exc)
 
     # --- locks ---------------------------------------------------------------------------------
+
+    def _lock_at_once(self, tx: ParticipantTx, resource: Any, mode: Mode) -> bool:
+        """Take the lock if it is granted at once (the usual case, without a coroutine);
+        False: nothing was done, :meth:`_lock` decides (wait, die, or refuse)."""
+        return tx.state is TxState.ACTIVE and self.core.locks.acquire_if_free(tx.txid, resource, mode)
 
     async def _lock(self, tx: ParticipantTx, resource: Any, mode: Mode) -> None:
         if tx.state is not TxState.ACTIVE:

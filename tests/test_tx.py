@@ -1001,3 +1001,31 @@ async def test_finished_commits_get_their_done_marks(tmp_path: Path) -> None:
         commits = [r for r in records if r["outcome"] == "commit"]
         assert len(commits) >= 6 and not undone
         assert all(r["done"] and len(r["acked"]) == 2 for r in commits)
+
+
+async def test_a_value_that_cannot_be_stored_fails_its_put_and_nothing_else(tmp_path: Path) -> None:
+    """``tx.put`` checks the value at once (not at prepare): a method storing what CBOR
+    cannot carry fails, its transaction aborts, and the shard serves on. The common
+    value types skip the check (they always encode); a string is still checked (a lone
+    surrogate has no UTF-8)."""
+    odd = txrpc.Service("odd")
+
+    @odd.transactional
+    async def store(tx: Any, key: str, kind: str) -> None:
+        value: Any = {"object": object(), "surrogate": "\ud800", "int": 2**80, "none": None}[kind]
+        await tx.put(key, value)
+
+    async with local_cluster(tmp_path, [bank, odd]) as local, txrpc.cluster(local.config) as cluster:
+        for kind in ("object", "surrogate"):
+            with pytest.raises(txrpc.RpcError) as failed:
+                async with cluster.transaction() as t:
+                    await t.odd.store("k", kind)
+            assert failed.value.code == txrpc.Code.INTERNAL, failed.value
+            assert "encode" in failed.value.message or "CBOR" in failed.value.message, failed.value.message
+        for kind in ("int", "none"):
+            async with cluster.transaction() as t:
+                await t.odd.store(f"k-{kind}", kind)
+        async with cluster.transaction() as t:
+            assert await t.call("k-int", "bank.balance", "k-int") == 2**80
+        with pytest.raises(txrpc.Aborted, match="no account k"):
+            await cluster.call("k", "bank.balance", "k")  # nothing was stored under "k"
