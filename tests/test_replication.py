@@ -1295,3 +1295,31 @@ def test_verify_reports_differing_replicas_and_stale_epochs() -> None:
     report = compare_digests(shard_map, {"n0": same, "n1": differs, "n2": stale})
     assert [d.split(":")[0] for d in report.differences] == ["partition 3"]
     assert report.nodes_differing == {"n0", "n1"} and report.stale == ["n2"]
+
+
+async def test_alarms_set_events_at_their_times_and_do_not_pile_up() -> None:
+    """The primary bounds each prepare's wait for its followers with an alarm (one
+    sleeping task) instead of a cancel scope: events are set at their times, a nearer
+    one wakes the task, and entries of events set meanwhile are dropped, not kept."""
+    from coordinator._batching import ALARMS_SLACK, Alarms
+
+    alarms = Alarms()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(alarms.run)
+        while not alarms.running:
+            await trio.sleep(0)
+        start = trio.current_time()
+        far, near = trio.Event(), trio.Event()
+        alarms.set_at(start + 60, far)
+        alarms.set_at(start + 0.1, near)  # nearer than the one the task sleeps for
+        with trio.fail_after(5):
+            await near.wait()
+        assert 0.1 <= trio.current_time() - start < 2
+        assert not far.is_set()
+        for _ in range(4 * ALARMS_SLACK):  # waits answered before their alarms
+            done = trio.Event()
+            alarms.set_at(trio.current_time() + 60, done)
+            done.set()
+        assert len(alarms) <= 2 * 2 + ALARMS_SLACK + 1  # (far, and a few since the last rebuild)
+        nursery.cancel_scope.cancel()
+    assert not alarms.running
