@@ -238,15 +238,18 @@ class LockTable:
         granted: list[Request] = []
         while entry.queue:
             request = entry.queue[0]
+            # What the transaction will hold: with two operations of one transaction
+            # queued on the resource, the second must not weaken what the first got.
+            held = entry.holders.get(request.txid)
+            wanted = request.mode if held is None else _combined(held, request.mode)
             if any(
-                other != request.txid and not _COMPATIBLE[(mode, request.mode)]
-                for other, mode in entry.holders.items()
+                other != request.txid and not _COMPATIBLE[(mode, wanted)] for other, mode in entry.holders.items()
             ):
                 break
             entry.queue.popleft()
             if not any(r.txid == request.txid for r in entry.queue):
                 self._unqueued(request.txid, resource)
-            self._grant(entry, request.txid, resource, request.mode)
+            self._grant(entry, request.txid, resource, wanted)
             granted.append(request)
         if not entry.holders and not entry.queue:
             del self._entries[resource]

@@ -84,6 +84,21 @@ def test_intention_locks_among_themselves_are_granted_at_once_and_never_overtake
     t.check_invariants()
 
 
+def test_a_second_queued_request_of_one_transaction_never_weakens_its_lock() -> None:
+    """Two operations of one transaction wait on one key, X then S: once granted, it
+    holds X (not S, which would let another transaction read past its pending write).
+    (Found by review.)"""
+    t = LockTable()
+    assert t.acquire(5, "k", Mode.X) is GRANTED
+    assert t.acquire(1, "k", Mode.X) is WAIT
+    assert t.acquire(1, "k", Mode.S) is WAIT  # the same transaction's other operation
+    assert [r.txid for r in t.release_all(5)] == [1, 1]
+    assert t.holders("k") == {1: Mode.X}
+    assert t.acquire(0, "k", Mode.S) is WAIT  # an older reader waits for the writer
+    assert t.acquire(2, "k", Mode.S) is DIE
+    t.check_invariants()
+
+
 def test_cancel_withdraws_a_waiter() -> None:
     t = LockTable()
     t.acquire(5, "k", Mode.X)

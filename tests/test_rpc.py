@@ -263,6 +263,54 @@ async def test_a_nearer_call_deadline_wakes_the_connection_s_timer(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_call_deadline_wins_over_the_server_s_answer_to_it() -> None:
+    """The server's deadline is the caller's plus the transit, so a caller stalled past
+    its deadline can find the server's DEADLINE_EXCEEDED already in its socket when it
+    wakes; the caller is told DeadlinePassed all the same, as a cancel scope's deadline
+    (processed before any task runs) would have. (Found by review: the transaction
+    treated the raw DEADLINE_EXCEEDED as a failure it does not retry.)"""
+    import threading
+    import time
+
+    from txrpc._client import DeadlinePassed
+
+    service, _ = make_service()
+    ports: list[int] = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:  # the server in its own thread: it answers while the caller stalls
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+                ports.append(server.port)
+                ready.set()
+                while not stop.is_set():
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        async with txrpc.connect("127.0.0.1", ports[0]) as client:
+            for _ in range(12):  # (which of the two a loop round serves first is random)
+                deadline = trio.current_time() + 0.05
+
+                async def stall(deadline: float = deadline) -> None:
+                    await trio.sleep_until(deadline - 0.005)
+                    time.sleep(0.04)  # busy across the deadline: the server's answer arrives
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stall)
+                    with pytest.raises(DeadlinePassed):
+                        await client._call_once("sleep", (5,), {}, {}, deadline)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 async def test_a_passed_call_deadline_sends_nothing(served: tuple[txrpc.Server, dict[str, Any]]) -> None:
     from txrpc._client import DeadlinePassed
 

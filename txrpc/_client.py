@@ -53,8 +53,13 @@ TIMERS_SLACK = 256
 
 class DeadlinePassed(Exception):
     """Internal: the ``deadline`` given to :meth:`Client._call_once` passed before the
-    answer came (the server was told to cancel the call; it may have run). The cluster
-    client's per-operation path uses it instead of a cancel scope per call."""
+    answer came (the server was told to cancel the call; it may have run), or before
+    the call was sent (``sent`` false: nothing ran). The cluster client's per-operation
+    path uses it instead of a cancel scope per call."""
+
+    def __init__(self, sent: bool = True) -> None:
+        super().__init__("deadline passed" if sent else "deadline passed before the call was sent")
+        self.sent = sent
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -255,21 +260,24 @@ class _Channel:
         leaving one was ~15 % of a cluster client's CPU in ``txrpc bench tx``)."""
         timers = self.timers
         waiters = self.waiters
-        while True:
-            with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as scope:
-                self.timer_scope = scope
-                await trio.sleep_forever()
+        try:
+            while True:
+                with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as scope:
+                    self.timer_scope = scope
+                    await trio.sleep_forever()
+                self.timer_scope = None
+                now = trio.current_time()
+                while timers and timers[0][0] <= now:
+                    _, call_id = heapq.heappop(timers)
+                    task = waiters.pop(call_id, None)
+                    if task is None:
+                        continue  # answered (or failed) already
+                    self.outbox.put_nowait(self.conn.send_cancel(call_id))
+                    if self.slots:
+                        self.slots.unpark()
+                    trio.lowlevel.reschedule(task, outcome.Error(DeadlinePassed()))
+        finally:
             self.timer_scope = None
-            now = trio.current_time()
-            while timers and timers[0][0] <= now:
-                _, call_id = heapq.heappop(timers)
-                task = waiters.pop(call_id, None)
-                if task is None:
-                    continue  # answered (or failed) already
-                self.outbox.put_nowait(self.conn.send_cancel(call_id))
-                if self.slots:
-                    self.slots.unpark()
-                trio.lowlevel.reschedule(task, outcome.Error(DeadlinePassed()))
 
     def _add_timer(self, deadline: float, call_id: int) -> None:
         timers = self.timers
@@ -313,17 +321,18 @@ class _Channel:
                 while len(self.waiters) >= self.inflight_max and self.failure is None:
                     await self.slots.park()
             if trio.current_time() >= deadline:
-                raise DeadlinePassed()
+                raise DeadlinePassed(sent=False)
         if not self.usable:
             raise Unavailable(self.failure or "connection is going away", {"not_started": True})
         conn = self.conn
-        effective = trio.current_effective_deadline()
-        timed = deadline < effective
-        if timed:
-            effective = deadline
-        remaining = None if effective == math.inf else effective - trio.current_time()
-        if timed and remaining is not None and remaining <= 0:
-            raise DeadlinePassed()  # (nothing sent)
+        now = trio.current_time()
+        # A finite deadline always gets a timer, even when an enclosing scope is nearer
+        # now: that scope's deadline may be pushed back while the call waits.
+        timed = deadline != math.inf
+        if timed and deadline <= now:
+            raise DeadlinePassed(sent=False)
+        effective = min(trio.current_effective_deadline(), deadline)
+        remaining = None if effective == math.inf else effective - now
         call_id = conn.next_call_id()
         try:
             data = conn.send_call(call_id, method, args, kwargs, remaining, metadata)
@@ -473,8 +482,16 @@ class Client:
             with trio.move_on_at(deadline):
                 channel = await self._get_channel()
             if channel is None:
-                raise DeadlinePassed()
-        result = await channel.call(method, args, kwargs, metadata, deadline)
+                raise DeadlinePassed(sent=False)
+        try:
+            result = await channel.call(method, args, kwargs, metadata, deadline)
+        except DeadlineExceeded:
+            # The server's deadline is ours plus the transit: its answer can beat our
+            # timer to a caller stalled past the deadline. Ours passed: say so, as the
+            # timer would have (a cancel scope's deadline always won that race).
+            if trio.current_time() >= deadline:
+                raise DeadlinePassed() from None
+            raise
         return result.value if type(result) is Reply else result
 
     async def _invoke(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions) -> Any:

@@ -374,6 +374,10 @@ class Transaction:
                     # The deadline bounds the wait without a cancel scope per call (their
                     # cost was ~15 % of the client's CPU); the rarer waits below take one.
                     return await client._call_once(method, args, kwargs, metadata, deadline)
+                except DeadlinePassed as exc:
+                    if not exc.sent:
+                        self._unsend(node.name, op_seq)  # (then no tx.abort to a shard that never heard of it)
+                    raise
                 except WrongEpoch as exc:
                     # Nothing ran there (the epoch check comes first): as if never sent.
                     self._unsend(node.name, op_seq)

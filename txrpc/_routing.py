@@ -364,10 +364,10 @@ class ClusterClient:
         return None
 
     async def _client_for(self, node: NodeSpec) -> Client:
+        held_client = self.held_client(node)
+        if held_client is not None:
+            return held_client
         address = node.address
-        held = self._held.get(address)
-        if held is not None and not held.release.is_set():
-            return held.client
         if self._nursery is None or self._closed:
             raise Unavailable("cluster client is closed (use it inside `async with`)", {"not_started": True})
         lock = self._connect_locks.setdefault(address, trio.Lock())
