@@ -65,7 +65,7 @@ def check_epoch(shard_map: ShardMap, *, key: Key | None = None, node: str | None
             f"call carries {described}; this server is at epoch {shard_map.epoch}",
             details={"shard_map": shard_map.to_wire(), "epoch": shard_map.epoch, "call_epoch": call_epoch},
         )
-    if key is not None and node is not None:
+    if key is not None and node is not None and shard_map.primary_of(key).name != node:
         route = shard_map.route(key)
         if route.primary.name != node:
             raise FailedPrecondition(
