@@ -5,11 +5,12 @@ running a handful of calls at once."""
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 import trio
+
+from txrpc._timers import DueTimer
 
 T = TypeVar("T")
 
@@ -27,42 +28,33 @@ class Alarms:
     rebuild of the heap); setting it again then does nothing."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, trio.Event]] = []
+        self._timer = DueTimer[tuple[float, int, trio.Event]]()
         self._seq = 0
         self._kept = 0
-        self._scope: trio.CancelScope | None = None
         self.running = False
 
     def set_at(self, deadline: float, event: trio.Event) -> None:
-        heap = self._heap
         self._seq += 1
-        heapq.heappush(heap, (deadline, self._seq, event))
+        self._timer.push((deadline, self._seq, event))
+        heap = self._timer.heap
         if len(heap) > 2 * self._kept + ALARMS_SLACK:
             heap[:] = [entry for entry in heap if not entry[2].is_set()]
             heapq.heapify(heap)
             self._kept = len(heap)
-        scope = self._scope
-        if scope is not None and deadline < scope.deadline:
-            scope.deadline = deadline
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._timer.heap)
 
     async def run(self) -> None:
-        heap = self._heap
         self.running = True
         try:
-            while True:
-                with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
-                    self._scope = scope
-                    await trio.sleep_forever()
-                self._scope = None
-                now = trio.current_time()
-                while heap and heap[0][0] <= now:
-                    heapq.heappop(heap)[2].set()
+            await self._timer.run(_set_event)
         finally:
             self.running = False
-            self._scope = None
+
+
+def _set_event(entry: tuple[float, int, trio.Event], now: float) -> None:
+    entry[2].set()
 
 
 class Answers(Generic[T]):

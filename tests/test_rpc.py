@@ -339,7 +339,7 @@ async def test_answered_calls_do_not_pile_up_in_the_deadline_heap(
             assert await client._call_once("add", (i, 1), {}, {}, far) == i + 1
         channel = client._channel
         assert channel is not None
-        assert len(channel.timers) <= TIMERS_PER_WAITER_MAX + TIMERS_SLACK + 1
+        assert len(channel.timer.heap) <= TIMERS_PER_WAITER_MAX + TIMERS_SLACK + 1
 
 
 async def test_timeout_option_raises_deadline_exceeded(served: tuple[txrpc.Server, dict[str, Any]]) -> None:

@@ -24,6 +24,7 @@ from ._outbox import Outbox
 from ._receiver import Receiver
 from ._security import Credentials, current_credentials, is_certificate_failure
 from ._service import _current_call
+from ._timers import DueTimer
 
 log = logging.getLogger("txrpc.client")
 
@@ -128,10 +129,8 @@ class _Channel:
         self.last_receive_time = trio.current_time()
         self.done = trio.Event()
         self.scope = trio.CancelScope()
-        # Calls given an explicit deadline: (deadline, call id), a heap that the timer
-        # task (_expire) serves; the scope its sleep is in, to wake it for an earlier one.
-        self.timers: list[tuple[float, int]] = []
-        self.timer_scope: trio.CancelScope | None = None
+        # Calls given an explicit deadline: (deadline, call id), served by _expire.
+        self.timer = DueTimer[tuple[float, int]]()
 
     @property
     def usable(self) -> bool:
@@ -258,37 +257,24 @@ class _Channel:
         would have: the server is told to cancel, the caller gets :class:`DeadlinePassed`.
         One sleeping task per connection instead of a cancel scope per call (entering and
         leaving one was ~15 % of a cluster client's CPU in ``txrpc bench tx``)."""
-        timers = self.timers
-        waiters = self.waiters
-        try:
-            while True:
-                with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as scope:
-                    self.timer_scope = scope
-                    await trio.sleep_forever()
-                self.timer_scope = None
-                now = trio.current_time()
-                while timers and timers[0][0] <= now:
-                    _, call_id = heapq.heappop(timers)
-                    task = waiters.pop(call_id, None)
-                    if task is None:
-                        continue  # answered (or failed) already
-                    self.outbox.put_nowait(self.conn.send_cancel(call_id))
-                    if self.slots:
-                        self.slots.unpark()
-                    trio.lowlevel.reschedule(task, outcome.Error(DeadlinePassed()))
-        finally:
-            self.timer_scope = None
+        await self.timer.run(self._deadline_due)
+
+    def _deadline_due(self, entry: tuple[float, int], now: float) -> None:
+        task = self.waiters.pop(entry[1], None)
+        if task is None:
+            return  # answered (or failed) already
+        self.outbox.put_nowait(self.conn.send_cancel(entry[1]))
+        if self.slots:
+            self.slots.unpark()
+        trio.lowlevel.reschedule(task, outcome.Error(DeadlinePassed()))
 
     def _add_timer(self, deadline: float, call_id: int) -> None:
-        timers = self.timers
-        heapq.heappush(timers, (deadline, call_id))
+        timers = self.timer.heap
+        self.timer.push((deadline, call_id))
         if len(timers) > TIMERS_PER_WAITER_MAX * len(self.waiters) + TIMERS_SLACK:
             waiters = self.waiters
             timers[:] = [entry for entry in timers if entry[1] in waiters]
             heapq.heapify(timers)  # (the timer may now wake early, find nothing, sleep again)
-        scope = self.timer_scope
-        if scope is not None and deadline < scope.deadline:
-            scope.deadline = deadline
 
     async def _keepalive(self) -> None:
         """Ping when nothing has arrived for ``keepalive_interval_s``; give up when

@@ -39,7 +39,7 @@ from ._errors import (
 from ._limits import Limits
 from ._routing import EPOCH_METADATA_KEY, ClusterClient
 from ._security import Credentials, current_credentials
-from ._shardmap import ClusterConfig, ShardMap, load_cluster_config
+from ._shardmap import ClusterConfig, NodeSpec, ShardMap, load_cluster_config
 
 MAP_FETCH_AT_START_S = 2.0
 log = logging.getLogger("txrpc.cluster")
@@ -357,12 +357,7 @@ class Transaction:
             while True:
                 shard_map = router.shard_map
                 node = shard_map.primary_of(key)
-                client = router.held_client(node)
-                if client is None:
-                    with trio.move_on_at(deadline):
-                        client = await router._client_for(node)
-                    if client is None:
-                        raise DeadlinePassed()
+                client = router.held_client(node) or await _connected_by(router, node, deadline)
                 self.participants.add(node.name)  # before the call: it may run even if the reply is lost
                 # op_seq counts this transaction's operations per shard, from 1: a shard that
                 # sees op_seq > 1 for a transaction it does not know refuses it.
@@ -473,12 +468,7 @@ class Transaction:
         router = self._cluster.router
         if len(participants) == 1 and router.shard_map.replication_factor == 1:
             node = router.shard_map.node(participants[0])
-            client = router.held_client(node)
-            if client is None:
-                with trio.move_on_at(give_up_at):
-                    client = await router._client_for(node)
-                if client is None:
-                    raise DeadlinePassed()
+            client = router.held_client(node) or await _connected_by(router, node, give_up_at)
             # (client._call_once: options(retries_max=0).call without building the options,
             # nor a cancel scope for the deadline)
             result = await client._call_once("tx.commit_one_phase", (self.txid,), {}, {}, give_up_at)
@@ -540,6 +530,15 @@ class Transaction:
             "cluster.outcome(txid, participants)",
             {"txid": self.txid, "participants": participants},
         )
+
+
+async def _connected_by(router: ClusterClient, node: NodeSpec, deadline: float) -> Client:
+    """A connection to ``node`` opened by ``deadline`` (else :class:`DeadlinePassed`,
+    nothing sent): the slow path of the per-operation calls, which take the open one
+    (``router.held_client``) without a cancel scope."""
+    with trio.move_on_at(deadline):
+        return await router._client_for(node)
+    raise DeadlinePassed(sent=False)
 
 
 class _TxMethodProxy:

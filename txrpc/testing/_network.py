@@ -35,6 +35,8 @@ from typing import Any
 
 import trio
 
+from .._timers import DueTimer
+
 PREFIX_BYTES = 4
 #: A length prefix above this is not a txrpc frame: the bytes pass through unframed.
 FRAME_BYTES_PARSE_MAX = 64 * 1024 * 1024
@@ -350,8 +352,7 @@ class SimNetwork:
         )
         self._seq = 0
         #: Deliveries to make: (time, sequence, pipe); run by :meth:`_clock`.
-        self._timers: list[tuple[float, int, _Pipe]] = []
-        self._clock_scope: trio.CancelScope | None = None
+        self._timer = DueTimer[tuple[float, int, _Pipe]]()
         self._clock_token: trio.lowlevel.TrioToken | None = None
 
     def next_seq(self) -> int:
@@ -361,32 +362,21 @@ class SimNetwork:
     def _schedule(self, deliver_at: float, seq: int, pipe: _Pipe) -> None:
         """Deliver ``pipe``'s due frames at ``deliver_at`` (the clock task, started with the
         first delivery of each ``trio.run``, sleeps until the earliest one)."""
-        heapq.heappush(self._timers, (deliver_at, seq, pipe))
         self._ensure_clock()
-        scope = self._clock_scope
-        if scope is not None and deliver_at < scope.deadline:
-            scope.deadline = deliver_at
+        self._timer.push((deliver_at, seq, pipe))
 
     def _ensure_clock(self) -> None:
         """Start the clock task in this ``trio.run`` unless it runs here already."""
         token = trio.lowlevel.current_trio_token()
         if self._clock_token is not token:
             self._clock_token = token
-            self._clock_scope = None
+            self._timer.scope = None  # (the last run's)
             trio.lowlevel.spawn_system_task(self._clock, name="txrpc.testing.SimNetwork.clock")
 
     async def _clock(self) -> None:
         """One timer for the whole network: at each delivery time, move what is due into
         its pipe and wake the reader (cheaper than a timer per waiting reader)."""
-        timers = self._timers
-        while True:
-            with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as scope:
-                self._clock_scope = scope
-                await trio.sleep_forever()
-            self._clock_scope = None
-            now = trio.current_time()
-            while timers and timers[0][0] <= now:
-                heapq.heappop(timers)[2].deliver_due(now)
+        await self._timer.run(_deliver)
 
     # -- faults ------------------------------------------------------------------------
 
@@ -469,3 +459,7 @@ class SimNetwork:
 
     def describe(self) -> dict[str, Any]:
         return {"connections": len(self.connections), **self.stats}
+
+
+def _deliver(entry: tuple[float, int, _Pipe], now: float) -> None:
+    entry[2].deliver_due(now)
