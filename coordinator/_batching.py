@@ -4,7 +4,6 @@ running a handful of calls at once."""
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -14,10 +13,6 @@ from txrpc._timers import DueTimer
 
 T = TypeVar("T")
 
-# Alarms: the heap is rebuilt without the entries whose event is already set when it
-# holds more than twice the entries kept at the last rebuild, plus this many.
-ALARMS_SLACK = 256
-
 
 class Alarms:
     """Events set at their times by one sleeping task (:meth:`run`): a wait bounded
@@ -25,22 +20,17 @@ class Alarms:
     ``await event.wait()``. Entering and leaving a scope costs about as much as handling
     a small message; a replicated primary bounds one wait per prepared transaction.
     An entry whose event was set by someone else stays until its time (or the next
-    rebuild of the heap); setting it again then does nothing."""
+    rebuild of the heap, :class:`~txrpc._timers.DueTimer`); setting it again then does
+    nothing."""
 
     def __init__(self) -> None:
-        self._timer = DueTimer[tuple[float, int, trio.Event]]()
+        self._timer = DueTimer[tuple[float, int, trio.Event]](_not_set)
         self._seq = 0
-        self._kept = 0
         self.running = False
 
     def set_at(self, deadline: float, event: trio.Event) -> None:
         self._seq += 1
         self._timer.push((deadline, self._seq, event))
-        heap = self._timer.heap
-        if len(heap) > 2 * self._kept + ALARMS_SLACK:
-            heap[:] = [entry for entry in heap if not entry[2].is_set()]
-            heapq.heapify(heap)
-            self._kept = len(heap)
 
     def __len__(self) -> int:
         return len(self._timer.heap)
@@ -55,6 +45,10 @@ class Alarms:
 
 def _set_event(entry: tuple[float, int, trio.Event], now: float) -> None:
     entry[2].set()
+
+
+def _not_set(entry: tuple[float, int, trio.Event]) -> bool:
+    return not entry[2].is_set()
 
 
 class Answers(Generic[T]):

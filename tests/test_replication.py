@@ -1301,7 +1301,8 @@ async def test_alarms_set_events_at_their_times_and_do_not_pile_up() -> None:
     """The primary bounds each prepare's wait for its followers with an alarm (one
     sleeping task) instead of a cancel scope: events are set at their times, a nearer
     one wakes the task, and entries of events set meanwhile are dropped, not kept."""
-    from coordinator._batching import ALARMS_SLACK, Alarms
+    from coordinator._batching import Alarms
+    from txrpc._timers import REBUILD_SLACK
 
     alarms = Alarms()
     async with trio.open_nursery() as nursery:
@@ -1316,11 +1317,11 @@ async def test_alarms_set_events_at_their_times_and_do_not_pile_up() -> None:
             await near.wait()
         assert 0.1 <= trio.current_time() - start < 2
         assert not far.is_set()
-        for _ in range(4 * ALARMS_SLACK):  # waits answered before their alarms
+        for _ in range(4 * REBUILD_SLACK):  # waits answered before their alarms
             done = trio.Event()
             alarms.set_at(trio.current_time() + 60, done)
             done.set()
-        assert len(alarms) <= 2 * 2 + ALARMS_SLACK + 1  # (far, and a few since the last rebuild)
+        assert len(alarms) <= 2 * 2 + REBUILD_SLACK + 1  # (far, and a few since the last rebuild)
         nursery.cancel_scope.cancel()
     assert not alarms.running
 

@@ -330,16 +330,16 @@ async def test_answered_calls_do_not_pile_up_in_the_deadline_heap(
     """A call's deadline entry is not looked for when its answer comes (that would cost
     a search per call): the heap is rebuilt from the waiting calls once it holds far
     more entries than there are. Bounded, whatever the rate and the deadlines' length."""
-    from txrpc._client import TIMERS_PER_WAITER_MAX, TIMERS_SLACK
+    from txrpc._timers import REBUILD_SLACK
 
     server, _ = served
     async with txrpc.connect("127.0.0.1", server.port) as client:
         far = trio.current_time() + 600
-        for i in range(3 * TIMERS_SLACK):
+        for i in range(3 * REBUILD_SLACK):
             assert await client._call_once("add", (i, 1), {}, {}, far) == i + 1
         channel = client._channel
         assert channel is not None
-        assert len(channel.timer.heap) <= TIMERS_PER_WAITER_MAX + TIMERS_SLACK + 1
+        assert len(channel.timer.heap) <= 2 * 1 + REBUILD_SLACK + 1  # (one call waiting at each rebuild)
 
 
 async def test_timeout_option_raises_deadline_exceeded(served: tuple[txrpc.Server, dict[str, Any]]) -> None:

@@ -4,7 +4,6 @@ propagation, reconnect with backoff and retries only where they are safe."""
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import logging
 import math
 import os
@@ -45,11 +44,6 @@ KEY_METADATA = "idempotency_key"
 KEY_SEQ_BITS = 48  # generated keys: a counter (from a random start), then random bits
 KEY_SEQ_MASK = (1 << KEY_SEQ_BITS) - 1
 WAIT_METADATA = "idempotency_wait"
-# A channel's deadline heap keeps the entries of calls that have ended (they are not
-# looked for when a call ends): it is rebuilt from the waiting calls when it holds more
-# than this many entries per waiting call, plus TIMERS_SLACK.
-TIMERS_PER_WAITER_MAX = 4
-TIMERS_SLACK = 256
 
 
 class DeadlinePassed(Exception):
@@ -129,8 +123,9 @@ class _Channel:
         self.last_receive_time = trio.current_time()
         self.done = trio.Event()
         self.scope = trio.CancelScope()
-        # Calls given an explicit deadline: (deadline, call id), served by _expire.
-        self.timer = DueTimer[tuple[float, int]]()
+        # Calls given an explicit deadline: (deadline, call id), served by _expire; an
+        # entry is wanted while its call waits.
+        self.timer = DueTimer[tuple[float, int]](lambda entry: entry[1] in self.waiters)
 
     @property
     def usable(self) -> bool:
@@ -268,14 +263,6 @@ class _Channel:
             self.slots.unpark()
         trio.lowlevel.reschedule(task, outcome.Error(DeadlinePassed()))
 
-    def _add_timer(self, deadline: float, call_id: int) -> None:
-        timers = self.timer.heap
-        self.timer.push((deadline, call_id))
-        if len(timers) > TIMERS_PER_WAITER_MAX * len(self.waiters) + TIMERS_SLACK:
-            waiters = self.waiters
-            timers[:] = [entry for entry in timers if entry[1] in waiters]
-            heapq.heapify(timers)  # (the timer may now wake early, find nothing, sleep again)
-
     async def _keepalive(self) -> None:
         """Ping when nothing has arrived for ``keepalive_interval_s``; give up when
         nothing (not even a pong) has arrived for interval + ``keepalive_timeout_s``."""
@@ -330,7 +317,7 @@ class _Channel:
         task = trio.lowlevel.current_task()
         waiters[call_id] = task
         if timed:
-            self._add_timer(deadline, call_id)
+            self.timer.push((deadline, call_id))
         # The only call in flight: send it now, not a round later (and without the writer).
         self.outbox.put_nowait(data, write_now=len(waiters) == 1)
 

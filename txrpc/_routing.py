@@ -66,17 +66,16 @@ def check_epoch(shard_map: ShardMap, *, key: Key | None = None, node: str | None
             details={"shard_map": shard_map.to_wire(), "epoch": shard_map.epoch, "call_epoch": call_epoch},
         )
     if key is not None and node is not None and shard_map.primary_of(key).name != node:
-        route = shard_map.route(key)
-        if route.primary.name != node:
-            raise FailedPrecondition(
-                f"node {node!r} is not the primary of partition {route.partition} at epoch "
-                f"{shard_map.epoch} (the primary is {route.primary.name!r})",
-                details={
-                    "partition": route.partition,
-                    "primary": route.primary.name,
-                    "epoch": shard_map.epoch,
-                },
-            )
+        route = shard_map.route(key)  # (built only to describe the refusal)
+        raise FailedPrecondition(
+            f"node {node!r} is not the primary of partition {route.partition} at epoch "
+            f"{shard_map.epoch} (the primary is {route.primary.name!r})",
+            details={
+                "partition": route.partition,
+                "primary": route.primary.name,
+                "epoch": shard_map.epoch,
+            },
+        )
 
 
 class EpochGuard:
