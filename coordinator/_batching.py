@@ -51,17 +51,39 @@ def _not_set(entry: tuple[float, int, trio.Event]) -> bool:
     return not entry[2].is_set()
 
 
+class Countdown:
+    """Set ``done`` when :meth:`tick` was called ``left`` times: one wait for several
+    :class:`Answers` (every record of a batch acknowledged). Starts at one, the creator's
+    own tick once it has added everything (so answers arriving meanwhile cannot finish
+    it early)."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self) -> None:
+        self.left = 1
+        self.done = trio.Event()
+
+    def tick(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.done.set()
+
+
 class Answers(Generic[T]):
     """One item's answers from several parties (a transaction's participants, a record's
     followers) as they arrive; the first answer of a party counts, later ones are
-    ignored. ``complete`` is set when every party answered."""
+    ignored. ``complete`` is set when every party answered (and ``countdown``, if given,
+    ticks once)."""
 
-    __slots__ = ("answers", "complete", "missing")
+    __slots__ = ("answers", "complete", "countdown", "missing")
 
-    def __init__(self, parties: int) -> None:
+    def __init__(self, parties: int, countdown: Countdown | None = None) -> None:
         self.answers: dict[str, T] = {}
         self.missing = parties
         self.complete = trio.Event()
+        self.countdown = countdown
+        if countdown is not None:
+            countdown.left += 1
 
     def put(self, party: str, answer: T) -> None:
         if party in self.answers:
@@ -70,6 +92,8 @@ class Answers(Generic[T]):
         self.missing -= 1
         if self.missing == 0:
             self.complete.set()
+            if self.countdown is not None:
+                self.countdown.tick()
 
 
 async def run_all(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:

@@ -650,39 +650,7 @@ class Participant:
                 await write_local()
             if local_error is not None:
                 log.error("shard %s: prepare record of %d not written: %s", self.shard, txid, local_error)
-                reason = await self._record_not_written(txid, local_error)
-                await self._abort_replicas(txid, replicas)
-                return {"vote": "no", "reason": reason}
-            refusal = replicas if isinstance(replicas, str) else ""
-            if isinstance(replicas, Plan) and replicas.failures:
-                refusal = "prepare record not on every replica: " + _describe_failures(replicas.failures)
-            if refusal:
-                # Decided before the transaction counts as prepared: a no voter aborts
-                # on its own, not on the coordinator's abort (a coordinator crash loses
-                # that; found by the simulator). The record goes before the locks: freed
-                # locks with the record still on disk could let a conflicting transaction
-                # prepare, and both would come back at a restart.
-                log.info("shard %s: votes no on %d: %s", self.shard, txid, refusal)
-                if not await self._drop_record_or_stay_prepared(txid, ""):
-                    await self._abort_replicas(txid, replicas)
-                    return {"vote": "no", "reason": refusal}
-                await self._abort_replicas(txid, replicas)
-                self._wake(self.core.prepare_failed(txid, refusal), txid)
-                return {"vote": "no", "reason": refusal}
-            if not self.core.prepared(txid):  # aborted while the record was being written
-                await self.store.delete_prepare(txid)
-                await self._abort_replicas(txid, replicas)
-                return {"vote": "no", "reason": "aborted during prepare"}
-            self.core.locks.mark_prepared(txid)
-            self._prepared_at[txid] = trio.current_time()
-            if isinstance(replicas, Plan):  # (a yes vote: every follower took its share)
-                self._holders[txid] = sorted(f for f, share in replicas.by_follower.items() if share)
-            if _env.broken("participant.release_locks_at_prepare"):
-                # Test-only broken protocol (simulator): others may read and overwrite
-                # what this transaction is about to commit.
-                self._wake(self.core.locks.release_all(txid))
-            crash_point("participant.after_prepare")
-            return {"vote": "yes", "reason": ""}
+            return await self._vote_after_record(txid, local_error, replicas)
         finally:
             del self._busy[txid]
             done.set()
@@ -722,9 +690,10 @@ class Participant:
         what undoes the taking if the job never runs), or None if none; :meth:`prepare`
         takes the rest (a txid another message is writing, one whose map changed since its
         first operation, those past ``GROUP_RECORDS_MAX``). A replicated shard prepares
-        each on its own (its followers' copies and read fences)."""
-        if self._replicated():
-            return None
+        each record on its own only when it has nothing to write (a read-only vote
+        checks its reads' epoch with the followers first); the others' copies are sent
+        to the followers while the records are written here (:meth:`_write_taken_prepares`)."""
+        replicated = self._replicated()
         epoch = None if self.replication is None else self.replication.guard.epoch
         indices: list[int] = []
         taken: list[tuple[int, WriteSet, list[tuple[Any, str]]]] = []
@@ -736,6 +705,8 @@ class Participant:
             tx = self.core.txs.get(txid)
             if tx is not None and tx.epoch is not None and epoch is not None and tx.epoch != epoch:
                 continue  # prepare votes no on it (the map changed during the transaction)
+            if replicated and tx is not None and tx.state is TxState.ACTIVE and not tx.writes:
+                continue  # read-only: prepare fences its reads
             action = None
             try:
                 action, vote, reason, granted = self.core.prepare(txid)
@@ -823,15 +794,31 @@ class Participant:
         if _env.buggify("participant.slow_prepare"):
             await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
         error: Exception | None = None
-        try:
-            await self.store.write_prepares([(txid, writes, locks, None) for txid, writes, locks in taken])
-        except Exception as exc:
-            error = exc
-            log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), exc)
-        votes: list[Any] = []
-        for txid, _, _ in taken:
+
+        async def write_local() -> None:
+            nonlocal error
             try:
-                votes.append(await self._vote_after_record(txid, error))
+                await self.store.write_prepares([(txid, writes, locks, None) for txid, writes, locks in taken])
+            except Exception as exc:
+                error = exc
+                log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), exc)
+
+        replicas: list[Plan | str | None] = [None] * len(taken)
+        if self._replicated():
+            # As prepare does: the followers' copies are written while ours is.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_local)
+                try:
+                    replicas = list(await self._send_taken_replicas(taken))
+                except Exception as exc:  # (the votes must still come: each no)
+                    log.exception("shard %s: replicated prepares of %d txs failed", self.shard, len(taken))
+                    replicas = [f"prepare records not replicated: {type(exc).__name__}: {exc}"] * len(taken)
+        else:
+            await write_local()
+        votes: list[Any] = []
+        for (txid, _, _), replicated in zip(taken, replicas, strict=True):
+            try:
+                votes.append(await self._vote_after_record(txid, error, replicated))
             except StorageClosed:
                 votes.append("UNAVAILABLE: the shard is stopping")  # (as prepare answers it)
             except txrpc.RpcError as exc:
@@ -869,18 +856,44 @@ class Participant:
             return False
         return True
 
-    async def _vote_after_record(self, txid: int, error: Exception | None) -> dict[str, Any]:
-        """An unreplicated transaction's vote once its prepare record's write ended
-        (``error``: it failed), as :meth:`prepare` gives it."""
+    async def _vote_after_record(
+        self, txid: int, error: Exception | None, replicas: Plan | str | None = None
+    ) -> dict[str, Any]:
+        """A transaction's vote once its prepare record's write ended (``error``: it
+        failed) and, replicated, its followers answered (``replicas``: the plan with
+        those that did not take it, or why it was not sent)."""
         if error is not None:
-            return {"vote": "no", "reason": await self._record_not_written(txid, error)}
+            reason = await self._record_not_written(txid, error)
+            await self._abort_replicas(txid, replicas)
+            return {"vote": "no", "reason": reason}
+        refusal = replicas if isinstance(replicas, str) else ""
+        if isinstance(replicas, Plan) and replicas.failures:
+            refusal = "prepare record not on every replica: " + _describe_failures(replicas.failures)
+        if refusal:
+            # Decided before the transaction counts as prepared: a no voter aborts
+            # on its own, not on the coordinator's abort (a coordinator crash loses
+            # that; found by the simulator). The record goes before the locks: freed
+            # locks with the record still on disk could let a conflicting transaction
+            # prepare, and both would come back at a restart.
+            log.info("shard %s: votes no on %d: %s", self.shard, txid, refusal)
+            if not await self._drop_record_or_stay_prepared(txid, ""):
+                await self._abort_replicas(txid, replicas)
+                return {"vote": "no", "reason": refusal}
+            await self._abort_replicas(txid, replicas)
+            self._wake(self.core.prepare_failed(txid, refusal), txid)
+            return {"vote": "no", "reason": refusal}
         if not self.core.prepared(txid):  # aborted while the record was being written
             await self.store.delete_prepare(txid)
+            await self._abort_replicas(txid, replicas)
             return {"vote": "no", "reason": "aborted during prepare"}
         self.core.locks.mark_prepared(txid)
         self._prepared_at[txid] = trio.current_time()
+        if isinstance(replicas, Plan):  # (a yes vote: every follower took its share)
+            self._holders[txid] = sorted(f for f, share in replicas.by_follower.items() if share)
         if _env.broken("participant.release_locks_at_prepare"):
-            self._wake(self.core.locks.release_all(txid))  # test-only broken protocol (simulator)
+            # Test-only broken protocol (simulator): others may read and overwrite
+            # what this transaction is about to commit.
+            self._wake(self.core.locks.release_all(txid))
         crash_point("participant.after_prepare")
         return {"vote": "yes", "reason": ""}
 
@@ -1126,12 +1139,36 @@ class Participant:
         """Send the prepare record to the followers: the plan (with ``failures``, the
         followers that did not take it), or why it was not sent (deposed)."""
         assert self.replication is not None
+        request = self._replica_request(txid, writes, locks)
+        if isinstance(request, str):
+            return request
+        return await self.replication.send_prepare(txid, writes, request[2], scanned=request[3])
+
+    def _replica_request(
+        self, txid: int, writes: WriteSet, locks: list[tuple[Any, str]]
+    ) -> tuple[int, WriteSet, list[str], bool] | str:
+        """What :meth:`Replication.send_prepares` takes for this record, or why it may
+        not be sent (this node is no longer the primary of its keys)."""
+        assert self.replication is not None
         keys = [k for k, _, _ in writes] + [r for r, _ in locks if isinstance(r, str)]
         if not self.replication.owns(keys):
             return f"node {self.shard} is no longer the primary of these keys at epoch {self.replication.guard.epoch}"
         read_keys = [r for r, mode in locks if isinstance(r, str) and mode == Mode.S.value]
         scanned = any(r == SCAN_RESOURCE and mode == Mode.S.value for r, mode in locks)
-        return await self.replication.send_prepare(txid, writes, read_keys, scanned=scanned)
+        return (txid, writes, read_keys, scanned)
+
+    async def _send_taken_replicas(self, taken: list[tuple[int, WriteSet, list[tuple[Any, str]]]]) -> list[Plan | str]:
+        """:meth:`_send_prepare_replicas` for every record of a batch at once (one wait)."""
+        assert self.replication is not None
+        out: list[Plan | str] = []
+        requests = []
+        for txid, writes, locks in taken:
+            request = self._replica_request(txid, writes, locks)
+            out.append(request if isinstance(request, str) else "")
+            if not isinstance(request, str):
+                requests.append(request)
+        plans = iter(await self.replication.send_prepares(requests))
+        return [answer if answer else next(plans) for answer in out]
 
     async def _abort_replicas(self, txid: int, replicas: Plan | str | None) -> None:
         """Tell the followers that took ``txid``'s record that it will not commit."""

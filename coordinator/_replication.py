@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -29,10 +29,11 @@ import trio
 import txrpc
 from storage._shard_store import WriteSet
 from txrpc import _env
+from txrpc._client import DeadlinePassed
 from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
 from txrpc._shardmap import ShardMap
 
-from ._batching import Alarms, Answers, run_all
+from ._batching import Alarms, Answers, Countdown, run_all
 from ._locks import Mode, compatible
 
 if TYPE_CHECKING:
@@ -69,6 +70,20 @@ PREPARES_PER_MESSAGE_MAX = 256
 """Replicated prepare records per ``repl.prepare_many`` message."""
 PENDING = "PENDING"
 """A ``repl.prepare_many`` answer: that record was still being taken at the follower's cut-off."""
+
+
+async def call_by(
+    client: txrpc.Client, deadline: float, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], epoch: int
+) -> Any:
+    """``method(*args, **kwargs)`` at a peer, once, carrying ``epoch``; ``trio.TooSlowError``
+    if no answer by ``deadline`` (trio clock; the peer is told to cancel). What
+    ``fail_after`` around ``client.options(retries_max=0, metadata=...).call`` did,
+    without building the options and without a cancel scope per call (the connection's
+    one timer ends it: ``Client._call_once``)."""
+    try:
+        return await client._call_once(method, args, kwargs, {EPOCH_METADATA_KEY: epoch}, deadline)
+    except DeadlinePassed:
+        raise trio.TooSlowError from None
 
 
 def _error_from_answer(answer: Any) -> txrpc.RpcError:
@@ -191,11 +206,9 @@ class Replication:
                 for start in range(0, len(batch), NOTICES_PER_MESSAGE_MAX):
                     part = batch[start : start + NOTICES_PER_MESSAGE_MAX]
                     try:
-                        with trio.fail_after(self.timeout_s):
-                            client = await self.client_for(follower)
-                            await client.options(retries_max=0, metadata={EPOCH_METADATA_KEY: self.guard.epoch}).call(
-                                "repl.commit_many", part
-                            )
+                        client = await self.client_for(follower)
+                        deadline = trio.current_time() + self.timeout_s
+                        await call_by(client, deadline, "repl.commit_many", (part,), {}, self.guard.epoch)
                     except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
                         # It resolves those records itself (termination protocol).
                         log.info("node %s: %d commit notices not acknowledged by %s (%s)",
@@ -220,25 +233,42 @@ class Replication:
         Records for one follower queued in one scheduler round leave together in one
         ``repl.prepare_many`` (:meth:`_send_prepares`): under load a primary prepares
         many transactions at once (the coordinator's ``tx.prepare_many``)."""
-        the_plan = plan(self.guard.shard_map, self.node, writes, read_keys, scanned=scanned)
-        self.stats["prepares_sent"] += len(the_plan.by_follower)
-        if not the_plan.by_follower:
-            return the_plan
-        acks = Answers[str](len(the_plan.by_follower))
-        for follower, share in the_plan.by_follower.items():
-            self._queue_prepare(follower, the_plan.epoch, txid, share, acks)
+        (the_plan,) = await self.send_prepares([(txid, writes, read_keys, scanned)])
+        return the_plan
+
+    async def send_prepares(self, records: Sequence[tuple[int, WriteSet, Iterable[Any], bool]]) -> list[Plan]:
+        """:meth:`send_prepare` for several ``(txid, writes, read_keys, scanned)`` at once,
+        with one wait (bounded by ``timeout_s``) for all their acknowledgements."""
+        plans = []
+        countdown = Countdown()
+        waits: list[tuple[Plan, Answers[str]]] = []
+        shard_map = self.guard.shard_map
+        for txid, writes, read_keys, scanned in records:
+            the_plan = plan(shard_map, self.node, writes, read_keys, scanned=scanned)
+            plans.append(the_plan)
+            if not the_plan.by_follower:
+                continue
+            self.stats["prepares_sent"] += len(the_plan.by_follower)
+            acks = Answers[str](len(the_plan.by_follower), countdown)
+            waits.append((the_plan, acks))
+            for follower, share in the_plan.by_follower.items():
+                self._queue_prepare(follower, the_plan.epoch, txid, share, acks)
+        if not waits:
+            return plans
+        countdown.tick()  # everything is queued
         if self._alarms.running:  # (a cancel scope per prepared transaction cost ~2 % of a node's CPU)
-            self._alarms.set_at(trio.current_time() + self.timeout_s, acks.complete)
-            await acks.complete.wait()
+            self._alarms.set_at(trio.current_time() + self.timeout_s, countdown.done)
+            await countdown.done.wait()
         else:
             with trio.move_on_after(self.timeout_s):
-                await acks.complete.wait()
-        failures = {f: why for f, why in acks.answers.items() if why}
-        for follower in the_plan.by_follower:
-            if follower not in acks.answers:
-                failures[follower] = f"no answer within {self.timeout_s:g} s"
-        the_plan.failures = failures
-        return the_plan
+                await countdown.done.wait()
+        for the_plan, acks in waits:
+            failures = {f: why for f, why in acks.answers.items() if why}
+            for follower in the_plan.by_follower:
+                if follower not in acks.answers:
+                    failures[follower] = f"no answer within {self.timeout_s:g} s"
+            the_plan.failures = failures
+        return plans
 
     def _queue_prepare(self, follower: str, epoch: int, txid: int, share: WriteSet, acks: Answers[str]) -> None:
         queue = self._prepares.get(follower)
@@ -274,27 +304,27 @@ class Replication:
         is sent again alone with ``repl.prepare``, which waits for it there; so is every
         record for a follower without ``repl.prepare_many`` (an older version)."""
         records = [[txid, [[k, d, v] for k, d, v in share]] for txid, share, _ in items]
+        deadline = trio.current_time() + self.timeout_s
+        origin = {"origin": self.node}
         try:
-            with trio.fail_after(self.timeout_s):
-                client = await self.client_for(follower)
-                bound = client.options(retries_max=0, metadata={EPOCH_METADATA_KEY: epoch})
+            client = await self.client_for(follower)
+            try:
+                answers = await call_by(client, deadline, "repl.prepare_many", (records,), origin, epoch)
+            except txrpc.Unimplemented:
+                answers = [PENDING] * len(records)
+            if not isinstance(answers, list) or len(answers) != len(items):
+                raise txrpc.Internal(f"{follower} answered repl.prepare_many with {answers!r:.80}")
+
+            async def alone(index: int) -> None:
+                txid, writes = records[index]
                 try:
-                    answers = await bound.call("repl.prepare_many", records, origin=self.node)
-                except txrpc.Unimplemented:
-                    answers = [PENDING] * len(records)
-                if not isinstance(answers, list) or len(answers) != len(items):
-                    raise txrpc.Internal(f"{follower} answered repl.prepare_many with {answers!r:.80}")
+                    answers[index] = await call_by(client, deadline, "repl.prepare", (txid, writes), origin, epoch)
+                except txrpc.RpcError as exc:
+                    answers[index] = [int(exc.code), exc.message, dict(exc.details)]
 
-                async def alone(index: int) -> None:
-                    txid, writes = records[index]
-                    try:
-                        answers[index] = await bound.call("repl.prepare", txid, writes, origin=self.node)
-                    except txrpc.RpcError as exc:
-                        answers[index] = [int(exc.code), exc.message, dict(exc.details)]
-
-                again = [i for i, answer in enumerate(answers) if answer == PENDING]
-                if again:
-                    await run_all([functools.partial(alone, i) for i in again])
+            again = [i for i, answer in enumerate(answers) if answer == PENDING]
+            if again:
+                await run_all([functools.partial(alone, i) for i in again])
             learned = False
             for (_, _, acks), answer in zip(items, answers, strict=True):
                 if answer == "ok":
@@ -331,11 +361,8 @@ class Replication:
 
         async def send(follower: str) -> None:
             try:
-                with trio.fail_after(self.timeout_s):
-                    client = await self.client_for(follower)
-                    await client.options(retries_max=0, metadata={EPOCH_METADATA_KEY: epoch}).call(
-                        f"repl.{outcome}", txid
-                    )
+                client = await self.client_for(follower)
+                await call_by(client, trio.current_time() + self.timeout_s, f"repl.{outcome}", (txid,), {}, epoch)
             except (txrpc.RpcError, trio.TooSlowError, OSError) as exc:
                 failures[follower] = str(exc) or type(exc).__name__
 

@@ -10,6 +10,7 @@ difference per committed transfer (start-up and setup cancel out). Needs valgrin
     git stash; python scripts/sim_cost.py; git stash pop   # the same before a change
     python scripts/sim_cost.py --single   # single-shard (one-phase) transfers instead
     python scripts/sim_cost.py --seeds 4  # the mean over seeds 0..3 (about 2 min)
+    python scripts/sim_cost.py --replication 3   # replicated shards (R = 3)
 
 One seed repeats exactly for the same code, but any change to the code (even one that
 does no work in the simulation) can move its figure by up to ~1.5 %: objects land at other
@@ -31,7 +32,7 @@ ACCOUNTS = 600
 CLIENTS = 16
 
 
-def worker(transfers: int, same_shard: bool, seed: int) -> None:
+def worker(transfers: int, same_shard: bool, seed: int, replication: int = 1) -> None:
     import txrpc.testing._workloads as workloads
 
     original = workloads.WorkloadOptions
@@ -43,15 +44,17 @@ def worker(transfers: int, same_shard: bool, seed: int) -> None:
     workloads.WorkloadOptions = options  # type: ignore[assignment, misc]
     from txrpc._sim_cli import measure_sim
 
-    kinds = {"same_shard": True} if same_shard else {}  # (older versions run cross-shard only)
+    kinds: dict[str, object] = {"same_shard": True} if same_shard else {}  # (older versions: cross-shard only)
+    if replication != 1:
+        kinds["replication_factor"] = replication
     print("committed", measure_sim(seed, transfers, CLIENTS, 0.0005, **kinds).done)
 
 
-def measure(transfers: int, same_shard: bool = False, seed: int = 0) -> tuple[int, int]:
+def measure(transfers: int, same_shard: bool = False, seed: int = 0, replication: int = 1) -> tuple[int, int]:
     """(committed, instructions) of one run under cachegrind."""
     command = [
         "valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-        sys.executable, __file__, "--worker", str(transfers), "single" if same_shard else "cross", str(seed),
+        sys.executable, __file__, "--worker", str(transfers), "single" if same_shard else "cross", str(seed), str(replication),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # one hash seed: the run repeats exactly
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
@@ -62,8 +65,8 @@ def measure(transfers: int, same_shard: bool = False, seed: int = 0) -> tuple[in
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        worker(int(sys.argv[2]), sys.argv[3] == "single", int(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
+        worker(int(sys.argv[2]), sys.argv[3] == "single", int(sys.argv[4]), int(sys.argv[5]))
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt install valgrind)")
@@ -71,14 +74,17 @@ def main() -> None:
     parser.add_argument("transfers", nargs="?", type=int, default=310, help="transfers of the long run")
     parser.add_argument("--single", action="store_true", help="single-shard (one-phase) transfers")
     parser.add_argument("--seeds", type=int, default=1, help="the mean over seeds 0..N-1")
+    parser.add_argument("--replication", type=int, default=1, help="replication factor (copies of each partition)")
     args = parser.parse_args()
-    jobs = [(n, args.single, seed) for seed in range(args.seeds) for n in (10, args.transfers)]
+    jobs = [(n, args.single, seed, args.replication) for seed in range(args.seeds) for n in (10, args.transfers)]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda job: measure(*job), jobs))
     pairs = list(zip(results[0::2], results[1::2], strict=True))
     per_seed = [(i1 - i0) / (c1 - c0) for (c0, i0), (c1, i1) in pairs]
     committed = sum(c1 - c0 for (c0, _), (c1, _) in pairs)
     kind = "single-shard (one-phase)" if args.single else "cross-shard"
+    if args.replication != 1:
+        kind += f" at R = {args.replication}"
     spread = f" (seeds: {', '.join(f'{v / 1e6:.3f}' for v in per_seed)})" if args.seeds > 1 else ""
     print(f"{sum(per_seed) / len(per_seed) / 1e6:.3f} M instructions per committed {kind} transfer "
           f"({committed} transfers, {CLIENTS} clients, {ACCOUNTS} accounts){spread}")  # fmt: skip

@@ -304,6 +304,71 @@ def _count_follower_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[in
     return counts
 
 
+async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replicated primary takes a tx.prepare_many batch together: its own records in
+    one queued write, the followers' copies sent meanwhile, one wait for all their
+    acknowledgements. A record one follower refuses makes that transaction alone vote
+    no: its record is dropped here, its locks freed, the others are prepared and commit.
+    A read-only transaction of the batch votes as before (its reads fenced on its own)."""
+    from coordinator import Participant
+
+    primary_writes: list[list[int]] = []
+    refuse: set[int] = set()
+    real_prepares, real_repl = None, Participant._repl_prepare_many
+    from storage._shard_store import ShardStore
+
+    real_prepares = ShardStore.write_prepares
+
+    async def write_prepares(self: ShardStore, records: Any) -> None:
+        own = [txid for txid, *_ in records if txid > 0]  # (a follower's copies have negative ids)
+        if own:
+            primary_writes.append(own)
+        await real_prepares(self, records)
+
+    async def refusing(self: Participant, records: list[Any], origin: str = "") -> list[Any]:
+        mine = [r for r in records if r[0] not in refuse]
+        answers = iter(await real_repl(self, mine, origin)) if mine else iter(())
+        refused = [int(txrpc.Code.FAILED_PRECONDITION), "refused (test)", {}]
+        return [refused if r[0] in refuse else next(answers) for r in records]
+
+    monkeypatch.setattr(ShardStore, "write_prepares", write_prepares)
+    monkeypatch.setattr(Participant, "_repl_prepare_many", refusing)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.nodes[0]
+        names = [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == node.name][:5]
+        await open_accounts(cluster, names, 10)
+        participant = local.participants[node.name]
+        async with txrpc.connect(*node.address) as shard:
+            txids = []
+            for name in names[:4]:
+                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
+                await shard.options(metadata=meta).call("bank.deposit", name, 1)
+                txids.append(txid)
+            reader = (await cluster.coordinator.call("coord.begin", None))["txid"]
+            meta = {"txid": reader, "op_seq": 1, "epoch": shard_map.epoch}
+            assert await shard.options(metadata=meta).call("bank.balance", names[4]) == 10
+            refuse.add(txids[1])
+            primary_writes.clear()
+            answers = await shard.call("tx.prepare_many", [txids[0], txids[1], reader, txids[2], txids[3]])
+            yes = {"vote": "yes", "reason": ""}
+            assert answers[0] == answers[3] == answers[4] == yes, answers
+            assert answers[1]["vote"] == "no" and "not on every replica" in answers[1]["reason"], answers[1]
+            assert answers[2] == {"vote": "read_only", "reason": ""}
+            assert primary_writes == [[txids[0], txids[1], txids[2], txids[3]]]  # one write for the four
+            assert txids[1] not in participant.core.txs  # aborted here at once, its lock freed
+            assert not participant.core.locks.held_by(txids[1])
+            for follower in shard_map.replica_sets[shard_map.partition_of(names[0])][1:]:
+                holds = local.participants[follower].replication.records_of  # type: ignore[union-attr]
+                assert holds(txids[0]) and holds(txids[2]) and not holds(txids[1])
+            ok = [txids[0], txids[2], txids[3]]
+            assert await shard.call("tx.commit_many", ok) == ["ok", "ok", "ok"]
+            assert await shard.call("tx.abort", txids[1]) == "ok"
+        assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 10, 11, 11, 10]
+        await assert_replicas_equal(local)
+
+
 async def test_a_followers_batch_at_a_newer_epoch_goes_record_by_record_after_the_map(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -467,11 +467,12 @@ def measure_sim(
     latency_s: float,
     before_transfers: Callable[[], Any] | None = None,
     same_shard: bool = False,
+    replication_factor: int = 1,
 ) -> SimMeasure:
     """One run: ``clients`` clients share ``transactions`` transfers between accounts on
     different shards (``same_shard``: on one shard, committed in one phase) (timed: the
     transfers only, not starting the cluster; the cluster waits in ``before_transfers``,
-    if given, before they start)."""
+    if given, before they start). ``replication_factor``: copies of each partition."""
     import trio
 
     from .testing import LinkFaults, SimOptions, bank_service, simulate
@@ -512,7 +513,9 @@ def measure_sim(
                 nursery.start_soon(client, index)
         return SimMeasure(done[0], started, time.perf_counter(), trio.current_time() - started_sim)
 
-    options = SimOptions(link=LinkFaults(delay_s=latency_s, jitter_s=latency_s * 0.4))
+    options = SimOptions(
+        link=LinkFaults(delay_s=latency_s, jitter_s=latency_s * 0.4), replication_factor=replication_factor
+    )
     result: SimMeasure = simulate(main, seed=seed, services=[bank_service()], options=options)
     return result
 
