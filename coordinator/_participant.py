@@ -794,27 +794,36 @@ class Participant:
         if _env.buggify("participant.slow_prepare"):
             await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
         error: Exception | None = None
-
-        async def write_local() -> None:
-            nonlocal error
-            try:
-                await self.store.write_prepares([(txid, writes, locks, None) for txid, writes, locks in taken])
-            except Exception as exc:
-                error = exc
-                log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), exc)
-
+        records = [(txid, writes, locks, None) for txid, writes, locks in taken]
         replicas: list[Plan | str | None] = [None] * len(taken)
         if self._replicated():
-            # As prepare does: the followers' copies are written while ours is.
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(write_local)
-                try:
-                    replicas = list(await self._send_taken_replicas(taken))
-                except Exception as exc:  # (the votes must still come: each no)
-                    log.exception("shard %s: replicated prepares of %d txs failed", self.shard, len(taken))
-                    replicas = [f"prepare records not replicated: {type(exc).__name__}: {exc}"] * len(taken)
+            # As prepare does: the followers' copies are written while ours is (queued
+            # first, waited for last: no task of its own).
+            written = trio.Event()
+
+            def done(_: Any, exc: BaseException | None) -> None:
+                nonlocal error
+                if exc is not None:
+                    error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                written.set()
+
+            try:
+                self.store.write_prepares_nowait(records, done)
+            except Exception as exc:
+                done(None, exc)
+            try:
+                replicas = list(await self._send_taken_replicas(taken))
+            except Exception as exc:  # (the votes must still come: each no)
+                log.exception("shard %s: replicated prepares of %d txs failed", self.shard, len(taken))
+                replicas = [f"prepare records not replicated: {type(exc).__name__}: {exc}"] * len(taken)
+            await written.wait()
         else:
-            await write_local()
+            try:
+                await self.store.write_prepares(records)
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), error)
         votes: list[Any] = []
         for (txid, _, _), replicated in zip(taken, replicas, strict=True):
             try:
@@ -1016,13 +1025,19 @@ class Participant:
         async def one(index: int, txid: int) -> None:
             answers[index] = await self._answer_of(self.commit, txid, "commit")
 
+        async def together() -> None:
+            answer = await self._answer_of(self._commit_together, [txids[i] for i in ready], "commit")
+            for index in ready:
+                answers[index] = answer
+
+        if not rest:  # the common case: no task, no nursery
+            await together()
+            return answers
         async with trio.open_nursery() as nursery:
             for index in rest:
                 nursery.start_soon(one, index, txids[index])
             if ready:
-                answer = await self._answer_of(self._commit_together, [txids[i] for i in ready], "commit")
-                for index in ready:
-                    answers[index] = answer
+                await together()
         return answers
 
     @_not_cancelled_midway
@@ -1441,12 +1456,19 @@ class Participant:
             if await self._repl_commit(txid) == "ok":
                 applied[0] += 1
 
+        async def together() -> None:
+            with trio.CancelScope(shield=True):  # durable and in memory together
+                await self._apply_many(ready)
+
+        if not rest:  # the common case: no task, no nursery
+            if ready:
+                await together()
+            return applied[0]
         async with trio.open_nursery() as nursery:
             for txid in rest:
                 nursery.start_soon(one, txid)
             if ready:
-                with trio.CancelScope(shield=True):  # durable and in memory together
-                    await self._apply_many(ready)
+                await together()
         return applied[0]
 
     async def _repl_abort(self, txid: int) -> str:

@@ -168,6 +168,7 @@ class Replication:
         # slots of records recovered from disk.
         self._origin_slots: dict[str, int] = {}
         self._recovered_slots: set[int] = set()
+        self._slots_sorted: tuple[int, ...] = ()  # _slots_in_use(), sorted (kept as they change)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery that background sends (:meth:`send_outcome_soon`) run in."""
@@ -386,6 +387,7 @@ class Replication:
         if slot is None:
             raise txrpc.FailedPrecondition(f"replication supports at most {ORIGIN_SLOTS} primaries per follower")
         self._origin_slots[origin] = slot
+        self._slots_sorted = tuple(sorted(self._slots_in_use()))
         return slot
 
     def restore_origin(self, record: int, origin: str | None) -> None:
@@ -395,6 +397,7 @@ class Replication:
         self._recovered_slots.add(slot)
         if origin and origin not in self._origin_slots and slot not in self._origin_slots.values():
             self._origin_slots[origin] = slot
+        self._slots_sorted = tuple(sorted(self._slots_in_use()))
 
     def _slots_in_use(self) -> set[int]:
         return set(self._origin_slots.values()) | self._recovered_slots
@@ -403,7 +406,7 @@ class Replication:
         """The replicated records of ``txid`` this node holds (from any primary)."""
         assert self.participant is not None
         txs = self.participant.core.txs
-        return [rid for i in sorted(self._slots_in_use()) if (rid := record_id(txid, i)) in txs]
+        return [rid for i in self._slots_sorted if (rid := record_id(txid, i)) in txs]
 
     def followers_of_tx(self, writes: WriteSet, read_keys: Iterable[Any] = ()) -> list[str]:
         return sorted(plan(self.guard.shard_map, self.node, writes, read_keys).by_follower)

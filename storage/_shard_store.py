@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cbor2
@@ -187,6 +187,21 @@ class ShardStore:
     ) -> None:
         """:meth:`write_prepare` for several ``(txid, writes, locks, meta)`` records at
         once: one queued record for the group commit (one wait, not one per record)."""
+        await self.appender.append(PREPARE_RECORDS, self._prepare_rows(records))
+
+    def write_prepares_nowait(
+        self,
+        records: Sequence[tuple[int, WriteSet, Sequence[tuple[Any, str]], dict[str, Any] | None]],
+        done: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        """:meth:`write_prepares` without waiting: ``done(None, error)`` once durable (error
+        None) or failed, from the group commit's task (``GroupCommitAppender.append_nowait``;
+        raises what it raises without queueing). Always written: nothing withdraws it."""
+        self.appender.append_nowait(PREPARE_RECORDS, self._prepare_rows(records), done)
+
+    def _prepare_rows(
+        self, records: Sequence[tuple[int, WriteSet, Sequence[tuple[Any, str]], dict[str, Any] | None]]
+    ) -> list[dict[str, Any]]:
         now = time.time()
         rows = []
         for txid, writes, locks, meta in records:
@@ -201,7 +216,7 @@ class ShardStore:
                     "prepared_at": now,
                 }
             )
-        await self.appender.append(PREPARE_RECORDS, rows)
+        return rows
 
     async def delete_prepare(self, txid: int) -> None:
         await self.appender.append(DROP_PREPARE_RECORDS, (self.shard, txid))

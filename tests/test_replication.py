@@ -312,18 +312,21 @@ async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, mo
     A read-only transaction of the batch votes as before (its reads fenced on its own)."""
     from coordinator import Participant
 
-    primary_writes: list[list[int]] = []
-    refuse: set[int] = set()
-    real_prepares, real_repl = None, Participant._repl_prepare_many
     from storage._shard_store import ShardStore
 
-    real_prepares = ShardStore.write_prepares
+    primary_writes: list[list[int]] = []
+    refuse: set[int] = set()
+    real_rows, real_repl = ShardStore._prepare_rows, Participant._repl_prepare_many
 
-    async def write_prepares(self: ShardStore, records: Any) -> None:
+    disk_full = [False]
+
+    def prepare_rows(self: ShardStore, records: Any) -> Any:  # (each queued write of prepare records)
         own = [txid for txid, *_ in records if txid > 0]  # (a follower's copies have negative ids)
         if own:
             primary_writes.append(own)
-        await real_prepares(self, records)
+            if disk_full[0]:
+                raise OSError("disk full (test)")
+        return real_rows(self, records)
 
     async def refusing(self: Participant, records: list[Any], origin: str = "") -> list[Any]:
         mine = [r for r in records if r[0] not in refuse]
@@ -331,7 +334,7 @@ async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, mo
         refused = [int(txrpc.Code.FAILED_PRECONDITION), "refused (test)", {}]
         return [refused if r[0] in refuse else next(answers) for r in records]
 
-    monkeypatch.setattr(ShardStore, "write_prepares", write_prepares)
+    monkeypatch.setattr(ShardStore, "_prepare_rows", prepare_rows)
     monkeypatch.setattr(Participant, "_repl_prepare_many", refusing)
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
@@ -365,6 +368,26 @@ async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, mo
             ok = [txids[0], txids[2], txids[3]]
             assert await shard.call("tx.commit_many", ok) == ["ok", "ok", "ok"]
             assert await shard.call("tx.abort", txids[1]) == "ok"
+            # The primary's own write fails: every transaction of the batch votes no, the
+            # followers that took their copies are told to abort, nothing stays held.
+            again = []
+            for name in names[:2]:
+                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
+                await shard.options(metadata=meta).call("bank.deposit", name, 5)
+                again.append(txid)
+            refuse.clear()
+            disk_full[0] = True
+            answers = await shard.call("tx.prepare_many", again)
+            disk_full[0] = False
+            assert [a["vote"] for a in answers] == ["no", "no"], answers
+            assert all("disk full" in a["reason"] for a in answers)
+            assert not any(t in participant.core.txs or participant.core.locks.held_by(t) for t in again)
+            with trio.fail_after(10):
+                for follower in shard_map.replica_sets[shard_map.partition_of(names[0])][1:]:
+                    holds = local.participants[follower].replication.records_of  # type: ignore[union-attr]
+                    while any(holds(t) for t in again):
+                        await trio.sleep(0.01)
         assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 10, 11, 11, 10]
         await assert_replicas_equal(local)
 
