@@ -672,7 +672,11 @@ class Participant:
 
         group = self._take_prepares(txids, voted)
         try:
-            return await self._each_answered(txids, one, None if group is None else group[:2])
+            # (A replicated batch waits for its followers: answered by the cut-off, so
+            # that a slow follower's records do not hold back everything else's answers.)
+            return await self._each_answered(
+                txids, one, None if group is None else group[:2], alone_inline=not self._replicated()
+            )
         except BaseException:
             if group is not None:
                 group[2]()  # (a no-op once the write started)
@@ -824,17 +828,30 @@ class Participant:
                 error = exc
         if error is not None:
             log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), error)
-        votes: list[Any] = []
-        for (txid, _, _), replicated in zip(taken, replicas, strict=True):
+        votes: list[Any] = [None] * len(taken)
+
+        async def vote(index: int) -> None:
+            txid, replicated = taken[index][0], replicas[index]
             try:
-                votes.append(await self._vote_after_record(txid, error, replicated))
+                votes[index] = await self._vote_after_record(txid, error, replicated)
             except StorageClosed:
-                votes.append("UNAVAILABLE: the shard is stopping")  # (as prepare answers it)
+                votes[index] = "UNAVAILABLE: the shard is stopping"  # (as prepare answers it)
             except txrpc.RpcError as exc:
-                votes.append(f"{exc.code.name}: {exc.message}")
+                votes[index] = f"{exc.code.name}: {exc.message}"
             except Exception as exc:
                 log.error("node %s: prepare of %s failed", self.shard, txid, exc_info=exc)
-                votes.append(f"INTERNAL: {type(exc).__name__}: {exc}")
+                votes[index] = f"INTERNAL: {type(exc).__name__}: {exc}"
+
+        if error is None and not any(isinstance(r, str) or (isinstance(r, Plan) and r.failures) for r in replicas):
+            for index in range(len(taken)):  # every record is where it must be: no vote waits (no task)
+                await vote(index)
+        else:
+            # A no vote drops its record and tells the followers that took a copy: those
+            # clean-ups run concurrently, as separate prepares did (one after another, a
+            # batch of refusals held the later ones' locks for a round trip each).
+            async with trio.open_nursery() as nursery:
+                for index in range(len(taken)):
+                    nursery.start_soon(vote, index)
         return votes
 
     async def _record_not_written(self, txid: int, error: Exception) -> str:
@@ -923,6 +940,8 @@ class Participant:
         items: list[Any],
         one: Callable[[Any], Awaitable[Any]],
         group: tuple[list[int], Callable[[], Awaitable[list[Any]]]] | None = None,
+        *,
+        alone_inline: bool = True,
     ) -> list[Any]:
         """``[await one(item) for item in items]``, run concurrently (their writes share
         group commits). ``one`` must not raise. With ``group`` (indices, job), the items
@@ -933,7 +952,8 @@ class Participant:
         remaining time): a step still running then is answered ``PENDING`` and finishes
         in the background, so one slow step (a follower's lock wait, a slow replica)
         does not hold back the others' answers (the sender asks again for it alone,
-        which waits for the step)."""
+        which waits for the step). A lone step runs inline (no cut-off) unless
+        ``alone_inline`` is false (a replicated prepare batch waits for followers)."""
         answers: list[Any] = [PENDING] * len(items)
         grouped = set(group[0]) if group is not None else set()
         singles = [index for index in range(len(items)) if index not in grouped]
@@ -957,7 +977,7 @@ class Participant:
                 if left[0] == 0:
                     finished.set()
 
-        if left[0] == 1:  # one step: no task of its own
+        if left[0] == 1 and alone_inline:  # one step: no task of its own
             if group is not None:
                 await run_group(*group)
             else:

@@ -322,6 +322,8 @@ class Replication:
                     answers[index] = await call_by(client, deadline, "repl.prepare", (txid, writes), origin, epoch)
                 except txrpc.RpcError as exc:
                     answers[index] = [int(exc.code), exc.message, dict(exc.details)]
+                except trio.TooSlowError:  # (not raised out of run_all's nursery: no error group)
+                    answers[index] = [int(txrpc.Code.DEADLINE_EXCEEDED), f"no answer within {self.timeout_s:g} s", {}]
 
             again = [i for i, answer in enumerate(answers) if answer == PENDING]
             if again:
