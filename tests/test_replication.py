@@ -556,11 +556,11 @@ async def test_a_followers_batch_that_fails_before_its_write_frees_what_it_took(
     real = Participant._each_answered
     fail = [True]
 
-    async def failing(self: Participant, items: Any, one: Any, group: Any = None, **kwargs: Any) -> list[Any]:
+    async def failing(self: Participant, items: Any, one: Any, group: Any = None) -> list[Any]:
         if fail[0] and group is not None:
             fail[0] = False
             raise RuntimeError("the batch failed before its write started (test)")
-        return await real(self, items, one, group, **kwargs)
+        return await real(self, items, one, group)
 
     monkeypatch.setattr(Participant, "_each_answered", failing)
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:

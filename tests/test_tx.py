@@ -651,10 +651,10 @@ async def test_a_slow_or_failed_prepare_batch_answers_pending_or_aborts_what_it_
     real_each = Participant._each_answered
     fail = [False]
 
-    async def sometimes_failing(self: Participant, items: Any, one: Any, group: Any = None, **kwargs: Any) -> list[Any]:
+    async def sometimes_failing(self: Participant, items: Any, one: Any, group: Any = None) -> list[Any]:
         if fail[0] and group is not None:
             raise RuntimeError("the batch failed before its write started (test)")
-        return await real_each(self, items, one, group, **kwargs)
+        return await real_each(self, items, one, group)
 
     monkeypatch.setattr(Participant, "_each_answered", sometimes_failing)
     async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
