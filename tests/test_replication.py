@@ -304,6 +304,24 @@ def _count_follower_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[in
     return counts
 
 
+async def _deposits_at(
+    cluster: txrpc.Cluster, shard: txrpc.Client, names: list[str], epoch: int, amount: int = 1
+) -> list[int]:
+    """One transaction per name, each depositing ``amount`` there at its primary ``shard``
+    (no prepare yet): their txids."""
+    txids = []
+    for name in names:
+        txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+        await shard.options(metadata={"txid": txid, "op_seq": 1, "epoch": epoch}).call("bank.deposit", name, amount)
+        txids.append(txid)
+    return txids
+
+
+def _primary_keys(shard_map: Any, node: str, count: int) -> list[str]:
+    """The first ``count`` account names whose primary is ``node``."""
+    return [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == node][:count]
+
+
 async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A replicated primary takes a tx.prepare_many batch together: its own records in
     one queued write, the followers' copies sent meanwhile, one wait for all their
@@ -338,16 +356,11 @@ async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, mo
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.nodes[0]
-        names = [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == node.name][:5]
+        names = _primary_keys(shard_map, node.name, 5)
         await open_accounts(cluster, names, 10)
         participant = local.participants[node.name]
         async with txrpc.connect(*node.address) as shard:
-            txids = []
-            for name in names[:4]:
-                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
-                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
-                await shard.options(metadata=meta).call("bank.deposit", name, 1)
-                txids.append(txid)
+            txids = await _deposits_at(cluster, shard, names[:4], shard_map.epoch)
             reader = (await cluster.coordinator.call("coord.begin", None))["txid"]
             meta = {"txid": reader, "op_seq": 1, "epoch": shard_map.epoch}
             assert await shard.options(metadata=meta).call("bank.balance", names[4]) == 10
@@ -369,12 +382,7 @@ async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, mo
             assert await shard.call("tx.abort", txids[1]) == "ok"
             # The primary's own write fails: every transaction of the batch votes no, the
             # followers that took their copies are told to abort, nothing stays held.
-            again = []
-            for name in names[:2]:
-                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
-                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
-                await shard.options(metadata=meta).call("bank.deposit", name, 5)
-                again.append(txid)
+            again = await _deposits_at(cluster, shard, names[:2], shard_map.epoch, 5)
             refuse.clear()
             disk_full[0] = True
             answers = await shard.call("tx.prepare_many", again)
@@ -426,16 +434,11 @@ async def test_a_replicated_batchs_no_votes_clean_up_concurrently(
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.nodes[0]
-        names = [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == node.name][:4]
+        names = _primary_keys(shard_map, node.name, 4)
         await open_accounts(cluster, names, 10)
         participant = local.participants[node.name]
         async with txrpc.connect(*node.address) as shard:
-            txids = []
-            for name in names:
-                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
-                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
-                await shard.options(metadata=meta).call("bank.deposit", name, 1)
-                txids.append(txid)
+            txids = await _deposits_at(cluster, shard, names, shard_map.epoch)
             first, second = shard_map.replica_sets[shard_map.partition_of(names[0])][1:]
             refuser.add(first)
             slow.add(second)
@@ -481,18 +484,13 @@ async def test_resent_records_that_time_out_are_each_a_refusal_not_an_error(
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
         shard_map = local.config.shard_map
         node = shard_map.nodes[0]
-        names = [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == node.name][:2]
+        names = _primary_keys(shard_map, node.name, 2)
         await open_accounts(cluster, names, 10)
         participant = local.participants[node.name]
         assert participant.replication is not None
         participant.replication.timeout_s = 0.5
         async with txrpc.connect(*node.address) as shard:
-            txids = []
-            for name in names:
-                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
-                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
-                await shard.options(metadata=meta).call("bank.deposit", name, 1)
-                txids.append(txid)
+            txids = await _deposits_at(cluster, shard, names, shard_map.epoch)
             active[0] = True
             with caplog.at_level(logging.ERROR, logger="txrpc.replication"):
                 answers = await shard.call("tx.prepare_many", txids)
