@@ -732,7 +732,7 @@ class Coordinator:
         pending: Answers[tuple[str, str]] = Answers(len(tx.participants))
         for participant in tx.participants:
             self._queue_prepare(participant, tx.txid, deadline, pending)
-        if self._alarms.running:  # (a cancel scope per transaction: ~5 % of this process's CPU)
+        if self._alarms.running:  # (entering and leaving a scope here: ~8 % of this process's py-spy samples at R = 3)
             self._alarms.set_at(min(deadline, now + self.phase_timeout_s), pending.complete)
             await pending.complete.wait()
         else:

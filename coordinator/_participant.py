@@ -626,31 +626,8 @@ class Participant:
         try:
             if _env.buggify("participant.slow_prepare"):
                 await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
-            # The local record and the followers' copies are written at the same time:
-            # the vote waits for both (one durable write's latency, not two in a row).
-            local_error: Exception | None = None
-            replicas: Plan | str | None = None
-
-            async def write_local() -> None:
-                nonlocal local_error
-                try:
-                    await self.store.write_prepare(txid, writes, locks)
-                except Exception as exc:
-                    local_error = exc
-
-            async def replicate() -> None:
-                nonlocal replicas
-                replicas = await self._send_prepare_replicas(txid, writes, locks)
-
-            if self._replicated():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(replicate)
-                    await write_local()
-            else:
-                await write_local()
-            if local_error is not None:
-                log.error("shard %s: prepare record of %d not written: %s", self.shard, txid, local_error)
-            return await self._vote_after_record(txid, local_error, replicas)
+            error, (replicas,) = await self._write_records([(txid, writes, locks)])
+            return await self._vote_after_record(txid, error, replicas)
         finally:
             del self._busy[txid]
             done.set()
@@ -793,37 +770,7 @@ class Participant:
         transaction's vote as :meth:`prepare` gives it (or its error, as a string)."""
         if _env.buggify("participant.slow_prepare"):
             await trio.sleep(self.rng.uniform(0.0, self.phase_timeout_s))
-        error: Exception | None = None
-        records = [(txid, writes, locks, None) for txid, writes, locks in taken]
-        replicas: list[Plan | str | None] = [None] * len(taken)
-        if self._replicated():
-            # As prepare does: the followers' copies are written while ours is (queued
-            # first, waited for last: no task of its own).
-            written = trio.Event()
-
-            def done(_: Any, exc: BaseException | None) -> None:
-                nonlocal error
-                if exc is not None:
-                    error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
-                written.set()
-
-            try:
-                self.store.write_prepares_nowait(records, done)
-            except Exception as exc:
-                done(None, exc)
-            try:
-                replicas = list(await self._send_taken_replicas(taken))
-            except Exception as exc:  # (the votes must still come: each no)
-                log.exception("shard %s: replicated prepares of %d txs failed", self.shard, len(taken))
-                replicas = [f"prepare records not replicated: {type(exc).__name__}: {exc}"] * len(taken)
-            await written.wait()
-        else:
-            try:
-                await self.store.write_prepares(records)
-            except Exception as exc:
-                error = exc
-        if error is not None:
-            log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), error)
+        error, replicas = await self._write_records(taken)
         votes: list[Any] = [None] * len(taken)
 
         async def vote(index: int) -> None:
@@ -849,6 +796,47 @@ class Participant:
                 for index in range(len(taken)):
                     nursery.start_soon(vote, index)
         return votes
+
+    async def _write_records(
+        self, taken: list[tuple[int, WriteSet, list[tuple[Any, str]]]]
+    ) -> tuple[Exception | None, list[Plan | str | None]]:
+        """Make the prepare records of ``taken`` durable here (one queued write) and, on a
+        replicated shard, send the followers their copies meanwhile: the votes wait for
+        both (one durable write's latency, not two in a row). Returns the local write's
+        error (None: durable) and, per record, its replicas (the plan, whose ``failures``
+        name the followers that did not take it; or why it was not sent; None
+        unreplicated). Raises nothing else."""
+        error: Exception | None = None
+        records = [(txid, writes, locks, None) for txid, writes, locks in taken]
+        replicas: list[Plan | str | None] = [None] * len(taken)
+        if self._replicated():
+            # Queued first and waited for last: the local write needs no task of its own.
+            written = trio.Event()
+
+            def done(_: Any, exc: BaseException | None) -> None:
+                nonlocal error
+                if exc is not None:
+                    error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                written.set()
+
+            try:
+                self.store.write_prepares_nowait(records, done)
+            except Exception as exc:
+                done(None, exc)
+            try:
+                replicas = list(await self._send_taken_replicas(taken))
+            except Exception as exc:  # (the votes must still come: each no)
+                log.exception("shard %s: replicated prepares of %d txs failed", self.shard, len(taken))
+                replicas = [f"prepare records not replicated: {type(exc).__name__}: {exc}"] * len(taken)
+            await written.wait()
+        else:
+            try:
+                await self.store.write_prepares(records)
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), error)
+        return error, replicas
 
     async def _record_not_written(self, txid: int, error: Exception) -> str:
         """``txid``'s prepare record could not be made durable: it votes no (the reason,
@@ -1167,15 +1155,6 @@ class Participant:
             return []
         return self.replication.followers_of_tx(_write_set(tx))
 
-    async def _send_prepare_replicas(self, txid: int, writes: WriteSet, locks: list[tuple[Any, str]]) -> Plan | str:
-        """Send the prepare record to the followers: the plan (with ``failures``, the
-        followers that did not take it), or why it was not sent (deposed)."""
-        assert self.replication is not None
-        request = self._replica_request(txid, writes, locks)
-        if isinstance(request, str):
-            return request
-        return await self.replication.send_prepare(txid, writes, request[2], scanned=request[3])
-
     def _replica_request(
         self, txid: int, writes: WriteSet, locks: list[tuple[Any, str]]
     ) -> tuple[int, WriteSet, list[str], bool] | str:
@@ -1190,7 +1169,9 @@ class Participant:
         return (txid, writes, read_keys, scanned)
 
     async def _send_taken_replicas(self, taken: list[tuple[int, WriteSet, list[tuple[Any, str]]]]) -> list[Plan | str]:
-        """:meth:`_send_prepare_replicas` for every record of a batch at once (one wait)."""
+        """Send the prepare records of a batch to the followers, with one wait for all
+        their acknowledgements: per record, the plan (with ``failures``, the followers that
+        did not take it), or why it was not sent (deposed: :meth:`_replica_request`)."""
         assert self.replication is not None
         out: list[Plan | str] = []
         requests = []

@@ -963,7 +963,7 @@ def gate_catch_ups(monkeypatch: pytest.MonkeyPatch) -> tuple[trio.Event, trio.Ev
 
 
 def _primary_key(shard_map: Any, node: str) -> str:
-    return next(n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == node)
+    return _primary_keys(shard_map, node, 1)[0]
 
 
 async def test_a_join_epoch_commit_applied_before_the_catch_up_is_not_overwritten(
