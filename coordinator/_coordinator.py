@@ -128,8 +128,11 @@ class Coordinator:
 
     def service(self) -> txrpc.Service:
         svc = txrpc.Service("coord")
-        for name in ("begin", "lease", "commit", "abort", "decision"):
+        for name in ("begin", "lease", "abort", "decision"):
             svc.add_method(getattr(self, name), name=name)
+        # Deciding is bounded by the transaction's deadline and phase_timeout_s (see
+        # commit): no cancel scope per call.
+        svc.add_method(self.commit, name="commit", bounded=True)
         # Operator tools: on a server with security, admins only.
         for name in ("transactions", "show", "resolve"):
             svc.add_method(getattr(self, name), name=name, allow=txrpc.ROLE_ADMIN)

@@ -22,7 +22,7 @@ from storage import BatchFailed, ShardStore, StorageClosed
 from storage._shard_store import WriteSet
 from txrpc import _env
 from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
-from txrpc._service import MethodSpec
+from txrpc._service import MethodSpec, _current_call_or_none
 from txrpc._shardmap import ShardMap
 
 from ._faults import crash_point
@@ -515,15 +515,18 @@ class Participant:
         # security, only peers may send them (a client forging tx.commit/tx.abort could
         # decide other callers' transactions). tx.status is read-only: clients ask it
         # for a one-phase outcome (Cluster.outcome).
+        #
+        # Each bounds its own waits: run without a cancel scope per call (specs/commit-protocol.md,
+        # "Handlers without a cancel scope").
         svc = txrpc.Service("tx")
-        svc.add_method(self.prepare, name="prepare", allow=txrpc.ROLE_PEER)
-        svc.add_method(self.commit, name="commit", allow=txrpc.ROLE_PEER)
-        svc.add_method(self.commit_many, name="commit_many", allow=txrpc.ROLE_PEER)
-        svc.add_method(self.prepare_many, name="prepare_many", allow=txrpc.ROLE_PEER)
+        svc.add_method(self.prepare, name="prepare", allow=txrpc.ROLE_PEER, bounded=True)
+        svc.add_method(self.commit, name="commit", allow=txrpc.ROLE_PEER, bounded=True)
+        svc.add_method(self.commit_many, name="commit_many", allow=txrpc.ROLE_PEER, bounded=True)
+        svc.add_method(self.prepare_many, name="prepare_many", allow=txrpc.ROLE_PEER, bounded=True)
         # A client aborts, or commits in one phase, its own transaction at the shard (the
         # single-shard fast path); anyone else's only a peer may.
-        svc.add_method(self._abort_from_caller, name="abort")
-        svc.add_method(self._commit_one_phase_from_caller, name="commit_one_phase")
+        svc.add_method(self._abort_from_caller, name="abort", bounded=True)
+        svc.add_method(self._commit_one_phase_from_caller, name="commit_one_phase", bounded=True)
         svc.add_method(self.status, name="status")
         return svc
 
@@ -981,7 +984,9 @@ class Participant:
         for index in singles:
             background.start_soon(run, index, items[index])
         now = trio.current_time()
-        cut_off = now + min(BATCH_ANSWER_S, max(0.0, (trio.current_effective_deadline() - now) / 2))
+        serving = _current_call_or_none()
+        deadline = min(trio.current_effective_deadline(), math.inf if serving is None else serving.deadline)
+        cut_off = now + min(BATCH_ANSWER_S, max(0.0, (deadline - now) / 2))
         with trio.move_on_at(cut_off):
             await finished.wait()
         return list(answers)
@@ -1208,11 +1213,13 @@ class Participant:
 
     def _replication_service(self) -> txrpc.Service:
         svc = txrpc.Service("repl")
-        svc.add_method(self._repl_prepare, name="prepare", allow=txrpc.ROLE_PEER)
-        svc.add_method(self._repl_prepare_many, name="prepare_many", allow=txrpc.ROLE_PEER)
-        svc.add_method(self._repl_commit, name="commit", allow=txrpc.ROLE_PEER)
-        svc.add_method(self._repl_commit_many, name="commit_many", allow=txrpc.ROLE_PEER)
-        svc.add_method(self._repl_abort, name="abort", allow=txrpc.ROLE_PEER)
+        # The record messages bound their own waits: no cancel scope per call (specs/commit-protocol.md,
+        # "Handlers without a cancel scope").
+        svc.add_method(self._repl_prepare, name="prepare", allow=txrpc.ROLE_PEER, bounded=True)
+        svc.add_method(self._repl_prepare_many, name="prepare_many", allow=txrpc.ROLE_PEER, bounded=True)
+        svc.add_method(self._repl_commit, name="commit", allow=txrpc.ROLE_PEER, bounded=True)
+        svc.add_method(self._repl_commit_many, name="commit_many", allow=txrpc.ROLE_PEER, bounded=True)
+        svc.add_method(self._repl_abort, name="abort", allow=txrpc.ROLE_PEER, bounded=True)
         svc.add_method(self._repl_install_map, name="install_map", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_snapshot, name="snapshot", allow=txrpc.ROLE_PEER)
         svc.add_method(self._repl_catch_up, name="catch_up", allow=txrpc.ROLE_PEER)

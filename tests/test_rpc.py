@@ -245,6 +245,91 @@ async def test_an_explicit_call_deadline_ends_the_call_and_cancels_the_handler(
         assert await client._call_once("add", (1, 1), {}, {}, trio.current_time() + 5) == 2
 
 
+def _bounded_service() -> tuple[txrpc.Service, dict[str, Any]]:
+    """``hold`` waits for the test's event; registered ``bounded=True`` (no scope per call)."""
+    service = txrpc.Service()
+    seen: dict[str, Any] = {"release": trio.Event(), "started": trio.Event(), "done": 0, "cancelled": 0}
+
+    async def hold() -> str:
+        call = txrpc.current_call()
+        seen["effective_deadline"] = trio.current_effective_deadline()
+        seen["call_deadline"] = call.deadline
+        seen["started"].set()
+        try:
+            await seen["release"].wait()
+        except trio.Cancelled:
+            seen["cancelled"] += 1
+            raise
+        seen["done"] += 1
+        return "held"
+
+    async def ran() -> int:
+        seen["ran"] = seen.get("ran", 0) + 1
+        await trio.lowlevel.checkpoint()
+        return seen["ran"]
+
+    service.add_method(hold, name="hold", bounded=True)
+    service.add_method(ran, name="ran", bounded=True)
+    return service, seen
+
+
+async def test_a_bounded_handler_runs_without_a_scope_and_its_cancelled_answer_is_dropped() -> None:
+    """A method registered ``bounded=True`` runs without the per-call cancel scope: its
+    deadline and its caller's cancel do not interrupt it (the caller's own deadline ends
+    the call for the caller), it answers nobody once cancelled, and the connection goes
+    on serving."""
+    from txrpc._client import DeadlinePassed
+
+    service, seen = _bounded_service()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            started = trio.current_time()
+            with pytest.raises(DeadlinePassed):
+                await client._call_once("hold", (), {}, {}, started + 0.3)
+            assert 0.3 <= trio.current_time() - started < 2
+            # No scope of its own: the call's deadline is known to it, but bounds nothing.
+            assert math.isfinite(seen["call_deadline"])
+            assert seen["effective_deadline"] == math.inf
+            await trio.sleep(0.3)  # past the server's copy of the deadline too
+            assert seen["cancelled"] == 0 and seen["done"] == 0  # still waiting, not cancelled
+            seen["release"].set()
+            with trio.fail_after(5):
+                while seen["done"] == 0:
+                    await trio.sleep(0.01)
+            # Its answer was dropped (the call was cancelled), and the connection serves on.
+            assert await client.ran() == 1
+            (conn,) = server._connections
+            assert not conn.unscoped and not conn.conn.inflight and not conn.cancelled_by_peer
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bounded_call_already_past_its_deadline_does_not_run() -> None:
+    """A bounded call whose deadline passed before it was dispatched is answered
+    DEADLINE_EXCEEDED without running (nothing else would end it)."""
+    service, seen = _bounded_service()
+    client_conn = wire.Connection(wire.Role.CLIENT)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(client_conn.send_hello())
+        with trio.fail_after(5):
+            while not any(isinstance(e, wire.Hello) for e in client_conn.receive_data(await stream.receive_some())):
+                pass
+        await stream.send_all(client_conn.send_call(1, "ran", [], deadline_s=0.0) + client_conn.send_call(2, "ran", []))
+        answers: dict[int, Any] = {}
+        with trio.fail_after(5):
+            while len(answers) < 2:
+                for event in client_conn.receive_data(await stream.receive_some()):
+                    if isinstance(event, (wire.Result, wire.Error)):
+                        answers[event.id] = event
+        assert isinstance(answers[1], wire.Error) and answers[1].code == txrpc.Code.DEADLINE_EXCEEDED
+        assert isinstance(answers[2], wire.Result) and answers[2].value == 1  # only the second ran
+        assert seen["ran"] == 1
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_nearer_call_deadline_wakes_the_connection_s_timer(
     served: tuple[txrpc.Server, dict[str, Any]],
 ) -> None:

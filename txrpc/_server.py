@@ -275,6 +275,7 @@ class _ServerConnection:
         self.receiver = Receiver(stream)
         self.scopes: dict[int, trio.CancelScope] = {}
         self.queued_keyed: set[int] = set()  # calls _start_keyed started (no scope: cancelled by mark)
+        self.unscoped: set[int] = set()  # calls of bounded handlers running (no scope: cancelled by mark)
         self.cancelled_by_peer: set[int] = set()
         self.principal: Principal = ANONYMOUS_PRINCIPAL
         self.identity = self.principal.name
@@ -422,7 +423,7 @@ class _ServerConnection:
                             if not self._start_keyed(spec, event):
                                 nursery.start_soon(self._run_keyed, spec, event)
                         elif not spec.runs_inline:
-                            nursery.start_soon(self._run_async, spec, event)
+                            nursery.start_soon(self._run_bounded if spec.bounded else self._run_async, spec, event)
                         else:
                             self._run_inline(spec, event)
                     elif type(event) is wire.Cancel:
@@ -432,6 +433,8 @@ class _ServerConnection:
                             scope.cancel()
                         elif event.id in self.queued_keyed:
                             self.cancelled_by_peer.add(event.id)  # its handler will not run
+                        elif event.id in self.unscoped:
+                            self.cancelled_by_peer.add(event.id)  # its answer will not be sent
                     elif type(event) is wire.Ping:
                         self.outbox.put_nowait(conn.send_pong(event.nonce))
                     elif type(event) is wire.CallRefused:
@@ -442,7 +445,7 @@ class _ServerConnection:
                     elif type(event) is wire.GoAway:
                         pass  # the client starts nothing new here; in-flight calls finish
                     # Pong, Hello (rejected by the state machine) need nothing.
-                if not self.scopes:
+                if not self.scopes and not self.unscoped:
                     outbox.write_now()  # nothing else will answer soon: no need to wait for the writer
         if idle.cancelled_caught:
             raise wire.RemoteProtocolError(f"idle for idle_timeout_s ({limits.idle_timeout_s} s)", Code.UNAVAILABLE)
@@ -560,6 +563,50 @@ class _ServerConnection:
             self.conn.abandon_call(call.id)  # no-op unless cancelled from outside
             if self._draining and not self.conn.inflight:
                 self._close_soon()
+
+    async def _run_bounded(self, spec: MethodSpec, call: wire.Call) -> None:
+        """:meth:`_run_async` for a handler that bounds its own waits (``MethodSpec.bounded``):
+        without a cancel scope. A call whose deadline passed on the way is answered
+        DEADLINE_EXCEEDED without running; one its caller cancelled runs on, unanswered."""
+        self.server.calls_started += 1
+        deadline = self._deadline(call)
+        call_id = call.id
+        if deadline <= trio.current_time():
+            self._expired(call, deadline)
+            return
+        _current_call.set(self._context(call, deadline))
+        self.unscoped.add(call_id)
+        try:
+            try:
+                value = await spec.fn(*call.args, **call.kwargs)
+            except RpcError as exc:
+                if self._answer_wanted(call_id):
+                    alone = len(self.conn.inflight) == 1
+                    self._reply_error(call_id, exc.code, exc.message, exc.details, write_now=alone)
+                return
+            except TypeError as exc:
+                if self._answer_wanted(call_id):
+                    self._reply_type_error(spec, call, exc)
+                return
+            except Exception as exc:
+                if self._answer_wanted(call_id):
+                    self._reply_internal(spec, call, exc)
+                return
+            if not self._answer_wanted(call_id):
+                return
+            if self.outbox.queued_bytes > self.limits.write_buffer_bytes_max:
+                await self.outbox.wait_for_space()  # backpressure from a slow reader
+            self._reply_result(call_id, value, write_now=len(self.conn.inflight) == 1)
+        finally:
+            self.unscoped.discard(call_id)
+            self.cancelled_by_peer.discard(call_id)
+            self.conn.abandon_call(call_id)  # no-op unless cancelled or unanswered
+            if self._draining and not self.conn.inflight:
+                self._close_soon()
+
+    def _answer_wanted(self, call_id: int) -> bool:
+        """Is someone still waiting for the answer (not cancelled, the connection open)?"""
+        return call_id not in self.cancelled_by_peer and self.conn.is_open and call_id in self.conn.inflight
 
     def _start_keyed(self, spec: MethodSpec, call: wire.Call) -> bool:
         """A keyed call that can go in one write of the request log (a handler that runs
