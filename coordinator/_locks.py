@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -132,6 +133,18 @@ class LockTable:
     def holders(self, resource: Any) -> dict[int, Mode]:
         entry = self._entries.get(resource)
         return dict(entry.holders) if entry else {}
+
+    def conflicts(self, txid: int, locks: Iterable[tuple[Any, Mode]]) -> bool:
+        """Does another transaction hold a lock that conflicts with one of ``locks``?
+        (Queued requests do not count.) :meth:`holders` for each, without the copies."""
+        entries = self._entries
+        for resource, mode in locks:
+            entry = entries.get(resource)
+            if entry is not None:
+                for other, held in entry.holders.items():
+                    if other != txid and not _COMPATIBLE[(held, mode)]:
+                        return True
+        return False
 
     def waiting(self) -> int:
         return sum(len(e.queue) for e in self._entries.values())

@@ -1302,17 +1302,31 @@ class Participant:
         self._prepared_at.pop(rid, None)
         self._wake(self.core.abort(rid, reason), rid)
 
-    async def _repl_prepare_many(self, records: list[Any], origin: str = "") -> list[Any]:
+    async def _repl_prepare_many(
+        self, records: list[Any], origin: str = "", commits: list[int] | None = None
+    ) -> list[Any]:
         """Several of a primary's prepare records at once (it batches them per follower):
         each taken as by :meth:`_repl_prepare`, concurrently (their writes share group
         commits). Answers, in order, ``"ok"`` or that record's error as ``[code, message,
-        details]`` (a fenced record's ``WRONG_EPOCH`` carries this node's map)."""
+        details]`` (a fenced record's ``WRONG_EPOCH`` carries this node's map).
+
+        ``commits``: commit notices riding along (what a ``repl.commit_many`` carries),
+        applied in the background: the answer does not wait for them. A record here that
+        conflicts with one of them waits for it, as any conflicting record does."""
         if (
             not isinstance(records, list)
             or not 0 < len(records) <= COMMIT_MANY_MAX
             or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[1], list) for r in records)
         ):
             raise txrpc.InvalidArgument(f"records must be 1..{COMMIT_MANY_MAX} [txid, writes] pairs")
+        if commits is not None:
+            _check_notices(commits)
+            if commits:
+                background = self._background
+                if background is None or background.cancel_scope.cancel_called:
+                    await self._repl_commit_many(commits)
+                else:
+                    background.start_soon(self._apply_riding_notices, commits)
 
         async def one(record: list[Any]) -> Any:
             txid, writes = record
@@ -1429,13 +1443,21 @@ class Participant:
                 applied = True
         return "ok" if applied else "unknown"
 
+    async def _apply_riding_notices(self, txids: list[int]) -> None:
+        """The commit notices that rode on a ``repl.prepare_many``, applied after its
+        answer (a failure is logged: the records stay prepared and are resolved by the
+        termination protocol, as after a lost ``repl.commit_many``)."""
+        try:
+            await self._repl_commit_many(txids)
+        except Exception:
+            log.exception("node %s: %d commit notices riding on prepare records failed", self.shard, len(txids))
+
     async def _repl_commit_many(self, txids: list[int]) -> int:
         """Coalesced commit notices (:meth:`_repl_commit` each, at once: their writes
         share the group commit). They never conflict with each other: a record that
         conflicts with another waits here until that one is applied, so both cannot be
         pending together. Returns how many records were applied."""
-        if not isinstance(txids, list) or len(txids) > 10_000 or not all(type(t) is int and t > 0 for t in txids):
-            raise txrpc.InvalidArgument("txids must be a list of at most 10000 positive integers")
+        _check_notices(txids)
         assert self.replication is not None
         applied = [0]
         # The common case, for many at once: records held here that no other message of
@@ -1703,13 +1725,16 @@ class Participant:
         if txid is not None:
             return await self._tx_status(txid)
         position, digest = await self.store.digest()
-        return {
+        status = {
             "shard": self.shard,
             "active": sum(1 for t in self.core.txs.values() if t.state is TxState.ACTIVE),
             "prepared": self.core.in_doubt(),
             "position": position,
             "digest": digest,
         }
+        if self.replication is not None:
+            status["replication"] = dict(self.replication.stats)  # counters since the start
+        return status
 
     async def _tx_status(self, txid: int) -> dict[str, Any]:
         """``{"txid", "state"}``: ``active`` (may still commit or abort), ``prepared``
@@ -1751,6 +1776,11 @@ def _check_txid_batch(txids: Any) -> None:
         or len(set(txids)) != len(txids)
     ):
         raise txrpc.InvalidArgument(f"txids must be 1..{COMMIT_MANY_MAX} distinct positive integers")
+
+
+def _check_notices(txids: Any) -> None:
+    if not isinstance(txids, list) or len(txids) > 10_000 or not all(type(t) is int and t > 0 for t in txids):
+        raise txrpc.InvalidArgument("txids must be a list of at most 10000 positive integers")
 
 
 def _check_partitions(partitions: Any) -> None:

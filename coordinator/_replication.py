@@ -34,7 +34,7 @@ from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
 from txrpc._shardmap import ShardMap
 
 from ._batching import Alarms, Answers, Countdown, run_all
-from ._locks import Mode, compatible
+from ._locks import Mode
 
 if TYPE_CHECKING:
     from ._participant import Participant
@@ -66,6 +66,9 @@ def txid_of(record: int) -> int:
 
 REPLICATION_TIMEOUT_S_DEFAULT = 5.0
 NOTICES_PER_MESSAGE_MAX = 512
+NOTICE_WAIT_S = 0.005
+"""How long a commit notice waits for prepare records to the same follower to ride on
+before it goes on its own (``repl.commit_many``)."""
 PREPARES_PER_MESSAGE_MAX = 256
 """Replicated prepare records per ``repl.prepare_many`` message."""
 PENDING = "PENDING"
@@ -156,9 +159,14 @@ class Replication:
         # follower -> prepare records queued this scheduler round: (epoch, txid, share, acks)
         self._prepares: dict[str, list[tuple[int, int, WriteSet, Answers[str]]]] = {}
         self._flushing: set[str] = set()
+        # Followers that refused commit notices riding on repl.prepare_many (an older version).
+        self._no_riders: set[str] = set()
         self._alarms = Alarms()  # bounds each send_prepare's wait for its acknowledgements
         self._lock_changed = trio.Event()
-        self.stats = {"prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0}
+        self.stats = {
+            "prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0,
+            "notices_sent": 0, "notices_riding": 0,
+        }  # fmt: skip
         self.installed_at = trio.current_time()  # when the current epoch's map was installed
         # Catch-up: partitions being copied from their primaries, and the keys replicated
         # commits wrote meanwhile (a snapshot row never overwrites those: they are newer).
@@ -190,9 +198,10 @@ class Replication:
         if self._nursery is None or outcome != "commit":
             await self.send_outcome(txid, followers, outcome)
             return
-        # Commit notices are coalesced per follower: one `repl.commit_many` in flight per
-        # follower at a time carries every notice queued meanwhile (fewer messages and
-        # one group-committed write batch at the follower).
+        # Commit notices are coalesced per follower: they wait NOTICE_WAIT_S for prepare
+        # records to that follower to ride on; those left then go as one `repl.commit_many`
+        # (one in flight per follower at a time, carrying every notice queued meanwhile:
+        # fewer messages, and one group-committed write batch at the follower).
         for follower in followers:
             if follower == self.node:
                 continue
@@ -203,9 +212,21 @@ class Replication:
 
     async def _flush_notices(self, follower: str) -> None:
         try:
-            while batch := self._notices.pop(follower, None):
+            while True:
+                # Wait a little first: prepare records leaving for this follower meanwhile
+                # take the notices along (_prepare_batch), and no message of their own goes.
+                if self._alarms.running:
+                    waited = trio.Event()
+                    self._alarms.set_at(trio.current_time() + NOTICE_WAIT_S, waited)
+                    await waited.wait()
+                else:
+                    await trio.sleep(NOTICE_WAIT_S)
+                batch = self._notices.pop(follower, None)
+                if not batch:
+                    return
                 for start in range(0, len(batch), NOTICES_PER_MESSAGE_MAX):
                     part = batch[start : start + NOTICES_PER_MESSAGE_MAX]
+                    self.stats["notices_sent"] += len(part)
                     try:
                         client = await self.client_for(follower)
                         deadline = trio.current_time() + self.timeout_s
@@ -307,11 +328,26 @@ class Replication:
         records = [[txid, [[k, d, v] for k, d, v in share]] for txid, share, _ in items]
         deadline = trio.current_time() + self.timeout_s
         origin = {"origin": self.node}
+        # Commit notices queued for this follower ride along (one message fewer); the
+        # follower applies them in the background, as it would a repl.commit_many.
+        riders = self._take_riders(follower)
         try:
             client = await self.client_for(follower)
             try:
-                answers = await call_by(client, deadline, "repl.prepare_many", (records,), origin, epoch)
+                kwargs = {**origin, "commits": riders} if riders else origin
+                try:
+                    answers = await call_by(client, deadline, "repl.prepare_many", (records,), kwargs, epoch)
+                except txrpc.InvalidArgument as exc:
+                    if not riders or "commits" not in exc.message:
+                        raise
+                    # An older follower (no riders): the notices go their own way.
+                    self._no_riders.add(follower)
+                    self._return_riders(follower, riders)
+                    riders = []
+                    answers = await call_by(client, deadline, "repl.prepare_many", (records,), origin, epoch)
             except txrpc.Unimplemented:
+                self._return_riders(follower, riders)
+                riders = []
                 answers = [PENDING] * len(records)
             if not isinstance(answers, list) or len(answers) != len(items):
                 raise txrpc.Internal(f"{follower} answered repl.prepare_many with {answers!r:.80}")
@@ -355,6 +391,28 @@ class Replication:
         finally:
             for _, _, acks in items:  # (cancelled: the node is stopping)
                 acks.put(follower, f"node {self.node} is stopping")
+
+    def _take_riders(self, follower: str) -> list[int]:
+        """The commit notices queued for ``follower`` (at most NOTICES_PER_MESSAGE_MAX),
+        to ride on a ``repl.prepare_many``; the rest stay queued."""
+        queued = self._notices.get(follower)
+        if not queued or follower in self._no_riders:
+            return []
+        riders = queued[:NOTICES_PER_MESSAGE_MAX]
+        del queued[:NOTICES_PER_MESSAGE_MAX]
+        if not queued:
+            del self._notices[follower]
+        self.stats["notices_riding"] += len(riders)
+        return riders
+
+    def _return_riders(self, follower: str, riders: list[int]) -> None:
+        """Notices a follower did not take along: queued again, to go on their own."""
+        if riders and self._nursery is not None:
+            self.stats["notices_riding"] -= len(riders)
+            self._notices[follower] = riders + self._notices.get(follower, [])
+            if follower not in self._flushing:
+                self._flushing.add(follower)
+                self._nursery.start_soon(self._flush_notices, follower)
 
     async def send_outcome(self, txid: int, followers: Iterable[str], outcome: str) -> dict[str, str]:
         """Tell ``followers`` the outcome (``"commit"``/``"abort"``); returns who did not
@@ -504,12 +562,7 @@ class Replication:
     def conflicts(self, txid: int, locks: list[tuple[Any, Mode]]) -> bool:
         """Does another transaction hold a lock that conflicts with ``locks``?"""
         assert self.participant is not None
-        table = self.participant.core.locks
-        return any(
-            holder != txid and not compatible(held, mode)
-            for resource, mode in locks
-            for holder, held in table.holders(resource).items()
-        )
+        return self.participant.core.locks.conflicts(txid, locks)
 
     async def wait_for_locks(self, txid: int, locks: list[tuple[Any, Mode]]) -> None:
         """Wait (bounded by ``lock_wait_s``) until no other transaction holds a lock that

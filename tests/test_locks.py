@@ -156,6 +156,28 @@ def test_random_schedules_never_deadlock_and_stay_consistent(
         assert nx.is_directed_acyclic_graph(graph)
 
 
+@settings(max_examples=200, deadline=None)
+@given(ops, st.integers(1, 5), st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(list(Mode))), max_size=4))
+def test_conflicts_says_whether_another_holder_conflicts(
+    schedule: list[tuple[str, int, str, Mode]], txid: int, wanted: list[tuple[str, Mode]]
+) -> None:
+    """``conflicts`` (a replicated record's check) agrees with the holders it reads."""
+    from coordinator._locks import compatible
+
+    t = LockTable()
+    for op, holder, resource, mode in schedule:
+        if op == "release":
+            t.release_all(holder)
+        elif t.acquire(holder, resource, mode) is DIE:
+            t.release_all(holder)
+    expected = any(
+        other != txid and not compatible(held, mode)
+        for resource, mode in wanted
+        for other, held in t.holders(resource).items()
+    )
+    assert t.conflicts(txid, wanted) is expected
+
+
 def test_anyone_may_wait_for_a_prepared_holder() -> None:
     t = LockTable()
     assert t.acquire(1, "k", Mode.X) is GRANTED

@@ -275,6 +275,108 @@ async def test_a_followers_batch_is_written_together_and_the_rest_alone(
         assert [rid for rid in local.participants[follower].core.txs if rid < 0] == []
 
 
+async def test_commit_notices_riding_on_prepare_records_are_applied_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """repl.prepare_many's ``commits`` are commit notices riding along: the follower
+    applies them as repl.commit_many would, without the answer waiting for them; a
+    record of the batch that conflicts with one of them waits for it (and is then
+    taken). Malformed notices refuse the whole call, taking nothing."""
+    groups = _count_follower_writes(monkeypatch)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        primary = shard_map.nodes[0].name
+        k1, k2 = _primary_keys(shard_map, primary, 2)
+        follower = shard_map.nodes[1].name
+        store = local.participants[follower].store
+        async with txrpc.connect(*shard_map.node(follower).address) as client:
+            current = client.options(metadata={"epoch": shard_map.epoch})
+            a, b, c = [(await cluster.coordinator.call("coord.begin", None))["txid"] for _ in range(3)]
+            assert await current.call("repl.prepare_many", [[a, [[k1, False, 7]]]], origin=primary) == ["ok"]
+            for counts in groups.values():
+                counts.clear()
+            with pytest.raises(txrpc.InvalidArgument):
+                await current.call("repl.prepare_many", [[c, [[k2, False, 1]]]], origin=primary, commits=[a, -1])
+            assert groups["prepares"] == [] and groups["commits"] == []  # nothing taken, nothing applied
+            # b (on a's key) rides with a's commit notice: a is applied, then b is taken.
+            answers = await current.call("repl.prepare_many", [[b, [[k1, False, 8]]]], origin=primary, commits=[a])
+            assert answers == ["ok"]
+            assert groups["commits"] == [1]  # a's notice: applied as one write
+            assert await store.get(k1) == (True, 7)  # a is committed here; b is prepared
+            # Notices alone (an empty ride) and duplicates apply nothing more.
+            answers = await current.call("repl.prepare_many", [[c, [[k2, False, 9]]]], origin=primary, commits=[a])
+            assert answers == ["ok"]
+            assert await current.call("repl.commit_many", [b, c]) == 2
+        assert await store.get(k1) == (True, 8) and await store.get(k2) == (True, 9)
+        assert [rid for rid in local.participants[follower].core.txs if rid < 0] == []
+
+
+async def test_primaries_send_commit_notices_along_with_prepare_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a transfer workload, commit notices queued for a follower leave with the
+    next prepare records for it (fewer repl.commit_many messages); every replica ends
+    equal."""
+    from coordinator import Participant
+
+    real = Participant._repl_prepare_many
+    rode: list[int] = []
+
+    async def counting(self: Participant, records: list[Any], origin: str = "", commits: Any = None) -> list[Any]:
+        rode.extend(commits or [])
+        return await real(self, records, origin, commits)
+
+    monkeypatch.setattr(Participant, "_repl_prepare_many", counting)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 4)
+        await open_accounts(cluster, names)
+        async with trio.open_nursery() as nursery:
+            for seed in range(8):
+                nursery.start_soon(transfers, cluster, names, 15, seed)
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
+        stats = []  # each node's counters, as tx.status reports them
+        for node in local.config.shard_map.nodes:
+            async with txrpc.connect(*node.address) as client:
+                stats.append((await client.call("tx.status"))["replication"])
+        assert rode and sum(s["notices_riding"] for s in stats) == len(rode)
+
+
+async def test_an_older_follower_gets_its_commit_notices_on_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower whose repl.prepare_many takes no ``commits`` (an older version:
+    INVALID_ARGUMENT, unexpected keyword) gets the batch again without them, and its
+    notices by repl.commit_many from then on; transfers commit, replicas end equal."""
+    from coordinator import Participant
+
+    real = Participant._repl_prepare_many
+
+    async def older(self: Participant, records: list[Any], origin: str = "") -> list[Any]:
+        return await real(self, records, origin)
+
+    monkeypatch.setattr(Participant, "_repl_prepare_many", older)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 4)
+        await open_accounts(cluster, names)
+        replications = [p.replication for p in local.participants.values()]
+        # A notice queued for every follower (of a transaction none of them holds: it
+        # applies nothing), so the next prepare records for each take one along.
+        unknown = (await cluster.coordinator.call("coord.begin", None))["txid"]
+        for replication in replications:
+            for node in local.config.shard_map.nodes:
+                if node.name != replication.node:  # type: ignore[union-attr]
+                    replication._notices[node.name] = [unknown]  # type: ignore[union-attr]
+        async with trio.open_nursery() as nursery:
+            for seed in range(4):
+                nursery.start_soon(transfers, cluster, names, 10, seed)
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
+        assert any(r._no_riders for r in replications)  # type: ignore[union-attr]
+        assert sum(r.stats["notices_riding"] for r in replications) == 0  # type: ignore[union-attr]
+        assert sum(r.stats["notices_sent"] for r in replications) > 0  # type: ignore[union-attr]
+
+
 def _count_follower_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     """Records per ShardStore.write_prepares call ("prepares"; write_prepare's one record
     counts there too), a 1 per write_prepare (the one-record path), and commits per

@@ -330,6 +330,64 @@ async def test_a_bounded_call_already_past_its_deadline_does_not_run() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_retried_call_by_deadline_retries_what_did_not_run_and_ends_at_its_deadline() -> None:
+    """``Client._call_retried`` (the coordinator's calls to participants): a call refused
+    before it ran is retried after a backoff, as ``client.call`` does; one that ran and
+    failed is not; and the deadline ends the call, the backoff included."""
+    from txrpc._client import DeadlinePassed
+
+    service = txrpc.Service()
+    attempts = {"flaky": 0, "refused": 0, "failed": 0}
+
+    @service.method
+    async def flaky() -> str:
+        attempts["flaky"] += 1
+        if attempts["flaky"] == 1:
+            raise txrpc.Unavailable("not yet", {"not_started": True})
+        return "ok"
+
+    @service.method
+    async def refused() -> str:
+        attempts["refused"] += 1
+        raise txrpc.Unavailable("never", {"not_started": True})
+
+    @service.method
+    async def failed() -> str:
+        attempts["failed"] += 1
+        raise txrpc.Unavailable("ran, then failed")
+
+    @service.method
+    async def sleep(seconds: float) -> None:
+        await trio.sleep(seconds)
+
+    limits = txrpc.Limits(reconnect_backoff_s=0.05, reconnect_backoff_max_s=0.05)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port, limits=limits) as client:
+            now = trio.current_time()
+            assert await client._call_retried("flaky", (), now + 5) == "ok"
+            assert attempts["flaky"] == 2
+            with pytest.raises(txrpc.Unavailable, match="ran, then failed"):
+                await client._call_retried("failed", (), now + 5)
+            assert attempts["failed"] == 1
+            with pytest.raises(txrpc.Unavailable, match="never"):
+                await client._call_retried("refused", (), trio.current_time() + 5)
+            assert attempts["refused"] == 1 + limits.retries_max
+            started = trio.current_time()
+            with pytest.raises(DeadlinePassed):
+                await client._call_retried("sleep", (30,), started + 0.3)
+            assert 0.3 <= trio.current_time() - started < 2
+            # A backoff that would outlast the deadline ends at the deadline.
+            attempts["refused"] = 0
+            slow = txrpc.Limits(reconnect_backoff_s=10, reconnect_backoff_max_s=10)
+            async with txrpc.connect("127.0.0.1", server.port, limits=slow) as patient:
+                started = trio.current_time()
+                with pytest.raises(DeadlinePassed):
+                    await patient._call_retried("refused", (), started + 0.3)
+                assert 0.3 <= trio.current_time() - started < 2 and attempts["refused"] == 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_nearer_call_deadline_wakes_the_connection_s_timer(
     served: tuple[txrpc.Server, dict[str, Any]],
 ) -> None:

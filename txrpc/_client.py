@@ -467,6 +467,26 @@ class Client:
             raise
         return result.value if type(result) is Reply else result
 
+    async def _call_retried(self, method: str, args: tuple[Any, ...], deadline: float) -> Any:
+        """``self.call(method, *args)`` (its retries of calls that did not run, with
+        backoff) that also ends at ``deadline`` (trio clock) with :class:`DeadlinePassed`:
+        what a cancel scope around the call did, without a scope per call (the
+        coordinator's calls to participants)."""
+        attempt = 0
+        retries_max = self.limits.retries_max
+        while True:
+            try:
+                return await self._call_once(method, args, {}, {}, deadline)
+            except RpcError as exc:
+                if not exc.nothing_ran or exc.code in NEVER_RETRIED or attempt >= retries_max or self._closed:
+                    raise
+            attempt += 1
+            wake = trio.current_time() + self._backoff_s(attempt)
+            if wake >= deadline:
+                await trio.sleep_until(deadline)
+                raise DeadlinePassed(sent=False)
+            await trio.sleep_until(wake)
+
     async def _invoke(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: CallOptions) -> Any:
         if options.timeout_s is None:
             return await self._invoke_with_retries(method, args, kwargs, options)
