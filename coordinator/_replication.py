@@ -66,7 +66,7 @@ def txid_of(record: int) -> int:
 
 REPLICATION_TIMEOUT_S_DEFAULT = 5.0
 NOTICES_PER_MESSAGE_MAX = 512
-NOTICE_WAIT_S = 0.005
+NOTICE_WAIT_S = 0.02
 """How long a commit notice waits for prepare records to the same follower to ride on
 before it goes on its own (``repl.commit_many``)."""
 PREPARES_PER_MESSAGE_MAX = 256
