@@ -8,10 +8,13 @@ from :class:`ParticipantCore`; durability from :class:`storage.ShardStore`.
 
 from __future__ import annotations
 
+import ast
 import functools
+import inspect
 import logging
 import math
 import random
+import textwrap
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -146,6 +149,51 @@ def _repl_share(txid: Any, writes: Any, origin: Any) -> WriteSet:
     if not isinstance(origin, str) or not origin:
         raise txrpc.InvalidArgument("origin must name the sending primary")
     return [(k, d, None if d else v) for k, d, v in writes]
+
+
+_TX_OPERATIONS = frozenset({"get", "put", "delete", "scan"})
+
+
+def awaits_only_its_transaction(fn: Callable[..., Any]) -> bool:
+    """Does the transactional method ``fn`` wait on nothing but its transaction's
+    operations? True only for a plain ``async def`` whose every ``await`` is
+    ``await tx.get/put/delete/scan(...)`` on its first parameter (never rebound), with
+    no ``async for``/``async with`` and no nested function. Such a method's waits are
+    lock waits, each bounded by the transaction's deadline (which the call's deadline
+    caps), so the server needs no cancel scope to end it (``bounded=True``). Anything
+    not inspected (no source, a decorated wrapper, a callable object) answers False."""
+    target = getattr(fn, "__func__", fn)
+    if not inspect.iscoroutinefunction(target) or getattr(target, "__wrapped__", None) is not None:
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(target)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.AsyncFunctionDef):
+        return False
+    function = tree.body[0]
+    params = function.args.posonlyargs + function.args.args
+    if not params or function.name != target.__name__:
+        return False
+    tx = params[0].arg
+    for node in ast.walk(function):
+        if node is not function and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            return False
+        if isinstance(node, (ast.AsyncFor, ast.AsyncWith, ast.Global, ast.Nonlocal)):
+            return False
+        if isinstance(node, ast.Name) and node.id == tx and not isinstance(node.ctx, ast.Load):
+            return False  # rebound or deleted: ``tx`` may be something else at an await
+        if isinstance(node, ast.Await):
+            call = node.value
+            if not (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and isinstance(call.func.value, ast.Name)
+                and call.func.value.id == tx
+                and call.func.attr in _TX_OPERATIONS
+            ):
+                return False
+    return True
 
 
 def _check_key(key: Any) -> None:
@@ -346,7 +394,10 @@ class Participant:
         for name, spec in service.methods.items():
             if spec.options.get("transactional"):
                 handler = self._transactional_handler(spec)
-                wrapped.add_method(handler, name=name, transactional=True, allow=spec.allow)
+                # A method that waits only on its transaction runs without a cancel scope
+                # per call (specs/commit-protocol.md, "Handlers without a cancel scope").
+                bounded = awaits_only_its_transaction(spec.fn)
+                wrapped.add_method(handler, name=name, transactional=True, allow=spec.allow, bounded=bounded)
             else:
                 wrapped.methods[name] = spec
         return wrapped
@@ -362,7 +413,12 @@ class Participant:
                 epoch = self.epoch_guard.check(key=args[0]).epoch  # WRONG_EPOCH / not the primary: nothing ran
             txid = ctx.metadata.get("txid")
             if txid is None:
-                return await self._autocommit(spec, args, kwargs, ctx.deadline, epoch)
+                # Its own transaction, committed here: its calls to the coordinator and
+                # its retries are bounded by the call's deadline (the server gives a
+                # bounded method no scope of its own).
+                with trio.CancelScope(deadline=ctx.deadline):
+                    return await self._autocommit(spec, args, kwargs, ctx.deadline, epoch)
+                raise txrpc.DeadlineExceeded(f"{spec.name}: the call's deadline passed on shard {self.shard}")
             if type(txid) is not int or txid <= 0:
                 raise txrpc.InvalidArgument("metadata 'txid' must be a positive integer")
             op_seq = ctx.metadata.get("op_seq", 0)

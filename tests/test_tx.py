@@ -1029,3 +1029,88 @@ async def test_a_value_that_cannot_be_stored_fails_its_put_and_nothing_else(tmp_
             assert await t.call("k-int", "bank.balance", "k-int") == 2**80
         with pytest.raises(txrpc.Aborted, match="no account k"):
             await cluster.call("k", "bank.balance", "k")  # nothing was stored under "k"
+
+
+# --- transactional methods without a cancel scope per call --------------------------------
+
+
+async def _only_tx(tx: Any, key: str, amount: int) -> int:
+    balance = await tx.get(key, 0, for_update=True)
+    if balance < amount:
+        raise txrpc.Abort("insufficient funds")
+    await tx.put(key, balance - amount)
+    for k, _ in await tx.scan("x"):
+        await tx.delete(k)
+    return int(balance)
+
+
+async def _sleeps(tx: Any, key: str) -> None:
+    await tx.put(key, 1)
+    await trio.sleep(1)
+
+
+async def _rebinds(tx: Any, other: Any) -> None:
+    tx = other
+    await tx.get("k")
+
+
+async def _awaits_another_method(tx: Any) -> None:
+    await tx.commit()
+
+
+async def _async_with(tx: Any, lock: trio.Lock) -> None:
+    async with lock:
+        await tx.get("k")
+
+
+async def _nested(tx: Any) -> None:
+    async def inner() -> None:
+        await tx.get("k")
+
+    await tx.get("k")
+
+
+async def _awaits_a_name(tx: Any, other: Any) -> None:
+    await other.get("k")
+
+
+def _plain(tx: Any) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("fn", "bounded"),
+    [
+        (_only_tx, True),
+        (_sleeps, False),
+        (_rebinds, False),
+        (_awaits_another_method, False),
+        (_async_with, False),
+        (_nested, False),
+        (_awaits_a_name, False),
+        (_plain, False),
+    ],
+)
+def test_which_transactional_methods_wait_only_on_their_transaction(fn: Any, bounded: bool) -> None:
+    """Only a method whose every await is its transaction's get/put/delete/scan runs
+    without a cancel scope per call: its waits are lock waits, bounded by the deadline."""
+    from coordinator._participant import awaits_only_its_transaction
+
+    assert awaits_only_its_transaction(fn) is bounded
+
+
+async def test_the_bank_runs_without_a_scope_per_call_and_a_sleeper_with_one(tmp_path: Path) -> None:
+    """The shard registers the bank's methods bounded, and a method that waits on
+    anything else with its scope (its deadline must be able to end it)."""
+    import storage
+    from coordinator import Participant
+
+    svc = txrpc.Service("other")
+    svc.transactional(_sleeps)
+    async with storage.open_storage(tmp_path / "shard") as st:
+        store = storage.ShardStore(st.database, st.appender, "n0")
+        participant = Participant([bank, svc], store, shard="n0")
+        specs = {name: spec for service in participant.services() for name, spec in service.methods.items()}
+        assert all(specs[f"bank.{m}"].bounded for m in ("open_account", "balance", "withdraw", "deposit"))
+        assert not specs["other._sleeps"].bounded
+        assert specs["tx.prepare_many"].bounded and specs["tx.commit_one_phase"].bounded
