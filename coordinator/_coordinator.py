@@ -733,6 +733,14 @@ class Coordinator:
             self._signal(tx)
 
     async def _two_phase(self, tx: CoordTx) -> None:
+        try:
+            await self._two_phases(tx)
+        finally:
+            # Duplicate commits of it wait for this (coord.commit has no cancel scope per
+            # call): whatever happened, they must wake.
+            self._signal(tx)
+
+    async def _two_phases(self, tx: CoordTx) -> None:
         now = trio.current_time()
         deadline = max(tx.deadline, now + 0.001)
         pending: Answers[tuple[str, str]] = Answers(len(tx.participants))
@@ -775,7 +783,6 @@ class Coordinator:
                 self.core.commit_decided(tx)
         if tx.phase in (Phase.COMMITTING, Phase.ABORTING):
             self._start_phase_two(tx)
-        self._signal(tx)
 
     def _queue_prepare(self, participant: str, txid: int, deadline: float, votes: Answers[tuple[str, str]]) -> None:
         """Queue ``tx.prepare(txid)`` for ``participant``: every prepare queued before its

@@ -173,16 +173,25 @@ def awaits_only_its_transaction(fn: Callable[..., Any]) -> bool:
         return False
     function = tree.body[0]
     params = function.args.posonlyargs + function.args.args
-    if not params or function.name != target.__name__:
+    skip = 1 if inspect.ismethod(fn) else 0  # a bound method: the transaction comes after self
+    if len(params) <= skip or function.name != target.__name__:
         return False
-    tx = params[0].arg
+    tx = params[skip].arg
     for node in ast.walk(function):
         if node is not function and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
             return False
-        if isinstance(node, (ast.AsyncFor, ast.AsyncWith, ast.Global, ast.Nonlocal)):
+        if isinstance(node, (ast.AsyncFor, ast.AsyncWith, ast.Global, ast.Nonlocal, ast.Import, ast.ImportFrom)):
             return False
+        if isinstance(node, ast.comprehension) and node.is_async:
+            return False  # ``[x async for x in ...]`` waits on the iterator
         if isinstance(node, ast.Name) and node.id == tx and not isinstance(node.ctx, ast.Load):
             return False  # rebound or deleted: ``tx`` may be something else at an await
+        if isinstance(node, ast.ExceptHandler) and node.name == tx:
+            return False  # ``except E as tx`` rebinds it too
+        if isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name == tx:
+            return False
+        if isinstance(node, ast.MatchMapping) and node.rest == tx:
+            return False
         if isinstance(node, ast.Await):
             call = node.value
             if not (
@@ -1306,9 +1315,14 @@ class Participant:
                 f"transaction {txid} was already {self.core.finished[rid].value} on follower {self.shard}"
             )
         locks = [(k, Mode.X) for k, _, _ in share]
+        # The primary stops waiting for the answer at the call's deadline: a record taken
+        # after it would be one the primary does not know it holds here (it tells only the
+        # followers that acknowledged); refused instead (the call has no scope of its own).
+        serving = _current_call_or_none()
+        deadline = math.inf if serving is None else serving.deadline
         while True:
             if self.replication.conflicts(rid, locks):
-                await self.replication.wait_for_locks(rid, locks)  # (bounded)
+                await self.replication.wait_for_locks(rid, locks, until=deadline)  # (bounded)
                 fenced = False
                 continue
             if not fenced:
@@ -1317,6 +1331,11 @@ class Participant:
                 continue  # taken while the map was fetched? check again
             if rid in self.core.txs:
                 return "ok"  # a resend that overtook this one
+            if trio.current_time() >= deadline:
+                raise txrpc.Unavailable(
+                    f"follower {self.shard}: transaction {txid}'s record came after its sender's deadline",
+                    {"not_started": True},
+                )
             # The locks are taken before the durable write (no await in between since the
             # check), so nothing can take them while the record is being written.
             self._take_replicated(rid, share, locks, txrpc.current_call().metadata["epoch"], trio.current_time())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -564,14 +565,14 @@ class Replication:
         assert self.participant is not None
         return self.participant.core.locks.conflicts(txid, locks)
 
-    async def wait_for_locks(self, txid: int, locks: list[tuple[Any, Mode]]) -> None:
-        """Wait (bounded by ``lock_wait_s``) until no other transaction holds a lock that
-        conflicts with ``locks``: replicated prepare records are applied in the order
-        their primary serialized them, because a conflicting later one waits here for
-        the earlier one's outcome."""
+    async def wait_for_locks(self, txid: int, locks: list[tuple[Any, Mode]], until: float = math.inf) -> None:
+        """Wait (bounded by ``lock_wait_s`` and by ``until``, trio clock) until no other
+        transaction holds a lock that conflicts with ``locks``: replicated prepare records
+        are applied in the order their primary serialized them, because a conflicting
+        later one waits here for the earlier one's outcome."""
         if not self.conflicts(txid, locks):
             return
-        with trio.move_on_after(self.lock_wait_s) as scope:
+        with trio.move_on_at(min(trio.current_time() + self.lock_wait_s, until)) as scope:
             while self.conflicts(txid, locks):
                 await self._lock_changed.wait()
             return

@@ -313,6 +313,30 @@ async def test_commit_notices_riding_on_prepare_records_are_applied_in_the_backg
         assert [rid for rid in local.participants[follower].core.txs if rid < 0] == []
 
 
+async def test_a_record_whose_sender_gave_up_is_not_taken_later(tmp_path: Path) -> None:
+    """A follower's record that waits for an earlier record's locks stops waiting at its
+    call's deadline (repl.prepare has no cancel scope per call): once the primary has
+    given up on it, taking it later would leave a record the primary never tells."""
+    from coordinator._replication import txid_of
+
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        primary, follower = shard_map.nodes[0].name, shard_map.nodes[1].name
+        (k1,) = _primary_keys(shard_map, primary, 1)
+        participant = local.participants[follower]
+        async with txrpc.connect(*shard_map.node(follower).address) as client:
+            current = client.options(metadata={"epoch": shard_map.epoch})
+            a, b = [(await cluster.coordinator.call("coord.begin", None))["txid"] for _ in range(2)]
+            assert await current.call("repl.prepare_many", [[a, [[k1, False, 7]]]], origin=primary) == ["ok"]
+            with pytest.raises(trio.TooSlowError), trio.fail_after(0.3):
+                await current.call("repl.prepare", b, [[k1, False, 8]], origin=primary)  # waits for a
+            await trio.sleep(0.3)  # past b's deadline at the follower too
+            assert await current.call("repl.commit_many", [a]) == 1  # a's locks go
+            await trio.sleep(0.2)
+            assert [rid for rid in participant.core.txs if txid_of(rid) == b] == []  # b was not taken late
+        assert await participant.store.get(k1) == (True, 7)
+
+
 async def test_primaries_send_commit_notices_along_with_prepare_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1078,6 +1078,37 @@ def _plain(tx: Any) -> None:
     return None
 
 
+async def _async_comprehension(tx: Any, source: Any) -> list[Any]:
+    await tx.get("k")
+    return [x async for x in source]
+
+
+async def _rebinds_in_except(tx: Any, other: Any) -> None:
+    try:
+        raise ValueError(other)
+    except ValueError as tx:  # noqa: F841
+        pass
+    await tx.get("k")
+
+
+async def _rebinds_in_match(tx: Any, other: Any) -> None:
+    match other:
+        case [tx]:
+            pass
+    await tx.get("k")
+
+
+class _Methods:
+    async def only_tx(self, tx: Any, key: str) -> Any:
+        return await tx.get(key)
+
+    async def awaits_self(self, tx: Any, key: str) -> Any:
+        return await self.get(key)
+
+    async def get(self, key: str) -> Any:
+        return key
+
+
 @pytest.mark.parametrize(
     ("fn", "bounded"),
     [
@@ -1089,6 +1120,11 @@ def _plain(tx: Any) -> None:
         (_nested, False),
         (_awaits_a_name, False),
         (_plain, False),
+        (_async_comprehension, False),
+        (_rebinds_in_except, False),
+        (_rebinds_in_match, False),
+        (_Methods().only_tx, True),
+        (_Methods().awaits_self, False),
     ],
 )
 def test_which_transactional_methods_wait_only_on_their_transaction(fn: Any, bounded: bool) -> None:

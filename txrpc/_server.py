@@ -571,12 +571,12 @@ class _ServerConnection:
         self.server.calls_started += 1
         deadline = self._deadline(call)
         call_id = call.id
-        if deadline <= trio.current_time():
-            self._expired(call, deadline)
-            return
         _current_call.set(self._context(call, deadline))
         self.unscoped.add(call_id)
         try:
+            if deadline <= trio.current_time():
+                self._expired(call, deadline)
+                return
             try:
                 value = await spec.fn(*call.args, **call.kwargs)
             except RpcError as exc:
@@ -591,6 +591,9 @@ class _ServerConnection:
             except Exception as exc:
                 if self._answer_wanted(call_id):
                     self._reply_internal(spec, call, exc)
+                else:  # nobody to tell: the log must say it
+                    log.error("handler %s raised (call %d from %s, no longer awaited)", spec.name, call_id, self.peer,
+                              exc_info=exc)  # fmt: skip
                 return
             if not self._answer_wanted(call_id):
                 return

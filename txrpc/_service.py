@@ -110,7 +110,7 @@ class MethodSpec:
     about an eighth of a small call). Neither the call's deadline nor the caller's
     ``cancel`` interrupts it: the caller's own deadline still ends the call for the
     caller, and an answer to a cancelled call is dropped. Closing the connection
-    cancels it after the close's flush time."""
+    cancels it once what is queued is written (at the latest after the close's flush time)."""
     _signature: inspect.Signature | None = None
 
     @property
