@@ -25,7 +25,7 @@ from storage import BatchFailed, ShardStore, StorageClosed
 from storage._shard_store import WriteSet
 from txrpc import _env
 from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
-from txrpc._service import MethodSpec, _current_call_or_none
+from txrpc._service import NOT_NOW, MethodSpec, _current_call_or_none
 from txrpc._shardmap import ShardMap
 
 from ._faults import crash_point
@@ -136,6 +136,63 @@ class TxHandle:
                 else:
                     rows[key] = value
         return sorted(rows.items())[:limit]
+
+
+class _WouldWait(BaseException):
+    """An operation tried on the read loop (:class:`_NowTxHandle`) would have to wait.
+    (A BaseException: a method's ``except Exception`` must not swallow it.)"""
+
+
+class _NowTxHandle(TxHandle):
+    """:class:`TxHandle` for an operation tried at once (``Participant._try_operation_now``):
+    ``get``/``put`` that find their locks free (and a read its value in memory) complete
+    without suspending; anything else raises :class:`_WouldWait` before it does
+    anything, and the operation is undone and run in a task."""
+
+    __slots__ = ("waited",)
+
+    def __init__(self, participant: Participant, tx: ParticipantTx) -> None:
+        super().__init__(participant, tx)
+        self.waited = False  # an operation raised _WouldWait (whatever the method did with it)
+
+    def _would_wait(self) -> _WouldWait:
+        self.waited = True
+        return _WouldWait()
+
+    async def get(self, key: str, default: Any = None, *, for_update: bool = False) -> Any:
+        _check_key(key)
+        participant, tx = self._participant, self._tx
+        if self.waited:
+            raise self._would_wait()
+        if for_update and not participant._lock_now(tx, SCAN_RESOURCE, Mode.IX):
+            raise self._would_wait()
+        if not participant._lock_now(tx, key, Mode.X if for_update else Mode.S):
+            raise self._would_wait()
+        if key in tx.writes:
+            value = tx.writes[key]
+            return default if value is TOMBSTONE else value
+        cached = participant.store.get_cached(key)
+        if cached is None:
+            raise self._would_wait()  # a read from the database
+        found, value = cached
+        return value if found else default
+
+    async def put(self, key: str, value: Any) -> None:
+        _check_key(key)
+        if type(value) not in _ALWAYS_ENCODABLE:
+            txrpc._codec.encode_value(value)  # fail now, not at prepare, if it cannot be stored
+        participant, tx = self._participant, self._tx
+        if self.waited:
+            raise self._would_wait()
+        if not participant._lock_now(tx, SCAN_RESOURCE, Mode.IX) or not participant._lock_now(tx, key, Mode.X):
+            raise self._would_wait()
+        participant.core.buffer_write(tx, key, value)
+
+    async def delete(self, key: str) -> None:
+        raise self._would_wait()
+
+    async def scan(self, prefix: str = "", limit: int = 1000) -> list[tuple[str, Any]]:
+        raise self._would_wait()
 
 
 def _repl_share(txid: Any, writes: Any, origin: Any) -> WriteSet:
@@ -360,6 +417,22 @@ class Participant:
         False: nothing was done, :meth:`_lock` decides (wait, die, or refuse)."""
         return tx.state is TxState.ACTIVE and self.core.locks.acquire_if_free(tx.txid, resource, mode)
 
+    def _lock_now(self, tx: ParticipantTx, resource: Any, mode: Mode) -> bool:
+        """:meth:`_lock` without waiting: True if granted now (the lock table's full rules,
+        an upgrade included); False if it would have to wait (nothing is left queued);
+        raises :class:`_Conflict` where :meth:`_lock` would (wait-die: die)."""
+        if self._lock_at_once(tx, resource, mode):
+            return True
+        if tx.state is not TxState.ACTIVE:
+            raise _Conflict(tx.abort_reason or f"transaction {tx.txid} is {tx.state.value}")
+        outcome = self.core.locks.acquire(tx.txid, resource, mode)
+        if outcome is GRANTED:
+            return True
+        if outcome is DIE:
+            raise _Conflict(f"lock conflict on {_show(resource)} with an older transaction (wait-die)")
+        self._wake(self.core.locks.cancel(tx.txid, resource))  # queued: withdrawn, waited for in a task
+        return False
+
     async def _lock(self, tx: ParticipantTx, resource: Any, mode: Mode) -> None:
         if tx.state is not TxState.ACTIVE:
             raise _Conflict(tx.abort_reason or f"transaction {tx.txid} is {tx.state.value}")
@@ -406,7 +479,10 @@ class Participant:
                 # A method that waits only on its transaction runs without a cancel scope
                 # per call (specs/commit-protocol.md, "Handlers without a cancel scope").
                 bounded = awaits_only_its_transaction(spec.fn)
-                wrapped.add_method(handler, name=name, transactional=True, allow=spec.allow, bounded=bounded)
+                added = wrapped.add_method(handler, name=name, transactional=True, allow=spec.allow, bounded=bounded)
+                if bounded:
+                    # Its operations can also be tried on the read loop, without a task.
+                    added.try_now = functools.partial(self._try_operation_now, spec)
             else:
                 wrapped.methods[name] = spec
         return wrapped
@@ -472,33 +548,14 @@ class Participant:
             tx.epoch = epoch  # (prepare refuses it if the map has changed since)
         finished = False
         try:
-            error: txrpc.RpcError
             try:
                 result = await spec.fn(TxHandle(self, tx), *args, **kwargs)
-            except txrpc.Abort as exc:
-                error = txrpc.TransactionAborted(
-                    exc.message or "aborted by the method",
-                    {"txid": txid, "retryable": False, "user_abort": True},
-                )
-            except _Conflict as exc:
-                error = txrpc.TransactionAborted(str(exc), {"txid": txid, "retryable": True})
-            except txrpc.RpcError as exc:
-                error = exc
             except Exception as exc:
-                log.exception("transactional method %s failed (transaction %d)", spec.name, txid)
-                error = txrpc.Internal(f"{type(exc).__name__}: {exc}")
-            else:
-                self.core.end_operation(tx, op_seq, True, result, trio.current_time())
                 finished = True
-                return result
-            # Any failure of an operation aborts its transaction here (no partial operation
-            # effects survive); the caller learns why.
-            self.core.end_operation(
-                tx, op_seq, False, (int(error.code), error.message, error.details), trio.current_time()
-            )
+                raise self._operation_failed(spec, tx, op_seq, exc) from None
+            self.core.end_operation(tx, op_seq, True, result, trio.current_time())
             finished = True
-            self._wake(self.core.abort(txid, error.message), txid)
-            raise error
+            return result
         finally:
             if not finished:  # cancelled (deadline or caller gone): the transaction cannot go on
                 self.core.end_operation(
@@ -509,6 +566,90 @@ class Participant:
                     trio.current_time(),
                 )
                 self._wake(self.core.abort(txid, "an operation was cancelled"), txid)
+
+    def _operation_failed(self, spec: MethodSpec, tx: ParticipantTx, op_seq: int, exc: Exception) -> txrpc.RpcError:
+        """Operation ``op_seq`` of ``tx`` raised ``exc``: any failure of an operation aborts
+        its transaction here (no partial operation effects survive); returns the error
+        the caller learns why by."""
+        txid = tx.txid
+        error: txrpc.RpcError
+        if isinstance(exc, txrpc.Abort):
+            error = txrpc.TransactionAborted(
+                exc.message or "aborted by the method", {"txid": txid, "retryable": False, "user_abort": True}
+            )
+        elif isinstance(exc, _Conflict):
+            error = txrpc.TransactionAborted(str(exc), {"txid": txid, "retryable": True})
+        elif isinstance(exc, txrpc.RpcError):
+            error = exc
+        else:
+            log.error("transactional method %s failed (transaction %d)", spec.name, txid, exc_info=exc)
+            error = txrpc.Internal(f"{type(exc).__name__}: {exc}")
+        self.core.end_operation(tx, op_seq, False, (int(error.code), error.message, error.details), trio.current_time())
+        self._wake(self.core.abort(txid, error.message), txid)
+        return error
+
+    def _try_operation_now(self, spec: MethodSpec, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``MethodSpec.try_now`` of a transactional method that waits only on its
+        transaction (:func:`awaits_only_its_transaction`): the operation run to its end
+        here if none of its steps must wait, else ``NOT_NOW`` with nothing of it left
+        but the locks it took (its transaction keeps them; the run in a task takes
+        them again at once). The common case of :meth:`_transactional_handler`'s
+        handler and :meth:`_run_operation`, without a task."""
+        ctx = txrpc.current_call()
+        metadata = ctx.metadata
+        txid = metadata.get("txid")
+        if type(txid) is not int or txid <= 0:
+            return NOT_NOW  # outside a transaction (or a bad id): the handler's path
+        epoch: int | None = None
+        if self.epoch_guard is not None and "epoch" in metadata and args:
+            call_epoch = metadata.get(EPOCH_METADATA_KEY)
+            if self.replication is not None and type(call_epoch) is int and call_epoch > self.epoch_guard.epoch:
+                return NOT_NOW  # a newer map to fetch first
+            epoch = self.epoch_guard.check(key=args[0]).epoch  # WRONG_EPOCH / not the primary: nothing ran
+        op_seq = metadata.get("op_seq", 0)
+        tx = self.core.txs.get(txid)
+        if tx is not None:
+            if ctx.secured and tx.owner and tx.owner != ctx.identity:
+                return NOT_NOW  # (refused by the handler)
+            if tx.state is not TxState.ACTIVE or op_seq in tx.op_results:
+                return NOT_NOW  # a replay or a refusal: the handler's path
+            writes = dict(tx.writes)
+        else:
+            writes = {}
+        age = metadata.get("age")
+        if type(age) is int and 0 < age <= txid:
+            self.core.locks.set_age(txid, age)
+        action, value = self.core.begin_operation(txid, op_seq, trio.current_time(), ctx.deadline)
+        if action != "run":
+            return NOT_NOW  # (begin_operation changed nothing then, but for a new entry)
+        tx = value
+        if not tx.owner:
+            tx.owner = ctx.identity
+        if tx.epoch is None and epoch is not None:
+            tx.epoch = epoch
+        handle = _NowTxHandle(self, tx)
+        try:
+            coroutine = spec.fn(handle, *args, **kwargs)
+            coroutine.send(None)
+        except StopIteration as done:
+            if not handle.waited:
+                self.core.end_operation(tx, op_seq, True, done.value, trio.current_time())
+                return done.value
+        except _WouldWait:
+            pass
+        except Exception as exc:
+            if not handle.waited:
+                raise self._operation_failed(spec, tx, op_seq, exc) from None
+        else:
+            # It suspended: it waited on something other than its transaction, which
+            # awaits_only_its_transaction rules out. Not recoverable here.
+            coroutine.close()
+            raise RuntimeError(f"{spec.name} suspended on the read loop (it must wait only on its transaction)")
+        # An operation had to wait (the method may have caught that and gone on): undone,
+        # it runs again in a task.
+        tx.writes = writes
+        tx.running_ops -= 1
+        return NOT_NOW
 
     async def _autocommit(
         self,

@@ -97,6 +97,13 @@ class ShardStore:
 
     # --- reads --------------------------------------------------------------------------
 
+    def get_cached(self, key: str) -> tuple[bool, Any] | None:
+        """:meth:`get` if the answer is in memory (no wait), else None."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+        return cached
+
     async def get(self, key: str) -> tuple[bool, Any]:
         """(found, value) of the committed value of ``key``."""
         cached = self._cache.get(key)

@@ -1150,3 +1150,84 @@ async def test_the_bank_runs_without_a_scope_per_call_and_a_sleeper_with_one(tmp
         assert all(specs[f"bank.{m}"].bounded for m in ("open_account", "balance", "withdraw", "deposit"))
         assert not specs["other._sleeps"].bounded
         assert specs["tx.prepare_many"].bounded and specs["tx.commit_one_phase"].bounded
+
+
+_counter = txrpc.Service("counter")
+
+
+@_counter.transactional
+async def bump_then_read(tx: Any, key: str, other: str) -> list[int]:
+    """Reads and bumps ``key`` (its own write), then reads ``other``."""
+    value = await tx.get(key, 0)
+    await tx.put(key, value + 1)
+    seen = await tx.get(other, 0)
+    return [int(value + 1), int(seen)]
+
+
+@_counter.transactional
+async def bump_swallowing(tx: Any, key: str, other: str) -> list[int]:
+    """As bump_then_read, but it swallows whatever its read of ``other`` raises."""
+    value = await tx.get(key, 0)
+    await tx.put(key, value + 1)
+    seen = -1
+    try:
+        seen = await tx.get(other, 0)
+    except BaseException:  # (the point of the test)
+        pass
+    return [int(value + 1), int(seen)]
+
+
+@_counter.transactional
+async def read(tx: Any, key: str) -> Any:
+    return await tx.get(key, None)
+
+
+@pytest.mark.parametrize("method", ["bump_then_read", "bump_swallowing"])
+async def test_an_operation_tried_at_once_that_must_wait_is_undone_and_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """A transactional method that waits only on its transaction is first tried on the
+    read loop, without a task; when one of its operations would wait (a lock a younger
+    transaction holds), what the try did is undone and the operation runs again in a
+    task, which waits: its own write is applied once, not twice -- even by a method
+    that swallowed the would-wait."""
+    from coordinator import Participant
+    from txrpc._service import NOT_NOW
+
+    tried: list[Any] = []
+    real = Participant._try_operation_now
+
+    def spying(self: Participant, spec: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        answer = real(self, spec, args, kwargs)
+        tried.append((spec.name, answer))
+        return answer
+
+    monkeypatch.setattr(Participant, "_try_operation_now", spying)
+    async with local_cluster(tmp_path, [bank, _counter]) as local, txrpc.cluster(local.config) as cluster:
+        node = local.config.shard_map.nodes[0]
+        key, other, third = accounts_on_one_shard(local.config, node, 3)
+        async with cluster.transaction() as first:  # key = 1, other = 1 (and in the shard's cache)
+            assert await first.call(key, "counter.bump_then_read", key, third) == [1, 0]
+            assert await first.call(other, "counter.bump_then_read", other, third) == [1, 0]
+        answers: list[Any] = []
+        async with cluster.transaction() as waiter:  # begun first: the older one (it waits)
+
+            async def waiting_op() -> None:
+                answers.append(await waiter.call(key, f"counter.{method}", key, other))
+
+            async with trio.open_nursery() as nursery:
+                async with cluster.transaction() as holder:
+                    assert await holder.call(other, "counter.bump_then_read", other, third) == [2, 0]  # X on other
+                    tried.clear()
+                    nursery.start_soon(waiting_op)  # bumps key (a buffered write), then reads other: waits
+                    await trio.sleep(0.2)
+                    assert tried == [(f"counter.{method}", NOT_NOW)]  # tried at once: it must wait
+                    assert answers == []  # waiting, in its task
+                # The holder committed: the waiter's operation goes on, from the start.
+        assert answers == [[2, 2]]  # key bumped once (not from its own undone write), other read
+        assert await cluster.call(key, "counter.read", key) == 2
+        assert await cluster.call(other, "counter.read", other) == 2
+        tried.clear()
+        async with cluster.transaction() as free:
+            assert await free.call(key, f"counter.{method}", key, other) == [3, 2]
+        assert tried == [(f"counter.{method}", [3, 2])]  # nothing to wait for: answered at once

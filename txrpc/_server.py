@@ -27,7 +27,7 @@ from ._limits import Limits
 from ._outbox import Outbox
 from ._receiver import Receiver
 from ._security import ANONYMOUS_PRINCIPAL, Principal, ServerSecurity, is_certificate_failure
-from ._service import CallContext, MethodSpec, Service, _current_call
+from ._service import NOT_NOW, CallContext, MethodSpec, Service, _current_call
 
 if TYPE_CHECKING:
     from storage import BeginResult, RequestLog, Storage
@@ -423,7 +423,8 @@ class _ServerConnection:
                             if not self._start_keyed(spec, event):
                                 nursery.start_soon(self._run_keyed, spec, event)
                         elif not spec.runs_inline:
-                            nursery.start_soon(self._run_bounded if spec.bounded else self._run_async, spec, event)
+                            if spec.try_now is None or not self._answered_now(spec, event):
+                                nursery.start_soon(self._run_bounded if spec.bounded else self._run_async, spec, event)
                         else:
                             self._run_inline(spec, event)
                     elif type(event) is wire.Cancel:
@@ -563,6 +564,31 @@ class _ServerConnection:
             self.conn.abandon_call(call.id)  # no-op unless cancelled from outside
             if self._draining and not self.conn.inflight:
                 self._close_soon()
+
+    def _answered_now(self, spec: MethodSpec, call: wire.Call) -> bool:
+        """Answer ``call`` here on the read loop if ``spec.try_now`` can (no task, no
+        scope); False: it must wait, run it as usual."""
+        assert spec.try_now is not None
+        deadline = self._deadline(call)
+        if deadline <= trio.current_time():
+            return False  # (the usual path answers DEADLINE_EXCEEDED)
+        token = _current_call.set(self._context(call, deadline))
+        try:
+            value = spec.try_now(call.args, call.kwargs)
+        except RpcError as exc:
+            self._reply_error(call.id, exc.code, exc.message, exc.details)
+        except TypeError as exc:
+            self._reply_type_error(spec, call, exc)
+        except Exception as exc:
+            self._reply_internal(spec, call, exc)
+        else:
+            if value is NOT_NOW:
+                return False
+            self._reply_result(call.id, value)
+        finally:
+            _current_call.reset(token)
+        self.server.calls_started += 1
+        return True
 
     async def _run_bounded(self, spec: MethodSpec, call: wire.Call) -> None:
         """:meth:`_run_async` for a handler that bounds its own waits (``MethodSpec.bounded``):

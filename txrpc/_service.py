@@ -84,6 +84,10 @@ def current_call() -> CallContext:
     return context
 
 
+NOT_NOW: Any = object()
+"""``MethodSpec.try_now``'s answer when the call must wait: run it in a task."""
+
+
 def _current_call_or_none() -> CallContext | None:
     return _current_call.get()
 
@@ -111,6 +115,12 @@ class MethodSpec:
     ``cancel`` interrupts it: the caller's own deadline still ends the call for the
     caller, and an answer to a cancelled call is dropped. Closing the connection
     cancels it once what is queued is written (at the latest after the close's flush time)."""
+    try_now: Callable[[Any, dict[str, Any]], Any] | None = None
+    """Optional: the call's answer now, without a task, if it needs no wait (the server
+    calls it on the read loop, with the call's context set); ``NOT_NOW`` if it would
+    have to wait -- having undone whatever it did -- and the call then runs as usual.
+    (A transactional method that waits only on its transaction: its operations usually
+    find their locks free.)"""
     _signature: inspect.Signature | None = None
 
     @property
