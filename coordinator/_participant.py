@@ -732,7 +732,8 @@ class Participant:
         # A client aborts, or commits in one phase, its own transaction at the shard (the
         # single-shard fast path); anyone else's only a peer may.
         svc.add_method(self._abort_from_caller, name="abort", bounded=True)
-        svc.add_method(self._commit_one_phase_from_caller, name="commit_one_phase", bounded=True)
+        one_phase = svc.add_method(self._commit_one_phase_from_caller, name="commit_one_phase", bounded=True)
+        one_phase.try_now = self._commit_one_phase_now  # (its common case: no task)
         svc.add_method(self.status, name="status")
         return svc
 
@@ -1346,6 +1347,58 @@ class Participant:
             self._wake(self.core.abort(txid, f"commit not durable: {exc}"), txid)
             return {"outcome": "aborted", "reason": f"commit not durable: {exc}"}
         return {"outcome": "committed", "reason": ""}
+
+    def _commit_one_phase_now(self, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``MethodSpec.try_now`` of ``tx.commit_one_phase``: on an unreplicated shard, a
+        transaction ready to commit whose commit nothing else is writing is applied as
+        :meth:`commit_one_phase` does, but its durable write is queued without a task
+        and the answer comes from the write's callback (:class:`txrpc.Later`); anything
+        else (a wait, a refusal, a lookup in the commit log) is ``NOT_NOW``."""
+        txid, on_behalf_of = _one_phase_arguments(*args, **kwargs)
+        self._check_caller_may_decide(txid, "commit")
+        self._check_on_behalf_of(txid, on_behalf_of, "commit")
+        if self._replicated() or txid in self._busy:
+            return NOT_NOW
+        ok, reason = self.core.one_phase_ready(txid)
+        if not ok:
+            return NOT_NOW  # (it aborts there, after a look in the commit log)
+        if reason == "already committed":
+            return {"outcome": "committed", "reason": reason}
+        tx = self.core.txs[txid]
+        self.core.locks.mark_prepared(txid)
+        tx.state = TxState.PREPARED
+        writes = _write_set(tx)
+        if not writes:  # read-only: nothing to write
+            self._replicated_epoch.pop(txid, None)  # (as _apply_many)
+            self._prepared_at.pop(txid, None)
+            self._holders.pop(txid, None)
+            self._wake(self.core.committed(txid))
+            return {"outcome": "committed", "reason": ""}
+        later = txrpc.Later()
+        done = trio.Event()
+        self._busy[txid] = done
+
+        def durable(_: Any, exc: BaseException | None) -> None:
+            try:
+                if exc is None:
+                    self._replicated_epoch.pop(txid, None)  # (as _apply_many)
+                    self._prepared_at.pop(txid, None)
+                    self._holders.pop(txid, None)
+                    self._wake(self.core.committed(txid))
+                    answer = {"outcome": "committed", "reason": ""}
+                else:
+                    self._wake(self.core.abort(txid, f"commit not durable: {exc}"), txid)
+                    answer = {"outcome": "aborted", "reason": f"commit not durable: {exc}"}
+            finally:
+                del self._busy[txid]
+                done.set()
+            later.resolve(answer)
+
+        try:
+            self.store.apply_commits_nowait([(txid, writes)], durable)
+        except Exception as exc:
+            durable(None, exc)
+        return later
 
     # --- replication (primary side) ---------------------------------------------------------------
 
@@ -1992,6 +2045,11 @@ def _check_txid_batch(txids: Any) -> None:
         or len(set(txids)) != len(txids)
     ):
         raise txrpc.InvalidArgument(f"txids must be 1..{COMMIT_MANY_MAX} distinct positive integers")
+
+
+def _one_phase_arguments(txid: int, on_behalf_of: str = "") -> tuple[int, str]:
+    """``tx.commit_one_phase``'s arguments (a TypeError, as the method's, if they do not fit)."""
+    return txid, on_behalf_of
 
 
 def _check_notices(txids: Any) -> None:

@@ -258,6 +258,35 @@ class ShardStore:
             self._writes_in_flight -= 1
         return result
 
+    def apply_commits_nowait(
+        self, commits: Sequence[tuple[int, WriteSet]], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """:meth:`apply_commits` without waiting: ``done(positions, None)`` once durable, or
+        ``done(None, error)``, from the group commit's task (``append_nowait``; raises
+        what it raises without queueing)."""
+        now = time.time()
+        entries = []
+        for txid, writes in commits:
+            for key, deleted, value in writes:  # (as apply_commits: in log-position order)
+                self._remember(key, (False, None) if deleted else (True, value))
+            entries.append(_CommitEntry(self.shard, self.next_position, txid, writes, now))
+            self.next_position += 1
+
+        def finished(result: Any, exc: BaseException | None) -> None:
+            self._writes_in_flight -= 1
+            if exc is not None:
+                self._cache.clear()  # the outcome may be unknown: re-read from the database
+            done(result, exc)
+
+        self._writes_started += 1
+        self._writes_in_flight += 1
+        try:
+            self.appender.append_nowait(COMMITS, entries, finished)
+        except BaseException:
+            self._writes_in_flight -= 1
+            self._cache.clear()
+            raise
+
     # --- log and digest -------------------------------------------------------------------
 
     async def log_entries(

@@ -388,6 +388,67 @@ async def test_a_retried_call_by_deadline_retries_what_did_not_run_and_ends_at_i
         nursery.cancel_scope.cancel()
 
 
+async def test_try_now_answers_at_once_later_or_not_now() -> None:
+    """``MethodSpec.try_now``: its value is the answer (no task); ``NOT_NOW`` runs the
+    method as usual; a ``Later`` is answered when settled, from another task (a value or
+    an error), and not at all if the caller cancelled meanwhile."""
+    service = txrpc.Service()
+    pending: list[txrpc.Later] = []
+    ran: list[int] = []
+
+    async def echo(x: int) -> int:
+        ran.append(x)
+        await trio.lowlevel.checkpoint()
+        return -x
+
+    def try_now(args: Any, kwargs: dict[str, Any]) -> Any:
+        (x,) = args
+        if x == 0:
+            return txrpc.NOT_NOW
+        if x < 0:
+            raise txrpc.InvalidArgument("negative")
+        if x >= 100:
+            later = txrpc.Later()
+            pending.append(later)
+            return later
+        return x
+
+    service.add_method(echo, name="echo").try_now = try_now
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            assert await client.echo(5) == 5 and ran == []  # answered at once, never ran
+            assert await client.echo(0) == 0 and ran == [0]  # NOT_NOW: the method ran
+            with pytest.raises(txrpc.InvalidArgument, match="negative"):
+                await client.echo(-1)
+            results: list[Any] = []
+
+            async def call(x: int) -> None:
+                try:
+                    results.append(await client.echo(x))
+                except txrpc.RpcError as exc:
+                    results.append(exc.code)
+
+            async with trio.open_nursery() as calls:
+                calls.start_soon(call, 100)
+                calls.start_soon(call, 101)
+                while len(pending) < 2:
+                    await trio.sleep(0.01)
+                assert results == []
+                pending[0].resolve("later")
+                pending[1].fail(txrpc.Unavailable("busy"))
+            assert sorted(results, key=str) == sorted(["later", txrpc.Code.UNAVAILABLE], key=str)
+            with trio.move_on_after(0.2):
+                await client.echo(102)  # cancelled by the caller before it is settled
+            pending[2].resolve("too late")  # dropped
+            with pytest.raises(RuntimeError):
+                pending[2].resolve("twice")
+            assert await client.echo(7) == 7  # the connection serves on
+            (conn,) = server._connections
+            assert not conn.later and not conn.conn.inflight
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_nearer_call_deadline_wakes_the_connection_s_timer(
     served: tuple[txrpc.Server, dict[str, Any]],
 ) -> None:

@@ -1231,3 +1231,52 @@ async def test_an_operation_tried_at_once_that_must_wait_is_undone_and_run_again
         async with cluster.transaction() as free:
             assert await free.call(key, f"counter.{method}", key, other) == [3, 2]
         assert tried == [(f"counter.{method}", [3, 2])]  # nothing to wait for: answered at once
+
+
+async def test_a_one_phase_commit_is_answered_from_its_write_without_a_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tx.commit_one_phase on an unreplicated shard queues its write and answers from the
+    write's callback (no task); a write that fails answers "aborted" and frees the locks.
+    What needs a wait or a lookup (unknown transactions, say) goes the usual way."""
+    from coordinator import Participant
+    from storage._shard_store import ShardStore
+
+    answers: list[Any] = []
+    real = Participant._commit_one_phase_now
+
+    def spying(self: Participant, args: Any, kwargs: dict[str, Any]) -> Any:
+        answer = real(self, args, kwargs)
+        answers.append(type(answer).__name__ if isinstance(answer, txrpc.Later) else answer)
+        return answer
+
+    monkeypatch.setattr(Participant, "_commit_one_phase_now", spying)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        node = local.config.shard_map.nodes[0]
+        a, b = accounts_on_one_shard(local.config, node, 2)
+        await open_accounts(cluster, [a, b], 10)
+        answers.clear()
+        async with cluster.transaction() as t:
+            await t.bank.withdraw(a, 3)
+            await t.bank.deposit(b, 3)
+        assert answers == ["Later"]
+        assert await total(cluster, [a, b]) == 20
+        real_nowait = ShardStore.apply_commits_nowait
+
+        def failing(self: ShardStore, commits: Any, done: Any) -> None:
+            done(None, OSError("disk full (test)"))
+
+        monkeypatch.setattr(ShardStore, "apply_commits_nowait", failing)
+        with pytest.raises(txrpc.TransactionAborted, match="commit not durable"):
+            async with cluster.transaction() as t:
+                await t.bank.withdraw(a, 1)
+        monkeypatch.setattr(ShardStore, "apply_commits_nowait", real_nowait)
+        with trio.fail_after(5):  # its locks were freed
+            async with cluster.transaction() as t:
+                await t.bank.withdraw(a, 7)
+        assert await cluster.call(a, "bank.balance", a) == 0
+        shard = local.participants[node.name]
+        assert shard.core.txs == {} or all(tx.state.value == "active" for tx in shard.core.txs.values())
+        async with txrpc.connect(*node.address) as client:  # an unknown transaction: the usual way
+            outcome = await client.call("tx.commit_one_phase", 987654)
+        assert outcome["outcome"] == "aborted" and answers[-1] is txrpc.NOT_NOW

@@ -54,7 +54,7 @@ from ._security import (
     use_credentials,
 )
 from ._server import Server, serve
-from ._service import CallContext, MethodSpec, Service, current_call
+from ._service import NOT_NOW, CallContext, Later, MethodSpec, Service, current_call
 from ._shardmap import ClusterConfig, ConfigError, CoordinatorSpec, NodeSpec, ShardMap, load_cluster_config
 
 __version__ = "0.1.0"
@@ -88,6 +88,8 @@ __all__ = [
     "ShardMap",
     "Transaction",
     "check_epoch",
+    "Later",
+    "NOT_NOW",
     "cluster",
     "key_hash",
     "load_cluster_config",

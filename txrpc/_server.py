@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import functools
 import logging
 import math
 import ssl
@@ -27,7 +28,7 @@ from ._limits import Limits
 from ._outbox import Outbox
 from ._receiver import Receiver
 from ._security import ANONYMOUS_PRINCIPAL, Principal, ServerSecurity, is_certificate_failure
-from ._service import NOT_NOW, CallContext, MethodSpec, Service, _current_call
+from ._service import NOT_NOW, CallContext, Later, MethodSpec, Service, _current_call
 
 if TYPE_CHECKING:
     from storage import BeginResult, RequestLog, Storage
@@ -276,6 +277,7 @@ class _ServerConnection:
         self.scopes: dict[int, trio.CancelScope] = {}
         self.queued_keyed: set[int] = set()  # calls _start_keyed started (no scope: cancelled by mark)
         self.unscoped: set[int] = set()  # calls of bounded handlers running (no scope: cancelled by mark)
+        self.later: set[int] = set()  # calls try_now answers later (no task: cancelled by mark)
         self.cancelled_by_peer: set[int] = set()
         self.principal: Principal = ANONYMOUS_PRINCIPAL
         self.identity = self.principal.name
@@ -434,7 +436,7 @@ class _ServerConnection:
                             scope.cancel()
                         elif event.id in self.queued_keyed:
                             self.cancelled_by_peer.add(event.id)  # its handler will not run
-                        elif event.id in self.unscoped:
+                        elif event.id in self.unscoped or event.id in self.later:
                             self.cancelled_by_peer.add(event.id)  # its answer will not be sent
                     elif type(event) is wire.Ping:
                         self.outbox.put_nowait(conn.send_pong(event.nonce))
@@ -584,11 +586,32 @@ class _ServerConnection:
         else:
             if value is NOT_NOW:
                 return False
-            self._reply_result(call.id, value)
+            if type(value) is Later:
+                self.later.add(call.id)
+                value.bind(functools.partial(self._answer_later, call))
+            else:
+                self._reply_result(call.id, value)
         finally:
             _current_call.reset(token)
         self.server.calls_started += 1
         return True
+
+    def _answer_later(self, call: wire.Call, value: Any, error: Exception | None) -> None:
+        """The answer of a call ``try_now`` answered with a :class:`Later` (from the task
+        that settled it): sent if someone still waits for it."""
+        call_id = call.id
+        self.later.discard(call_id)
+        if self._answer_wanted(call_id):
+            if error is None:
+                self._reply_result(call_id, value)
+            elif isinstance(error, RpcError):
+                self._reply_error(call_id, error.code, error.message, error.details)
+            else:
+                self._reply_error(call_id, Code.INTERNAL, f"{type(error).__name__}: {error}")
+        else:
+            self.conn.abandon_call(call_id)
+        self.cancelled_by_peer.discard(call_id)
+        self._close_if_drained()
 
     async def _run_bounded(self, spec: MethodSpec, call: wire.Call) -> None:
         """:meth:`_run_async` for a handler that bounds its own waits (``MethodSpec.bounded``):

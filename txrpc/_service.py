@@ -88,6 +88,36 @@ NOT_NOW: Any = object()
 """``MethodSpec.try_now``'s answer when the call must wait: run it in a task."""
 
 
+class Later:
+    """``MethodSpec.try_now``'s answer when the value will come from a callback (a queued
+    durable write's, say) rather than a task: the server binds its reply to it, and the
+    method calls :meth:`resolve` or :meth:`fail` exactly once, from any task."""
+
+    __slots__ = ("_outcome", "_reply")
+
+    def __init__(self) -> None:
+        self._reply: Callable[[Any, Exception | None], None] | None = None
+        self._outcome: tuple[Any, Exception | None] | None = None
+
+    def bind(self, reply: Callable[[Any, Exception | None], None]) -> None:
+        self._reply = reply
+        if self._outcome is not None:
+            reply(*self._outcome)
+
+    def resolve(self, value: Any) -> None:
+        self._settle(value, None)
+
+    def fail(self, error: Exception) -> None:
+        self._settle(None, error)
+
+    def _settle(self, value: Any, error: Exception | None) -> None:
+        if self._outcome is not None:
+            raise RuntimeError("a Later is settled once")
+        self._outcome = (value, error)
+        if self._reply is not None:
+            self._reply(value, error)
+
+
 def _current_call_or_none() -> CallContext | None:
     return _current_call.get()
 
