@@ -642,9 +642,11 @@ class Participant:
                 raise self._operation_failed(spec, tx, op_seq, exc) from None
         else:
             # It suspended: it waited on something other than its transaction, which
-            # awaits_only_its_transaction rules out. Not recoverable here.
+            # awaits_only_its_transaction rules out. Not recoverable here: the operation
+            # fails (and its transaction aborts) rather than hang.
             coroutine.close()
-            raise RuntimeError(f"{spec.name} suspended on the read loop (it must wait only on its transaction)")
+            failure = RuntimeError(f"{spec.name} suspended on the read loop (it must wait only on its transaction)")
+            raise self._operation_failed(spec, tx, op_seq, failure) from None
         # An operation had to wait (the method may have caught that and gone on): undone,
         # it runs again in a task.
         tx.writes = writes
@@ -1359,6 +1361,8 @@ class Participant:
         self._check_on_behalf_of(txid, on_behalf_of, "commit")
         if self._replicated() or txid in self._busy:
             return NOT_NOW
+        if self.replication is not None and self.replication.resyncing:
+            return NOT_NOW  # (_apply_many records the keys a catch-up must not overwrite)
         ok, reason = self.core.one_phase_ready(txid)
         if not ok:
             return NOT_NOW  # (it aborts there, after a look in the commit log)
@@ -1379,6 +1383,7 @@ class Participant:
         self._busy[txid] = done
 
         def durable(_: Any, exc: BaseException | None) -> None:
+            answer: dict[str, Any] | None = None
             try:
                 if exc is None:
                     self._replicated_epoch.pop(txid, None)  # (as _apply_many)
@@ -1389,6 +1394,9 @@ class Participant:
                 else:
                     self._wake(self.core.abort(txid, f"commit not durable: {exc}"), txid)
                     answer = {"outcome": "aborted", "reason": f"commit not durable: {exc}"}
+            except Exception as failure:  # (the call must be answered all the same)
+                later.fail(failure)
+                return
             finally:
                 del self._busy[txid]
                 done.set()

@@ -392,17 +392,23 @@ async def test_try_now_answers_at_once_later_or_not_now() -> None:
     """``MethodSpec.try_now``: its value is the answer (no task); ``NOT_NOW`` runs the
     method as usual; a ``Later`` is answered when settled, from another task (a value or
     an error), and not at all if the caller cancelled meanwhile."""
+    import contextvars
+
     service = txrpc.Service()
     pending: list[txrpc.Later] = []
     ran: list[int] = []
+    leaked: contextvars.ContextVar[str] = contextvars.ContextVar("leaked", default="")
+    seen: list[str] = []
 
     async def echo(x: int) -> int:
         ran.append(x)
+        seen.append(leaked.get())
         await trio.lowlevel.checkpoint()
         return -x
 
     def try_now(args: Any, kwargs: dict[str, Any]) -> Any:
         (x,) = args
+        leaked.set(f"set by the try of {x}")  # must stay with that try
         if x == 0:
             return txrpc.NOT_NOW
         if x < 0:
@@ -419,6 +425,7 @@ async def test_try_now_answers_at_once_later_or_not_now() -> None:
         async with txrpc.connect("127.0.0.1", server.port) as client:
             assert await client.echo(5) == 5 and ran == []  # answered at once, never ran
             assert await client.echo(0) == 0 and ran == [0]  # NOT_NOW: the method ran
+            assert seen == [""]  # in a task that saw nothing the tries set
             with pytest.raises(txrpc.InvalidArgument, match="negative"):
                 await client.echo(-1)
             results: list[Any] = []

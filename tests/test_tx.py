@@ -1271,6 +1271,7 @@ async def test_a_one_phase_commit_is_answered_from_its_write_without_a_task(
             async with cluster.transaction() as t:
                 await t.bank.withdraw(a, 1)
         monkeypatch.setattr(ShardStore, "apply_commits_nowait", real_nowait)
+        monkeypatch.setattr(ShardStore, "apply_commits_nowait", real_nowait)
         with trio.fail_after(5):  # its locks were freed
             async with cluster.transaction() as t:
                 await t.bank.withdraw(a, 7)
@@ -1280,3 +1281,18 @@ async def test_a_one_phase_commit_is_answered_from_its_write_without_a_task(
         async with txrpc.connect(*node.address) as client:  # an unknown transaction: the usual way
             outcome = await client.call("tx.commit_one_phase", 987654)
         assert outcome["outcome"] == "aborted" and answers[-1] is txrpc.NOT_NOW
+        # Last: the write's callback fails in its own bookkeeping (the transaction is then
+        # stuck in memory, as it would be on the task path): the call is answered anyway.
+        from coordinator._participant_core import ParticipantCore
+
+        real_committed = ParticipantCore.committed
+
+        def broken(self: ParticipantCore, txid: int) -> Any:
+            monkeypatch.setattr(ParticipantCore, "committed", real_committed)  # once
+            raise RuntimeError("bookkeeping failed (test)")
+
+        monkeypatch.setattr(ParticipantCore, "committed", broken)
+        with trio.fail_after(5), pytest.raises(txrpc.RpcError) as failed:  # answered, not left hanging
+            async with cluster.transaction() as t:
+                await t.bank.deposit(b, 1)
+        assert "bookkeeping failed" in failed.value.message

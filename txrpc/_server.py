@@ -574,7 +574,13 @@ class _ServerConnection:
         deadline = self._deadline(call)
         if deadline <= trio.current_time():
             return False  # (the usual path answers DEADLINE_EXCEEDED)
-        token = _current_call.set(self._context(call, deadline))
+        # In a copy of the read loop's context, as _run_inline: what the method sets in
+        # context variables must not stay with the connection's later tasks.
+        return contextvars.copy_context().run(self._answered_now_here, spec, call, deadline)
+
+    def _answered_now_here(self, spec: MethodSpec, call: wire.Call, deadline: float) -> bool:
+        assert spec.try_now is not None
+        _current_call.set(self._context(call, deadline))
         try:
             value = spec.try_now(call.args, call.kwargs)
         except RpcError as exc:
@@ -591,9 +597,8 @@ class _ServerConnection:
                 value.bind(functools.partial(self._answer_later, call))
             else:
                 self._reply_result(call.id, value)
-        finally:
-            _current_call.reset(token)
         self.server.calls_started += 1
+        self._close_if_drained()
         return True
 
     def _answer_later(self, call: wire.Call, value: Any, error: Exception | None) -> None:
@@ -607,6 +612,7 @@ class _ServerConnection:
             elif isinstance(error, RpcError):
                 self._reply_error(call_id, error.code, error.message, error.details)
             else:
+                log.error("call %d (%s) from %s failed", call_id, call.method, self.peer, exc_info=error)
                 self._reply_error(call_id, Code.INTERNAL, f"{type(error).__name__}: {error}")
         else:
             self.conn.abandon_call(call_id)
