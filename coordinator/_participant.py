@@ -94,16 +94,14 @@ class TxHandle:
         shared lock and then conflict on the upgrade (one of them would have to abort).
         """
         _check_key(key)
-        participant, tx = self._participant, self._tx
-        if for_update and not participant._lock_at_once(tx, SCAN_RESOURCE, Mode.IX):
-            await participant._lock(tx, SCAN_RESOURCE, Mode.IX)
-        mode = Mode.X if for_update else Mode.S
-        if not participant._lock_at_once(tx, key, mode):
-            await participant._lock(tx, key, mode)
+        tx = self._tx
+        if for_update:
+            await self._take(SCAN_RESOURCE, Mode.IX)
+        await self._take(key, Mode.X if for_update else Mode.S)
         if key in tx.writes:
             value = tx.writes[key]
             return default if value is TOMBSTONE else value
-        found, value = await participant.store.get(key)
+        found, value = await self._read(key)
         return value if found else default
 
     async def put(self, key: str, value: Any) -> None:
@@ -111,12 +109,18 @@ class TxHandle:
         _check_key(key)
         if type(value) not in _ALWAYS_ENCODABLE:
             txrpc._codec.encode_value(value)  # fail now, not at prepare, if it cannot be stored
+        await self._take(SCAN_RESOURCE, Mode.IX)
+        await self._take(key, Mode.X)
+        self._participant.core.buffer_write(self._tx, key, value)
+
+    async def _take(self, resource: Any, mode: Mode) -> None:
+        """The lock, granted at once in the usual case (no wait), else waited for."""
         participant, tx = self._participant, self._tx
-        if not participant._lock_at_once(tx, SCAN_RESOURCE, Mode.IX):
-            await participant._lock(tx, SCAN_RESOURCE, Mode.IX)
-        if not participant._lock_at_once(tx, key, Mode.X):
-            await participant._lock(tx, key, Mode.X)
-        participant.core.buffer_write(tx, key, value)
+        if not participant._lock_at_once(tx, resource, mode):
+            await participant._lock(tx, resource, mode)
+
+    async def _read(self, key: str) -> tuple[bool, Any]:
+        return await self._participant.store.get(key)
 
     async def delete(self, key: str) -> None:
         _check_key(key)
@@ -159,34 +163,15 @@ class _NowTxHandle(TxHandle):
         self.waited = True
         return _WouldWait()
 
-    async def get(self, key: str, default: Any = None, *, for_update: bool = False) -> Any:
-        _check_key(key)
-        participant, tx = self._participant, self._tx
-        if self.waited:
+    async def _take(self, resource: Any, mode: Mode) -> None:
+        if self.waited or not self._participant._lock_now(self._tx, resource, mode):
             raise self._would_wait()
-        if for_update and not participant._lock_now(tx, SCAN_RESOURCE, Mode.IX):
-            raise self._would_wait()
-        if not participant._lock_now(tx, key, Mode.X if for_update else Mode.S):
-            raise self._would_wait()
-        if key in tx.writes:
-            value = tx.writes[key]
-            return default if value is TOMBSTONE else value
-        cached = participant.store.get_cached(key)
+
+    async def _read(self, key: str) -> tuple[bool, Any]:
+        cached = self._participant.store.get_cached(key)
         if cached is None:
             raise self._would_wait()  # a read from the database
-        found, value = cached
-        return value if found else default
-
-    async def put(self, key: str, value: Any) -> None:
-        _check_key(key)
-        if type(value) not in _ALWAYS_ENCODABLE:
-            txrpc._codec.encode_value(value)  # fail now, not at prepare, if it cannot be stored
-        participant, tx = self._participant, self._tx
-        if self.waited:
-            raise self._would_wait()
-        if not participant._lock_now(tx, SCAN_RESOURCE, Mode.IX) or not participant._lock_now(tx, key, Mode.X):
-            raise self._would_wait()
-        participant.core.buffer_write(tx, key, value)
+        return cached
 
     async def delete(self, key: str) -> None:
         raise self._would_wait()

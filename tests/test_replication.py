@@ -163,9 +163,9 @@ async def test_replicated_prepares_are_batched_per_follower(tmp_path: Path, monk
     sizes: list[int] = []
     real = Participant._repl_prepare_many
 
-    async def counting(self: Participant, records: list[Any], origin: str = "") -> list[Any]:
+    async def counting(self: Participant, records: list[Any], origin: str = "", commits: Any = None) -> list[Any]:
         sizes.append(len(records))
-        return await real(self, records, origin)
+        return await real(self, records, origin, commits)
 
     monkeypatch.setattr(Participant, "_repl_prepare_many", counting)
     async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
@@ -473,9 +473,11 @@ async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, mo
                 raise OSError("disk full (test)")
         return real_rows(self, records)
 
-    async def refusing(self: Participant, records: list[Any], origin: str = "") -> list[Any]:
+    async def refusing(self: Participant, records: list[Any], origin: str = "", commits: Any = None) -> list[Any]:
         mine = [r for r in records if r[0] not in refuse]
-        answers = iter(await real_repl(self, mine, origin)) if mine else iter(())
+        if not mine and commits:
+            await self._repl_commit_many(commits)  # (the notices riding along still count)
+        answers = iter(await real_repl(self, mine, origin, commits)) if mine else iter(())
         refused = [int(txrpc.Code.FAILED_PRECONDITION), "refused (test)", {}]
         return [refused if r[0] in refuse else next(answers) for r in records]
 
@@ -542,10 +544,12 @@ async def test_a_replicated_batchs_no_votes_clean_up_concurrently(
     inflight = [0, 0]  # now, most at once
     real_many, real_abort = Participant._repl_prepare_many, Participant._repl_abort
 
-    async def refusing(self: Participant, records: list[Any], origin: str = "") -> list[Any]:
+    async def refusing(self: Participant, records: list[Any], origin: str = "", commits: Any = None) -> list[Any]:
         if self.shard in refuser:
+            if commits:
+                await self._repl_commit_many(commits)  # (the notices riding along still count)
             return [[int(txrpc.Code.FAILED_PRECONDITION), "refused (test)", {}] for _ in records]
-        return await real_many(self, records, origin)
+        return await real_many(self, records, origin, commits)
 
     async def slow_abort(self: Participant, txid: int) -> str:
         if self.shard in slow:
@@ -597,10 +601,12 @@ async def test_resent_records_that_time_out_are_each_a_refusal_not_an_error(
     active = [False]
     real_many, real_one = Participant._repl_prepare_many, Participant._repl_prepare
 
-    async def pending(self: Participant, records: list[Any], origin: str = "") -> list[Any]:
+    async def pending(self: Participant, records: list[Any], origin: str = "", commits: Any = None) -> list[Any]:
         if active[0]:
+            if commits:
+                await self._repl_commit_many(commits)  # (the notices riding along still count)
             return ["PENDING"] * len(records)
-        return await real_many(self, records, origin)
+        return await real_many(self, records, origin, commits)
 
     async def silent(self: Participant, txid: int, writes: list[Any], origin: str = "") -> str:
         if active[0]:

@@ -523,12 +523,8 @@ class _ServerConnection:
         _current_call.set(self._context(call, self._deadline(call)))
         try:
             value = spec.call_inline(call.args, call.kwargs)
-        except RpcError as exc:
-            self._reply_error(call.id, exc.code, exc.message, exc.details)
-        except TypeError as exc:
-            self._reply_type_error(spec, call, exc)
         except Exception as exc:
-            self._reply_internal(spec, call, exc)
+            self._reply_raised(spec, call, exc)
         else:
             self._reply_result(call.id, value)
 
@@ -542,15 +538,8 @@ class _ServerConnection:
             with scope:
                 try:
                     value = await spec.fn(*call.args, **call.kwargs)
-                except RpcError as exc:
-                    alone = len(self.conn.inflight) == 1
-                    self._reply_error(call.id, exc.code, exc.message, exc.details, write_now=alone)
-                    return
-                except TypeError as exc:
-                    self._reply_type_error(spec, call, exc)
-                    return
                 except Exception as exc:
-                    self._reply_internal(spec, call, exc)
+                    self._reply_raised(spec, call, exc, write_now=len(self.conn.inflight) == 1)
                     return
                 if self.outbox.queued_bytes > self.limits.write_buffer_bytes_max:
                     await self.outbox.wait_for_space()  # backpressure from a slow reader
@@ -583,12 +572,8 @@ class _ServerConnection:
         _current_call.set(self._context(call, deadline))
         try:
             value = spec.try_now(call.args, call.kwargs)
-        except RpcError as exc:
-            self._reply_error(call.id, exc.code, exc.message, exc.details)
-        except TypeError as exc:
-            self._reply_type_error(spec, call, exc)
         except Exception as exc:
-            self._reply_internal(spec, call, exc)
+            self._reply_raised(spec, call, exc)
         else:
             if value is NOT_NOW:
                 return False
@@ -634,19 +619,10 @@ class _ServerConnection:
                 return
             try:
                 value = await spec.fn(*call.args, **call.kwargs)
-            except RpcError as exc:
-                if self._answer_wanted(call_id):
-                    alone = len(self.conn.inflight) == 1
-                    self._reply_error(call_id, exc.code, exc.message, exc.details, write_now=alone)
-                return
-            except TypeError as exc:
-                if self._answer_wanted(call_id):
-                    self._reply_type_error(spec, call, exc)
-                return
             except Exception as exc:
                 if self._answer_wanted(call_id):
-                    self._reply_internal(spec, call, exc)
-                else:  # nobody to tell: the log must say it
+                    self._reply_raised(spec, call, exc, write_now=len(self.conn.inflight) == 1)
+                elif not isinstance(exc, (RpcError, TypeError)):  # nobody to tell: the log must say it
                     log.error("handler %s raised (call %d from %s, no longer awaited)", spec.name, call_id, self.peer,
                               exc_info=exc)  # fmt: skip
                 return
@@ -821,6 +797,16 @@ class _ServerConnection:
         except (TypeError, wire.LocalProtocolError) as exc:
             data = self.conn.send_error(call_id, Code.INTERNAL, f"error could not be encoded: {exc}")
         self.outbox.put_nowait(data, write_now)
+
+    def _reply_raised(self, spec: MethodSpec, call: wire.Call, exc: Exception, *, write_now: bool = False) -> None:
+        """Answer a call whose handler raised ``exc``: its own error if an RpcError,
+        INVALID_ARGUMENT if its arguments do not fit, else INTERNAL (logged)."""
+        if isinstance(exc, RpcError):
+            self._reply_error(call.id, exc.code, exc.message, exc.details, write_now=write_now)
+        elif isinstance(exc, TypeError):
+            self._reply_type_error(spec, call, exc)
+        else:
+            self._reply_internal(spec, call, exc)
 
     def _reply_type_error(self, spec: MethodSpec, call: wire.Call, exc: TypeError) -> None:
         problem = spec.arguments_fit(call.args, call.kwargs)
