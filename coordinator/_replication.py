@@ -72,6 +72,9 @@ NOTICE_WAIT_S = 0.02
 before it goes on its own (``repl.commit_many``)."""
 PREPARES_PER_MESSAGE_MAX = 256
 """Replicated prepare records per ``repl.prepare_many`` message."""
+PREPARE_ROUNDS_IN_FLIGHT_MAX = 1
+"""Rounds of ``repl.prepare_many`` unanswered per follower: records queued while one is in
+flight leave together when it is answered (see :meth:`Replication._queue_prepare`)."""
 PENDING = "PENDING"
 """A ``repl.prepare_many`` answer: that record was still being taken at the follower's cut-off."""
 
@@ -157,8 +160,10 @@ class Replication:
         self.participant: Participant | None = None
         self._nursery: trio.Nursery | None = None
         self._notices: dict[str, list[int]] = {}  # follower -> commit notices not sent yet
-        # follower -> prepare records queued this scheduler round: (epoch, txid, share, acks)
+        # follower -> prepare records not sent yet: (epoch, txid, share, acks)
         self._prepares: dict[str, list[tuple[int, int, WriteSet, Answers[str]]]] = {}
+        self._prepares_scheduled: set[str] = set()  # followers whose sender task is scheduled
+        self._prepares_in_flight: dict[str, int] = {}  # follower -> rounds not answered yet
         self._flushing: set[str] = set()
         # Followers that refused commit notices riding on repl.prepare_many (an older version).
         self._no_riders: set[str] = set()
@@ -166,7 +171,7 @@ class Replication:
         self._lock_changed = trio.Event()
         self.stats = {
             "prepares_sent": 0, "prepares_received": 0, "refused": 0, "snapshot_rows": 0,
-            "notices_sent": 0, "notices_riding": 0,
+            "notices_sent": 0, "notices_riding": 0, "prepare_messages": 0,
         }  # fmt: skip
         self.installed_at = trio.current_time()  # when the current epoch's map was installed
         # Catch-up: partitions being copied from their primaries, and the keys replicated
@@ -294,44 +299,98 @@ class Replication:
         return plans
 
     def _queue_prepare(self, follower: str, epoch: int, txid: int, share: WriteSet, acks: Answers[str]) -> None:
+        """Queue a record for ``follower``. Every record queued before its sender task runs
+        goes in the same round; one round per follower is in flight at a time
+        (``PREPARE_ROUNDS_IN_FLIGHT_MAX``): with none, the sender runs in this scheduler
+        round, and while one is unanswered the records queue and leave together once its
+        answer arrives (not its ``PENDING`` resends): batches grow with the load."""
+        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+            acks.put(follower, f"node {self.node} is stopping")
+            return
         queue = self._prepares.get(follower)
         if queue is None:
-            if self._nursery is None or self._nursery.cancel_scope.cancel_called:
-                acks.put(follower, f"node {self.node} is stopping")
-                return
-            try:
-                self._nursery.start_soon(self._send_prepares, follower)
-            except RuntimeError:  # the nursery is closing: the node is stopping
-                acks.put(follower, f"node {self.node} is stopping")
-                return
             queue = self._prepares[follower] = []
         queue.append((epoch, txid, share, acks))
+        self._schedule_prepares(follower)
+
+    def _schedule_prepares(self, follower: str) -> None:
+        """Start ``follower``'s sender task if records wait for it, none is scheduled and a
+        round may go."""
+        if (
+            follower in self._prepares_scheduled
+            or self._prepares_in_flight.get(follower, 0) >= PREPARE_ROUNDS_IN_FLIGHT_MAX
+            or not self._prepares.get(follower)
+        ):
+            return
+        assert self._nursery is not None
+        try:
+            self._nursery.start_soon(self._send_prepares, follower)
+        except RuntimeError:  # the nursery is closing: the node is stopping
+            for _, _, _, acks in self._prepares.pop(follower, []):
+                acks.put(follower, f"node {self.node} is stopping")
+            return
+        self._prepares_scheduled.add(follower)
 
     async def _send_prepares(self, follower: str) -> None:
         """Everything queued for ``follower`` by now, one ``repl.prepare_many`` per epoch
         (the epoch travels in the call's metadata) and per ``PREPARES_PER_MESSAGE_MAX``
-        records, all in flight at once; each record answered on its own."""
+        records, all in flight at once; each record answered on its own. The round counts
+        as in flight until every message of it is answered (or failed)."""
+        self._prepares_scheduled.discard(follower)
+        queued = self._prepares.pop(follower, None)
+        if not queued:
+            return
         by_epoch: dict[int, list[tuple[int, WriteSet, Answers[str]]]] = {}
-        for epoch, txid, share, acks in self._prepares.pop(follower):
+        for epoch, txid, share, acks in queued:
             by_epoch.setdefault(epoch, []).append((txid, share, acks))
         batches = [
             (epoch, items[i : i + PREPARES_PER_MESSAGE_MAX])
             for epoch, items in by_epoch.items()
             for i in range(0, len(items), PREPARES_PER_MESSAGE_MAX)
         ]
-        await run_all([functools.partial(self._prepare_batch, follower, epoch, items) for epoch, items in batches])
+        self._prepares_in_flight[follower] = self._prepares_in_flight.get(follower, 0) + 1
+        unanswered = [len(batches)]  # -1 once released
 
-    async def _prepare_batch(self, follower: str, epoch: int, items: list[tuple[int, WriteSet, Answers[str]]]) -> None:
+        def release() -> None:
+            if unanswered[0] >= 0:
+                unanswered[0] = -1
+                self._prepares_in_flight[follower] -= 1
+                self._schedule_prepares(follower)
+
+        def answered() -> None:
+            unanswered[0] -= 1
+            if unanswered[0] == 0:
+                release()
+
+        try:
+            await run_all(
+                [functools.partial(self._prepare_batch, follower, epoch, items, answered) for epoch, items in batches]
+            )
+        finally:
+            release()  # (however the round ended: the next one must not wait forever)
+
+    async def _prepare_batch(
+        self, follower: str, epoch: int, items: list[tuple[int, WriteSet, Answers[str]]], answered: Callable[[], None]
+    ) -> None:
         """One ``repl.prepare_many``; every record gets an answer from it, whatever happens
         here. A record answered ``PENDING`` (still being taken at the follower's cut-off)
         is sent again alone with ``repl.prepare``, which waits for it there; so is every
-        record for a follower without ``repl.prepare_many`` (an older version)."""
+        record for a follower without ``repl.prepare_many`` (an older version).
+        ``answered`` is called once, when the ``repl.prepare_many`` is answered or failed."""
         records = [[txid, [[k, d, v] for k, d, v in share]] for txid, share, _ in items]
         deadline = trio.current_time() + self.timeout_s
         origin = {"origin": self.node}
         # Commit notices queued for this follower ride along (one message fewer); the
         # follower applies them in the background, as it would a repl.commit_many.
         riders = self._take_riders(follower)
+        self.stats["prepare_messages"] += 1
+        told = [False]
+
+        def tell() -> None:
+            if not told[0]:
+                told[0] = True
+                answered()
+
         try:
             client = await self.client_for(follower)
             try:
@@ -350,6 +409,7 @@ class Replication:
                 self._return_riders(follower, riders)
                 riders = []
                 answers = [PENDING] * len(records)
+            tell()
             if not isinstance(answers, list) or len(answers) != len(items):
                 raise txrpc.Internal(f"{follower} answered repl.prepare_many with {answers!r:.80}")
 
@@ -390,6 +450,7 @@ class Replication:
             for _, _, acks in items:
                 acks.put(follower, f"{type(exc).__name__}: {exc}")
         finally:
+            tell()
             for _, _, acks in items:  # (cancelled: the node is stopping)
                 acks.put(follower, f"node {self.node} is stopping")
 

@@ -194,6 +194,56 @@ async def test_replicated_prepares_are_batched_per_follower(tmp_path: Path, monk
         await assert_replicas_equal(local)
 
 
+async def test_one_prepare_message_per_follower_is_in_flight_the_rest_queue_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A primary has at most one repl.prepare_many unanswered per follower: records for
+    that follower queued meanwhile leave together when it answers. Every record is still
+    taken once and every replica ends equal."""
+    from coordinator import Participant
+
+    in_flight: dict[tuple[str, str], int] = {}
+    most: dict[tuple[str, str], int] = {}
+    sizes: list[int] = []
+    real = Participant._repl_prepare_many
+
+    async def slow(self: Participant, records: list[Any], origin: str = "", commits: Any = None) -> list[Any]:
+        pair = (origin, self.shard)
+        in_flight[pair] = in_flight.get(pair, 0) + 1
+        most[pair] = max(most.get(pair, 0), in_flight[pair])
+        sizes.append(len(records))
+        try:
+            await trio.sleep(0.02)  # records queued meanwhile for this follower must wait
+            return await real(self, records, origin, commits)
+        finally:
+            in_flight[pair] -= 1
+
+    monkeypatch.setattr(Participant, "_repl_prepare_many", slow)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts(local.config, 8)
+        await open_accounts(cluster, names)
+        sizes.clear()
+        most.clear()
+        pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(0, len(names), 2)]
+
+        async def along(src: str, dst: str) -> None:
+            for _ in range(5):
+                async def body(t: Any) -> None:
+                    await t.bank.withdraw(src, 1)
+                    await t.bank.deposit(dst, 1)
+
+                await cluster.run_transaction(body, attempts=50)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for src, dst in pairs:
+                    nursery.start_soon(along, src, dst)
+        assert most and set(most.values()) == {1}, most
+        assert max(sizes) > 2 and len(sizes) < sum(sizes) / 2
+        assert await total(cluster, names) == 100 * len(names)
+        await assert_replicas_equal(local)
+
+
 async def test_repl_prepare_many_answers_each_record(tmp_path: Path) -> None:
     """repl.prepare_many: each record taken as by repl.prepare and answered on its own
     ("ok", or [code, message, details]); a stale epoch fences every record with this
@@ -1677,7 +1727,7 @@ async def test_a_follower_that_never_answers_fails_the_prepare_after_the_timeout
     replication = Replication(node, EpochGuard(shard_map, node=node), no_client, timeout_s=0.3)
     batches: list[str] = []
 
-    async def never_answered(follower: str, epoch: int, items: list[Any]) -> None:
+    async def never_answered(follower: str, epoch: int, items: list[Any], answered: Any) -> None:
         batches.append(follower)  # (its own bound is what this test takes away)
         await trio.sleep_forever()
 

@@ -805,6 +805,44 @@ async def test_prepares_are_batched_per_participant(tmp_path: Path, monkeypatch:
         assert sum(balances) == 100 * len(names)
 
 
+async def test_one_prepare_message_per_participant_is_in_flight_the_rest_queue_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a participant has not answered a tx.prepare_many, the prepares queued for it
+    meanwhile wait and leave together in the next one when it answers (never two in
+    flight to one participant): under load the batches grow by themselves, and a
+    message and a handler run at the shard serve many transactions."""
+    from coordinator import Participant
+
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
+    sizes: list[int] = []
+    real_many = Participant.prepare_many
+
+    async def slow_many(self: Participant, txids: list[int]) -> list[Any]:
+        in_flight[self.shard] = in_flight.get(self.shard, 0) + 1
+        most[self.shard] = max(most.get(self.shard, 0), in_flight[self.shard])
+        sizes.append(len(txids))
+        try:
+            await trio.sleep(0.02)  # prepares queued meanwhile must wait for this answer
+            return await real_many(self, txids)
+        finally:
+            in_flight[self.shard] -= 1
+
+    monkeypatch.setattr(Participant, "prepare_many", slow_many)
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        names = accounts_on_distinct_shards(local.config, 24)
+        await open_accounts(cluster, names, 100)
+        pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(0, len(names), 2)]
+        sizes.clear()
+        most.clear()
+        await transfers_until_phase_two_drains(local, cluster, pairs, 5)
+        assert most and set(most.values()) == {1}, most
+        assert max(sizes) > 2 and len(sizes) < sum(sizes) / 2  # the waiting ones went together
+        balances = [await cluster.call(n, "bank.balance", n) for n in names]
+        assert sum(balances) == 100 * len(names)
+
+
 async def test_phase_two_commits_are_batched_per_participant(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
