@@ -327,6 +327,37 @@ async def test_a_followers_batch_is_written_together_and_the_rest_alone(
         assert [rid for rid in local.participants[follower].core.txs if rid < 0] == []
 
 
+def test_at_most_512_commit_notices_ride_on_one_message_the_rest_stay_queued(tmp_path: Path) -> None:
+    """A prepare message takes at most NOTICES_PER_MESSAGE_MAX (512) of the notices queued
+    for its follower, oldest first; the rest stay queued, in order, for the next message or
+    the flusher; a follower that takes no riders gets none."""
+    from _cluster_helpers import make_config
+
+    from coordinator._replication import NOTICES_PER_MESSAGE_MAX, Replication
+    from txrpc._routing import EpochGuard
+
+    async def no_client(_: str) -> txrpc.Client:
+        raise AssertionError("nothing is sent in this test")
+
+    async def main() -> None:
+        shard_map = make_config(tmp_path, 3, replication_factor=3).shard_map
+        node, follower = shard_map.nodes[0].name, shard_map.nodes[1].name
+        replication = Replication(node, EpochGuard(shard_map, node=node), no_client)
+        assert NOTICES_PER_MESSAGE_MAX == 512
+        replication._notices[follower] = list(range(1, 601))
+        assert replication._take_riders(follower) == list(range(1, 513))
+        assert replication._notices[follower] == list(range(513, 601))
+        assert replication._take_riders(follower) == list(range(513, 601))
+        assert follower not in replication._notices
+        assert replication.stats["notices_riding"] == 600
+        replication._notices[follower] = [7]
+        replication._no_riders.add(follower)
+        assert replication._take_riders(follower) == []
+        assert replication._notices[follower] == [7]
+
+    trio.run(main)
+
+
 async def test_commit_notices_riding_on_prepare_records_are_applied_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
