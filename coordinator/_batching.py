@@ -4,6 +4,7 @@ running a handful of calls at once."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -104,3 +105,73 @@ async def run_all(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
     async with trio.open_nursery() as nursery:
         for call in calls:
             nursery.start_soon(call)
+
+
+B = TypeVar("B")
+
+
+class Rounds(Generic[T, B]):
+    """Items queued per destination and sent in rounds, one round per destination in
+    flight at a time: with none in flight, a round leaves in the scheduler round its
+    first item was queued in (no added wait); while one is unanswered, items queue and
+    leave together as the next round when it is answered. So batches grow with the
+    load by themselves (``tx.prepare_many`` from the coordinator, ``repl.prepare_many``
+    from a primary).
+
+    A round is ``split(items)`` into messages, each sent by ``send(dest, message,
+    answered)``, all at once; each message calls ``answered()`` once its main call is
+    answered or failed (what it sends again on its own afterwards does not hold the next
+    round back). ``send`` must not raise. ``refuse(dest, items)`` answers items that
+    cannot be sent (the nursery is closing)."""
+
+    def __init__(
+        self,
+        split: Callable[[list[T]], list[B]],
+        send: Callable[[str, B, Callable[[], None]], Awaitable[None]],
+        refuse: Callable[[str, list[T]], None],
+    ) -> None:
+        self.split = split
+        self.send = send
+        self.refuse = refuse
+        self.queued: dict[str, list[T]] = {}  # destination -> items not sent yet
+        self._scheduled: set[str] = set()  # destinations whose sender task is scheduled
+        self._in_flight: set[str] = set()  # destinations with a round not answered yet
+
+    def put(self, nursery: trio.Nursery, dest: str, item: T) -> None:
+        self.queued.setdefault(dest, []).append(item)
+        self._schedule(nursery, dest)
+
+    def _schedule(self, nursery: trio.Nursery, dest: str) -> None:
+        if dest in self._scheduled or dest in self._in_flight or not self.queued.get(dest):
+            return
+        try:
+            nursery.start_soon(self._round, nursery, dest)
+        except RuntimeError:  # the nursery is closing: its owner is stopping
+            self.refuse(dest, self.queued.pop(dest, []))
+            return
+        self._scheduled.add(dest)
+
+    async def _round(self, nursery: trio.Nursery, dest: str) -> None:
+        self._scheduled.discard(dest)
+        items = self.queued.pop(dest, None)
+        if not items:
+            return
+        messages = self.split(items)
+        self._in_flight.add(dest)
+        unanswered = [len(messages)]  # -1 once released
+
+        def release() -> None:
+            if unanswered[0] >= 0:
+                unanswered[0] = -1
+                self._in_flight.discard(dest)
+                self._schedule(nursery, dest)
+
+        def answered() -> None:
+            unanswered[0] -= 1
+            if unanswered[0] == 0:
+                release()
+
+        try:
+            await run_all([functools.partial(self.send, dest, message, answered) for message in messages])
+        finally:
+            release()  # (however the round ended: the next one must not wait forever)

@@ -34,7 +34,7 @@ from txrpc._client import DeadlinePassed
 from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
 from txrpc._shardmap import ShardMap
 
-from ._batching import Alarms, Answers, Countdown, run_all
+from ._batching import Alarms, Answers, Countdown, Rounds, run_all
 from ._locks import Mode
 
 if TYPE_CHECKING:
@@ -72,9 +72,21 @@ NOTICE_WAIT_S = 0.02
 before it goes on its own (``repl.commit_many``)."""
 PREPARES_PER_MESSAGE_MAX = 256
 """Replicated prepare records per ``repl.prepare_many`` message."""
-PREPARE_ROUNDS_IN_FLIGHT_MAX = 1
-"""Rounds of ``repl.prepare_many`` unanswered per follower: records queued while one is in
-flight leave together when it is answered (see :meth:`Replication._queue_prepare`)."""
+_Queued = tuple[int, int, WriteSet, Answers[str]]
+"""A prepare record queued for a follower: (epoch, txid, share, where its ack goes)."""
+
+
+def _prepare_messages(queued: list[_Queued]) -> list[tuple[int, list[tuple[int, WriteSet, Answers[str]]]]]:
+    """A round's records as ``repl.prepare_many`` messages: one per epoch (the epoch
+    travels in the call's metadata) and per ``PREPARES_PER_MESSAGE_MAX`` records."""
+    by_epoch: dict[int, list[tuple[int, WriteSet, Answers[str]]]] = {}
+    for epoch, txid, share, acks in queued:
+        by_epoch.setdefault(epoch, []).append((txid, share, acks))
+    return [
+        (epoch, items[i : i + PREPARES_PER_MESSAGE_MAX])
+        for epoch, items in by_epoch.items()
+        for i in range(0, len(items), PREPARES_PER_MESSAGE_MAX)
+    ]
 PENDING = "PENDING"
 """A ``repl.prepare_many`` answer: that record was still being taken at the follower's cut-off."""
 
@@ -160,10 +172,11 @@ class Replication:
         self.participant: Participant | None = None
         self._nursery: trio.Nursery | None = None
         self._notices: dict[str, list[int]] = {}  # follower -> commit notices not sent yet
-        # follower -> prepare records not sent yet: (epoch, txid, share, acks)
-        self._prepares: dict[str, list[tuple[int, int, WriteSet, Answers[str]]]] = {}
-        self._prepares_scheduled: set[str] = set()  # followers whose sender task is scheduled
-        self._prepares_in_flight: dict[str, int] = {}  # follower -> rounds not answered yet
+        # Prepare records per follower, sent in rounds of repl.prepare_many (one round in
+        # flight per follower: _queue_prepare).
+        self._prepares: Rounds[_Queued, tuple[int, list[tuple[int, WriteSet, Answers[str]]]]] = Rounds(
+            _prepare_messages, self._send_prepare_batch, self._refuse_prepares
+        )
         self._flushing: set[str] = set()
         # Followers that refused commit notices riding on repl.prepare_many (an older version).
         self._no_riders: set[str] = set()
@@ -259,7 +272,7 @@ class Replication:
         with why (empty: all have it durable).
 
         Records for one follower queued in one scheduler round leave together in one
-        ``repl.prepare_many`` (:meth:`_send_prepares`): under load a primary prepares
+        ``repl.prepare_many`` (:meth:`_queue_prepare`): under load a primary prepares
         many transactions at once (the coordinator's ``tx.prepare_many``)."""
         (the_plan,) = await self.send_prepares([(txid, writes, read_keys, scanned)])
         return the_plan
@@ -301,73 +314,22 @@ class Replication:
     def _queue_prepare(self, follower: str, epoch: int, txid: int, share: WriteSet, acks: Answers[str]) -> None:
         """Queue a record for ``follower``. Every record queued before its sender task runs
         goes in the same round; one round per follower is in flight at a time
-        (``PREPARE_ROUNDS_IN_FLIGHT_MAX``): with none, the sender runs in this scheduler
-        round, and while one is unanswered the records queue and leave together once its
-        answer arrives (not its ``PENDING`` resends): batches grow with the load."""
+        (:class:`Rounds`): with none, the sender runs in this scheduler round, and while
+        one is unanswered the records queue and leave together once its answer arrives
+        (not its ``PENDING`` resends): batches grow with the load."""
         if self._nursery is None or self._nursery.cancel_scope.cancel_called:
             acks.put(follower, f"node {self.node} is stopping")
             return
-        queue = self._prepares.get(follower)
-        if queue is None:
-            queue = self._prepares[follower] = []
-        queue.append((epoch, txid, share, acks))
-        self._schedule_prepares(follower)
+        self._prepares.put(self._nursery, follower, (epoch, txid, share, acks))
 
-    def _schedule_prepares(self, follower: str) -> None:
-        """Start ``follower``'s sender task if records wait for it, none is scheduled and a
-        round may go."""
-        if (
-            follower in self._prepares_scheduled
-            or self._prepares_in_flight.get(follower, 0) >= PREPARE_ROUNDS_IN_FLIGHT_MAX
-            or not self._prepares.get(follower)
-        ):
-            return
-        assert self._nursery is not None
-        try:
-            self._nursery.start_soon(self._send_prepares, follower)
-        except RuntimeError:  # the nursery is closing: the node is stopping
-            for _, _, _, acks in self._prepares.pop(follower, []):
-                acks.put(follower, f"node {self.node} is stopping")
-            return
-        self._prepares_scheduled.add(follower)
+    def _refuse_prepares(self, follower: str, queued: list[_Queued]) -> None:
+        for _, _, _, acks in queued:
+            acks.put(follower, f"node {self.node} is stopping")
 
-    async def _send_prepares(self, follower: str) -> None:
-        """Everything queued for ``follower`` by now, one ``repl.prepare_many`` per epoch
-        (the epoch travels in the call's metadata) and per ``PREPARES_PER_MESSAGE_MAX``
-        records, all in flight at once; each record answered on its own. The round counts
-        as in flight until every message of it is answered (or failed)."""
-        self._prepares_scheduled.discard(follower)
-        queued = self._prepares.pop(follower, None)
-        if not queued:
-            return
-        by_epoch: dict[int, list[tuple[int, WriteSet, Answers[str]]]] = {}
-        for epoch, txid, share, acks in queued:
-            by_epoch.setdefault(epoch, []).append((txid, share, acks))
-        batches = [
-            (epoch, items[i : i + PREPARES_PER_MESSAGE_MAX])
-            for epoch, items in by_epoch.items()
-            for i in range(0, len(items), PREPARES_PER_MESSAGE_MAX)
-        ]
-        self._prepares_in_flight[follower] = self._prepares_in_flight.get(follower, 0) + 1
-        unanswered = [len(batches)]  # -1 once released
-
-        def release() -> None:
-            if unanswered[0] >= 0:
-                unanswered[0] = -1
-                self._prepares_in_flight[follower] -= 1
-                self._schedule_prepares(follower)
-
-        def answered() -> None:
-            unanswered[0] -= 1
-            if unanswered[0] == 0:
-                release()
-
-        try:
-            await run_all(
-                [functools.partial(self._prepare_batch, follower, epoch, items, answered) for epoch, items in batches]
-            )
-        finally:
-            release()  # (however the round ended: the next one must not wait forever)
+    async def _send_prepare_batch(
+        self, follower: str, batch: tuple[int, list[tuple[int, WriteSet, Answers[str]]]], answered: Callable[[], None]
+    ) -> None:
+        await self._prepare_batch(follower, batch[0], batch[1], answered)
 
     async def _prepare_batch(
         self, follower: str, epoch: int, items: list[tuple[int, WriteSet, Answers[str]]], answered: Callable[[], None]
