@@ -304,6 +304,84 @@ async def test_a_bounded_handler_runs_without_a_scope_and_its_cancelled_answer_i
         nursery.cancel_scope.cancel()
 
 
+async def test_a_bounded_handler_is_cancelled_when_its_connection_closes() -> None:
+    """A bounded handler has no scope of its own, but it runs in its connection's
+    nursery: when the peer goes away the handler is cancelled (nobody is left to answer)
+    and the connection ends, not held open by the handler's wait."""
+    service, seen = _bounded_service()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        async with txrpc.connect("127.0.0.1", server.port) as client:
+            async with trio.open_nursery() as calls:
+                calls.start_soon(client.hold)
+                with trio.fail_after(5):
+                    await seen["started"].wait()
+                (conn,) = server._connections
+                assert conn.unscoped  # running, without a scope
+                calls.cancel_scope.cancel()
+        started = trio.current_time()
+        with trio.fail_after(5):
+            while server._connections or seen["cancelled"] == 0:
+                await trio.sleep(0.01)
+        assert trio.current_time() - started < 2  # at once, not after a flush timeout
+        assert seen["cancelled"] == 1 and seen["done"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_draining_connection_closes_once_an_answer_given_later_is_sent() -> None:
+    """A shutdown waits for a call that ``try_now`` answered with a ``Later`` (it is in
+    flight), sends its answer when it is settled, and then the server closes the
+    connection itself, at once: the peer here is a bare client that never closes its
+    side, so nothing else would end the connection before the shutdown's grace."""
+    service = txrpc.Service()
+    pending: list[txrpc.Later] = []
+
+    async def echo(x: int) -> int:
+        await trio.lowlevel.checkpoint()  # (a method that never suspends runs inline, not tried)
+        return x
+
+    def try_now(args: Any, kwargs: dict[str, Any]) -> Any:
+        later = txrpc.Later()
+        pending.append(later)
+        return later
+
+    service.add_method(echo, name="echo").try_now = try_now
+    client_conn = wire.Connection(wire.Role.CLIENT)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(client_conn.send_hello())
+        with trio.fail_after(5):
+            while not any(isinstance(e, wire.Hello) for e in client_conn.receive_data(await stream.receive_some())):
+                pass
+        await stream.send_all(client_conn.send_call(1, "echo", [1]))
+        with trio.fail_after(5):
+            while not pending:
+                await trio.sleep(0.01)
+        stopped = trio.Event()
+
+        async def shut_down() -> None:
+            await server.shutdown(grace_s=30)
+            stopped.set()
+
+        nursery.start_soon(shut_down)
+        events: list[Any] = []
+        with trio.move_on_after(0.2):
+            while True:
+                events += client_conn.receive_data(await stream.receive_some())
+        assert [type(e) for e in events] == [wire.GoAway] and not stopped.is_set()  # held open by the call
+        settled = trio.current_time()
+        pending[0].resolve("later")
+        with trio.fail_after(5):
+            while data := await stream.receive_some():  # until the server closes
+                events += client_conn.receive_data(data)
+            await stopped.wait()
+        assert trio.current_time() - settled < 2
+        assert [(e.id, e.value) for e in events if isinstance(e, wire.Result)] == [(1, "later")]
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_bounded_call_already_past_its_deadline_does_not_run() -> None:
     """A bounded call whose deadline passed before it was dispatched is answered
     DEADLINE_EXCEEDED without running (nothing else would end it)."""
