@@ -330,6 +330,43 @@ async def test_a_followers_batch_is_written_together_and_the_rest_alone(
         assert [rid for rid in local.participants[follower].core.txs if rid < 0] == []
 
 
+async def test_a_second_notice_for_records_already_applied_costs_no_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction with two primaries leaves two records at a node that follows both;
+    the first primary's notice applies both, and the second's (or a notice for a
+    transaction this node never held) finds nothing: it is answered in the message's
+    pass, without the one-by-one path (_repl_commit, a task each)."""
+    from coordinator._participant import Participant
+
+    singles: list[int] = []
+    real_single = Participant._repl_commit
+
+    async def repl_commit(self: Participant, txid: int) -> str:
+        singles.append(txid)
+        return await real_single(self, txid)
+
+    monkeypatch.setattr(Participant, "_repl_commit", repl_commit)
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        first, follower, second = (node.name for node in shard_map.nodes)
+        names = (f"acct{i}" for i in range(5000))
+        k1 = next(n for n in names if shard_map.primary_of(n).name == first)
+        k2 = next(n for n in names if shard_map.primary_of(n).name == second)
+        async with txrpc.connect(*shard_map.node(follower).address) as client:
+            current = client.options(metadata={"epoch": shard_map.epoch})
+            txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+            assert await current.call("repl.prepare_many", [[txid, [[k1, False, 5]]]], origin=first) == ["ok"]
+            assert await current.call("repl.prepare_many", [[txid, [[k2, False, 6]]]], origin=second) == ["ok"]
+            assert len(local.participants[follower].replication.records_of(txid)) == 2
+            assert await current.call("repl.commit_many", [txid]) == 1  # both records, one write
+            assert local.participants[follower].replication.records_of(txid) == []
+            assert await current.call("repl.commit_many", [txid, 10**9]) == 0  # the second notice; a stranger
+            assert singles == []
+        store = local.participants[follower].store
+        assert await store.get(k1) == (True, 5) and await store.get(k2) == (True, 6)
+
+
 def test_at_most_512_commit_notices_ride_on_one_message_the_rest_stay_queued(tmp_path: Path) -> None:
     """A prepare message takes at most NOTICES_PER_MESSAGE_MAX (512) of the notices queued
     for its follower, oldest first; the rest stay queued, in order, for the next message or
