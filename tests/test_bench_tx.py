@@ -59,3 +59,27 @@ def test_a_replicated_single_shard_ratio_has_no_target() -> None:
     )
     ratio = summarize_ratios([found])["r3_one_vs_cross"]
     assert ratio.target is None and ratio.goal == "" and ratio.shown == "1.20× x-shard"
+
+
+def test_the_peer_is_refused_with_what_is_short_before_it_starts() -> None:
+    """PostgreSQL's limits are checked before the peer runs: each client needs a
+    connection per database (the default max_connections, 100, does not fit 64 clients:
+    it failed with a traceback from psycopg) and two prepared transactions; the bench
+    says which limit is short and --pg-setup raises only that."""
+    from txrpc._bench_tx import pg_connections_needed, pg_settings_for, pg_shortfall
+
+    server = {"max_prepared_transactions": 200, "max_connections": 100, "superuser_reserved_connections": 3}
+    server["in_use"] = 1  # only the check's own connection
+    assert pg_connections_needed(32) == 97
+    assert pg_shortfall(server, 32) == ""  # 100 - 3 reserved = 97 free
+    short = pg_shortfall(server, 33)
+    assert "33 clients need 100 PostgreSQL connections" in short and "leaves 97 free" in short
+    assert pg_settings_for(server, 64) == {"max_connections": 3 + 1 + 193 + 20}
+    busy = {**server, "in_use": 11}  # ten other sessions hold connections
+    assert pg_shortfall(busy, 32) != "" and pg_settings_for(busy, 32) == {"max_connections": 3 + 11 + 97 + 20}
+    off = {**server, "max_prepared_transactions": 0}
+    assert "max_prepared_transactions = 0" in pg_shortfall(off, 8)
+    assert pg_settings_for(off, 8) == {"max_prepared_transactions": 200}
+    few = {**server, "max_prepared_transactions": 10, "max_connections": 1000}
+    assert "below the 16 transactions" in pg_shortfall(few, 8)
+    assert pg_settings_for(few, 150) == {"max_prepared_transactions": 300}

@@ -11,9 +11,12 @@ With ``--rounds N`` the stacks run N times, in alternating order (A B C, C B A, 
 each ratio is the median of the rounds' own ratios (both sides measured minutes apart),
 printed with the lowest and highest: these machines' speed drifts within the hour.
 
-PostgreSQL needs ``max_prepared_transactions > 0``: ``--pg-setup`` runs
-``ALTER SYSTEM SET max_prepared_transactions = 200`` and restarts the local server with
-``pg_ctlcluster`` (root on the build machine); without it the bench says what to run.
+PostgreSQL needs ``max_prepared_transactions`` of at least two per client and a free
+connection per client and database (``--clients 64`` needs 193; the default
+``max_connections`` is 100): ``--pg-setup`` raises what is short (``ALTER SYSTEM SET
+max_prepared_transactions = 200``, and ``max_connections`` as needed) and restarts the
+local server with ``pg_ctlcluster`` (root on the build machine); without it the bench
+says what is short and what to run, and measures txrpc only.
 """
 
 from __future__ import annotations
@@ -163,34 +166,77 @@ async def _ours_workload(config_path: Path, clients: int, seconds: float, accoun
 # --- PostgreSQL's own 2PC --------------------------------------------------------------------
 
 
-def pg_prepared_transactions() -> int | None:
-    """max_prepared_transactions of the local server, None if it cannot be reached."""
+def pg_limits() -> dict[str, int] | None:
+    """The local server's ``max_prepared_transactions``, ``max_connections`` and
+    ``superuser_reserved_connections``, and ``in_use``: the connections open now (this
+    one included); None if it cannot be reached."""
     try:
         import psycopg
     except ImportError:
         return None
     try:
         with psycopg.connect(PG_DSN.format("postgres"), autocommit=True, connect_timeout=5) as conn:
-            row = conn.execute("show max_prepared_transactions").fetchone()
-            return int(row[0]) if row else None
+            limits = {
+                name: int(conn.execute(f"show {name}").fetchone()[0])  # type: ignore[index]
+                for name in ("max_prepared_transactions", "max_connections", "superuser_reserved_connections")
+            }
+            row = conn.execute("select count(*) from pg_stat_activity where backend_type = 'client backend'")
+            limits["in_use"] = int(row.fetchone()[0])  # type: ignore[index]
+            return limits
     except psycopg.Error:
         return None
 
 
-def enable_prepared_transactions() -> None:
-    """Enable prepared transactions on the local server (ALTER SYSTEM + restart)."""
+def pg_connections_needed(clients: int) -> int:
+    """Connections the peer opens: one per client and database, and one more to set up."""
+    return clients * len(PG_DATABASES) + 1
+
+
+def pg_shortfall(limits: dict[str, int], clients: int) -> str:
+    """Why the local server cannot run the peer with ``clients`` clients ("" if it can)."""
+    if limits["max_prepared_transactions"] == 0:
+        return "PostgreSQL has max_prepared_transactions = 0, so its 2PC cannot run"
+    if limits["max_prepared_transactions"] < clients * 2:
+        return (
+            f"PostgreSQL's max_prepared_transactions ({limits['max_prepared_transactions']}) is below the "
+            f"{clients * 2} transactions {clients} clients may hold prepared at once"
+        )
+    free = limits["max_connections"] - limits["superuser_reserved_connections"] - limits["in_use"] + 1
+    needed = pg_connections_needed(clients)
+    if free < needed:
+        return (
+            f"{clients} clients need {needed} PostgreSQL connections (one per client and database, "
+            f"and one to set up), but max_connections = {limits['max_connections']} leaves {free} free"
+        )
+    return ""
+
+
+def pg_settings_for(limits: dict[str, int], clients: int) -> dict[str, int]:
+    """The settings ``--pg-setup`` raises for ``clients`` clients (nothing is lowered)."""
+    others = limits["superuser_reserved_connections"] + limits["in_use"]
+    wanted = {
+        "max_prepared_transactions": max(200, clients * 2),
+        "max_connections": others + pg_connections_needed(clients) + 20,
+    }
+    return {name: value for name, value in wanted.items() if value > limits[name]}
+
+
+def enable_prepared_transactions(settings: dict[str, int]) -> None:
+    """Raise the local server's ``settings`` (ALTER SYSTEM + restart)."""
     import psycopg
 
     with psycopg.connect(PG_DSN.format("postgres"), autocommit=True) as conn:
-        conn.execute("ALTER SYSTEM SET max_prepared_transactions = 200")
+        for name, value in settings.items():
+            conn.execute(f"ALTER SYSTEM SET {name} = {int(value)}")
     version = sorted(os.listdir("/etc/postgresql"))[0]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"], check=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if (pg_prepared_transactions() or 0) > 0:
+        limits = pg_limits()
+        if limits is not None and all(limits[name] >= value for name, value in settings.items()):
             return
         time.sleep(0.2)
-    raise RuntimeError("PostgreSQL did not come back with max_prepared_transactions > 0")
+    raise RuntimeError(f"PostgreSQL did not come back with {settings}")
 
 
 def run_postgres(clients: int, seconds: float, accounts: int) -> Row:
@@ -371,7 +417,11 @@ def summarize_ratios(per_round: list[dict[str, float]]) -> dict[str, Ratio]:
     show_default=True,
     help="Replication factors to measure (comma-separated; 3 nodes, so at most 3).",
 )
-@click.option("--pg-setup", is_flag=True, help="Enable max_prepared_transactions (ALTER SYSTEM + restart) if it is 0.")
+@click.option(
+    "--pg-setup",
+    is_flag=True,
+    help="Raise max_prepared_transactions and max_connections as the clients need (ALTER SYSTEM + restart).",
+)
 def tx(
     clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bool, replication: str, pg_setup: bool
 ) -> None:
@@ -388,19 +438,21 @@ def tx(
     console = Console(width=max(Console().width, 110))
     with_pg = not no_postgres
     if with_pg:
-        prepared = pg_prepared_transactions()
-        if prepared is None:
+        limits = pg_limits()
+        if limits is None:
             console.print("[yellow]PostgreSQL unreachable at 127.0.0.1:5432: measuring txrpc only[/]")
             with_pg = False
-        elif prepared == 0:
-            if pg_setup:
-                with console.status("enabling max_prepared_transactions and restarting PostgreSQL"):
-                    enable_prepared_transactions()
+        elif why := pg_shortfall(limits, clients):
+            settings = pg_settings_for(limits, clients)
+            shown = ", ".join(f"{name} = {value}" for name, value in settings.items())
+            if pg_setup and settings:
+                with console.status(f"setting {shown} and restarting PostgreSQL"):
+                    enable_prepared_transactions(settings)
             else:
                 console.print(
-                    "[yellow]PostgreSQL has max_prepared_transactions = 0, so its 2PC cannot run. "
-                    "Re-run with --pg-setup (runs ALTER SYSTEM SET max_prepared_transactions = 200 and "
-                    "restarts the server with pg_ctlcluster), or do that by hand.[/]"
+                    f"[yellow]{why}: measuring txrpc only. Re-run with --pg-setup (runs ALTER SYSTEM SET "
+                    f"{shown or 'nothing: other sessions hold the connections'} and restarts the server with "
+                    "pg_ctlcluster), or do that by hand.[/]"
                 )
                 with_pg = False
     samples: dict[tuple[str, str], list[Row]] = {}
