@@ -70,6 +70,10 @@ NOTICES_PER_MESSAGE_MAX = 512
 NOTICE_WAIT_S = 0.02
 """How long a commit notice waits for prepare records to the same follower to ride on
 before it goes on its own (``repl.commit_many``)."""
+NO_RIDERS_RETRY_S = 300.0
+"""A follower that refused notices riding on its prepare records (an older version) gets
+its notices on their own for this long, then riders are tried again (it may have been
+upgraded meanwhile; a refusal costs one message sent twice)."""
 PREPARES_PER_MESSAGE_MAX = 256
 """Replicated prepare records per ``repl.prepare_many`` message."""
 _Queued = tuple[int, int, WriteSet, Answers[str]]
@@ -178,8 +182,9 @@ class Replication:
             _prepare_messages, self._send_prepare_batch, self._refuse_prepares
         )
         self._flushing: set[str] = set()
-        # Followers that refused commit notices riding on repl.prepare_many (an older version).
-        self._no_riders: set[str] = set()
+        # Followers that refused commit notices riding on repl.prepare_many (an older
+        # version), with when they refused (trio clock): none ride for NO_RIDERS_RETRY_S.
+        self._no_riders: dict[str, float] = {}
         self._alarms = Alarms()  # bounds each send_prepare's wait for its acknowledgements
         self._lock_changed = trio.Event()
         self.stats = {
@@ -363,7 +368,7 @@ class Replication:
                     if not riders or "commits" not in exc.message:
                         raise
                     # An older follower (no riders): the notices go their own way.
-                    self._no_riders.add(follower)
+                    self._no_riders[follower] = trio.current_time()
                     self._return_riders(follower, riders)
                     riders = []
                     answers = await call_by(client, deadline, "repl.prepare_many", (records,), origin, epoch)
@@ -420,8 +425,13 @@ class Replication:
         """The commit notices queued for ``follower`` (at most NOTICES_PER_MESSAGE_MAX),
         to ride on a ``repl.prepare_many``; the rest stay queued."""
         queued = self._notices.get(follower)
-        if not queued or follower in self._no_riders:
+        if not queued:
             return []
+        refused_at = self._no_riders.get(follower)
+        if refused_at is not None:
+            if trio.current_time() - refused_at < NO_RIDERS_RETRY_S:
+                return []
+            del self._no_riders[follower]  # upgraded meanwhile? Try again.
         riders = queued[:NOTICES_PER_MESSAGE_MAX]
         del queued[:NOTICES_PER_MESSAGE_MAX]
         if not queued:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trio.testing
 from _cluster_helpers import LocalCluster, free_ports, load_bank_service, local_cluster
 
 import txrpc
@@ -370,10 +371,11 @@ async def test_a_second_notice_for_records_already_applied_costs_no_task(
 def test_at_most_512_commit_notices_ride_on_one_message_the_rest_stay_queued(tmp_path: Path) -> None:
     """A prepare message takes at most NOTICES_PER_MESSAGE_MAX (512) of the notices queued
     for its follower, oldest first; the rest stay queued, in order, for the next message or
-    the flusher; a follower that takes no riders gets none."""
+    the flusher; a follower that refused riders gets none for NO_RIDERS_RETRY_S, then
+    they are tried again (it may have been upgraded since)."""
     from _cluster_helpers import make_config
 
-    from coordinator._replication import NOTICES_PER_MESSAGE_MAX, Replication
+    from coordinator._replication import NO_RIDERS_RETRY_S, NOTICES_PER_MESSAGE_MAX, Replication
     from txrpc._routing import EpochGuard
 
     async def no_client(_: str) -> txrpc.Client:
@@ -391,11 +393,17 @@ def test_at_most_512_commit_notices_ride_on_one_message_the_rest_stay_queued(tmp
         assert follower not in replication._notices
         assert replication.stats["notices_riding"] == 600
         replication._notices[follower] = [7]
-        replication._no_riders.add(follower)
+        replication._no_riders[follower] = trio.current_time()  # it refused riders just now
         assert replication._take_riders(follower) == []
         assert replication._notices[follower] == [7]
+        clock.jump(NO_RIDERS_RETRY_S - 1)
+        assert replication._take_riders(follower) == []
+        clock.jump(1)
+        assert replication._take_riders(follower) == [7]  # tried again
+        assert follower not in replication._no_riders
 
-    trio.run(main)
+    clock = trio.testing.MockClock()
+    trio.run(main, clock=clock)
 
 
 async def test_commit_notices_riding_on_prepare_records_are_applied_in_the_background(
