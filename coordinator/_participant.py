@@ -1718,7 +1718,7 @@ class Participant:
         """Coalesced commit notices (:meth:`_repl_commit` each, at once: their writes
         share the group commit). They never conflict with each other: a record that
         conflicts with another waits here until that one is applied, so both cannot be
-        pending together. Returns how many records were applied."""
+        pending together. Returns how many notices (transactions) applied something."""
         _check_notices(txids)
         assert self.replication is not None
         applied = [0]

@@ -62,24 +62,25 @@ def test_a_replicated_single_shard_ratio_has_no_target() -> None:
 
 
 def test_the_peer_is_refused_with_what_is_short_before_it_starts() -> None:
-    """PostgreSQL's limits are checked before the peer runs: each client needs a
+    """PostgreSQL's limits are checked before the peer runs: each client holds a
     connection per database (the default max_connections, 100, does not fit 64 clients:
-    it failed with a traceback from psycopg) and two prepared transactions; the bench
-    says which limit is short and --pg-setup raises only that."""
-    from txrpc._bench_tx import pg_connections_needed, pg_settings_for, pg_shortfall
+    that failed with a traceback from psycopg) and up to two prepared transactions; the
+    bench says which limits are short, and --pg-setup raises only those."""
+    from txrpc._bench_tx import pg_shortages
 
     server = {"max_prepared_transactions": 200, "max_connections": 100, "superuser_reserved_connections": 3}
-    server["in_use"] = 1  # only the check's own connection
-    assert pg_connections_needed(32) == 97
-    assert pg_shortfall(server, 32) == ""  # 100 - 3 reserved = 97 free
-    short = pg_shortfall(server, 33)
-    assert "33 clients need 100 PostgreSQL connections" in short and "leaves 97 free" in short
-    assert pg_settings_for(server, 64) == {"max_connections": 3 + 1 + 193 + 20}
+    server |= {"superuser": 1, "in_use": 1}  # only the check's own connection, as a superuser
+    assert pg_shortages(server, 33) == {}  # 99 of 100: a superuser may take the reserved ones
+    ((value, why),) = pg_shortages(server, 34).values()
+    assert value == 100 + 2 + 20 and "34 clients need 102 connections" in why and "leaves 100 free" in why
+    role = {**server, "superuser": 0}  # not a superuser: the reserved connections are not its
+    assert pg_shortages(role, 32) == {} and list(pg_shortages(role, 33)) == ["max_connections"]
     busy = {**server, "in_use": 11}  # ten other sessions hold connections
-    assert pg_shortfall(busy, 32) != "" and pg_settings_for(busy, 32) == {"max_connections": 3 + 11 + 97 + 20}
+    assert pg_shortages(busy, 30) == {} and pg_shortages(busy, 31)["max_connections"][0] == 100 + 3 + 20
     off = {**server, "max_prepared_transactions": 0}
-    assert "max_prepared_transactions = 0" in pg_shortfall(off, 8)
-    assert pg_settings_for(off, 8) == {"max_prepared_transactions": 200}
-    few = {**server, "max_prepared_transactions": 10, "max_connections": 1000}
-    assert "below the 16 transactions" in pg_shortfall(few, 8)
-    assert pg_settings_for(few, 150) == {"max_prepared_transactions": 300}
+    ((value, why),) = pg_shortages(off, 8).values()
+    assert value == 200 and "max_prepared_transactions = 0" in why
+    few = {**server, "max_prepared_transactions": 10}
+    assert "below the 16 transactions" in pg_shortages(few, 8)["max_prepared_transactions"][1]
+    both = pg_shortages(few, 150)
+    assert both["max_prepared_transactions"][0] == 300 and both["max_connections"][0] == 100 + 350 + 20

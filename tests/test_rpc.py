@@ -366,6 +366,9 @@ async def test_a_draining_connection_closes_once_an_answer_given_later_is_sent()
 
         nursery.start_soon(shut_down)
         events: list[Any] = []
+        with trio.fail_after(5):
+            while not events:
+                events += client_conn.receive_data(await stream.receive_some())
         with trio.move_on_after(0.2):
             while True:
                 events += client_conn.receive_data(await stream.receive_some())

@@ -12,7 +12,7 @@ each ratio is the median of the rounds' own ratios (both sides measured minutes 
 printed with the lowest and highest: these machines' speed drifts within the hour.
 
 PostgreSQL needs ``max_prepared_transactions`` of at least two per client and a free
-connection per client and database (``--clients 64`` needs 193; the default
+connection per client and database (``--clients 64`` needs 192; the default
 ``max_connections`` is 100): ``--pg-setup`` raises what is short (``ALTER SYSTEM SET
 max_prepared_transactions = 200``, and ``max_connections`` as needed) and restarts the
 local server with ``pg_ctlcluster`` (root on the build machine); without it the bench
@@ -168,18 +168,24 @@ async def _ours_workload(config_path: Path, clients: int, seconds: float, accoun
 
 def pg_limits() -> dict[str, int] | None:
     """The local server's ``max_prepared_transactions``, ``max_connections`` and
-    ``superuser_reserved_connections``, and ``in_use``: the connections open now (this
-    one included); None if it cannot be reached."""
+    ``superuser_reserved_connections``; ``superuser`` (1 if the bench's role is one: it may
+    use the reserved connections too) and ``in_use``, the connections open now (this one
+    included). None if the server cannot be reached."""
     try:
         import psycopg
     except ImportError:
         return None
     try:
         with psycopg.connect(PG_DSN.format("postgres"), autocommit=True, connect_timeout=5) as conn:
+
+            def show(name: str) -> str:
+                return str(conn.execute(f"show {name}").fetchone()[0])  # type: ignore[index]
+
             limits = {
-                name: int(conn.execute(f"show {name}").fetchone()[0])  # type: ignore[index]
+                name: int(show(name))
                 for name in ("max_prepared_transactions", "max_connections", "superuser_reserved_connections")
             }
+            limits["superuser"] = int(show("is_superuser") == "on")
             row = conn.execute("select count(*) from pg_stat_activity where backend_type = 'client backend'")
             limits["in_use"] = int(row.fetchone()[0])  # type: ignore[index]
             return limits
@@ -187,41 +193,34 @@ def pg_limits() -> dict[str, int] | None:
         return None
 
 
-def pg_connections_needed(clients: int) -> int:
-    """Connections the peer opens: one per client and database, and one more to set up."""
-    return clients * len(PG_DATABASES) + 1
-
-
-def pg_shortfall(limits: dict[str, int], clients: int) -> str:
-    """Why the local server cannot run the peer with ``clients`` clients ("" if it can)."""
-    if limits["max_prepared_transactions"] == 0:
-        return "PostgreSQL has max_prepared_transactions = 0, so its 2PC cannot run"
-    if limits["max_prepared_transactions"] < clients * 2:
-        return (
-            f"PostgreSQL's max_prepared_transactions ({limits['max_prepared_transactions']}) is below the "
-            f"{clients * 2} transactions {clients} clients may hold prepared at once"
+def pg_shortages(limits: dict[str, int], clients: int) -> dict[str, tuple[int, str]]:
+    """What the local server lacks to run the peer with ``clients`` clients: each setting
+    that is short, with the value ``--pg-setup`` gives it and why (empty if nothing is).
+    The peer holds one connection per client and database at once (it closes its set-up
+    connection first) and up to two prepared transactions per client."""
+    short: dict[str, tuple[int, str]] = {}
+    prepared = limits["max_prepared_transactions"]
+    if prepared < clients * 2:
+        why = (
+            "max_prepared_transactions = 0, so its 2PC cannot run"
+            if prepared == 0
+            else f"max_prepared_transactions = {prepared} is below the {clients * 2} transactions "
+            f"{clients} clients may hold prepared at once"
         )
-    free = limits["max_connections"] - limits["superuser_reserved_connections"] - limits["in_use"] + 1
-    needed = pg_connections_needed(clients)
+        short["max_prepared_transactions"] = (max(200, clients * 2), why)
+    reserved = 0 if limits["superuser"] else limits["superuser_reserved_connections"]
+    free = limits["max_connections"] - reserved - (limits["in_use"] - 1)  # (the check's own one closes)
+    needed = clients * len(PG_DATABASES)
     if free < needed:
-        return (
-            f"{clients} clients need {needed} PostgreSQL connections (one per client and database, "
-            f"and one to set up), but max_connections = {limits['max_connections']} leaves {free} free"
+        why = (
+            f"{clients} clients need {needed} connections (one per client and database), but "
+            f"max_connections = {limits['max_connections']} leaves {free} free"
         )
-    return ""
+        short["max_connections"] = (limits["max_connections"] + needed - free + 20, why)  # (and a margin)
+    return short
 
 
-def pg_settings_for(limits: dict[str, int], clients: int) -> dict[str, int]:
-    """The settings ``--pg-setup`` raises for ``clients`` clients (nothing is lowered)."""
-    others = limits["superuser_reserved_connections"] + limits["in_use"]
-    wanted = {
-        "max_prepared_transactions": max(200, clients * 2),
-        "max_connections": others + pg_connections_needed(clients) + 20,
-    }
-    return {name: value for name, value in wanted.items() if value > limits[name]}
-
-
-def enable_prepared_transactions(settings: dict[str, int]) -> None:
+def raise_pg_settings(settings: dict[str, int]) -> None:
     """Raise the local server's ``settings`` (ALTER SYSTEM + restart)."""
     import psycopg
 
@@ -442,17 +441,16 @@ def tx(
         if limits is None:
             console.print("[yellow]PostgreSQL unreachable at 127.0.0.1:5432: measuring txrpc only[/]")
             with_pg = False
-        elif why := pg_shortfall(limits, clients):
-            settings = pg_settings_for(limits, clients)
-            shown = ", ".join(f"{name} = {value}" for name, value in settings.items())
-            if pg_setup and settings:
+        elif short := pg_shortages(limits, clients):
+            why = "; ".join(reason for _, reason in short.values())
+            shown = ", ".join(f"{name} = {value}" for name, (value, _) in short.items())
+            if pg_setup:
                 with console.status(f"setting {shown} and restarting PostgreSQL"):
-                    enable_prepared_transactions(settings)
+                    raise_pg_settings({name: value for name, (value, _) in short.items()})
             else:
                 console.print(
-                    f"[yellow]{why}: measuring txrpc only. Re-run with --pg-setup (runs ALTER SYSTEM SET "
-                    f"{shown or 'nothing: other sessions hold the connections'} and restarts the server with "
-                    "pg_ctlcluster), or do that by hand.[/]"
+                    f"[yellow]PostgreSQL: {why}. Measuring txrpc only. Re-run with --pg-setup (runs ALTER "
+                    f"SYSTEM SET {shown} and restarts the server with pg_ctlcluster), or do that by hand.[/]"
                 )
                 with_pg = False
     samples: dict[tuple[str, str], list[Row]] = {}
