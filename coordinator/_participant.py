@@ -142,6 +142,17 @@ class TxHandle:
         return sorted(rows.items())[:limit]
 
 
+class _LockWait:
+    """The operations of one transaction waiting for one resource (usually one; a
+    transaction may run several operations at once): one event wakes them all."""
+
+    __slots__ = ("event", "waiters")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.waiters = 0
+
+
 class _WouldWait(BaseException):
     """An operation tried on the read loop (:class:`_NowTxHandle`) would have to wait.
     (A BaseException: a method's ``except Exception`` must not swallow it.)"""
@@ -307,7 +318,7 @@ class Participant:
         self.resolve_interval_s = resolve_interval_s
         self.phase_timeout_s = phase_timeout_s
         self.rng = rng or random.Random(0)
-        self._lock_waiters: dict[tuple[int, Any], trio.Event] = {}
+        self._lock_waiters: dict[tuple[int, Any], _LockWait] = {}
         self._prepared_at: dict[int, float] = {}
         self._busy: dict[int, trio.Event] = {}  # txid -> a prepare/commit/abort is writing
         # Steps a batch handler answered PENDING finish here (see _each_answered).
@@ -410,6 +421,10 @@ class Participant:
             return True
         if tx.state is not TxState.ACTIVE:
             raise _Conflict(tx.abort_reason or f"transaction {tx.txid} is {tx.state.value}")
+        if (tx.txid, resource) in self._lock_waiters:
+            # Another operation of this transaction waits for it: its queued request must
+            # stay (a withdrawal here would take it too); this one waits in a task as well.
+            return False
         outcome = self.core.locks.acquire(tx.txid, resource, mode)
         if outcome is GRANTED:
             return True
@@ -419,38 +434,52 @@ class Participant:
         return False
 
     async def _lock(self, tx: ParticipantTx, resource: Any, mode: Mode) -> None:
-        if tx.state is not TxState.ACTIVE:
-            raise _Conflict(tx.abort_reason or f"transaction {tx.txid} is {tx.state.value}")
-        outcome = self.core.locks.acquire(tx.txid, resource, mode)
-        if outcome is GRANTED:
-            return
-        if outcome is DIE:
-            raise _Conflict(f"lock conflict on {_show(resource)} with an older transaction (wait-die)")
-        event = trio.Event()
-        self._lock_waiters[(tx.txid, resource)] = event
-        granted = False
-        try:
-            with trio.move_on_at(tx.deadline):
-                await event.wait()
-                granted = tx.state is TxState.ACTIVE and resource in self.core.locks.held_by(tx.txid)
-        finally:
-            self._lock_waiters.pop((tx.txid, resource), None)
-            if not granted and tx.state is TxState.ACTIVE:
-                self._wake(self.core.locks.cancel(tx.txid, resource))
-        if not granted:
-            raise _Conflict(
-                tx.abort_reason or f"lock wait on {_show(resource)} reached the transaction deadline"
-            )
+        """Take ``mode`` on ``resource`` for ``tx``, waiting (wait-die) until it is granted
+        or the transaction's deadline. Several operations of one transaction may wait for
+        one resource at once: they share one wait (a :class:`_LockWait`), and the queued
+        requests are withdrawn only when the last of them gives up."""
+        key = (tx.txid, resource)
+        while True:
+            if tx.state is not TxState.ACTIVE:
+                raise _Conflict(tx.abort_reason or f"transaction {tx.txid} is {tx.state.value}")
+            if key not in self._lock_waiters:  # (else a request of this transaction is queued)
+                outcome = self.core.locks.acquire(tx.txid, resource, mode)
+                if outcome is GRANTED:
+                    return
+                if outcome is DIE:
+                    raise _Conflict(f"lock conflict on {_show(resource)} with an older transaction (wait-die)")
+            wait = self._lock_waiters.get(key)
+            if wait is None:
+                wait = self._lock_waiters[key] = _LockWait()
+            wait.waiters += 1
+            woken = False
+            try:
+                with trio.move_on_at(tx.deadline):
+                    await wait.event.wait()
+                    woken = True
+            finally:
+                wait.waiters -= 1
+                if not woken and wait.waiters == 0:  # the last one waiting gives up
+                    if self._lock_waiters.get(key) is wait:
+                        del self._lock_waiters[key]
+                    if tx.state is TxState.ACTIVE:
+                        self._wake(self.core.locks.cancel(tx.txid, resource))
+            if not woken:
+                raise _Conflict(
+                    tx.abort_reason or f"lock wait on {_show(resource)} reached the transaction deadline"
+                )
+            if tx.state is TxState.ACTIVE and self.core.locks.acquire_if_free(tx.txid, resource, mode):
+                return  # granted (strongly enough for this operation: a sibling may have wanted less)
 
     def _wake(self, granted: list[Request], aborted_txid: int | None = None) -> None:
+        waits = self._lock_waiters
         for request in granted:
-            event = self._lock_waiters.get((request.txid, request.resource))
-            if event is not None:
-                event.set()
+            wait = waits.pop((request.txid, request.resource), None)
+            if wait is not None:
+                wait.event.set()
         if aborted_txid is not None:
-            for (txid, _), event in list(self._lock_waiters.items()):
-                if txid == aborted_txid:
-                    event.set()
+            for key in [key for key in waits if key[0] == aborted_txid]:
+                waits.pop(key).event.set()
         if self.replication is not None:
             self.replication.locks_changed()
 

@@ -165,6 +165,48 @@ async def test_an_operation_waiting_past_the_transaction_deadline_aborts_it(tmp_
         assert await total(cluster, [alice, bob]) == 11  # young's deposit committed, old's did not
 
 
+async def test_operations_of_one_transaction_waiting_for_one_lock_together_all_go_on(tmp_path: Path) -> None:
+    """Two operations of one (older) transaction, run at once, both wait for a lock a
+    younger one holds: when it commits, both go on (one wait, shared; neither's queued
+    request withdrawn by the other's first try). Before, the second try withdrew the
+    request and each waiter replaced the other's wake-up: both waited until the
+    transaction's deadline and it aborted. A reader and a writer of the key (S, then X)
+    likewise: the reader's grant does not end the writer's wait with too weak a lock."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 10)
+        took: list[float] = []
+        seen: list[int] = []
+
+        async def older(together: list[tuple[str, int]]) -> None:
+            async with cluster.transaction(timeout_s=5, age=1) as old:  # older than all
+                async with trio.open_nursery() as operations:
+                    for method, amount in together:
+                        if method == "balance":
+                            operations.start_soon(lambda: _append(seen, old.bank.balance(alice)))
+                        else:
+                            operations.start_soon(getattr(old.bank, method), alice, amount)
+            took.append(trio.current_time() - released)
+
+        for together in ([("deposit", 2), ("deposit", 3)], [("balance", 0), ("withdraw", 4)]):
+            async with trio.open_nursery() as nursery:
+                async with cluster.transaction() as young:
+                    await young.bank.deposit(alice, 1)  # holds alice's lock until it commits
+                    nursery.start_soon(older, together)
+                    with trio.fail_after(5):
+                        while len(local.participants[local.config.shard_map.primary_of(alice).name]._lock_waiters) == 0:
+                            await trio.sleep(0.01)
+                    await trio.sleep(0.1)  # (both operations have reached the lock by now)
+                    released = trio.current_time()
+            assert len(took) == (1 if together[0][0] == "deposit" else 2) and took[-1] < 2
+        assert seen in ([17], [13])  # read before or after its sibling's withdrawal
+        assert await total(cluster, [alice, bob]) == 20 + 1 + 2 + 3 + 1 - 4
+
+
+async def _append(into: list[Any], value: Any) -> None:
+    into.append(await value)
+
+
 async def test_an_abort_before_commit_is_the_shards_business_alone(tmp_path: Path) -> None:
     """A transaction that aborts before it asks to commit tells the shards it touched and
     not the coordinator: no commit of it was ever sent, so there is nothing to refuse
