@@ -442,6 +442,8 @@ class Participant:
         while True:
             if tx.state is not TxState.ACTIVE:
                 raise _Conflict(tx.abort_reason or f"transaction {tx.txid} is {tx.state.value}")
+            if self.core.locks.acquire_if_free(tx.txid, resource, mode):
+                return  # (also: held strongly enough already, while a sibling waits for more)
             if key not in self._lock_waiters:  # (else a request of this transaction is queued)
                 outcome = self.core.locks.acquire(tx.txid, resource, mode)
                 if outcome is GRANTED:
@@ -459,9 +461,11 @@ class Participant:
                     woken = True
             finally:
                 wait.waiters -= 1
-                if not woken and wait.waiters == 0:  # the last one waiting gives up
-                    if self._lock_waiters.get(key) is wait:
-                        del self._lock_waiters[key]
+                # The last one waiting gives up: its request is withdrawn, unless the wait
+                # ended meanwhile (granted, or aborted: then a request queued since is a
+                # newer wait's, not this one's).
+                if not woken and wait.waiters == 0 and self._lock_waiters.get(key) is wait:
+                    del self._lock_waiters[key]
                     if tx.state is TxState.ACTIVE:
                         self._wake(self.core.locks.cancel(tx.txid, resource))
             if not woken:

@@ -178,8 +178,11 @@ async def test_operations_of_one_transaction_waiting_for_one_lock_together_all_g
         took: list[float] = []
         seen: list[int] = []
 
+        olds: list[txrpc.Transaction] = []
+
         async def older(together: list[tuple[str, int]]) -> None:
             async with cluster.transaction(timeout_s=5, age=1) as old:  # older than all
+                olds.append(old)
                 async with trio.open_nursery() as operations:
                     for method, amount in together:
                         if method == "balance":
@@ -193,10 +196,10 @@ async def test_operations_of_one_transaction_waiting_for_one_lock_together_all_g
                 async with cluster.transaction() as young:
                     await young.bank.deposit(alice, 1)  # holds alice's lock until it commits
                     nursery.start_soon(older, together)
-                    with trio.fail_after(5):
-                        while len(local.participants[local.config.shard_map.primary_of(alice).name]._lock_waiters) == 0:
+                    core = local.participants[local.config.shard_map.primary_of(alice).name].core
+                    with trio.fail_after(5):  # both operations run (in tasks: they wait for the lock)
+                        while not olds or getattr(core.txs.get(olds[-1].txid), "running_ops", 0) < 2:
                             await trio.sleep(0.01)
-                    await trio.sleep(0.1)  # (both operations have reached the lock by now)
                     released = trio.current_time()
             assert len(took) == (1 if together[0][0] == "deposit" else 2) and took[-1] < 2
         assert seen in ([17], [13])  # read before or after its sibling's withdrawal
