@@ -143,6 +143,10 @@ class WorkloadOptions:
     keys: int = 6
     #: Share of bank operations that read every balance (the rest are transfers).
     read_p: float = 0.2
+    #: Share of transfers whose operations run at once, in one transaction: the amount
+    #: withdrawn from the source in two concurrent withdrawals, the deposit beside them
+    #: (operations of one transaction waiting for one lock together).
+    concurrent_p: float = 0.0
 
 
 def accounts_of(options: WorkloadOptions) -> list[str]:
@@ -197,6 +201,22 @@ async def bank_client(
             async def move(t: Any, s: str = source, d: str = target, n: int = amount) -> None:
                 await t.bank.withdraw(s, n)
                 await t.bank.deposit(d, n)
+
+            if options.concurrent_p and rng.random() < options.concurrent_p:
+                part = rng.randint(0, amount)  # (a withdrawal of 0 still takes the lock)
+
+                async def at_once(t: Any, s: str = source, d: str = target, n: int = amount, k: int = part) -> None:
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(t.bank.withdraw, s, k)
+                            nursery.start_soon(t.bank.withdraw, s, n - k)
+                            nursery.start_soon(t.bank.deposit, d, n)
+                    except BaseExceptionGroup as group:  # the first failure (the others were cancelled by it)
+                        while isinstance(group, BaseExceptionGroup):
+                            group = group.exceptions[0]
+                        raise group from None
+
+                move = at_once
 
             status, reason = await _transaction(cluster, move, options.tx_timeout_s)
             outcome = transfer if status == "ok" else {**transfer, "error": str(reason)[:200]}
