@@ -9,6 +9,7 @@ from :class:`ParticipantCore`; durability from :class:`storage.ShardStore`.
 from __future__ import annotations
 
 import ast
+import collections
 import functools
 import inspect
 import logging
@@ -319,6 +320,9 @@ class Participant:
         self.phase_timeout_s = phase_timeout_s
         self.rng = rng or random.Random(0)
         self._lock_waiters: dict[tuple[int, Any], _LockWait] = {}
+        # Transactions with an operation running in a task here -> the operations of it
+        # waiting for their turn (one operation of a transaction runs at a time: _turn).
+        self._turns: dict[int, collections.deque[trio.Event]] = {}
         self._prepared_at: dict[int, float] = {}
         self._busy: dict[int, trio.Event] = {}  # txid -> a prepare/commit/abort is writing
         # Steps a batch handler answered PENDING finish here (see _each_answered).
@@ -565,8 +569,11 @@ class Participant:
         if tx.epoch is None and epoch is not None:
             tx.epoch = epoch  # (prepare refuses it if the map has changed since)
         finished = False
+        turn = False
         try:
             try:
+                await self._turn(tx)
+                turn = True
                 result = await spec.fn(TxHandle(self, tx), *args, **kwargs)
             except Exception as exc:
                 finished = True
@@ -575,6 +582,8 @@ class Participant:
             finished = True
             return result
         finally:
+            if turn:
+                self._next_turn(txid)
             if not finished:  # cancelled (deadline or caller gone): the transaction cannot go on
                 self.core.end_operation(
                     tx,
@@ -584,6 +593,44 @@ class Participant:
                     trio.current_time(),
                 )
                 self._wake(self.core.abort(txid, "an operation was cancelled"), txid)
+
+    async def _turn(self, tx: ParticipantTx) -> None:
+        """Wait until no other operation of ``tx`` runs here (in arrival order), bounded by
+        its deadline. Operations of one transaction may be sent at once, but each runs
+        alone at a shard, as a statement of an SQL transaction does: a method's read, then
+        write of a key is not interleaved with a sibling's (a withdrawal would otherwise
+        overwrite another's when both read the balance before either wrote it)."""
+        waiting = self._turns.get(tx.txid)
+        if waiting is None:
+            self._turns[tx.txid] = collections.deque()
+            return
+        turn = trio.Event()
+        waiting.append(turn)
+        try:
+            with trio.move_on_at(tx.deadline):
+                await turn.wait()
+        except BaseException:  # cancelled while waiting
+            if turn.is_set():
+                self._next_turn(tx.txid)  # handed over, but this one is leaving: pass it on
+            else:
+                waiting.remove(turn)
+            raise
+        if not turn.is_set():
+            waiting.remove(turn)
+            raise _Conflict(f"waiting for another operation of transaction {tx.txid} reached its deadline")
+        if tx.state is not TxState.ACTIVE:
+            self._next_turn(tx.txid)
+            raise _Conflict(tx.abort_reason or f"transaction {tx.txid} is {tx.state.value}")
+
+    def _next_turn(self, txid: int) -> None:
+        """The operation that had ``txid``'s turn here is done: the next waiting one goes."""
+        waiting = self._turns.get(txid)
+        if waiting is None:
+            return
+        if waiting:
+            waiting.popleft().set()
+        else:
+            del self._turns[txid]
 
     def _operation_failed(self, spec: MethodSpec, tx: ParticipantTx, op_seq: int, exc: Exception) -> txrpc.RpcError:
         """Operation ``op_seq`` of ``tx`` raised ``exc``: any failure of an operation aborts
@@ -631,6 +678,8 @@ class Participant:
                 return NOT_NOW  # (refused by the handler)
             if tx.state is not TxState.ACTIVE or op_seq in tx.op_results:
                 return NOT_NOW  # a replay or a refusal: the handler's path
+            if txid in self._turns:
+                return NOT_NOW  # another operation of it runs (in a task): this one waits its turn
             writes = dict(tx.writes)
         else:
             writes = {}

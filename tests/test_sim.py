@@ -56,9 +56,9 @@ def test_fault_free_run_is_valid_and_busy(workload: str) -> None:
 @pytest.mark.parametrize("faulty", [False, True])
 def test_transfers_whose_operations_run_at_once_stay_valid(faulty: bool) -> None:
     """Transfers that withdraw in two concurrent operations on one account, with the
-    deposit beside them (one transaction), on four accounts: its operations often wait
-    for one lock together (one shared wait). Money is conserved and the history is
-    serializable, with faults and without."""
+    deposit beside them (one transaction), on four accounts: its operations wait for
+    their turn at the shard and for locks other transactions hold. Money is conserved and
+    the history is serializable, with faults and without."""
     options = WorkloadOptions(clients=6, duration_s=2.0, accounts=4, concurrent_p=0.7)
     for seed in range(2):
         result = run_simulation(seed, workload="bank", faults=FAULTS if faulty else (), workload_options=options)

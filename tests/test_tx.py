@@ -206,6 +206,27 @@ async def test_operations_of_one_transaction_waiting_for_one_lock_together_all_g
         assert await total(cluster, [alice, bob]) == 20 + 1 + 2 + 3 + 1 - 4
 
 
+async def test_operations_of_one_transaction_at_one_shard_run_one_at_a_time(tmp_path: Path) -> None:
+    """Operations of one transaction sent at once each run alone at a shard (in arrival
+    order), as the statements of an SQL transaction do: two withdrawals from one account
+    whose balance must be read from the database (no cached value) both count. Before,
+    each read the balance while the other's read was on its worker thread, and the
+    second write overwrote the first: 100 - 3 - 2 left 98."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        alice, bob = accounts_on_distinct_shards(local.config, 2)
+        await open_accounts(cluster, [alice, bob], 100)
+        for participant in local.participants.values():
+            participant.store._cache.clear()  # the balances are read from the database
+        async with cluster.transaction() as t:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(t.bank.withdraw, alice, 3)
+                nursery.start_soon(t.bank.withdraw, alice, 2)
+                nursery.start_soon(t.bank.deposit, bob, 5)
+        assert await cluster.call(alice, "bank.balance", alice) == 95
+        assert await total(cluster, [alice, bob]) == 200
+        assert all(not participant._turns for participant in local.participants.values())
+
+
 async def _append(into: list[Any], value: Any) -> None:
     into.append(await value)
 
