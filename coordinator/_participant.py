@@ -595,8 +595,8 @@ class Participant:
                 self._wake(self.core.abort(txid, "an operation was cancelled"), txid)
 
     async def _turn(self, tx: ParticipantTx) -> None:
-        """Wait until no other operation of ``tx`` runs here (in arrival order), bounded by
-        its deadline. Operations of one transaction may be sent at once, but each runs
+        """Wait until no other operation of ``tx`` runs here (the waiting ones in the
+        order they got here), bounded by its deadline. Operations of one transaction may be sent at once, but each runs
         alone at a shard, as a statement of an SQL transaction does: a method's read, then
         write of a key is not interleaved with a sibling's (a withdrawal would otherwise
         overwrite another's when both read the balance before either wrote it)."""

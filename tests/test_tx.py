@@ -207,8 +207,8 @@ async def test_operations_of_one_transaction_waiting_for_one_lock_together_all_g
 
 
 async def test_operations_of_one_transaction_at_one_shard_run_one_at_a_time(tmp_path: Path) -> None:
-    """Operations of one transaction sent at once each run alone at a shard (in arrival
-    order), as the statements of an SQL transaction do: two withdrawals from one account
+    """Operations of one transaction sent at once each run alone at a shard, as the
+    statements of an SQL transaction do: two withdrawals from one account
     whose balance must be read from the database (no cached value) both count. Before,
     each read the balance while the other's read was on its worker thread, and the
     second write overwrote the first: 100 - 3 - 2 left 98."""
