@@ -245,6 +245,17 @@ async def test_an_explicit_call_deadline_ends_the_call_and_cancels_the_handler(
         assert await client._call_once("add", (1, 1), {}, {}, trio.current_time() + 5) == 2
 
 
+async def _bare_client(client_conn: wire.Connection, port: int) -> trio.SocketStream:
+    """A TCP connection to the server at ``port`` driven by hand through ``client_conn``
+    (the test controls every frame, and when it closes): hello sent and answered."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(client_conn.send_hello())
+    with trio.fail_after(5):
+        while not any(isinstance(e, wire.Hello) for e in client_conn.receive_data(await stream.receive_some())):
+            pass
+    return stream
+
+
 def _bounded_service() -> tuple[txrpc.Service, dict[str, Any]]:
     """``hold`` waits for the test's event; registered ``bounded=True`` (no scope per call)."""
     service = txrpc.Service()
@@ -349,11 +360,7 @@ async def test_a_draining_connection_closes_once_an_answer_given_later_is_sent()
     client_conn = wire.Connection(wire.Role.CLIENT)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-        await stream.send_all(client_conn.send_hello())
-        with trio.fail_after(5):
-            while not any(isinstance(e, wire.Hello) for e in client_conn.receive_data(await stream.receive_some())):
-                pass
+        stream = await _bare_client(client_conn, server.port)
         await stream.send_all(client_conn.send_call(1, "echo", [1]))
         with trio.fail_after(5):
             while not pending:
@@ -392,11 +399,7 @@ async def test_a_bounded_call_already_past_its_deadline_does_not_run() -> None:
     client_conn = wire.Connection(wire.Role.CLIENT)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(txrpc.Server(service).serve_tcp, "127.0.0.1", 0)
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-        await stream.send_all(client_conn.send_hello())
-        with trio.fail_after(5):
-            while not any(isinstance(e, wire.Hello) for e in client_conn.receive_data(await stream.receive_some())):
-                pass
+        stream = await _bare_client(client_conn, server.port)
         await stream.send_all(client_conn.send_call(1, "ran", [], deadline_s=0.0) + client_conn.send_call(2, "ran", []))
         answers: dict[int, Any] = {}
         with trio.fail_after(5):
