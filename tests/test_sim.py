@@ -463,7 +463,15 @@ def test_ctrl_c_stops_sim_explore_and_its_workers_at_once() -> None:
 
     before = set(_sim_root().glob("txrpc-sim-*"))
     command = [sys.executable, "-m", "txrpc.cli", "sim", "explore", "--duration", "30", "--workers", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        # As in a terminal's foreground job: a test run started in the background by a
+        # non-interactive shell ignores SIGINT, and its children would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         time.sleep(4)  # the workers are well into their first schedules
         os.killpg(process.pid, signal.SIGINT)
