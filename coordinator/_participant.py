@@ -144,8 +144,8 @@ class TxHandle:
 
 
 class _LockWait:
-    """The operations of one transaction waiting for one resource (usually one; a
-    transaction may run several operations at once): one event wakes them all."""
+    """The tasks of one transaction waiting for one resource (usually one; a method may
+    wait from several tasks of its own): one event wakes them all."""
 
     __slots__ = ("event", "waiters")
 
@@ -425,10 +425,6 @@ class Participant:
             return True
         if tx.state is not TxState.ACTIVE:
             raise _Conflict(tx.abort_reason or f"transaction {tx.txid} is {tx.state.value}")
-        if (tx.txid, resource) in self._lock_waiters:
-            # Another operation of this transaction waits for it: its queued request must
-            # stay (a withdrawal here would take it too); this one waits in a task as well.
-            return False
         outcome = self.core.locks.acquire(tx.txid, resource, mode)
         if outcome is GRANTED:
             return True
@@ -439,9 +435,10 @@ class Participant:
 
     async def _lock(self, tx: ParticipantTx, resource: Any, mode: Mode) -> None:
         """Take ``mode`` on ``resource`` for ``tx``, waiting (wait-die) until it is granted
-        or the transaction's deadline. Several operations of one transaction may wait for
-        one resource at once: they share one wait (a :class:`_LockWait`), and the queued
-        requests are withdrawn only when the last of them gives up."""
+        or the transaction's deadline. One operation of a transaction runs at a time here
+        (:meth:`_turn`), but a method may wait for one resource from several tasks of its
+        own: they share one wait (a :class:`_LockWait`), and the queued request is
+        withdrawn only when the last of them gives up."""
         key = (tx.txid, resource)
         while True:
             if tx.state is not TxState.ACTIVE:
@@ -596,10 +593,11 @@ class Participant:
 
     async def _turn(self, tx: ParticipantTx) -> None:
         """Wait until no other operation of ``tx`` runs here (the waiting ones in the
-        order they got here), bounded by its deadline. Operations of one transaction may be sent at once, but each runs
-        alone at a shard, as a statement of an SQL transaction does: a method's read, then
-        write of a key is not interleaved with a sibling's (a withdrawal would otherwise
-        overwrite another's when both read the balance before either wrote it)."""
+        order they got here), bounded by its deadline. Operations of one transaction may
+        be sent at once, but each runs alone at a shard, as a statement of an SQL
+        transaction does: a method's read, then write of a key is not interleaved with a
+        sibling's (a withdrawal would otherwise overwrite another's when both read the
+        balance before either wrote it)."""
         waiting = self._turns.get(tx.txid)
         if waiting is None:
             self._turns[tx.txid] = collections.deque()

@@ -1286,6 +1286,47 @@ async def read(tx: Any, key: str) -> Any:
     return await tx.get(key, None)
 
 
+@_counter.transactional
+async def read_twice_at_once(tx: Any, key: str) -> list[Any]:
+    """Two reads of ``key`` from two tasks of one operation (both may wait for its lock)."""
+    seen: list[Any] = []
+
+    async def one() -> None:
+        seen.append(await tx.get(key, 0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        nursery.start_soon(one)
+    return seen
+
+
+async def test_two_tasks_of_one_operation_waiting_for_one_lock_both_go_on(tmp_path: Path) -> None:
+    """A method may wait for one key from two tasks of its own: when the younger holder
+    commits, both go on (one shared wait, _LockWait). With one wake-up per transaction and
+    key, the second wait replaced the first's and the first waited until the deadline."""
+    async with local_cluster(tmp_path, [_counter]) as local, txrpc.cluster(local.config) as cluster:
+        key = "k"
+        async with cluster.transaction() as first:  # (so that age 1 below is older than young)
+            await first.call(key, "counter.read", key)
+        async with trio.open_nursery() as nursery:
+            async with cluster.transaction() as young:
+                assert await young.call(key, "counter.bump_then_read", key, "other") == [1, 0]  # X on key
+                seen: list[Any] = []
+
+                async def older() -> None:
+                    async with cluster.transaction(timeout_s=5, age=1) as old:
+                        seen.extend(await old.call(key, "counter.read_twice_at_once", key))
+
+                nursery.start_soon(older)
+                participant = local.participants[local.config.shard_map.primary_of(key).name]
+                with trio.fail_after(5):  # a request for the key is queued: both tasks wait
+                    while not participant.core.locks.waiting():
+                        await trio.sleep(0.01)
+                await trio.sleep(0.1)  # (the second task starts in the same scheduler round)
+                released = trio.current_time()
+        assert seen == [1, 1] and trio.current_time() - released < 2
+
+
 @pytest.mark.parametrize("method", ["bump_then_read", "bump_swallowing"])
 async def test_an_operation_tried_at_once_that_must_wait_is_undone_and_run_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str

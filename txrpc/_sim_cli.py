@@ -323,17 +323,10 @@ def sim_explore(
                         failures.append(outcome["replay"])
                         console.print(outcome["report"])
                 progress.advance(task)
-    except KeyboardInterrupt:
-        if pool is None:
-            raise
-        _stop_pool(pool)
-        # Not the usual exit: at exit the executor joins its manager thread, which can
-        # block for good reading a result a worker was writing when it was stopped (seen
-        # once in a CI run: still alive 20 s after the Ctrl-C). Nothing is left to clean.
-        console.print("[yellow]interrupted: the workers were stopped[/]")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+    except KeyboardInterrupt:  # (also while the pool forks its workers)
+        if pool is not None:
+            _stop_pool(pool)
+        raise
     if pool is not None:
         pool.shutdown()
     console.print(

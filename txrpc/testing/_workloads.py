@@ -145,7 +145,7 @@ class WorkloadOptions:
     read_p: float = 0.2
     #: Share of transfers whose operations run at once, in one transaction: the amount
     #: withdrawn from the source in two concurrent withdrawals, the deposit beside them
-    #: (operations of one transaction waiting for one lock together).
+    #: (at a shard they take turns, and wait for other transactions' locks).
     concurrent_p: float = 0.0
 
 
