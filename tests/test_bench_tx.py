@@ -1,8 +1,25 @@
-"""`txrpc bench tx`'s ratios: paired per round, rounds in alternating order."""
+"""`txrpc bench tx`'s ratios (paired per round, rounds in alternating order) and its CPU
+time per transfer."""
 
 from __future__ import annotations
 
-from txrpc._bench_tx import CROSS, ONE, Row, round_orders, round_ratios, summarize_ratios
+import os
+import subprocess
+import sys
+
+import pytest
+
+from txrpc._bench_tx import (
+    CROSS,
+    ONE,
+    CpuMeter,
+    Row,
+    _median_or_none,
+    process_cpu_s,
+    round_orders,
+    round_ratios,
+    summarize_ratios,
+)
 
 
 def rows(r1: float, r1_one: float, r3: float, pg: float) -> list[Row]:
@@ -84,3 +101,78 @@ def test_the_peer_is_refused_with_what_is_short_before_it_starts() -> None:
     assert "below the 16 transactions" in pg_shortages(few, 8)["max_prepared_transactions"][1]
     both = pg_shortages(few, 150)
     assert both["max_prepared_transactions"][0] == 300 and both["max_connections"][0] == 100 + 350 + 20
+
+
+# --- CPU time per transfer (Linux /proc) -------------------------------------------------
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+
+SPIN = "import time\nwhile time.process_time() < {s}: pass\n"
+THEN_WAIT = "import sys; print('spun', flush=True); sys.stdin.read()"
+
+
+def _spinner(cpu_s: float, then: str = THEN_WAIT) -> subprocess.Popen[str]:
+    """A child that burns ``cpu_s`` of CPU, says so, then waits (for its stdin to close)."""
+    code = SPIN.format(s=cpu_s) + then
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+@needs_proc
+def test_a_process_cpu_time_is_read_from_proc() -> None:
+    child = _spinner(0.4)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "spun"
+        used = process_cpu_s([child.pid])
+        assert used is not None and 0.35 <= used < 5
+        assert process_cpu_s([child.pid, 2**22 + 12345]) == used  # a process that is gone counts 0
+    finally:
+        child.communicate()
+
+
+@needs_proc
+def test_reaped_children_count_only_when_asked() -> None:
+    """A PostgreSQL backend that exits during the measurement lives on in the postmaster's
+    reaped-children time: a parent that ran and waited for a spinning child shows it."""
+    inner = SPIN.format(s=0.4)
+    child = _spinner(0.0, f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {inner!r}])\n"
+                          "print('spun', flush=True); sys.stdin.read()")  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "spun"
+        own, with_reaped = process_cpu_s([child.pid]), process_cpu_s([child.pid], reaped=True)
+        assert own is not None and with_reaped is not None
+        assert with_reaped - own >= 0.35 and own < 0.35
+    finally:
+        child.communicate()
+
+
+@needs_proc
+def test_the_meter_counts_processes_that_start_during_the_measurement_from_zero() -> None:
+    pids: list[int] = []
+    meter = CpuMeter(lambda: pids)
+    meter.start()
+    child = _spinner(0.4)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "spun"
+        pids.append(child.pid)  # not there at the start: all of its time counts
+        per = meter.per(100)
+        assert per is not None and 3.5 <= per < 50  # >= 0.35 s over 100 transfers, in ms
+        assert meter.per(0) is None  # nothing committed: no figure
+    finally:
+        child.communicate()
+
+
+def test_rows_without_a_cpu_figure_are_shown_without_one() -> None:
+    assert _median_or_none([None, None]) is None
+    assert _median_or_none([1.0, None, 3.0]) == 2.0
+
+
+@needs_proc
+def test_a_process_that_exits_during_the_measurement_takes_nothing_away() -> None:
+    """Its time is not known any more (a parent that reaps it has it): it is left out,
+    not counted as a negative difference."""
+    child = _spinner(0.4)
+    assert child.stdout is not None and child.stdout.readline().strip() == "spun"
+    meter = CpuMeter(lambda: [child.pid])
+    meter.start()
+    child.communicate()  # exits (and is reaped)
+    assert meter.per(10) == 0.0

@@ -11,6 +11,12 @@ With ``--rounds N`` the stacks run N times, in alternating order (A B C, C B A, 
 each ratio is the median of the rounds' own ratios (both sides measured minutes apart),
 printed with the lowest and highest: these machines' speed drifts within the hour.
 
+Each row also gives the CPU time its whole stack spent per committed transfer (Linux,
+from /proc): ours, this process (the clients) and the coordinator's and nodes'
+processes; the peer, this process (its psycopg clients) and every PostgreSQL server
+process (exited backends through the postmaster's reaped-children times). When the
+machine's cores are all busy, transfers/s follow it.
+
 PostgreSQL needs ``max_prepared_transactions`` of at least two per client and a free
 connection per client and database (``--clients 64`` needs 192; the default
 ``max_connections`` is 100): ``--pg-setup`` raises what is short (``ALTER SYSTEM SET
@@ -28,6 +34,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +58,87 @@ class Row:
     p99_ms: float
     retries: int
     conserved: bool
+    cpu_ms: float | None = None  # CPU time of the stack's processes per committed transfer
+
+
+def process_cpu_s(pids: list[int], *, reaped: bool = False) -> float | None:
+    """CPU time (user + system, in seconds) the processes ``pids`` have used so far, read
+    from ``/proc/PID/stat``; with ``reaped``, their waited-for children's too (a
+    PostgreSQL backend that exits is added to the postmaster's). A process gone since
+    counts 0. None where there is no ``/proc`` (not Linux)."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    return sum(_cpu_ticks(pid, reaped) or 0 for pid in pids) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int, reaped: bool) -> int | None:
+    """``/proc/PID/stat``'s utime + stime (+ cutime + cstime with ``reaped``), in clock
+    ticks; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is stat's 3rd field (the state): utime, stime, cutime, cstime are its 14..17.
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks
+
+
+def postgres_pids() -> list[int]:
+    """The local PostgreSQL server's processes (named ``postgres``; Linux /proc)."""
+    pids = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm") as f:
+                    if f.read().strip() == "postgres":
+                        pids.append(int(name))
+            except OSError:
+                continue
+    return pids
+
+
+class CpuMeter:
+    """CPU time of a set of processes over a measurement: :meth:`start`, then
+    :meth:`per` gives the milliseconds per committed transfer (None without /proc).
+    ``pids`` is called at each end: processes that start meanwhile count from zero."""
+
+    def __init__(self, pids: Callable[[], list[int]], *, reaped: bool = False) -> None:
+        self.pids = pids
+        self.reaped = reaped
+        self._start: dict[int, float] | None = None
+
+    def _each(self) -> dict[int, float] | None:
+        """Each process's CPU seconds so far (those gone are left out); None without /proc."""
+        if not os.path.isdir("/proc/self"):
+            return None
+        tick_s = 1 / os.sysconf("SC_CLK_TCK")
+        each = {}
+        for pid in self.pids():
+            ticks = _cpu_ticks(pid, self.reaped)
+            if ticks is not None:
+                each[pid] = ticks * tick_s
+        return each
+
+    def start(self) -> None:
+        self._start = self._each()
+
+    def per(self, committed: int) -> float | None:
+        end = self._each()
+        if not committed or end is None or self._start is None:
+            return None
+        start = self._start
+        # A process alive at both ends counts its difference; one that started meanwhile,
+        # all of its time; one that exited meanwhile, nothing here (its parent's reaped
+        # time has it, when ``reaped``).
+        used = sum(value - start.get(pid, 0.0) for pid, value in end.items())
+        return used / committed * 1e3
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -73,7 +161,8 @@ def run_ours(clients: int, seconds: float, accounts: int, console: Console, repl
                 processes.start(name)
             for name in ["coordinator", "a", "b", "c"]:
                 processes.wait_ready(name)
-            rows = trio.run(_ours_workload, config_path, clients, seconds, accounts, console)
+            pids = [os.getpid(), *(proc.pid for proc in processes.procs.values())]
+            rows = trio.run(_ours_workload, config_path, clients, seconds, accounts, console, pids)
             for row in rows:
                 row.stack = f"txrpc R={replication_factor}"
             return rows
@@ -81,7 +170,9 @@ def run_ours(clients: int, seconds: float, accounts: int, console: Console, repl
             processes.stop()
 
 
-async def _ours_workload(config_path: Path, clients: int, seconds: float, accounts: int, console: Console) -> list[Row]:
+async def _ours_workload(
+    config_path: Path, clients: int, seconds: float, accounts: int, console: Console, pids: list[int]
+) -> list[Row]:
     from ._cluster import Transaction, cluster
 
     rows = []
@@ -132,12 +223,15 @@ async def _ours_workload(config_path: Path, clients: int, seconds: float, accoun
                     await c.run_transaction(transfer, attempts=100)
                     latencies.append(time.perf_counter() - t0)
 
+            cpu = CpuMeter(lambda: pids)
             with console.status(f"txrpc: {workload}, {clients} clients, {seconds:g} s"):
+                cpu.start()
                 t0 = time.perf_counter()
                 async with trio.open_nursery() as nursery:
                     for _ in range(clients):
                         nursery.start_soon(worker)
                 elapsed = time.perf_counter() - t0
+                cpu_ms = cpu.per(len(latencies))
             latencies.sort()
             rows.append(
                 Row(
@@ -149,6 +243,7 @@ async def _ours_workload(config_path: Path, clients: int, seconds: float, accoun
                     _percentile(latencies, 0.99),
                     attempts[0] - len(latencies),
                     True,
+                    cpu_ms,
                 )
             )
         total = 0
@@ -304,9 +399,12 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
         for conn in conns.values():
             await conn.close()
 
+    cpu = CpuMeter(lambda: [os.getpid(), *postgres_pids()], reaped=True)
+    cpu.start()
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(clients)))
     elapsed = time.perf_counter() - t0
+    cpu_ms = cpu.per(len(latencies))
     after = await total()
     latencies.sort()
     return Row(
@@ -318,6 +416,7 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
         _percentile(latencies, 0.99),
         retries[0],
         before == after,
+        cpu_ms,
     )
 
 
@@ -401,6 +500,11 @@ def summarize_ratios(per_round: list[dict[str, float]]) -> dict[str, Ratio]:
     return summary
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -434,7 +538,7 @@ def tx(
         raise click.BadParameter(
             "replication factors must be in 1..3 (the bench runs 3 nodes)", param_hint="--replication"
         )
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 128))
     with_pg = not no_postgres
     if with_pg:
         limits = pg_limits()
@@ -476,13 +580,15 @@ def tx(
             statistics.median(r.p99_ms for r in rs),
             int(statistics.median(r.retries for r in rs)),
             all(r.conserved for r in rs),
+            _median_or_none([r.cpu_ms for r in rs]),
         )
         for (stack, workload), rs in samples.items()
     ]
     ratios = summarize_ratios(per_round)
     title = f"txrpc bench tx — {clients} clients, {seconds:g} s, {accounts} accounts, medians of {rounds}"
     table = Table(title=title)
-    for column in ("stack", "workload", "tx/s", "p50 ms", "p99 ms", "retries", "total ok", "ratio", "target"):
+    columns = ("stack", "workload", "tx/s", "p50 ms", "p99 ms", "CPU ms/tx", "retries", "total ok", "ratio", "target")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("stack", "workload", "target") else "right")
     for r in rows:
         parts = [ratios[key] for key in RATIOS_OF.get((r.stack, r.workload), ()) if key in ratios]
@@ -494,12 +600,18 @@ def tx(
             f"{r.per_s:,.0f}",
             f"{r.p50_ms:.1f}",
             f"{r.p99_ms:.1f}",
+            "n/a" if r.cpu_ms is None else f"{r.cpu_ms:.2f}",
             str(r.retries),
             "yes" if r.conserved else "[red]NO[/]",
             ratio,
             target,
         )
     console.print(table)
+    if any(r.cpu_ms is not None for r in rows):
+        console.print(
+            "CPU ms/tx: CPU time of every process of the stack (its clients in this process included) "
+            "per committed transfer; with every core busy, tx/s follow it."
+        )
     if rounds > 1 and ratios:
         console.print(
             "Ratios are medians of each round's own ratio (the two stacks measured minutes apart, "
