@@ -11,6 +11,7 @@ difference per committed transfer (start-up and setup cancel out). Needs valgrin
     python scripts/sim_cost.py --single   # single-shard (one-phase) transfers instead
     python scripts/sim_cost.py --seeds 4  # the mean over seeds 0..3 (about 2 min)
     python scripts/sim_cost.py --replication 3   # replicated shards (R = 3)
+    python scripts/sim_cost.py --clients 48      # more clients: bigger batches, as real loads
 
 One seed repeats exactly for the same code, but any change to the code (even one that
 does no work in the simulation) can move its figure by up to ~1.5 %: objects land at other
@@ -32,7 +33,7 @@ ACCOUNTS = 600
 CLIENTS = 16
 
 
-def worker(transfers: int, same_shard: bool, seed: int, replication: int = 1) -> None:
+def worker(transfers: int, same_shard: bool, seed: int, replication: int = 1, clients: int = CLIENTS) -> None:
     import txrpc.testing._workloads as workloads
 
     original = workloads.WorkloadOptions
@@ -47,14 +48,17 @@ def worker(transfers: int, same_shard: bool, seed: int, replication: int = 1) ->
     kinds: dict[str, object] = {"same_shard": True} if same_shard else {}  # (older versions: cross-shard only)
     if replication != 1:
         kinds["replication_factor"] = replication
-    print("committed", measure_sim(seed, transfers, CLIENTS, 0.0005, **kinds).done)
+    print("committed", measure_sim(seed, transfers, clients, 0.0005, **kinds).done)
 
 
-def measure(transfers: int, same_shard: bool = False, seed: int = 0, replication: int = 1) -> tuple[int, int]:
+def measure(
+    transfers: int, same_shard: bool = False, seed: int = 0, replication: int = 1, clients: int = CLIENTS
+) -> tuple[int, int]:
     """(committed, instructions) of one run under cachegrind."""
     command = [
         "valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-        sys.executable, __file__, "--worker", str(transfers), "single" if same_shard else "cross", str(seed), str(replication),
+        sys.executable, __file__, "--worker", str(transfers), "single" if same_shard else "cross", str(seed),
+        str(replication), str(clients),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # one hash seed: the run repeats exactly
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
@@ -65,8 +69,8 @@ def measure(transfers: int, same_shard: bool = False, seed: int = 0, replication
 
 
 def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
-        worker(int(sys.argv[2]), sys.argv[3] == "single", int(sys.argv[4]), int(sys.argv[5]))
+    if len(sys.argv) == 7 and sys.argv[1] == "--worker":
+        worker(int(sys.argv[2]), sys.argv[3] == "single", int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt install valgrind)")
@@ -75,8 +79,15 @@ def main() -> None:
     parser.add_argument("--single", action="store_true", help="single-shard (one-phase) transfers")
     parser.add_argument("--seeds", type=int, default=1, help="the mean over seeds 0..N-1")
     parser.add_argument("--replication", type=int, default=1, help="replication factor (copies of each partition)")
+    parser.add_argument(
+        "--clients", type=int, default=CLIENTS, help="concurrent clients (more: bigger batches, as under a real load)"
+    )
     args = parser.parse_args()
-    jobs = [(n, args.single, seed, args.replication) for seed in range(args.seeds) for n in (10, args.transfers)]
+    jobs = [
+        (n, args.single, seed, args.replication, args.clients)
+        for seed in range(args.seeds)
+        for n in (max(10, args.clients), args.transfers)
+    ]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda job: measure(*job), jobs))
     pairs = list(zip(results[0::2], results[1::2], strict=True))
@@ -87,7 +98,7 @@ def main() -> None:
         kind += f" at R = {args.replication}"
     spread = f" (seeds: {', '.join(f'{v / 1e6:.3f}' for v in per_seed)})" if args.seeds > 1 else ""
     print(f"{sum(per_seed) / len(per_seed) / 1e6:.3f} M instructions per committed {kind} transfer "
-          f"({committed} transfers, {CLIENTS} clients, {ACCOUNTS} accounts){spread}")  # fmt: skip
+          f"({committed} transfers, {args.clients} clients, {ACCOUNTS} accounts){spread}")  # fmt: skip
 
 if __name__ == "__main__":
     main()
