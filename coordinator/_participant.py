@@ -192,6 +192,11 @@ class _NowTxHandle(TxHandle):
         raise self._would_wait()
 
 
+def _stopping() -> list[Any]:
+    """A replicated record's answer when the node's storage closed under it (it is stopping)."""
+    return [int(txrpc.Code.UNAVAILABLE), "the node is stopping", {}]
+
+
 def _repl_share(txid: Any, writes: Any, origin: Any) -> WriteSet:
     """A replicated prepare record's arguments checked; its write set."""
     if type(txid) is not int or txid <= 0:
@@ -1676,6 +1681,8 @@ class Participant:
                 return await self._repl_prepare(txid, writes, origin)
             except txrpc.RpcError as exc:
                 return [int(exc.code), exc.message, dict(exc.details)]
+            except StorageClosed:
+                return _stopping()  # (the node is stopping: expected, not an error to log)
             except Exception as exc:  # one failing record must not fail the others' answers
                 log.error("node %s: replicated prepare of %r failed", self.shard, txid, exc_info=exc)
                 return [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
@@ -1755,6 +1762,8 @@ class Participant:
                         self._drop_replicated(rid, "replicated prepare record not durable")
                 if isinstance(exc, txrpc.RpcError):
                     return [[int(exc.code), exc.message, dict(exc.details)] for _ in taken]
+                if isinstance(exc, StorageClosed):
+                    return [_stopping() for _ in taken]
                 log.error("node %s: replicated prepare of %d records failed", self.shard, len(taken), exc_info=exc)
                 return [[int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}] for _ in taken]
             return ["ok"] * len(taken)

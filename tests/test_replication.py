@@ -4,6 +4,7 @@ fencing of a deposed primary, and in-doubt transactions inherited by a new prima
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -1823,3 +1824,39 @@ async def test_a_follower_that_never_answers_fails_the_prepare_after_the_timeout
         assert the_plan.failures == {f: "no answer within 0.3 s" for f in the_plan.by_follower}
         assert 0.3 <= elapsed < 3, elapsed
         nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_stopping_under_a_batch_answers_unavailable_without_an_error_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose storage closes under a repl.prepare_many (it is stopping: the
+    simulator's crashes do this) answers each record UNAVAILABLE, holds none of them, and
+    logs no error: a stop is expected (it used to log a traceback per record at ERROR)."""
+    from storage import StorageClosed
+
+    async with local_cluster(tmp_path, [bank], replication_factor=3) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        primary = shard_map.nodes[0].name
+        k1, k2 = [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == primary][:2]
+        follower = shard_map.nodes[1].name
+        store = local.participants[follower].store
+
+        async def closed(*args: object, **kwargs: object) -> None:
+            raise StorageClosed("the appender stopped before this record was written")
+
+        monkeypatch.setattr(store, "write_prepares", closed)  # the batch's one write
+        monkeypatch.setattr(store, "write_prepare", closed)  # a record on its own
+        async with txrpc.connect(*shard_map.node(follower).address) as client:
+            current = client.options(metadata={"epoch": shard_map.epoch})
+            a, b, c = [(await cluster.coordinator.call("coord.begin", None))["txid"] for _ in range(3)]
+            # a and c go in the batch's one write; b conflicts with a on k1: on its own, after a.
+            records = [[a, [[k1, False, 7]]], [b, [[k1, False, 8]]], [c, [[k2, False, 9]]]]
+            with caplog.at_level(logging.ERROR):
+                answers = await current.call("repl.prepare_many", records, origin=primary)
+        unavailable = [int(txrpc.Code.UNAVAILABLE), "the node is stopping", {}]
+        assert answers[0] == unavailable and answers[2] == unavailable
+        assert answers[1] in (unavailable, "PENDING"), answers  # (PENDING: past the batch's cut-off)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        with trio.fail_after(5):
+            while local.participants[follower].core.in_doubt():
+                await trio.sleep(0.01)
