@@ -135,8 +135,9 @@ class CpuMeter:
             return None
         start = self._start
         # A process alive at both ends counts its difference; one that started meanwhile,
-        # all of its time; one that exited meanwhile, nothing here (its parent's reaped
-        # time has it, when ``reaped``).
+        # all of its time; one that exited meanwhile, nothing here (with ``reaped``, its
+        # parent's reaped time has all of it, from before the start too: the peer's
+        # backends all start during the measurement).
         used = sum(value - start.get(pid, 0.0) for pid, value in end.items())
         return used / committed * 1e3
 
