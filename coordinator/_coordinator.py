@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 import txrpc
-from storage import CoordinatorLog, DecisionExists, KvTransaction
+from storage import CoordinatorLog, DecisionExists, KvTransaction, stopping
 from txrpc import _env
 from txrpc._client import DeadlinePassed
 from txrpc._service import _current_call_or_none
@@ -787,7 +787,8 @@ class Coordinator:
                     await self.log.write_decision(tx.txid, "commit", tx.writers)
             except Exception as exc:
                 # Not durable: we may not commit. Nothing was told to anyone yet.
-                log.error("coordinator: decision record for %d failed: %s", tx.txid, exc)
+                report = log.info if stopping(exc) else log.error  # (a stop is expected)
+                report("coordinator: decision record for %d failed: %s", tx.txid, exc)
                 self.core.abort(tx, f"decision record not durable: {exc}")
             else:
                 crash_point("coordinator.after_decision")

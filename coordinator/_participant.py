@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import trio
 
 import txrpc
-from storage import BatchFailed, ShardStore, StorageClosed
+from storage import BatchFailed, ShardStore, StorageClosed, stopping
 from storage._shard_store import WriteSet
 from txrpc import _env
 from txrpc._routing import EPOCH_METADATA_KEY, EpochGuard
@@ -1117,7 +1117,9 @@ class Participant:
             except Exception as exc:
                 error = exc
         if error is not None:
-            log.error("shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), error)
+            (log.info if stopping(error) else log.error)(
+                "shard %s: prepare records of %d txs not written: %s", self.shard, len(taken), error
+            )
         return error, replicas
 
     async def _record_not_written(self, txid: int, error: Exception) -> str:
@@ -1198,6 +1200,9 @@ class Participant:
         except txrpc.RpcError as exc:
             return f"{exc.code.name}: {exc.message}"
         except Exception as exc:
+            if stopping(exc):
+                log.info("node %s: %s of %s not done: the node is stopping (%s)", self.shard, what, txid, exc)
+                return "UNAVAILABLE: the shard is stopping"
             log.error("node %s: %s of %s failed", self.shard, what, txid, exc_info=exc)
             return f"INTERNAL: {type(exc).__name__}: {exc}"
 
@@ -1681,9 +1686,9 @@ class Participant:
                 return await self._repl_prepare(txid, writes, origin)
             except txrpc.RpcError as exc:
                 return [int(exc.code), exc.message, dict(exc.details)]
-            except StorageClosed:
-                return _stopping()  # (the node is stopping: expected, not an error to log)
             except Exception as exc:  # one failing record must not fail the others' answers
+                if stopping(exc):
+                    return _stopping()  # (expected, not an error to log)
                 log.error("node %s: replicated prepare of %r failed", self.shard, txid, exc_info=exc)
                 return [int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}]
 
@@ -1762,7 +1767,7 @@ class Participant:
                         self._drop_replicated(rid, "replicated prepare record not durable")
                 if isinstance(exc, txrpc.RpcError):
                     return [[int(exc.code), exc.message, dict(exc.details)] for _ in taken]
-                if isinstance(exc, StorageClosed):
+                if stopping(exc):
                     return [_stopping() for _ in taken]
                 log.error("node %s: replicated prepare of %d records failed", self.shard, len(taken), exc_info=exc)
                 return [[int(txrpc.Code.INTERNAL), f"{type(exc).__name__}: {exc}", {}] for _ in taken]
@@ -1800,8 +1805,11 @@ class Participant:
         termination protocol, as after a lost ``repl.commit_many``)."""
         try:
             await self._repl_commit_many(txids)
-        except Exception:
-            log.exception("node %s: %d commit notices riding on prepare records failed", self.shard, len(txids))
+        except Exception as exc:
+            if stopping(exc):
+                log.info("node %s: %d riding commit notices not applied: the node is stopping", self.shard, len(txids))
+            else:
+                log.exception("node %s: %d commit notices riding on prepare records failed", self.shard, len(txids))
 
     async def _repl_commit_many(self, txids: list[int]) -> int:
         """Coalesced commit notices (:meth:`_repl_commit` each, at once: their writes

@@ -49,6 +49,7 @@ from ._errors import (
     StorageReadOnly,
     StorageUnavailable,
     WriteConflict,
+    stopping,
 )
 from ._kv import KvTransaction, kv_items, kv_read
 from ._request_log import (
@@ -113,6 +114,7 @@ __all__ = [
     "ShardStore",
     "Storage",
     "StorageClosed",
+    "stopping",
     "StorageCorrupt",
     "StorageError",
     "StorageReadOnly",

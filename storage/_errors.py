@@ -7,6 +7,8 @@ is one, is chained as ``__cause__``.
 
 from __future__ import annotations
 
+import trio
+
 
 class StorageError(Exception):
     """Base of every error the storage package raises deliberately."""
@@ -75,6 +77,17 @@ class BatchFailed(StorageError):
     def __init__(self, message: str, *, outcome_unknown: bool) -> None:
         super().__init__(message)
         self.outcome_unknown = outcome_unknown
+
+
+def stopping(exc: BaseException) -> bool:
+    """Did ``exc`` come from the storage being stopped under the write (the process is
+    shutting down, or a simulated crash): the appender closed, or the batch's own write
+    cancelled? Callers log such failures quietly: they are expected, not faults."""
+    if isinstance(exc, StorageClosed):
+        return True
+    if isinstance(exc, BatchFailed) and not exc.outcome_unknown:
+        return isinstance(exc.__cause__, trio.Cancelled)
+    return False
 
 
 class LeaseLost(StorageError):

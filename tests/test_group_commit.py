@@ -837,3 +837,34 @@ def test_a_forked_child_measures_its_own_thread() -> None:
     assert os.read(read_end, 1) == b"1"
     os.close(read_end)
     os.close(write_end)
+
+
+async def test_failures_from_a_stop_are_told_apart_from_faults(db_url: str) -> None:
+    """``storage.stopping``: the appender closed, or a batch rolled back because its write
+    was cancelled (the process stopping under it) -- expected, logged quietly by the
+    callers -- against every other failure, a fault."""
+    kind = JournalKind()
+    async with opened(db_url) as st:
+        st.appender.close()
+        with pytest.raises(storage.StorageClosed) as closed:
+            await st.appender.append(kind, "late")
+        await st.appender.aclose()
+    assert storage.stopping(closed.value)
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.sleep(1)
+        except trio.Cancelled as exc:
+            cancelled = exc
+            raise
+    rolled_back = storage.BatchFailed("group commit failed, rolled back: Cancelled", outcome_unknown=False)
+    rolled_back.__cause__ = cancelled
+    assert storage.stopping(rolled_back)
+    unknown = storage.BatchFailed("failed during COMMIT: Cancelled", outcome_unknown=True)
+    unknown.__cause__ = cancelled
+    assert not storage.stopping(unknown)  # it may be durable: the caller must find out, not shrug
+    faulty = storage.BatchFailed("group commit failed, rolled back: disk I/O error", outcome_unknown=False)
+    faulty.__cause__ = OSError("disk I/O error")
+    assert not storage.stopping(faulty)
+    assert not storage.stopping(ValueError("a bug"))

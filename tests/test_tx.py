@@ -4,6 +4,7 @@ each on its own SQLite file."""
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import trio
 from _cluster_helpers import LocalCluster, load_bank_service, local_cluster
 
+import storage
 import txrpc
 from coordinator._participant_core import TxState
 
@@ -495,6 +497,53 @@ async def test_commit_many_answers_each_transaction(tmp_path: Path) -> None:
                 with pytest.raises(txrpc.InvalidArgument):
                     await shard.call("tx.commit_many", bad)
         assert [await cluster.call(n, "bank.balance", n) for n in names] == [11, 12]
+
+
+async def test_a_commit_cut_short_by_a_stop_is_unavailable_and_no_error_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A phase-2 commit whose write is rolled back because the shard is stopping under it
+    (the batch's write cancelled) answers UNAVAILABLE, logs no error (a stop is expected:
+    it used to log a traceback at ERROR) and stays prepared: the coordinator's retry commits it."""
+    async with local_cluster(tmp_path, [bank]) as local, txrpc.cluster(local.config) as cluster:
+        shard_map = local.config.shard_map
+        node = shard_map.primary_of("acct0")
+        names = accounts_on_one_shard(local.config, node, 2)
+        await open_accounts(cluster, names, 10)
+        async with txrpc.connect(*node.address) as shard:
+            txids = []
+            for name in names:
+                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
+                await shard.options(metadata=meta).call("bank.deposit", name, 5)
+                assert (await shard.call("tx.prepare", txid))["vote"] == "yes"
+                txids.append(txid)
+            store = local.participants[node.name].store
+            real_apply = store.apply_commits
+            with trio.CancelScope() as scope:  # a real trio.Cancelled, as a stop raises it
+                scope.cancel()
+                try:
+                    await trio.sleep(1)
+                except trio.Cancelled as exc:
+                    cancelled = exc
+                    raise
+
+            async def stopped(commits: Any) -> list[int]:
+                failure = storage.BatchFailed("group commit of 1 records failed, rolled back", outcome_unknown=False)
+                failure.__cause__ = cancelled
+                raise failure
+
+            store.apply_commits = stopped  # type: ignore[method-assign]
+            try:
+                with caplog.at_level(logging.INFO):
+                    answers = await shard.call("tx.commit_many", txids)
+            finally:
+                store.apply_commits = real_apply  # type: ignore[method-assign]
+            assert answers == ["UNAVAILABLE: the shard is stopping"] * 2
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+            assert "the node is stopping" in caplog.text
+            assert await shard.call("tx.commit_many", txids) == ["ok", "ok"]  # still prepared: the retry commits
+        assert [await cluster.call(n, "bank.balance", n) for n in names] == [15, 15]
 
 
 async def test_prepare_many_answers_each_transaction(tmp_path: Path) -> None:
