@@ -2,9 +2,10 @@
 measure of the production stack's CPU cost (these machines' wall-clock speed drifts by
 1.5x within an hour; instruction counts repeat to 0.01 %).
 
-Runs ``txrpc bench sim``'s workload (16 clients, 600 accounts: few conflicts) under
-valgrind's cachegrind twice, with 10 and with N transfers, side by side, and prints the
-difference per committed transfer (start-up and setup cancel out). Needs valgrind.
+Runs ``txrpc bench sim``'s workload (16 clients unless ``--clients``, 600 accounts: few
+conflicts) under valgrind's cachegrind twice, with 10 (or as many as there are clients)
+and with N transfers, side by side, and prints the difference per committed transfer
+(start-up and setup cancel out). Needs valgrind.
 
     python scripts/sim_cost.py            # about 40 s on 2 cores
     git stash; python scripts/sim_cost.py; git stash pop   # the same before a change
@@ -83,6 +84,8 @@ def main() -> None:
         "--clients", type=int, default=CLIENTS, help="concurrent clients (more: bigger batches, as under a real load)"
     )
     args = parser.parse_args()
+    if args.clients < 1 or args.transfers <= max(10, args.clients):
+        parser.error(f"needs at least 1 client and more transfers than max(10, clients) ({max(10, args.clients)})")
     jobs = [
         (n, args.single, seed, args.replication, args.clients)
         for seed in range(args.seeds)

@@ -15,9 +15,11 @@ from txrpc._bench_tx import (
     CpuMeter,
     Row,
     _median_or_none,
+    parent_pid,
     process_cpu_s,
     round_orders,
     round_ratios,
+    server_pids,
     summarize_ratios,
 )
 
@@ -124,7 +126,8 @@ def test_a_process_cpu_time_is_read_from_proc() -> None:
         assert child.stdout is not None and child.stdout.readline().strip() == "spun"
         used = process_cpu_s([child.pid])
         assert used is not None and 0.35 <= used < 5
-        assert process_cpu_s([child.pid, 2**22 + 12345]) == used  # a process that is gone counts 0
+        gone = process_cpu_s([child.pid, 2**22 + 12345])  # a process that is gone counts 0
+        assert gone == pytest.approx(used, abs=0.05)  # (the child may still be finishing its spin)
     finally:
         child.communicate()
 
@@ -161,18 +164,49 @@ def test_the_meter_counts_processes_that_start_during_the_measurement_from_zero(
         child.communicate()
 
 
-def test_rows_without_a_cpu_figure_are_shown_without_one() -> None:
-    assert _median_or_none([None, None]) is None
-    assert _median_or_none([1.0, None, 3.0]) == 2.0
-
-
 @needs_proc
-def test_a_process_that_exits_during_the_measurement_takes_nothing_away() -> None:
-    """Its time is not known any more (a parent that reaps it has it): it is left out,
-    not counted as a negative difference."""
-    child = _spinner(0.4)
+def test_a_process_that_exits_during_the_measurement_voids_the_figure_unless_its_parent_reaps_it() -> None:
+    """Its time since the start is not known any more: no figure (rather than one too
+    low). The peer's meter counts reaped children: a backend that exits is in the
+    postmaster's time, which the meter reads."""
+    child = _spinner(0.0)
     assert child.stdout is not None and child.stdout.readline().strip() == "spun"
     meter = CpuMeter(lambda: [child.pid])
     meter.start()
     child.communicate()  # exits (and is reaped)
-    assert meter.per(10) == 0.0
+    assert meter.per(10) is None
+
+    inner = SPIN.format(s=0.4)
+    run_spinner = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {inner!r}]);"
+    parent = _spinner(0.0, THEN_WAIT.replace("import sys;", run_spinner))
+    try:
+        assert parent.stdout is not None
+        reaped = CpuMeter(lambda: [parent.pid], reaped=True)
+        reaped.start()  # (the grandchild is spinning or done: its time lands in the parent's once reaped)
+        assert parent.stdout.readline().strip() == "spun"
+        per = reaped.per(100)
+        assert per is not None and per >= 3.5  # the grandchild's 0.4 s over 100 transfers, in ms
+    finally:
+        parent.communicate()
+
+
+@needs_proc
+def test_the_servers_processes_are_the_postmaster_and_its_children() -> None:
+    """The peer's processes are found from the bench's own backend: its parent (the
+    postmaster) and the postmaster's children. A server not on this machine: none (n/a)."""
+    child = _spinner(0.0)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "spun"
+        assert parent_pid(child.pid) == os.getpid()
+        assert server_pids(os.getpid())[0] == os.getpid() and child.pid in server_pids(os.getpid())
+        assert parent_pid(2**22 + 12345) is None and server_pids(None) == []
+    finally:
+        child.communicate()
+    meter = CpuMeter(lambda: [os.getpid()], complete=False)  # some of the stack cannot be seen
+    meter.start()
+    assert meter.per(10) is None
+
+
+def test_rows_without_a_cpu_figure_are_shown_without_one() -> None:
+    assert _median_or_none([None, None]) is None
+    assert _median_or_none([1.0, None, 3.0]) == 2.0

@@ -14,8 +14,9 @@ printed with the lowest and highest: these machines' speed drifts within the hou
 Each row also gives the CPU time its whole stack spent per committed transfer (Linux,
 from /proc): ours, this process (the clients) and the coordinator's and nodes'
 processes; the peer, this process (its psycopg clients) and every PostgreSQL server
-process (exited backends through the postmaster's reaped-children times). When the
-machine's cores are all busy, transfers/s follow it.
+process (the postmaster of the bench's backends and its children; "n/a" when the server
+is not on this machine). Both sides open their connections before the measurement. When
+the machine's cores are all busy, transfers/s follow it.
 
 PostgreSQL needs ``max_prepared_transactions`` of at least two per client and a free
 connection per client and database (``--clients 64`` needs 192; the default
@@ -86,32 +87,43 @@ def _cpu_ticks(pid: int, reaped: bool) -> int | None:
     return ticks
 
 
-def postgres_pids() -> list[int]:
-    """The local PostgreSQL server's processes (named ``postgres``; Linux /proc)."""
-    pids = []
+def parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` (``/proc/PID/stat``), or None if it is not visible
+    here (another machine, another container, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def server_pids(postmaster: int | None) -> list[int]:
+    """A local PostgreSQL server's processes: its postmaster (the parent of any of its
+    backends) and the postmaster's children; none if the server is not visible here."""
+    if postmaster is None:
+        return []
+    children = []
     try:
         names = os.listdir("/proc")
     except OSError:
         return []
     for name in names:
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/comm") as f:
-                    if f.read().strip() == "postgres":
-                        pids.append(int(name))
-            except OSError:
-                continue
-    return pids
+        if name.isdigit() and parent_pid(int(name)) == postmaster:
+            children.append(int(name))
+    return [postmaster, *children]
 
 
 class CpuMeter:
     """CPU time of a set of processes over a measurement: :meth:`start`, then
-    :meth:`per` gives the milliseconds per committed transfer (None without /proc).
-    ``pids`` is called at each end: processes that start meanwhile count from zero."""
+    :meth:`per` gives the milliseconds per committed transfer. ``pids`` is called at each
+    end: processes that start meanwhile count from zero. None (no figure) without /proc,
+    when ``complete`` is False (some of the stack's processes cannot be seen), or when a
+    process of the start is gone at the end and ``reaped`` is False (its time is lost)."""
 
-    def __init__(self, pids: Callable[[], list[int]], *, reaped: bool = False) -> None:
+    def __init__(self, pids: Callable[[], list[int]], *, reaped: bool = False, complete: bool = True) -> None:
         self.pids = pids
         self.reaped = reaped
+        self.complete = complete
         self._start: dict[int, float] | None = None
 
     def _each(self) -> dict[int, float] | None:
@@ -131,13 +143,14 @@ class CpuMeter:
 
     def per(self, committed: int) -> float | None:
         end = self._each()
-        if not committed or end is None or self._start is None:
+        if not committed or not self.complete or end is None or self._start is None:
             return None
         start = self._start
+        if not self.reaped and not start.keys() <= end.keys():
+            return None  # one of them exited meanwhile: its time since the start is not known
         # A process alive at both ends counts its difference; one that started meanwhile,
-        # all of its time; one that exited meanwhile, nothing here (with ``reaped``, its
-        # parent's reaped time has all of it, from before the start too: the peer's
-        # backends all start during the measurement).
+        # all of its time; with ``reaped``, one that exited meanwhile counts in its
+        # parent's reaped time (all of its life: the peer keeps its backends open).
         used = sum(value - start.get(pid, 0.0) for pid, value in end.items())
         return used / committed * 1e3
 
@@ -367,11 +380,18 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
     before = await total()
     latencies: list[float] = []
     retries = [0]
-    stop = time.perf_counter() + seconds
     seq = [0]
+    # Every connection is open before the measurement starts and closed after it ends (as
+    # ours are): neither side's figures count connecting, and no backend exits meanwhile.
+    connections = [
+        {d: await psycopg.AsyncConnection.connect(PG_DSN.format(d)) for d in PG_DATABASES} for _ in range(clients)
+    ]
+    async with await psycopg.AsyncConnection.connect(PG_DSN.format(PG_DATABASES[0]), autocommit=True) as probe:
+        backend = (await (await probe.execute("select pg_backend_pid()")).fetchone())[0]  # type: ignore[index]
+    postmaster = parent_pid(int(backend))  # None: the server is not this machine's (or not visible)
 
-    async def worker(index: int) -> None:
-        conns = {d: await psycopg.AsyncConnection.connect(PG_DSN.format(d)) for d in PG_DATABASES}
+    async def worker(index: int, stop: float) -> None:
+        conns = connections[index]
         rng = random.Random(index)
         while time.perf_counter() < stop:
             a, b = rng.sample(PG_DATABASES, 2)
@@ -397,15 +417,18 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
                         await conn.tpc_rollback()
                     except psycopg.Error:
                         await conn.rollback()
-        for conn in conns.values():
-            await conn.close()
 
-    cpu = CpuMeter(lambda: [os.getpid(), *postgres_pids()], reaped=True)
-    cpu.start()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(clients)))
-    elapsed = time.perf_counter() - t0
-    cpu_ms = cpu.per(len(latencies))
+    cpu = CpuMeter(lambda: [os.getpid(), *server_pids(postmaster)], reaped=True, complete=postmaster is not None)
+    try:
+        cpu.start()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i, t0 + seconds) for i in range(clients)))
+        elapsed = time.perf_counter() - t0
+        cpu_ms = cpu.per(len(latencies))
+    finally:
+        for conns in connections:
+            for conn in conns.values():
+                await conn.close()
     after = await total()
     latencies.sort()
     return Row(
