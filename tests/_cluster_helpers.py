@@ -134,3 +134,16 @@ async def local_cluster(
             yield cluster
         finally:
             await cluster.stop()
+
+
+async def deposits_at(
+    cluster: txrpc.Cluster, shard: txrpc.Client, names: list[str], epoch: int, amount: int = 1
+) -> list[int]:
+    """One transaction per name, each depositing ``amount`` there at its primary ``shard``
+    (no prepare yet): their txids."""
+    txids = []
+    for name in names:
+        txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
+        await shard.options(metadata={"txid": txid, "op_seq": 1, "epoch": epoch}).call("bank.deposit", name, amount)
+        txids.append(txid)
+    return txids

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 import trio
 import trio.testing
+from _trio_helpers import a_real_cancelled
 
 import storage
 
@@ -851,13 +852,7 @@ async def test_failures_from_a_stop_are_told_apart_from_faults(db_url: str) -> N
         await st.appender.aclose()
     assert storage.stopping(closed.value)
 
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        try:
-            await trio.sleep(1)
-        except trio.Cancelled as exc:
-            cancelled = exc
-            raise
+    cancelled = await a_real_cancelled()
     rolled_back = storage.BatchFailed("group commit failed, rolled back: Cancelled", outcome_unknown=False)
     rolled_back.__cause__ = cancelled
     assert storage.stopping(rolled_back)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 import trio.testing
-from _cluster_helpers import LocalCluster, free_ports, load_bank_service, local_cluster
+from _cluster_helpers import LocalCluster, deposits_at, free_ports, load_bank_service, local_cluster
 
 import txrpc
 
@@ -562,19 +562,6 @@ def _count_follower_writes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[in
     return counts
 
 
-async def _deposits_at(
-    cluster: txrpc.Cluster, shard: txrpc.Client, names: list[str], epoch: int, amount: int = 1
-) -> list[int]:
-    """One transaction per name, each depositing ``amount`` there at its primary ``shard``
-    (no prepare yet): their txids."""
-    txids = []
-    for name in names:
-        txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
-        await shard.options(metadata={"txid": txid, "op_seq": 1, "epoch": epoch}).call("bank.deposit", name, amount)
-        txids.append(txid)
-    return txids
-
-
 def _primary_keys(shard_map: Any, node: str, count: int) -> list[str]:
     """The first ``count`` account names whose primary is ``node``."""
     return [n for n in (f"acct{i}" for i in range(5000)) if shard_map.primary_of(n).name == node][:count]
@@ -620,7 +607,7 @@ async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, mo
         await open_accounts(cluster, names, 10)
         participant = local.participants[node.name]
         async with txrpc.connect(*node.address) as shard:
-            txids = await _deposits_at(cluster, shard, names[:4], shard_map.epoch)
+            txids = await deposits_at(cluster, shard, names[:4], shard_map.epoch)
             reader = (await cluster.coordinator.call("coord.begin", None))["txid"]
             meta = {"txid": reader, "op_seq": 1, "epoch": shard_map.epoch}
             assert await shard.options(metadata=meta).call("bank.balance", names[4]) == 10
@@ -642,7 +629,7 @@ async def test_a_replicated_primary_prepares_a_batch_together(tmp_path: Path, mo
             assert await shard.call("tx.abort", txids[1]) == "ok"
             # The primary's own write fails: every transaction of the batch votes no, the
             # followers that took their copies are told to abort, nothing stays held.
-            again = await _deposits_at(cluster, shard, names[:2], shard_map.epoch, 5)
+            again = await deposits_at(cluster, shard, names[:2], shard_map.epoch, 5)
             refuse.clear()
             disk_full[0] = True
             answers = await shard.call("tx.prepare_many", again)
@@ -700,7 +687,7 @@ async def test_a_replicated_batchs_no_votes_clean_up_concurrently(
         await open_accounts(cluster, names, 10)
         participant = local.participants[node.name]
         async with txrpc.connect(*node.address) as shard:
-            txids = await _deposits_at(cluster, shard, names, shard_map.epoch)
+            txids = await deposits_at(cluster, shard, names, shard_map.epoch)
             first, second = shard_map.replica_sets[shard_map.partition_of(names[0])][1:]
             refuser.add(first)
             slow.add(second)
@@ -754,7 +741,7 @@ async def test_resent_records_that_time_out_are_each_a_refusal_not_an_error(
         assert participant.replication is not None
         participant.replication.timeout_s = 0.5
         async with txrpc.connect(*node.address) as shard:
-            txids = await _deposits_at(cluster, shard, names, shard_map.epoch)
+            txids = await deposits_at(cluster, shard, names, shard_map.epoch)
             active[0] = True
             with caplog.at_level(logging.ERROR, logger="txrpc.replication"):
                 answers = await shard.call("tx.prepare_many", txids)

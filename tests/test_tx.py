@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import trio
-from _cluster_helpers import LocalCluster, load_bank_service, local_cluster
+from _cluster_helpers import LocalCluster, deposits_at, load_bank_service, local_cluster
+from _trio_helpers import a_real_cancelled
 
 import storage
 import txrpc
@@ -511,22 +512,12 @@ async def test_a_commit_cut_short_by_a_stop_is_unavailable_and_no_error_is_logge
         names = accounts_on_one_shard(local.config, node, 2)
         await open_accounts(cluster, names, 10)
         async with txrpc.connect(*node.address) as shard:
-            txids = []
-            for name in names:
-                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
-                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
-                await shard.options(metadata=meta).call("bank.deposit", name, 5)
+            txids = await deposits_at(cluster, shard, names, shard_map.epoch, 5)
+            for txid in txids:
                 assert (await shard.call("tx.prepare", txid))["vote"] == "yes"
-                txids.append(txid)
             store = local.participants[node.name].store
             real_apply = store.apply_commits
-            with trio.CancelScope() as scope:  # a real trio.Cancelled, as a stop raises it
-                scope.cancel()
-                try:
-                    await trio.sleep(1)
-                except trio.Cancelled as exc:
-                    cancelled = exc
-                    raise
+            cancelled = await a_real_cancelled()
 
             async def stopped(commits: Any) -> list[int]:
                 failure = storage.BatchFailed("group commit of 1 records failed, rolled back", outcome_unknown=False)
@@ -841,12 +832,7 @@ async def test_one_slow_prepare_does_not_hold_back_the_others_in_its_batch(
         names = accounts_on_one_shard(local.config, node, 2)
         await open_accounts(cluster, names, 10)
         async with txrpc.connect(*node.address) as shard:
-            txids = []
-            for name in names:
-                txid = (await cluster.coordinator.call("coord.begin", None))["txid"]
-                meta = {"txid": txid, "op_seq": 1, "epoch": shard_map.epoch}
-                await shard.options(metadata=meta).call("bank.deposit", name, 1)
-                txids.append(txid)
+            txids = await deposits_at(cluster, shard, names, shard_map.epoch, 1)
             slow.add(txids[1])
             started = trio.current_time()
             answers = await shard.call("tx.prepare_many", txids)
