@@ -85,6 +85,8 @@ def stopping(exc: BaseException) -> bool:
     cancelled? Callers log such failures quietly: they are expected, not faults."""
     if isinstance(exc, StorageClosed):
         return True
+    if isinstance(exc, BaseExceptionGroup):  # (several writes of one caller, all stopped)
+        return all(stopping(inner) for inner in exc.exceptions)
     if isinstance(exc, BatchFailed) and not exc.outcome_unknown:
         return isinstance(exc.__cause__, trio.Cancelled)
     return False

@@ -863,3 +863,6 @@ async def test_failures_from_a_stop_are_told_apart_from_faults(db_url: str) -> N
     faulty.__cause__ = OSError("disk I/O error")
     assert not storage.stopping(faulty)
     assert not storage.stopping(ValueError("a bug"))
+    # Several writes of one caller in a nursery: a stop only if every one of them stopped.
+    assert storage.stopping(ExceptionGroup("writes", [closed.value, rolled_back]))
+    assert not storage.stopping(ExceptionGroup("writes", [closed.value, faulty]))
