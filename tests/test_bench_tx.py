@@ -15,6 +15,8 @@ from txrpc._bench_tx import (
     CpuMeter,
     Row,
     _median_or_none,
+    _median_split,
+    cpu_split_line,
     parent_pid,
     process_cpu_s,
     round_orders,
@@ -210,3 +212,41 @@ def test_the_servers_processes_are_the_postmaster_and_its_children() -> None:
 def test_rows_without_a_cpu_figure_are_shown_without_one() -> None:
     assert _median_or_none([None, None]) is None
     assert _median_or_none([1.0, None, 3.0]) == 2.0
+
+
+@needs_proc
+def test_the_figure_splits_by_process_name_the_rest_together() -> None:
+    """``--cpu-detail``: which process of the stack spends the CPU (the peer: its clients
+    against its server's processes, unnamed, together)."""
+    spinners = [_spinner(0.3), _spinner(0.3)]
+    try:
+        named, unnamed = spinners
+        meter = CpuMeter(lambda: [named.pid, unnamed.pid], names={named.pid: "node a"}, others="server")
+        meter.start()  # (they spin from before the start on: what counts is the time since)
+        for child in spinners:
+            assert child.stdout is not None and child.stdout.readline().strip() == "spun"
+        total = meter.per(100)
+        split = meter.by_process(100)
+        assert total is not None and split is not None and set(split) == {"node a", "server"}
+        assert sum(split.values()) == pytest.approx(total)
+    finally:
+        for child in spinners:
+            child.communicate()
+    assert CpuMeter(lambda: []).by_process(10) is None  # no figure: no split
+
+
+def test_the_split_is_each_processs_median_over_the_rounds_clients_first() -> None:
+    rounds = [
+        {"node b": 0.3, "clients": 0.2, "coordinator": 0.1},
+        {"node b": 0.5, "clients": 0.4, "coordinator": 0.3},
+        None,  # a round without a figure
+        {"node b": 0.4, "clients": 0.3, "coordinator": 0.2, "node a": 0.9},
+    ]
+    split = _median_split(rounds)
+    assert split is not None
+    assert list(split) == ["clients", "coordinator", "node a", "node b"]
+    assert split == pytest.approx({"clients": 0.3, "coordinator": 0.2, "node a": 0.9, "node b": 0.4})
+    assert _median_split([None, None]) is None
+    row = Row("PG 2PC", CROSS, 32, 1000, 1, 2, 0, True, 1.2, {"clients": 0.6, "server": 0.6})
+    assert cpu_split_line(row) == "PG 2PC, cross-shard (2 of 3): clients 0.60, server 0.60"
+    assert cpu_split_line(Row("PG 2PC", CROSS, 32, 1000, 1, 2, 0, True)) is None

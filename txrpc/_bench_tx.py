@@ -16,7 +16,8 @@ from /proc): ours, this process (the clients) and the coordinator's and nodes'
 processes; the peer, this process (its psycopg clients) and every PostgreSQL server
 process (the postmaster of the bench's backends and its children; "n/a" when the server
 is not on this machine). Both sides open their connections before the measurement. When
-the machine's cores are all busy, transfers/s follow it.
+the machine's cores are all busy, transfers/s follow it. ``--cpu-detail`` prints the
+figure split by process too.
 
 PostgreSQL needs ``max_prepared_transactions`` of at least two per client and a free
 connection per client and database (``--clients 64`` needs 192; the default
@@ -60,6 +61,7 @@ class Row:
     retries: int
     conserved: bool
     cpu_ms: float | None = None  # CPU time of the stack's processes per committed transfer
+    cpu_by_process: dict[str, float] | None = None  # cpu_ms split by process ("clients", "node a", ...)
 
 
 def process_cpu_s(pids: list[int], *, reaped: bool = False) -> float | None:
@@ -120,11 +122,22 @@ class CpuMeter:
     when ``complete`` is False (some of the stack's processes cannot be seen), or when a
     process of the start is gone at the end and ``reaped`` is False (its time is lost)."""
 
-    def __init__(self, pids: Callable[[], list[int]], *, reaped: bool = False, complete: bool = True) -> None:
+    def __init__(
+        self,
+        pids: Callable[[], list[int]],
+        *,
+        reaped: bool = False,
+        complete: bool = True,
+        names: dict[int, str] | None = None,
+        others: str = "other",
+    ) -> None:
         self.pids = pids
         self.reaped = reaped
         self.complete = complete
+        self.names = names or {}  # pid -> its name in by_process(); the rest count as ``others``
+        self.others = others
         self._start: dict[int, float] | None = None
+        self._used: dict[int, float] = {}  # (per(): each process's CPU seconds over the measurement)
 
     def _each(self) -> dict[int, float] | None:
         """Each process's CPU seconds so far (those gone are left out); None without /proc."""
@@ -143,16 +156,27 @@ class CpuMeter:
 
     def per(self, committed: int) -> float | None:
         end = self._each()
-        if not committed or not self.complete or end is None or self._start is None:
-            return None
+        if not committed or not self.complete or not end or self._start is None:
+            return None  # (no process of it seen: no figure, rather than 0)
         start = self._start
         if not self.reaped and not start.keys() <= end.keys():
             return None  # one of them exited meanwhile: its time since the start is not known
         # A process alive at both ends counts its difference; one that started meanwhile,
         # all of its time; with ``reaped``, one that exited meanwhile counts in its
         # parent's reaped time (all of its life: the peer keeps its backends open).
-        used = sum(value - start.get(pid, 0.0) for pid, value in end.items())
-        return used / committed * 1e3
+        self._used = {pid: value - start.get(pid, 0.0) for pid, value in end.items()}
+        return sum(self._used.values()) / committed * 1e3
+
+    def by_process(self, committed: int) -> dict[str, float] | None:
+        """After :meth:`per` gave a figure: its milliseconds per committed transfer split by
+        process name (``names``; the unnamed ones together under ``others``)."""
+        if not committed or not self._used:
+            return None
+        split: dict[str, float] = {}
+        for pid, used in self._used.items():
+            name = self.names.get(pid, self.others)
+            split[name] = split.get(name, 0.0) + used / committed * 1e3
+        return split
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -175,8 +199,11 @@ def run_ours(clients: int, seconds: float, accounts: int, console: Console, repl
                 processes.start(name)
             for name in ["coordinator", "a", "b", "c"]:
                 processes.wait_ready(name)
-            pids = [os.getpid(), *(proc.pid for proc in processes.procs.values())]
-            rows = trio.run(_ours_workload, config_path, clients, seconds, accounts, console, pids)
+            names = {os.getpid(): "clients"}
+            names.update(
+                {proc.pid: name if name == "coordinator" else f"node {name}" for name, proc in processes.procs.items()}
+            )
+            rows = trio.run(_ours_workload, config_path, clients, seconds, accounts, console, names)
             for row in rows:
                 row.stack = f"txrpc R={replication_factor}"
             return rows
@@ -185,7 +212,7 @@ def run_ours(clients: int, seconds: float, accounts: int, console: Console, repl
 
 
 async def _ours_workload(
-    config_path: Path, clients: int, seconds: float, accounts: int, console: Console, pids: list[int]
+    config_path: Path, clients: int, seconds: float, accounts: int, console: Console, processes: dict[int, str]
 ) -> list[Row]:
     from ._cluster import Transaction, cluster
 
@@ -237,7 +264,7 @@ async def _ours_workload(
                     await c.run_transaction(transfer, attempts=100)
                     latencies.append(time.perf_counter() - t0)
 
-            cpu = CpuMeter(lambda: pids)
+            cpu = CpuMeter(lambda: list(processes), names=processes)
             with console.status(f"txrpc: {workload}, {clients} clients, {seconds:g} s"):
                 cpu.start()
                 t0 = time.perf_counter()
@@ -246,6 +273,7 @@ async def _ours_workload(
                         nursery.start_soon(worker)
                 elapsed = time.perf_counter() - t0
                 cpu_ms = cpu.per(len(latencies))
+                cpu_by_process = cpu.by_process(len(latencies)) if cpu_ms is not None else None
             latencies.sort()
             rows.append(
                 Row(
@@ -258,6 +286,7 @@ async def _ours_workload(
                     attempts[0] - len(latencies),
                     True,
                     cpu_ms,
+                    cpu_by_process,
                 )
             )
         total = 0
@@ -418,13 +447,20 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
                     except psycopg.Error:
                         await conn.rollback()
 
-    cpu = CpuMeter(lambda: [os.getpid(), *server_pids(postmaster)], reaped=True, complete=postmaster is not None)
+    cpu = CpuMeter(
+        lambda: [os.getpid(), *server_pids(postmaster)],
+        reaped=True,
+        complete=postmaster is not None,
+        names={os.getpid(): "clients"},
+        others="server",
+    )
     try:
         cpu.start()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i, t0 + seconds) for i in range(clients)))
         elapsed = time.perf_counter() - t0
         cpu_ms = cpu.per(len(latencies))
+        cpu_by_process = cpu.by_process(len(latencies)) if cpu_ms is not None else None
     finally:
         for conns in connections:
             for conn in conns.values():
@@ -441,6 +477,7 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
         retries[0],
         before == after,
         cpu_ms,
+        cpu_by_process,
     )
 
 
@@ -529,6 +566,27 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
+def _median_split(splits: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Each process's median over the rounds that measured it."""
+    known = [split for split in splits if split]
+    if not known:
+        return None
+    names = sorted({name for split in known for name in split}, key=_process_order)
+    return {name: statistics.median(split[name] for split in known if name in split) for name in names}
+
+
+def _process_order(name: str) -> tuple[int, str]:
+    return ({"clients": 0, "coordinator": 1, "server": 3}.get(name, 2), name)
+
+
+def cpu_split_line(row: Row) -> str | None:
+    """``--cpu-detail``'s line for ``row``: its CPU ms per transfer by process."""
+    if not row.cpu_by_process:
+        return None
+    parts = ", ".join(f"{name} {ms:.2f}" for name, ms in row.cpu_by_process.items())
+    return f"{row.stack}, {row.workload}: {parts}"
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -549,8 +607,16 @@ def _median_or_none(values: list[float | None]) -> float | None:
     is_flag=True,
     help="Raise max_prepared_transactions and max_connections as the clients need (ALTER SYSTEM + restart).",
 )
+@click.option("--cpu-detail", is_flag=True, help="Also print each row's CPU ms per transfer split by process.")
 def tx(
-    clients: int, seconds: float, accounts: int, rounds: int, no_postgres: bool, replication: str, pg_setup: bool
+    clients: int,
+    seconds: float,
+    accounts: int,
+    rounds: int,
+    no_postgres: bool,
+    replication: str,
+    pg_setup: bool,
+    cpu_detail: bool,
 ) -> None:
     """Cross-shard transfers/s: txrpc's coordinator (at each replication factor) vs
     PostgreSQL's native 2PC."""
@@ -605,6 +671,7 @@ def tx(
             int(statistics.median(r.retries for r in rs)),
             all(r.conserved for r in rs),
             _median_or_none([r.cpu_ms for r in rs]),
+            _median_split([r.cpu_by_process for r in rs]),
         )
         for (stack, workload), rs in samples.items()
     ]
@@ -636,6 +703,11 @@ def tx(
             "CPU ms/tx: CPU time of every process of the stack (its clients in this process included) "
             "per committed transfer; with every core busy, tx/s follow it."
         )
+    if cpu_detail:
+        lines = [line for line in map(cpu_split_line, rows) if line]
+        console.print("CPU ms per transfer by process (medians):" if lines else "CPU ms per transfer: n/a here")
+        for line in lines:
+            console.print("  " + line, highlight=False)
     if rounds > 1 and ratios:
         console.print(
             "Ratios are medians of each round's own ratio (the two stacks measured minutes apart, "
