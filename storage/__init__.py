@@ -114,7 +114,6 @@ __all__ = [
     "ShardStore",
     "Storage",
     "StorageClosed",
-    "stopping",
     "StorageCorrupt",
     "StorageError",
     "StorageReadOnly",
@@ -138,4 +137,5 @@ __all__ = [
     "replay_requests",
     "request_stats",
     "resolve_url",
+    "stopping",
 ]

@@ -64,39 +64,35 @@ class Row:
     cpu_by_process: dict[str, float] | None = None  # cpu_ms split by process ("clients", "node a", ...)
 
 
-def process_cpu_s(pids: list[int], *, reaped: bool = False) -> float | None:
-    """CPU time (user + system, in seconds) the processes ``pids`` have used so far, read
-    from ``/proc/PID/stat``; with ``reaped``, their waited-for children's too (a
-    PostgreSQL backend that exits is added to the postmaster's). A process gone since
-    counts 0. None where there is no ``/proc`` (not Linux)."""
-    if not os.path.isdir("/proc/self"):
-        return None
-    return sum(_cpu_ticks(pid, reaped) or 0 for pid in pids) / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_ticks(pid: int, reaped: bool) -> int | None:
-    """``/proc/PID/stat``'s utime + stime (+ cutime + cstime with ``reaped``), in clock
-    ticks; None if the process is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat``'s fields after the command name (the first is the state, stat's
+    3rd field), or None if the process is not visible here (gone, another machine or
+    container, not Linux)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    # fields[0] is stat's 3rd field (the state): utime, stime, cutime, cstime are its 14..17.
+
+
+def process_cpu_s(pid: int, *, reaped: bool = False) -> float | None:
+    """CPU time (user + system, in seconds) process ``pid`` has used so far; with
+    ``reaped``, its waited-for children's too (a PostgreSQL backend that exits is added to
+    the postmaster's). None if it is not visible here."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    # stat's utime, stime, cutime, cstime (its fields 14..17).
     ticks = int(fields[11]) + int(fields[12])
     if reaped:
         ticks += int(fields[13]) + int(fields[14])
-    return ticks
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def parent_pid(pid: int) -> int | None:
-    """The parent of process ``pid`` (``/proc/PID/stat``), or None if it is not visible
-    here (another machine, another container, not Linux)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    """The parent of process ``pid``, or None if it is not visible here."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def server_pids(postmaster: int | None) -> list[int]:
@@ -117,7 +113,8 @@ def server_pids(postmaster: int | None) -> list[int]:
 
 class CpuMeter:
     """CPU time of a set of processes over a measurement: :meth:`start`, then
-    :meth:`per` gives the milliseconds per committed transfer. ``pids`` is called at each
+    :meth:`per` gives the milliseconds per committed transfer (and leaves them split by
+    process name in :attr:`by_process`). ``pids`` is called at each
     end: processes that start meanwhile count from zero. None (no figure) without /proc,
     when ``complete`` is False (some of the stack's processes cannot be seen), or when a
     process of the start is gone at the end and ``reaped`` is False (its time is lost)."""
@@ -137,24 +134,24 @@ class CpuMeter:
         self.names = names or {}  # pid -> its name in by_process(); the rest count as ``others``
         self.others = others
         self._start: dict[int, float] | None = None
-        self._used: dict[int, float] = {}  # (per(): each process's CPU seconds over the measurement)
+        self.by_process: dict[str, float] | None = None  # per()'s figure split by process name
 
     def _each(self) -> dict[int, float] | None:
         """Each process's CPU seconds so far (those gone are left out); None without /proc."""
         if not os.path.isdir("/proc/self"):
             return None
-        tick_s = 1 / os.sysconf("SC_CLK_TCK")
         each = {}
         for pid in self.pids():
-            ticks = _cpu_ticks(pid, self.reaped)
-            if ticks is not None:
-                each[pid] = ticks * tick_s
+            used = process_cpu_s(pid, reaped=self.reaped)
+            if used is not None:
+                each[pid] = used
         return each
 
     def start(self) -> None:
         self._start = self._each()
 
     def per(self, committed: int) -> float | None:
+        self.by_process = None
         end = self._each()
         if not committed or not self.complete or not end or self._start is None:
             return None  # (no process of it seen: no figure, rather than 0)
@@ -164,19 +161,12 @@ class CpuMeter:
         # A process alive at both ends counts its difference; one that started meanwhile,
         # all of its time; with ``reaped``, one that exited meanwhile counts in its
         # parent's reaped time (all of its life: the peer keeps its backends open).
-        self._used = {pid: value - start.get(pid, 0.0) for pid, value in end.items()}
-        return sum(self._used.values()) / committed * 1e3
-
-    def by_process(self, committed: int) -> dict[str, float] | None:
-        """After :meth:`per` gave a figure: its milliseconds per committed transfer split by
-        process name (``names``; the unnamed ones together under ``others``)."""
-        if not committed or not self._used:
-            return None
-        split: dict[str, float] = {}
-        for pid, used in self._used.items():
+        split: dict[str, float] = {}  # (by process name; the unnamed ones under ``others``)
+        for pid, value in end.items():
             name = self.names.get(pid, self.others)
-            split[name] = split.get(name, 0.0) + used / committed * 1e3
-        return split
+            split[name] = split.get(name, 0.0) + (value - start.get(pid, 0.0)) / committed * 1e3
+        self.by_process = split
+        return sum(split.values())
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -273,7 +263,6 @@ async def _ours_workload(
                         nursery.start_soon(worker)
                 elapsed = time.perf_counter() - t0
                 cpu_ms = cpu.per(len(latencies))
-                cpu_by_process = cpu.by_process(len(latencies)) if cpu_ms is not None else None
             latencies.sort()
             rows.append(
                 Row(
@@ -286,7 +275,7 @@ async def _ours_workload(
                     attempts[0] - len(latencies),
                     True,
                     cpu_ms,
-                    cpu_by_process,
+                    cpu.by_process,
                 )
             )
         total = 0
@@ -460,7 +449,6 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
         await asyncio.gather(*(worker(i, t0 + seconds) for i in range(clients)))
         elapsed = time.perf_counter() - t0
         cpu_ms = cpu.per(len(latencies))
-        cpu_by_process = cpu.by_process(len(latencies)) if cpu_ms is not None else None
     finally:
         for conns in connections:
             for conn in conns.values():
@@ -477,7 +465,7 @@ async def _pg_main(clients: int, seconds: float, per_db: int) -> Row:
         retries[0],
         before == after,
         cpu_ms,
-        cpu_by_process,
+        cpu.by_process,
     )
 
 
